@@ -1,0 +1,97 @@
+"""Caffe's weight fillers (include/caffe/filler.hpp), applied when a layer creates its blobs.
+
+Fan sizes follow Caffe, not PyTorch: fan_in = count / shape[0], fan_out = count / shape[1]
+(for a 1-D blob, the count). For InnerProduct (N x K) that makes fan_in = K as expected;
+for a Deconvolution weight (C_in x C_out x kh x kw) Caffe's "fan_in" is really fan_out, and we
+keep that, because weights trained with Caffe were initialised that way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .errors import LayerConfigError
+
+FILLER_TYPES = ("constant", "uniform", "gaussian", "positive_unitball", "xavier", "msra", "bilinear")
+
+
+def fill(shape: Sequence[int], filler=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A new float32 tensor of ``shape`` filled as ``filler`` (a FillerParameter) says.
+
+    ``filler`` None means Caffe's default FillerParameter: constant 0.
+    """
+    shape = tuple(int(d) for d in shape)
+    kind = filler.type if filler is not None else "constant"
+    if kind not in FILLER_TYPES:
+        raise LayerConfigError(f"unknown filler type '{kind}'; known: {', '.join(FILLER_TYPES)}")
+    sparse = filler.sparse if filler is not None else -1
+    if sparse != -1 and kind != "gaussian":
+        raise LayerConfigError(f"filler '{kind}' does not support sparse (only gaussian does)")
+    out = torch.empty(shape, dtype=torch.float32)
+    if out.numel() == 0:
+        return out
+    if kind == "constant":
+        return out.fill_(filler.value if filler is not None else 0.0)
+    if kind == "uniform":
+        return out.uniform_(filler.min, filler.max, generator=generator)
+    if kind == "gaussian":
+        out.normal_(filler.mean, filler.std, generator=generator)
+        if sparse >= 0:
+            _sparsify(out, sparse, generator)
+        return out
+    if kind == "positive_unitball":
+        return _positive_unitball(out, generator)
+    if kind == "bilinear":
+        return _bilinear(out)
+    n = _variance_norm_count(shape, filler)
+    if kind == "xavier":
+        scale = math.sqrt(3.0 / n)
+        return out.uniform_(-scale, scale, generator=generator)
+    return out.normal_(0.0, math.sqrt(2.0 / n), generator=generator)  # msra
+
+
+def _variance_norm_count(shape: tuple[int, ...], filler) -> float:
+    total = math.prod(shape)
+    fan_in = total // shape[0]
+    fan_out = total // shape[1] if len(shape) > 1 else total
+    norm = filler.VarianceNorm.Name(filler.variance_norm)
+    if norm == "FAN_OUT":
+        return float(fan_out)
+    if norm == "AVERAGE":
+        return (fan_in + fan_out) / 2.0
+    return float(fan_in)
+
+
+def _sparsify(out: torch.Tensor, sparse: int, generator) -> None:
+    # Each weight survives with probability sparse / num_outputs, so every output unit keeps
+    # about `sparse` non-zero inputs on average (Caffe's GaussianFiller).
+    if out.dim() < 1:
+        raise LayerConfigError("sparse gaussian filler needs a blob with at least one axis")
+    keep_probability = sparse / out.shape[0]
+    mask = torch.rand(out.shape, generator=generator) < keep_probability
+    out.mul_(mask)
+
+
+def _positive_unitball(out: torch.Tensor, generator) -> torch.Tensor:
+    # Uniform in [0, 1), then each row (first axis) scaled to sum to one.
+    out.uniform_(0.0, 1.0, generator=generator)
+    rows = out.reshape(out.shape[0], -1)
+    rows.div_(rows.sum(dim=1, keepdim=True))
+    return out
+
+
+def _bilinear(out: torch.Tensor) -> torch.Tensor:
+    # The upsampling kernel for a Deconvolution initialised to bilinear interpolation.
+    if out.dim() != 4 or out.shape[2] != out.shape[3]:
+        raise LayerConfigError(f"bilinear filler needs a 4-D blob with square kernels, got {list(out.shape)}")
+    size = out.shape[3]
+    f = math.ceil(size / 2.0)
+    c = (size - 1) / (2.0 * f)
+    coords = torch.arange(size, dtype=torch.float64)
+    profile = 1 - torch.abs(coords / f - c)
+    kernel = (profile[:, None] * profile[None, :]).to(torch.float32)
+    out.copy_(kernel.expand_as(out))
+    return out

@@ -1,0 +1,8 @@
+"""Built-in layer families. Every module in this package is imported, so its ``@register``
+decorators run: adding a layer type is adding one module here."""
+
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

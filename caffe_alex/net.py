@@ -1,0 +1,344 @@
+"""The generic net builder and Caffe's forward loop. Nothing here names a layer type.
+
+Wiring follows Caffe's Net::Init: layers run in prototxt order; a bottom is the latest blob of
+that name (so an in-place layer rebinds the name); a top may reuse a name only in place. A blob
+read by several layers needs no Split: autograd sums the gradients, as Caffe's implicit Split
+layers do. The net loss is the sum over tops of ``loss_weight * sum(top)``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import CaffeAlexError, LayerConfigError, SourceMap
+from .filtering import filter_net, make_state
+from .proto import caffe_pb2
+from .registry import CaffeLayer, Shape, get_layer_class
+
+# Fields of a *_param message that mean "which implementation", not "what": always accepted.
+_IMPLEMENTATION_FIELDS = frozenset({"engine"})
+
+
+@dataclass
+class ParamInfo:
+    """One learnable blob as the solver sees it (Caffe's learnable_params_ entry)."""
+
+    layer: str
+    index: int
+    param: nn.Parameter
+    lr_mult: float = 1.0
+    decay_mult: float = 1.0
+    share_name: str = ""
+    owner: tuple[str, int] | None = None  # (layer, index) this blob is shared from
+
+
+@dataclass
+class _Step:
+    layer: str
+    key: str
+    bottoms: list[str]
+    tops: list[str]
+    detach: list[bool]
+    loss_weights: list[tuple[int, float]] = field(default_factory=list)
+
+
+class Net(nn.Module):
+    """A Caffe net for one phase, as a ``torch.nn.Module``.
+
+    ``net(data)`` or ``net(data=..., label=...)`` runs the layers in Caffe's order and returns
+    the net's output blobs (those no later layer reads) by name; ``net.loss`` then holds the
+    weighted loss (None when no top has a loss weight), ``net.blobs`` every blob by name.
+    Parameters are in ``net.params[layer_name]`` in Caffe's blob order and layout.
+    """
+
+    def __init__(
+        self,
+        net_param: caffe_pb2.NetParameter,
+        phase: str = "TEST",
+        *,
+        level: int = 0,
+        stages: Iterable[str] = (),
+        input_shapes: Mapping[str, Sequence[int]] | None = None,
+        source: SourceMap | None = None,
+    ):
+        super().__init__()
+        self.source = source or SourceMap()
+        self.phase = phase.upper()
+        try:
+            filtered = filter_net(net_param, make_state(self.phase, level, stages))
+        except ValueError as exc:
+            raise CaffeAlexError(str(exc), file=self.source.path) from None
+        self.net_param = filtered
+        self.name = filtered.name
+        self.layers = nn.ModuleDict()
+        self.layer_names: list[str] = []
+        self.layer_types: list[str] = []
+        self.input_names: list[str] = []
+        self.output_names: list[str] = []
+        self.blob_shapes: dict[str, Shape] = {}
+        self.param_infos: list[ParamInfo] = []
+        self.blobs: dict[str, torch.Tensor] = {}
+        self.loss: torch.Tensor | None = None
+        self._steps: list[_Step] = []
+        self._overrides = {k: tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
+        self._input_shapes: dict[str, Shape] = {}
+        self._build(filtered)
+
+    @classmethod
+    def from_prototxt(cls, path: str, phase: str = "TEST", **kwargs) -> Net:
+        """Read (text or binary), upgrade and build a net definition file."""
+        from .prototxt import read_net
+
+        net_param, source = read_net(path)
+        return cls(net_param, phase, source=source, **kwargs)
+
+    # -- building ---------------------------------------------------------------------
+    def _build(self, net_param: caffe_pb2.NetParameter) -> None:
+        producers: dict[str, str] = {}  # blob name -> layer that last wrote it
+        available: list[str] = []
+        shares: dict[str, ParamInfo] = {}
+        for layer_param in net_param.layer:
+            self._build_layer(layer_param, producers, available, shares)
+        self.output_names = sorted(available)  # Caffe keeps net outputs in a std::set
+        self._input_shapes = {n: self.blob_shapes[n] for n in self.input_names}
+
+    def _fail(self, layer_param, message: str) -> CaffeAlexError:
+        return self.source.error(message, layer_param.name, layer_param.type)
+
+    def _build_layer(self, lp, producers, available, shares) -> None:
+        try:
+            cls = get_layer_class(lp.type)
+        except LayerConfigError as exc:
+            raise self._fail(lp, str(exc)) from None
+        self._check_counts(lp, cls)
+        self._check_fields(lp, cls)
+        for index, bottom in enumerate(lp.bottom):
+            if bottom not in self.blob_shapes:
+                raise self._fail(lp, f"unknown bottom blob '{bottom}' (bottom index {index})")
+        bottom_shapes = [self.blob_shapes[b] for b in lp.bottom]
+        try:
+            layer = cls(lp, bottom_shapes, self.phase)
+            top_shapes = self._infer_top_shapes(layer, lp, bottom_shapes)
+        except LayerConfigError as exc:
+            raise self._fail(lp, str(exc)) from None
+        self._check_tops(lp, producers)
+        key = self._module_key(lp.name)
+        self.layers[key] = layer
+        self.layer_names.append(lp.name)
+        self.layer_types.append(lp.type)
+        if cls.is_source:
+            self.input_names.extend(lp.top)
+        for bottom in lp.bottom:
+            if bottom in available:
+                available.remove(bottom)
+        for top, shape in zip(lp.top, top_shapes):
+            self.blob_shapes[top] = tuple(shape)
+            producers[top] = lp.name
+            available.append(top)
+        self._load_embedded_blobs(lp, layer)
+        self._register_params(lp, layer, shares)
+        self._steps.append(_Step(lp.name, key, list(lp.bottom), list(lp.top),
+                                 self._detach_flags(lp), self._loss_weights(lp, cls)))
+
+    def _infer_top_shapes(self, layer: CaffeLayer, lp, bottom_shapes) -> list[Shape]:
+        if layer.is_source and lp.top and all(t in self._overrides for t in lp.top):
+            return [self._overrides[t] for t in lp.top]
+        shapes = [tuple(s) for s in layer.top_shapes(bottom_shapes)]
+        if layer.is_source:
+            shapes = [self._overrides.get(t, s) for t, s in zip(lp.top, shapes)]
+        if len(shapes) < len(lp.top):
+            raise LayerConfigError(f"produces {len(shapes)} tops but {len(lp.top)} are named")
+        return shapes
+
+    def _check_counts(self, lp, cls) -> None:
+        for what, names, (low, high) in (("bottom", lp.bottom, cls.bottoms), ("top", lp.top, cls.tops)):
+            n = len(names)
+            if n < low or (high is not None and n > high):
+                want = f"{low}" if low == high else f"{low} to {high}" if high else f"at least {low}"
+                raise self._fail(lp, f"takes {want} {what} blob(s), got {n}")
+
+    def _check_fields(self, lp, cls) -> None:
+        for field_desc, value in lp.ListFields():
+            allowed = cls.params.get(field_desc.name, None)
+            if field_desc.name not in cls.params or allowed is None:
+                continue
+            for sub_desc, _ in value.ListFields():
+                if sub_desc.name not in allowed and sub_desc.name not in _IMPLEMENTATION_FIELDS:
+                    raise self._fail(
+                        lp, f"{field_desc.name}.{sub_desc.name} is not supported by this layer"
+                    )
+
+    def _check_tops(self, lp, producers) -> None:
+        for index, top in enumerate(lp.top):
+            in_place = index < len(lp.bottom) and lp.bottom[index] == top
+            if top in self.blob_shapes and not in_place:
+                raise self._fail(
+                    lp, f"top blob '{top}' produced by multiple sources "
+                    f"(already by layer '{producers[top]}')"
+                )
+
+    def _module_key(self, name: str) -> str:
+        # nn.Module names may not contain '.'; Caffe layer names often do.
+        base = name.replace(".", "_") or "_"
+        key, n = base, 1
+        while key in self.layers:
+            n += 1
+            key = f"{base}_{n}"
+        return key
+
+    @staticmethod
+    def _detach_flags(lp) -> list[bool]:
+        flags = [False] * len(lp.bottom)
+        for i, propagate in enumerate(lp.propagate_down[: len(flags)]):
+            flags[i] = not propagate
+        return flags
+
+    @staticmethod
+    def _loss_weights(lp, cls) -> list[tuple[int, float]]:
+        weights = list(lp.loss_weight)
+        if not weights and cls.is_loss:
+            weights = [1.0]
+        return [(i, w) for i, w in enumerate(weights[: len(lp.top)]) if w != 0]
+
+    def _load_embedded_blobs(self, lp, layer: CaffeLayer) -> None:
+        # Caffe's Layer constructor copies blobs given inside the LayerParameter.
+        if not lp.blobs:
+            return
+        if len(lp.blobs) != len(layer.blobs):
+            raise self._fail(lp, f"has {len(lp.blobs)} embedded blobs, expected {len(layer.blobs)}")
+        for index, (proto, param) in enumerate(zip(lp.blobs, layer.blobs)):
+            array = blob_proto_to_array(proto)
+            if array.size != param.numel():
+                raise self._fail(lp, f"embedded blob {index} has shape {list(array.shape)}, "
+                                 f"expected {list(param.shape)}")
+            with torch.no_grad():
+                param.copy_(torch.from_numpy(array.reshape(tuple(param.shape))))
+
+    def _register_params(self, lp, layer: CaffeLayer, shares: dict[str, ParamInfo]) -> None:
+        for index, param in enumerate(layer.blobs):
+            spec = lp.param[index] if index < len(lp.param) else caffe_pb2.ParamSpec()
+            info = ParamInfo(lp.name, index, param, spec.lr_mult, spec.decay_mult, spec.name)
+            if not param.requires_grad:
+                info.lr_mult = 0.0
+            if spec.name and spec.name in shares:
+                owner = shares[spec.name]
+                self._check_share(lp, spec, index, owner, param)
+                layer.blobs[index] = owner.param
+                info.param, info.owner = owner.param, (owner.layer, owner.index)
+            elif spec.name:
+                shares[spec.name] = info
+            self.param_infos.append(info)
+
+    def _check_share(self, lp, spec, index, owner: ParamInfo, param) -> None:
+        mine, theirs = tuple(param.shape), tuple(owner.param.shape)
+        permissive = spec.share_mode == caffe_pb2.ParamSpec.PERMISSIVE
+        same = param.numel() == owner.param.numel() if permissive else mine == theirs
+        if not same:
+            raise self._fail(
+                lp, f"shared parameter '{spec.name}' (blob {index}) has shape {list(mine)}, "
+                f"but owner layer '{owner.layer}' has {list(theirs)}"
+            )
+
+    # -- the public view ----------------------------------------------------------------
+    @property
+    def params(self) -> OrderedDict[str, list[nn.Parameter]]:
+        """Learnable blobs by layer name, in Caffe's order (like pycaffe's ``net.params``)."""
+        result: OrderedDict[str, list[nn.Parameter]] = OrderedDict()
+        for name, step in zip(self.layer_names, self._steps):
+            blobs = list(self.layers[step.key].blobs)
+            if blobs:
+                result[name] = blobs
+        return result
+
+    def layer(self, name: str) -> CaffeLayer:
+        return self.layers[self._steps[self.layer_names.index(name)].key]
+
+    def learnable_params(self) -> list[ParamInfo]:
+        """Each learnable blob once (shared ones under their owner), with its multipliers."""
+        return [info for info in self.param_infos if info.owner is None]
+
+    # -- running ------------------------------------------------------------------------
+    def reshape(self, **input_shapes: Sequence[int]) -> None:
+        """Re-run shape inference for new input shapes (Caffe's Net::Reshape)."""
+        shapes = dict(self.blob_shapes)
+        for name, shape in input_shapes.items():
+            if name not in self.input_names:
+                raise CaffeAlexError(f"'{name}' is not an input of the net; inputs: {self.input_names}")
+            shapes[name] = tuple(int(d) for d in shape)
+        for step in self._steps:
+            layer = self.layers[step.key]
+            if layer.is_source:
+                continue
+            try:
+                tops = layer.top_shapes([shapes[b] for b in step.bottoms])
+            except LayerConfigError as exc:
+                lp = self._layer_param(step.layer)
+                raise self._fail(lp, str(exc)) from None
+            for top, shape in zip(step.tops, tops):
+                shapes[top] = tuple(shape)
+        self.blob_shapes = shapes
+        self._input_shapes = {n: shapes[n] for n in self.input_names}
+
+    def _layer_param(self, name: str):
+        return self.net_param.layer[self.layer_names.index(name)]
+
+    def _bind_inputs(self, args, kwargs) -> dict[str, torch.Tensor]:
+        if len(args) > len(self.input_names):
+            raise CaffeAlexError(f"net takes {len(self.input_names)} inputs {self.input_names}, "
+                                 f"got {len(args)} positional")
+        blobs = dict(zip(self.input_names, args))
+        for name, value in kwargs.items():
+            if name not in self.input_names:
+                raise CaffeAlexError(f"'{name}' is not an input of the net; inputs: {self.input_names}")
+            blobs[name] = value
+        missing = [n for n in self.input_names if n not in blobs]
+        if missing:
+            raise CaffeAlexError(f"missing net input(s) {missing}; inputs: {self.input_names}")
+        return blobs
+
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> dict[str, torch.Tensor]:
+        blobs = self._bind_inputs(args, kwargs)
+        shapes = {n: tuple(blobs[n].shape) for n in self.input_names}
+        if shapes != self._input_shapes:
+            self.reshape(**shapes)
+        loss = None
+        for step in self._steps:
+            layer = self.layers[step.key]
+            if layer.is_source:
+                continue
+            bottoms = [blobs[b].detach() if d else blobs[b] for b, d in zip(step.bottoms, step.detach)]
+            out = layer(*bottoms)
+            if isinstance(out, torch.Tensor):
+                out = (out,)
+            for top, value in zip(step.tops, out):
+                blobs[top] = value
+            for index, weight in step.loss_weights:
+                term = out[index].sum() * weight
+                loss = term if loss is None else loss + term
+        self.blobs = blobs
+        self.loss = loss
+        return {name: blobs[name] for name in self.output_names}
+
+
+def blob_proto_to_array(proto: caffe_pb2.BlobProto) -> np.ndarray:
+    """A BlobProto's data as float32, shaped by ``shape`` or the legacy num/channels/height/width."""
+    if proto.HasField("shape"):
+        shape = tuple(proto.shape.dim)
+    else:
+        shape = (proto.num, proto.channels, proto.height, proto.width)
+    data = proto.double_data if len(proto.double_data) else proto.data
+    return np.asarray(data, dtype=np.float32).reshape(shape)
+
+
+def array_to_blob_proto(array) -> caffe_pb2.BlobProto:
+    proto = caffe_pb2.BlobProto()
+    array = np.asarray(array, dtype=np.float32)
+    proto.shape.dim.extend(array.shape)
+    proto.data.extend(array.ravel().tolist())
+    return proto

@@ -1,0 +1,115 @@
+"""The layer registry: Caffe type string -> layer class, and the base class every layer extends.
+
+A layer module ends its class with ``@register("TypeName")`` the way Caffe's layer files end
+with ``REGISTER_LAYER_CLASS``. Adding a layer is a one-file change: write the module under
+``caffe_alex/layers/`` and import it from ``caffe_alex/layers/__init__.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .errors import LayerConfigError
+
+Shape = tuple[int, ...]
+
+_LAYER_TYPES: dict[str, type[CaffeLayer]] = {}
+
+
+def register(*type_names: str):
+    """Class decorator registering a layer under one or more exact Caffe type strings."""
+
+    def decorate(cls: type[CaffeLayer]) -> type[CaffeLayer]:
+        for name in type_names:
+            if name in _LAYER_TYPES:
+                raise ValueError(
+                    f"layer type '{name}' registered twice "
+                    f"({_LAYER_TYPES[name].__qualname__} and {cls.__qualname__})"
+                )
+            _LAYER_TYPES[name] = cls
+        if not getattr(cls, "type_names", None):
+            cls.type_names = tuple(type_names)
+        return cls
+
+    return decorate
+
+
+def layer_types() -> list[str]:
+    """All registered Caffe type strings, sorted."""
+    _load_builtin_layers()
+    return sorted(_LAYER_TYPES)
+
+
+def get_layer_class(type_name: str) -> type[CaffeLayer]:
+    _load_builtin_layers()
+    try:
+        return _LAYER_TYPES[type_name]
+    except KeyError:
+        raise LayerConfigError(
+            f"unknown layer type '{type_name}'; known types: {', '.join(sorted(_LAYER_TYPES))}"
+        ) from None
+
+
+def _load_builtin_layers() -> None:
+    from . import layers  # noqa: F401  (importing registers the built-in families)
+
+
+class CaffeLayer(nn.Module):
+    """Base class of every Caffe layer.
+
+    Subclasses declare:
+      ``bottoms`` / ``tops``: (min, max) counts accepted (max None = unbounded);
+      ``params``: the ``*_param`` messages honoured, each mapped to the set of its fields the
+      layer implements (None = all). A set field outside that set is rejected by the builder;
+      ``is_loss``: top 0 gets loss_weight 1 unless the prototxt says otherwise;
+      ``is_source``: the layer's tops are net inputs fed from outside (Input and data layers).
+
+    ``__init__(layer_param, bottom_shapes, phase)`` creates the learnable blobs in Caffe's order
+    and layout in ``self.blobs`` (an ``nn.ParameterList``); ``top_shapes(bottom_shapes)`` is the
+    shape inference (Caffe's Reshape); ``forward(*bottoms)`` returns a tensor or a tuple of them.
+    Configuration problems raise ``LayerConfigError``; the builder adds file, line and layer name.
+    """
+
+    type_names: tuple[str, ...] = ()
+    bottoms: tuple[int, int | None] = (1, 1)
+    tops: tuple[int, int | None] = (1, 1)
+    params: dict[str, frozenset[str] | None] = {}
+    is_loss: bool = False
+    is_source: bool = False
+
+    def __init__(self, layer_param, bottom_shapes: Sequence[Shape], phase: str):
+        super().__init__()
+        self.name = layer_param.name
+        self.type_name = layer_param.type
+        self.phase = phase
+        self.blobs = nn.ParameterList()
+
+    def top_shapes(self, bottom_shapes: Sequence[Shape]) -> list[Shape]:
+        """Default: one top with the bottom's shape (element-wise layers)."""
+        return [tuple(bottom_shapes[0])]
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, type={self.type_name!r}"
+
+    # -- helpers for subclasses ---------------------------------------------------------
+    def add_blob(self, tensor: torch.Tensor, requires_grad: bool = True) -> nn.Parameter:
+        param = nn.Parameter(tensor, requires_grad=requires_grad)
+        self.blobs.append(param)
+        return param
+
+
+def canonical_axis(axis: int, num_axes: int, what: str = "axis") -> int:
+    """Caffe's Blob::CanonicalAxisIndex: negative counts from the end; out of range is an error."""
+    if not -num_axes <= axis < num_axes:
+        raise LayerConfigError(f"{what} {axis} out of range for a {num_axes}-D blob")
+    return axis + num_axes if axis < 0 else axis
+
+
+def count(shape: Sequence[int], start: int = 0, end: int | None = None) -> int:
+    result = 1
+    for d in shape[start:end]:
+        result *= d
+    return result

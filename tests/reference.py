@@ -1,0 +1,119 @@
+"""Independent references for layer tests: OpenCV 4's Caffe importer and small helpers.
+
+``opencv_forward`` writes the prototxt and a .caffemodel (built here with the generated
+protobuf classes) to a temporary folder and runs ``cv2.dnn.readNetFromCaffe`` on them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import torch
+from google.protobuf import text_format
+
+from caffe_alex.net import Net, array_to_blob_proto
+from caffe_alex.proto import caffe_pb2
+
+
+def parse_net(text: str) -> caffe_pb2.NetParameter:
+    return text_format.Parse(text, caffe_pb2.NetParameter())
+
+
+def randomize(net: Net, seed: int = 0, scale: float = 0.5) -> None:
+    """Random values in every blob (also BatchNorm statistics; its scale factor stays positive)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, blobs in net.params.items():
+            for blob in blobs:
+                values = torch.randn(blob.shape, generator=gen) * scale
+                if net.layer(name).type_name == "BatchNorm":
+                    values = values.abs() + 0.5
+                blob.copy_(values)
+
+
+def caffemodel_bytes(net: Net) -> bytes:
+    model = caffe_pb2.NetParameter(name=net.name)
+    for name, blobs in net.params.items():
+        layer = model.layer.add(name=name, type=net.layer(name).type_name)
+        for blob in blobs:
+            layer.blobs.append(array_to_blob_proto(blob.detach().cpu().numpy()))
+    return model.SerializeToString()
+
+
+def opencv_forward(prototxt: str, net: Net, inputs: dict[str, np.ndarray], outputs: list[str]):
+    import cv2
+
+    with tempfile.TemporaryDirectory() as tmp:
+        proto_path = os.path.join(tmp, "net.prototxt")
+        model_path = os.path.join(tmp, "net.caffemodel")
+        with open(proto_path, "w") as f:
+            f.write(prototxt)
+        with open(model_path, "wb") as f:
+            f.write(caffemodel_bytes(net))
+        cv_net = cv2.dnn.readNetFromCaffe(proto_path, model_path)
+    cv_net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+    for name, value in inputs.items():
+        cv_net.setInput(np.ascontiguousarray(value, dtype=np.float32), name)
+    results = cv_net.forward(outputs)
+    return {name: np.asarray(r) for name, r in zip(outputs, results)}
+
+
+def relative_error(ours: np.ndarray, reference: np.ndarray) -> float:
+    ours = np.asarray(ours, dtype=np.float64)
+    reference = np.asarray(reference, dtype=np.float64).reshape(ours.shape)
+    denom = max(np.abs(reference).max(), 1e-30)
+    return float(np.abs(ours - reference).max() / denom)
+
+
+def compare_with_opencv(prototxt: str, outputs: list[str] | None = None, seed: int = 0,
+                        tol: float = 1e-5, input_scale: float = 1.0) -> dict[str, float]:
+    """Build ``prototxt`` (TEST phase), fill it with random weights and inputs, run it here and in
+    OpenCV, and assert max|ours - cv| / max|cv| <= tol for each output. Returns the errors."""
+    net = Net(parse_net(prototxt), "TEST")
+    randomize(net, seed)
+    rng = np.random.default_rng(seed)
+    inputs = {n: (rng.standard_normal(net.blob_shapes[n]) * input_scale).astype(np.float32)
+              for n in net.input_names}
+    outputs = outputs or net.output_names
+    with torch.no_grad():
+        ours = net(**{k: torch.from_numpy(v) for k, v in inputs.items()})
+    ours = {**net.blobs, **ours}
+    theirs = opencv_forward(prototxt, net, inputs, outputs)
+    errors = {}
+    for name in outputs:
+        assert tuple(ours[name].shape) == tuple(theirs[name].shape), (
+            f"{name}: shape {tuple(ours[name].shape)} vs OpenCV {tuple(theirs[name].shape)}")
+        errors[name] = relative_error(ours[name].numpy(), theirs[name])
+        assert errors[name] <= tol, f"{name}: relative error {errors[name]:.3g} > {tol}"
+    return errors
+
+
+def gradcheck_net(prototxt: str, outputs: list[str] | None = None, seed: int = 0,
+                  phase: str = "TEST", input_scale: float = 1.0, inputs: dict | None = None,
+                  check_inputs: list[str] | None = None) -> None:
+    """float64 ``torch.autograd.gradcheck`` of a whole (small) net: gradients of the chosen
+    outputs with respect to the inputs (all by default; labels can be left out with
+    ``check_inputs``) and to every learnable blob."""
+    net = Net(parse_net(prototxt), phase).double()
+    randomize(net, seed)
+    net.double()
+    gen = torch.Generator().manual_seed(seed)
+    given = dict(inputs or {})
+    values = {n: given[n].double() if n in given else
+              torch.randn(net.blob_shapes[n], generator=gen, dtype=torch.float64) * input_scale
+              for n in net.input_names}
+    check = check_inputs if check_inputs is not None else [n for n in net.input_names if n not in given]
+    leaves = [values[n].requires_grad_() for n in check]
+    params = [p for p in net.parameters() if p.requires_grad]
+    outputs = outputs or net.output_names
+
+    def run(*tensors):
+        feed = dict(values)
+        feed.update(zip(check, tensors[: len(check)]))
+        result = net(**feed)
+        merged = {**net.blobs, **result}
+        return tuple(merged[o] for o in outputs)
+
+    assert torch.autograd.gradcheck(run, (*leaves, *params), eps=1e-6, atol=1e-5, rtol=1e-4)
