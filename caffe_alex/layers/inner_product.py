@@ -1,0 +1,60 @@
+"""InnerProduct (inner_product_param): a fully connected layer over the axes from ``axis`` on.
+
+Honoured fields: num_output, bias_term, weight_filler, bias_filler, axis, transpose. The weight
+blob is num_output x K, or K x num_output with ``transpose``; K = count of the bottom from
+``axis`` on, fixed when the layer is set up.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from ..errors import LayerConfigError
+from ..fillers import fill
+from ..registry import CaffeLayer, canonical_axis, count, register
+
+
+@register("InnerProduct")
+class InnerProductLayer(CaffeLayer):
+    """top = bottom (flattened to M x K) times the weight, plus the bias; shape[:axis] + (N,)."""
+
+    params = {
+        "inner_product_param": frozenset(
+            {"num_output", "bias_term", "weight_filler", "bias_filler", "axis", "transpose"}
+        )
+    }
+
+    def __init__(self, layer_param, bottom_shapes, phase):
+        super().__init__(layer_param, bottom_shapes, phase)
+        ip = layer_param.inner_product_param
+        self.axis_param = ip.axis
+        self.num_output, self.transpose = ip.num_output, ip.transpose
+        if self.num_output <= 0:
+            raise LayerConfigError("inner_product_param.num_output must be positive")
+        shape = bottom_shapes[0]
+        self.k = count(shape, self._axis(shape))
+        weight_shape = (self.k, self.num_output) if self.transpose else (self.num_output, self.k)
+        self.add_blob(fill(weight_shape, ip.weight_filler))
+        self.bias_term = ip.bias_term
+        if self.bias_term:
+            self.add_blob(fill((self.num_output,), ip.bias_filler))
+
+    def _axis(self, shape) -> int:
+        return canonical_axis(self.axis_param, len(shape), "inner_product_param.axis")
+
+    def top_shapes(self, bottom_shapes):
+        shape = tuple(bottom_shapes[0])
+        axis = self._axis(shape)
+        k = count(shape, axis)
+        if k != self.k:
+            raise LayerConfigError(
+                f"bottom shape {list(shape)} gives {k} inputs per output from axis {axis}, but "
+                f"the weights were set up for {self.k}"
+            )
+        return [(*shape[:axis], self.num_output)]
+
+    def forward(self, x):
+        axis = self._axis(x.shape)
+        weight = self.blobs[0].t() if self.transpose else self.blobs[0]
+        bias = self.blobs[1] if self.bias_term else None
+        return F.linear(x.flatten(axis), weight, bias)

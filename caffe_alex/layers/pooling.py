@@ -1,0 +1,153 @@
+"""Pooling (pooling_param) with Caffe's output sizes, AVE divisors and MAX tie rule.
+
+Honoured fields: pool (MAX, AVE, STOCHASTIC), kernel_size or kernel_h/kernel_w, stride or
+stride_h/stride_w, pad or pad_h/pad_w, global_pooling, round_mode (CEIL, FLOOR). MAX may have a
+second top: the argmax as a float flat index h * W + w into the unpadded bottom.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import LayerConfigError
+from ..proto import caffe_pb2
+from ..registry import CaffeLayer, register
+
+_P = caffe_pb2.PoolingParameter
+_FLT_MAX = 3.4028234663852886e38  # Caffe starts every MAX window at -FLT_MAX
+
+
+def _pair(pp, name: str, default: int) -> tuple[int, int]:
+    """``name`` for both axes, or ``name_h`` and ``name_w`` (kernel_size pairs with kernel_h/w)."""
+    field = "kernel_size" if name == "kernel" else name
+    if pp.HasField(f"{name}_h") or pp.HasField(f"{name}_w"):
+        if pp.HasField(field) or not (pp.HasField(f"{name}_h") and pp.HasField(f"{name}_w")):
+            raise LayerConfigError(f"give either {field} or both {name}_h and {name}_w")
+        return getattr(pp, f"{name}_h"), getattr(pp, f"{name}_w")
+    value = getattr(pp, field) if pp.HasField(field) else default
+    return value, value
+
+
+def caffe_pooled_size(size: int, kernel: int, stride: int, pad: int, ceil: bool) -> int:
+    """Caffe's rule: round up (CEIL) or down, then drop a last window starting in the padding."""
+    span = size + 2 * pad - kernel
+    out = (-(-span // stride) if ceil else span // stride) + 1
+    if pad and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+@register("Pooling")
+class PoolingLayer(CaffeLayer):
+    """2-D pooling of an N x C x H x W bottom (Caffe engine semantics)."""
+
+    tops = (1, 2)
+    params = {"pooling_param": None}
+
+    def __init__(self, layer_param, bottom_shapes, phase):
+        super().__init__(layer_param, bottom_shapes, phase)
+        pp = layer_param.pooling_param
+        self.method = _P.PoolMethod.Name(pp.pool)
+        self.global_pooling = pp.global_pooling
+        if self.global_pooling:
+            if pp.HasField("kernel_size") or pp.HasField("kernel_h") or pp.HasField("kernel_w"):
+                raise LayerConfigError(
+                    "global_pooling takes the kernel from the bottom: "
+                    "do not give kernel_size or kernel_h/kernel_w"
+                )
+        elif pp.HasField("kernel_size") == (pp.HasField("kernel_h") and pp.HasField("kernel_w")):
+            raise LayerConfigError("give kernel_size or both kernel_h and kernel_w (not both)")
+        self.kernel = _pair(pp, "kernel", 0)
+        self.stride, self.pad = _pair(pp, "stride", 1), _pair(pp, "pad", 0)
+        self.ceil = pp.round_mode == _P.CEIL
+        self.n_top = len(layer_param.top)
+        self._check(pp)
+
+    def _check(self, pp) -> None:
+        if self.global_pooling and (self.pad != (0, 0) or self.stride != (1, 1)):
+            raise LayerConfigError("global_pooling needs pad 0 and stride 1")
+        if min(self.stride) <= 0 or (not self.global_pooling and min(self.kernel) <= 0):
+            raise LayerConfigError(f"kernel {self.kernel} and stride {self.stride} must be > 0")
+        if self.pad != (0, 0) and self.method == "STOCHASTIC":
+            raise LayerConfigError("pooling_param.pool STOCHASTIC does not support pad")
+        if not self.global_pooling and any(
+            p >= k for p, k in zip(self.pad, self.kernel, strict=True)
+        ):
+            raise LayerConfigError(f"pad {self.pad} must be smaller than kernel {self.kernel}")
+        if self.n_top == 2 and self.method != "MAX":
+            raise LayerConfigError(f"only MAX pooling has a second (mask) top, not {self.method}")
+
+    def _geometry(self, height: int, width: int):
+        """Kernel and pooled size for this bottom (global pooling takes the kernel from it)."""
+        kernel = (height, width) if self.global_pooling else self.kernel
+        out = tuple(
+            caffe_pooled_size(size, k, s, p, self.ceil)
+            for size, k, s, p in zip((height, width), kernel, self.stride, self.pad, strict=True)
+        )
+        return kernel, out
+
+    def top_shapes(self, bottom_shapes):
+        shape = tuple(bottom_shapes[0])
+        if len(shape) != 4:
+            raise LayerConfigError(f"needs a 4-D (N, C, H, W) bottom, got shape {list(shape)}")
+        _, out = self._geometry(*shape[2:])
+        if min(out) <= 0:
+            raise LayerConfigError(f"pooled size {list(out)} is empty for bottom {list(shape)}")
+        return [(*shape[:2], *out)] * self.n_top
+
+    def _padded(self, x, kernel, out, value: float):
+        # Pad (or crop) so that a plain floor-mode pooling gives exactly Caffe's windows.
+        pads = []
+        for axis, k, s, p, o in (
+            (3, kernel[1], self.stride[1], self.pad[1], out[1]),
+            (2, kernel[0], self.stride[0], self.pad[0], out[0]),
+        ):
+            pads += [p, (o - 1) * s + k - x.shape[axis] - p]
+        return F.pad(x, pads, value=value)
+
+    def forward(self, x):
+        kernel, out = self._geometry(x.shape[2], x.shape[3])
+        if self.method == "MAX":
+            return self._max(x, kernel, out)
+        if self.method == "AVE":
+            total = F.avg_pool2d(
+                self._padded(x, kernel, out, 0.0), kernel, self.stride, divisor_override=1
+            )
+            return total / self._divisor(kernel, out, x)
+        return self._stochastic(x, kernel, out)
+
+    def _max(self, x, kernel, out):
+        low = -_FLT_MAX if x.element_size() >= 4 else torch.finfo(x.dtype).min
+        padded = self._padded(x, kernel, out, low)
+        # PyTorch's max pooling also keeps the first maximum in scan order, as Caffe does.
+        y, idx = F.max_pool2d(padded, kernel, self.stride, return_indices=True)
+        if self.n_top == 1:
+            return y
+        h = torch.div(idx, padded.shape[3], rounding_mode="floor") - self.pad[0]
+        w = idx % padded.shape[3] - self.pad[1]
+        inside = (h >= 0) & (h < x.shape[2]) & (w >= 0) & (w < x.shape[3])
+        mask = torch.where(inside, h * x.shape[3] + w, torch.full_like(idx, -1))
+        return y, mask.to(y.dtype)
+
+    def _divisor(self, kernel, out, x):
+        # Caffe divides by the window clipped to [-pad, size + pad), not to the image.
+        sizes = []
+        for k, s, p, o, n in zip(kernel, self.stride, self.pad, out, x.shape[2:], strict=True):
+            start = torch.arange(o, device=x.device) * s - p
+            sizes.append(torch.clamp(start + k, max=n + p) - start)
+        return (sizes[0][:, None] * sizes[1][None, :]).to(x.dtype)
+
+    def _stochastic(self, x, kernel, out):
+        # Windows of x without padding: (N, C, oh, ow, kh * kw), in Caffe's scan order.
+        padded = self._padded(x, kernel, out, 0.0)
+        win = padded.unfold(2, kernel[0], self.stride[0]).unfold(3, kernel[1], self.stride[1])
+        win = win.flatten(-2)
+        if self.phase != "TRAIN":  # TEST: the average weighted by each value's probability
+            return (win * win).sum(-1) / (win.sum(-1) + torch.finfo(torch.float32).tiny)
+        # TRAIN: pick the first position whose running sum reaches u * window sum.
+        cumsum = win.cumsum(-1)
+        threshold = torch.rand(cumsum.shape[:-1], device=x.device, dtype=x.dtype)
+        reached = cumsum >= (threshold * cumsum[..., -1])[..., None]
+        pick = torch.argmax(reached.to(torch.uint8), dim=-1, keepdim=True)
+        return win.gather(-1, pick).squeeze(-1)

@@ -1,0 +1,83 @@
+"""Every net in ../shared/corpus that Caffe accepts either builds with inferred shapes in both
+phases, or, when it uses a layer type this project does not have yet, fails with one clear error
+naming the first such layer and its type. The folder is enumerated, so new files are covered."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from caffe_alex.errors import CaffeAlexError
+from caffe_alex.filtering import filter_net, make_state
+from caffe_alex.net import Net
+from caffe_alex.prototxt import read_net
+from caffe_alex.proto import caffe_pb2
+from caffe_alex.registry import layer_types
+
+CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+SOURCE_TYPES = {"Data", "ImageData", "HDF5Data", "WindowData"}
+
+
+def corpus_nets() -> list[Path]:
+    if not CORPUS.is_dir():
+        return []
+    files = sorted(p for p in CORPUS.rglob("*") if p.suffix in (".prototxt", ".pt"))
+    return [p for p in files if _is_net(p)]
+
+
+def _is_net(path: Path) -> bool:
+    text = path.read_text(errors="replace")
+    return any(key in text for key in ("layer {", "layers {", "layer{", "layers{"))
+
+
+def _read_or_skip(path: Path):
+    try:
+        return read_net(str(path))
+    except CaffeAlexError as exc:  # fork-only fields or mixed formats: covered by test_upgrade
+        pytest.skip(f"not a BVLC net: {exc}")
+
+
+def _guessed_source_shapes(net_param: caffe_pb2.NetParameter) -> dict[str, tuple[int, ...]]:
+    """Shapes for data layers whose database is not here (the corpus has no data): the image
+    top gets the declared batch and crop with a guessed 3 x 32 x 32 where nothing is declared."""
+    shapes = {}
+    for layer in net_param.layer:
+        if layer.type not in SOURCE_TYPES or not layer.top:
+            continue
+        param = {"Data": layer.data_param, "ImageData": layer.image_data_param,
+                 "HDF5Data": layer.hdf5_data_param, "WindowData": layer.window_data_param}
+        batch = param[layer.type].batch_size or 1
+        crop = layer.transform_param.crop_size or getattr(param[layer.type], "crop_size", 0) or 32
+        shapes[layer.top[0]] = (batch, 3, crop, crop)
+        for top in layer.top[1:]:
+            shapes[top] = (batch,)
+    return shapes
+
+
+def _first_unsupported(net_param, phase):
+    known = set(layer_types())
+    for layer in filter_net(net_param, make_state(phase)).layer:
+        if layer.type not in known:
+            return layer
+    return None
+
+
+@pytest.mark.skipif(not CORPUS.is_dir(), reason="../shared/corpus not present")
+@pytest.mark.parametrize("path", corpus_nets(), ids=lambda p: str(p.relative_to(CORPUS)))
+@pytest.mark.parametrize("phase", ["TRAIN", "TEST"])
+def test_corpus_net_builds_or_names_the_unsupported_layer(path: Path, phase: str):
+    net_param, source = _read_or_skip(path)
+    unsupported = _first_unsupported(net_param, phase)
+    if unsupported is not None:
+        with pytest.raises(CaffeAlexError) as info:
+            Net(net_param, phase, source=source, input_shapes=_guessed_source_shapes(net_param))
+        err = info.value
+        assert (err.layer, err.layer_type) == (unsupported.name, unsupported.type)
+        assert f"unknown layer type '{unsupported.type}'" in str(err)
+        assert err.file == str(path) and err.line is not None
+        return
+    net = Net(net_param, phase, source=source, input_shapes=_guessed_source_shapes(net_param))
+    assert net.layer_names
+    for name, shape in net.blob_shapes.items():
+        assert all(d >= 0 for d in shape), f"{name}: {shape}"
