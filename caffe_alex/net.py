@@ -184,10 +184,11 @@ class Net(nn.Module):
                 )
 
     def _module_key(self, name: str) -> str:
-        # nn.Module names may not contain '.'; Caffe layer names often do.
+        # nn.Module names may not contain '.' (Caffe layer names often do) nor shadow a method
+        # of nn.ModuleDict (a layer called "half" or "train").
         base = name.replace(".", "_") or "_"
         key, n = base, 1
-        while key in self.layers:
+        while key in self.layers or hasattr(self.layers, key):
             n += 1
             key = f"{base}_{n}"
         return key
