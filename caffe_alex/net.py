@@ -116,6 +116,7 @@ class Net(nn.Module):
             cls = get_layer_class(lp.type)
         except LayerConfigError as exc:
             raise self._fail(lp, str(exc)) from None
+        lp, anonymous = self._add_automatic_tops(lp, cls)
         self._check_counts(lp, cls)
         self._check_fields(lp, cls)
         for index, bottom in enumerate(lp.bottom):
@@ -140,11 +141,25 @@ class Net(nn.Module):
         for top, shape in zip(lp.top, top_shapes):
             self.blob_shapes[top] = tuple(shape)
             producers[top] = lp.name
-            available.append(top)
+            if top not in anonymous:
+                available.append(top)
         self._load_embedded_blobs(lp, layer)
         self._register_params(lp, layer, shares)
         self._steps.append(_Step(lp.name, key, list(lp.bottom), list(lp.top),
                                  self._detach_flags(lp), self._loss_weights(lp, cls)))
+
+    @staticmethod
+    def _add_automatic_tops(lp, cls) -> tuple[caffe_pb2.LayerParameter, set[str]]:
+        # Caffe gives a loss layer declared without a top an anonymous one: its loss still
+        # counts, but it is not a net output and no layer can read it.
+        missing = cls.tops[0] - len(lp.top)
+        if not cls.is_loss or missing <= 0:
+            return lp, set()
+        completed = caffe_pb2.LayerParameter()
+        completed.CopyFrom(lp)
+        names = [f"({lp.name} automatic top {len(lp.top) + i})" for i in range(missing)]
+        completed.top.extend(names)
+        return completed, set(names)
 
     def _infer_top_shapes(self, layer: CaffeLayer, lp, bottom_shapes) -> list[Shape]:
         if layer.is_source and lp.top and all(t in self._overrides for t in lp.top):

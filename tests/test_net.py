@@ -162,3 +162,12 @@ def test_input_shapes_override_for_sources():
             + ip("fc", "data"))
     net = build(text, input_shapes={"data": (4, 1, 28, 28), "label": (4,)})
     assert net.blob_shapes["fc"] == (4, 4)
+
+
+def test_loss_layer_without_top_gets_an_anonymous_one():
+    text = INPUT.replace('top: "data"', 'top: "data" top: "target"') + (
+        'layer { name: "l2" type: "EuclideanLoss" bottom: "data" bottom: "target" }\n')
+    net = build(text)
+    x, t = torch.randn(2, 3), torch.randn(2, 3)
+    assert net(data=x, target=t) == {}
+    torch.testing.assert_close(net.loss, ((x - t) ** 2).sum() / 4)
