@@ -1,0 +1,75 @@
+"""Accuracy: the fraction of labelled positions whose true class is among the top_k scores."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import LayerConfigError
+from ..registry import CaffeLayer, canonical_axis, count, register
+
+
+@register("Accuracy")
+class AccuracyLayer(CaffeLayer):
+    """``accuracy_param``: top_k (default 1), axis (the class axis, default 1), ignore_label.
+
+    Top 0 is a 0-axis scalar; the optional top 1 holds the accuracy of each class (0 for a class
+    with no sample). The true class ranks by how many scores are >= its own, itself included,
+    so a tie with another class counts as a miss, as in Caffe. No backward: outputs are detached.
+    """
+
+    bottoms = (2, 2)
+    tops = (1, 2)
+    params = {"accuracy_param": frozenset({"top_k", "axis", "ignore_label"})}
+
+    def __init__(self, layer_param, bottom_shapes, phase):
+        super().__init__(layer_param, bottom_shapes, phase)
+        p = layer_param.accuracy_param
+        self.top_k = p.top_k
+        self.axis = p.axis
+        self.ignore_label = p.ignore_label if p.HasField("ignore_label") else None
+        self.n_top = len(layer_param.top)
+
+    def top_shapes(self, bottom_shapes):
+        scores, labels = bottom_shapes
+        if count(labels) == 0 or self.top_k > count(scores) // count(labels):
+            raise LayerConfigError(
+                f"top_k ({self.top_k}) must be at most the number of classes "
+                f"(scores {list(scores)}, labels {list(labels)})"
+            )
+        axis = canonical_axis(self.axis, len(scores), "accuracy_param.axis")
+        n = count(scores, 0, axis) * count(scores, axis + 1)
+        if n != count(labels):
+            raise LayerConfigError(
+                f"number of labels must match number of predictions: scores {list(scores)} with "
+                f"axis {axis} need {n} labels, label blob {list(labels)} has {count(labels)}"
+            )
+        return [()] + [(scores[axis],)] * (self.n_top - 1)
+
+    def forward(self, scores, label):
+        axis = canonical_axis(self.axis, scores.dim(), "accuracy_param.axis")
+        outer, inner = count(scores.shape, 0, axis), count(scores.shape, axis + 1)
+        classes = scores.shape[axis]
+        x = scores.detach().reshape(outer, classes, inner)
+        target = label.detach().reshape(outer, inner).long()  # truncates, like static_cast<int>
+        if self.ignore_label is None:
+            valid = torch.ones_like(target, dtype=torch.bool)
+        else:
+            valid = target != self.ignore_label
+            target = torch.where(valid, target, 0)
+        true_score = x.gather(1, target.unsqueeze(1))
+        better = (x >= true_score).sum(dim=1) - 1  # the true class counts itself once
+        hit = (better < self.top_k) & valid
+        dtype = torch.promote_types(scores.dtype, torch.float32)
+        n_valid = valid.sum().to(dtype)
+        accuracy = hit.sum().to(dtype) / n_valid.clamp(min=1)  # no labelled position gives 0
+        if self.n_top == 1:
+            return accuracy
+        return accuracy, self._per_class(target, valid, hit, classes, dtype)
+
+    @staticmethod
+    def _per_class(target, valid, hit, classes: int, dtype) -> torch.Tensor:
+        flat = target.reshape(-1)
+        zeros = torch.zeros(classes, dtype=dtype, device=target.device)
+        seen = zeros.scatter_add(0, flat, valid.reshape(-1).to(dtype))
+        right = zeros.scatter_add(0, flat, hit.reshape(-1).to(dtype))
+        return torch.where(seen > 0, right / seen.clamp(min=1), 0.0)

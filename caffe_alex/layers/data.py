@@ -1,0 +1,278 @@
+"""Data source layers: Data, ImageData, HDF5Data, MemoryData, WindowData.
+
+Their tops are net inputs that the loader feeds; here they only declare top shapes, following
+Caffe's DataLayerSetUp: data (batch, C, H, W), label (batch,). Where the shape lives in the data
+(Data, ImageData, HDF5Data) the first record is read; when it cannot be, the error says how to
+declare the shape with ``Net(..., input_shapes=...)``. Fields that only the loader uses (mirror,
+scale, mean_file, mean_value, shuffle, rand_skip, prefetch, the window sampling options, ...)
+are accepted and left to it. Legacy crop_size inside the layer's own param counts like
+transform_param.crop_size (the prototxt upgrade moves it there).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+from ..errors import LayerConfigError
+from ..proto import caffe_pb2
+from ..registry import CaffeLayer, register
+
+_TRANSFORM = {"transform_param": None}
+_GENERIC = ("(N, C, H, W)", "(N,)")
+
+
+def _all_fields(message) -> frozenset[str]:
+    return frozenset(f.name for f in message.DESCRIPTOR.fields)
+
+
+def _pillow(what: str):
+    try:
+        from PIL import Image
+    except ImportError:
+        raise LayerConfigError(f"reading {what} needs Pillow (pip install pillow)") from None
+    return Image
+
+
+def _channels(image, transform) -> int:
+    """The channel count OpenCV would decode: forced colour/grey, else the file's own."""
+    if transform.force_color and transform.force_gray:
+        raise LayerConfigError("transform_param: cannot set both force_color and force_gray")
+    if transform.force_color or transform.force_gray:
+        return 3 if transform.force_color else 1
+    if image.mode == "P":  # a palette expands to BGR (BGRA with transparency)
+        return 4 if "transparency" in image.info else 3
+    return 3 if image.mode in ("CMYK", "YCbCr") else len(image.getbands())
+
+
+class _Source(CaffeLayer):
+    bottoms = (0, 0)
+    tops = (1, 2)
+    is_source = True
+    own_param = ""
+
+    def __init__(self, layer_param, bottom_shapes, phase):
+        super().__init__(layer_param, bottom_shapes, phase)
+        self.param = getattr(layer_param, self.own_param)
+        self.transform = layer_param.transform_param
+        self.top_names = list(layer_param.top)
+        self.batch = int(self.param.batch_size)
+        self.crop = int(self.transform.crop_size or getattr(self.param, "crop_size", 0))
+        self._shapes = None
+
+    def top_shapes(self, bottom_shapes):
+        if self.batch <= 0:
+            raise LayerConfigError(f"{self.own_param}.batch_size must be positive")
+        if self._shapes is None:  # the data on disk is read once
+            self._shapes = [tuple(s) for s in self._infer()]
+        return list(self._shapes)
+
+    def _infer(self):
+        chw = self._image_shape()
+        return [(self.batch, *chw), (self.batch,)][: len(self.top_names)]
+
+    def _cannot_infer(self, why: str) -> LayerConfigError:
+        declare = ", ".join(
+            f"'{name}': {shape}"
+            for name, shape in zip(self.top_names, _GENERIC[: len(self.top_names)], strict=True)
+        )
+        return LayerConfigError(
+            f"cannot infer the shape of top '{self.top_names[0]}' because {why}; pass "
+            f"input_shapes={{{declare}}} to Net(...) to declare it"
+        )
+
+    def _missing(self, path: str) -> LayerConfigError:
+        return self._cannot_infer(f"source '{path}' does not exist")
+
+    def _cropped(self, c: int, h: int, w: int) -> tuple[int, int, int]:
+        # DataTransformer::InferBlobShape: the crop must fit inside the stored image.
+        if self.crop and (h < self.crop or w < self.crop):
+            raise LayerConfigError(f"crop_size {self.crop} is larger than the {h}x{w} images")
+        return (c, self.crop, self.crop) if self.crop else (c, h, w)
+
+    def forward(self):  # never called: the loader feeds these tops
+        raise RuntimeError(f"{self.type_name} tops are fed by the data loader")
+
+
+@register("Data")
+class DataLayer(_Source):
+    """``data_param``: source, backend (LEVELDB default, or LMDB), batch_size; C, H, W come from
+    the first Datum (decoded with Pillow when encoded), H = W = crop_size when set."""
+
+    own_param = "data_param"
+    params = {"data_param": _all_fields(caffe_pb2.DataParameter), **_TRANSFORM}
+
+    def _image_shape(self):
+        source = self.param.source
+        if not os.path.exists(source):
+            raise self._missing(source)
+        datum = self._first_datum(source)
+        if not datum.encoded:
+            if datum.channels <= 0:
+                raise LayerConfigError(f"the first Datum in '{source}' has no channels")
+            return self._cropped(datum.channels, datum.height, datum.width)
+        try:
+            image = _pillow("encoded Datums").open(io.BytesIO(datum.data))
+        except OSError as exc:
+            raise LayerConfigError(f"cannot decode the first Datum in '{source}': {exc}") from None
+        return self._cropped(_channels(image, self.transform), image.height, image.width)
+
+    def _first_datum(self, source: str):
+        backend = caffe_pb2.DataParameter.DB.Name(self.param.backend)
+        read = _first_lmdb_value if backend == "LMDB" else _first_leveldb_value
+        try:
+            value = read(source)
+            datum = None if value is None else caffe_pb2.Datum.FromString(value)
+        except LayerConfigError:
+            raise
+        except Exception as exc:  # lmdb.Error, plyvel.Error, protobuf's DecodeError
+            raise LayerConfigError(f"cannot read {backend} source '{source}': {exc}") from None
+        if datum is None:
+            raise LayerConfigError(f"data_param.source '{source}' holds no record")
+        return datum
+
+
+def _first_lmdb_value(path: str) -> bytes | None:
+    try:
+        import lmdb
+    except ImportError:
+        raise LayerConfigError("reading an LMDB source needs the lmdb package") from None
+    env = lmdb.open(path, readonly=True, lock=False, subdir=os.path.isdir(path))
+    try:
+        with env.begin() as txn:
+            cursor = txn.cursor()
+            return bytes(cursor.value()) if cursor.first() else None
+    finally:
+        env.close()
+
+
+def _first_leveldb_value(path: str) -> bytes | None:
+    try:
+        import plyvel
+    except ImportError:
+        raise LayerConfigError(
+            "reading a LEVELDB source needs the plyvel package, which is not installed "
+            "(backend LEVELDB is data_param's default; set backend: LMDB for an LMDB source)"
+        ) from None
+    db = plyvel.DB(path, create_if_missing=False)
+    try:
+        return next(db.iterator(include_key=False), None)
+    finally:
+        db.close()
+
+
+@register("ImageData")
+class ImageDataLayer(_Source):
+    """``image_data_param``: source (a list of '<path> <label>' lines), root_folder, batch_size,
+    new_height/new_width (both or neither), is_color (C = 3 or 1). H/W = crop_size, else
+    new_height/new_width, else the size of the first listed image (read with Pillow)."""
+
+    tops = (2, 2)
+    own_param = "image_data_param"
+    params = {"image_data_param": _all_fields(caffe_pb2.ImageDataParameter), **_TRANSFORM}
+
+    def _image_shape(self):
+        p = self.param
+        if (p.new_height > 0) != (p.new_width > 0):
+            raise LayerConfigError("image_data_param: set new_height and new_width together")
+        c = 3 if p.is_color else 1
+        if self.crop:
+            return (c, self.crop, self.crop)
+        if p.new_height:
+            return (c, p.new_height, p.new_width)
+        if not os.path.exists(p.source):
+            raise self._missing(p.source)
+        with open(p.source) as f:
+            first = f.readline().rstrip("\n")
+        if not first:
+            raise LayerConfigError(f"image list '{p.source}' is empty")
+        path = p.root_folder + first.rsplit(" ", 1)[0]  # the label follows the last space
+        if not os.path.exists(path):
+            raise self._cannot_infer(f"image '{path}' (first in '{p.source}') does not exist")
+        with _pillow("images").open(path) as image:
+            return (c, image.height, image.width)
+
+
+@register("HDF5Data")
+class HDF5DataLayer(_Source):
+    """``hdf5_data_param``: source (a text file listing .h5 files), batch_size, shuffle (for the
+    loader). Each top reads the dataset of its name: shape (batch_size, *dataset.shape[1:])."""
+
+    tops = (1, None)
+    own_param = "hdf5_data_param"
+    params = {"hdf5_data_param": _all_fields(caffe_pb2.HDF5DataParameter)}
+
+    def __init__(self, layer_param, bottom_shapes, phase):
+        super().__init__(layer_param, bottom_shapes, phase)
+        if layer_param.HasField("transform_param"):
+            raise LayerConfigError("HDF5Data does not transform data; remove transform_param")
+
+    def _infer(self):
+        source = self.param.source
+        if not os.path.exists(source):
+            raise self._missing(source)
+        with open(source) as f:
+            files = f.read().split()  # Caffe reads whitespace-separated names
+        if not files:
+            raise LayerConfigError(f"no HDF5 file is listed in '{source}'")
+        if not os.path.exists(files[0]):
+            raise self._cannot_infer(
+                f"HDF5 file '{files[0]}' (listed in '{source}') does not exist"
+            )
+        try:
+            import h5py
+        except ImportError:
+            raise self._cannot_infer("h5py is not installed") from None
+        with h5py.File(files[0], "r") as h5:
+            shapes = [self._dataset_shape(h5, name, files[0]) for name in self.top_names]
+        if len({s[0] for s in shapes}) > 1:
+            raise LayerConfigError(f"datasets in '{files[0]}' differ in their first dimension")
+        return [(self.batch, *s[1:]) for s in shapes]
+
+    def _cannot_infer(self, why):
+        shapes = ", ".join(f"'{n}': (N, ...)" for n in self.top_names)
+        return LayerConfigError(
+            f"cannot infer the top shapes because {why}; pass input_shapes={{{shapes}}} to "
+            f"Net(...) to declare them"
+        )
+
+    @staticmethod
+    def _dataset_shape(h5, name: str, path: str) -> tuple[int, ...]:
+        if name not in h5:
+            raise LayerConfigError(f"HDF5 file '{path}' has no dataset '{name}' for top '{name}'")
+        shape = tuple(h5[name].shape)
+        if not shape:
+            raise LayerConfigError(f"dataset '{name}' in '{path}' must have at least 1 axis")
+        return shape
+
+
+@register("MemoryData")
+class MemoryDataLayer(_Source):
+    """``memory_data_param``: batch_size, channels, height, width (all required, positive)."""
+
+    tops = (2, 2)
+    own_param = "memory_data_param"
+    params = {"memory_data_param": _all_fields(caffe_pb2.MemoryDataParameter), **_TRANSFORM}
+
+    def _image_shape(self):
+        p = self.param
+        if min(p.channels, p.height, p.width) <= 0:
+            raise LayerConfigError("memory_data_param: channels, height and width must be positive")
+        return (p.channels, p.height, p.width)
+
+
+@register("WindowData")
+class WindowDataLayer(_Source):
+    """``window_data_param``: batch_size; crop_size (transform_param's, required) gives
+    (batch, 3, crop, crop). Caffe reads C from the window file, but its loader always decodes
+    images in colour, so only 3 works. The other fields (source, fg/bg thresholds,
+    fg_fraction, context_pad, crop_mode, cache_images, root_folder) are the loader's."""
+
+    tops = (2, 2)
+    own_param = "window_data_param"
+    params = {"window_data_param": _all_fields(caffe_pb2.WindowDataParameter), **_TRANSFORM}
+
+    def _image_shape(self):
+        if self.crop <= 0:
+            raise LayerConfigError("WindowData needs transform_param.crop_size > 0")
+        return (3, self.crop, self.crop)
