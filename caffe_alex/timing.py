@@ -91,7 +91,9 @@ def _layerwise_iteration(net: Net, inputs, device, fwd: list[float], bwd: list[f
         leaves, origins, out = records[i]
         pairs = [(o, grads.pop((i, j))) for j, o in enumerate(out)
                  if (i, j) in grads and o.requires_grad]
+        layer = net.layers[net._steps[i].key]
         wanted = [leaf for leaf in leaves if leaf.requires_grad]
+        wanted += [p for p in layer.parameters() if p.requires_grad]
         if not pairs or not wanted:
             continue
         tops, top_grads = zip(*pairs)
