@@ -16,10 +16,11 @@ from caffe_alex.proto import caffe_pb2
 from tests.reference import parse_net
 
 
-def source_net(kind: str, params: str, tops=("data", "label"), extra: str = "") -> str:
+def source_net(type_line: str, params: str, tops=("data", "label"), extra: str = "") -> str:
+    """A one-layer net; ``type_line`` is the layer's literal `type: "..."` line."""
     top_lines = " ".join(f'top: "{t}"' for t in tops)
     return f"""name: "src"
-layer {{ name: "src" type: "{kind}" {top_lines} {params} {extra} }}
+layer {{ name: "src" {type_line} {top_lines} {params} {extra} }}
 """
 
 
@@ -34,20 +35,23 @@ def shapes(net: Net) -> dict:
 def test_memory_data_is_fully_declared():
     net = build(
         source_net(
-            "MemoryData", "memory_data_param { batch_size: 5 channels: 3 height: 7 width: 9 }"
+            'type: "MemoryData"',
+            "memory_data_param { batch_size: 5 channels: 3 height: 7 width: 9 }",
         )
     )
     assert shapes(net) == {"data": (5, 3, 7, 9), "label": (5,)}
     with pytest.raises(CaffeAlexError, match="layer 'src'.*must be positive"):
-        build(source_net("MemoryData", "memory_data_param { batch_size: 5 channels: 3 }"))
+        build(source_net('type: "MemoryData"', "memory_data_param { batch_size: 5 channels: 3 }"))
 
 
 def test_window_data_uses_the_crop():
     params = "window_data_param { source: 'missing.txt' batch_size: 4 fg_threshold: 0.6 }"
-    net = build(source_net("WindowData", params, extra="transform_param { crop_size: 227 }"))
+    net = build(
+        source_net('type: "WindowData"', params, extra="transform_param { crop_size: 227 }")
+    )
     assert shapes(net) == {"data": (4, 3, 227, 227), "label": (4,)}
     with pytest.raises(CaffeAlexError, match="crop_size > 0"):
-        build(source_net("WindowData", params))
+        build(source_net('type: "WindowData"', params))
 
 
 @pytest.mark.parametrize(
@@ -61,7 +65,7 @@ def test_window_data_uses_the_crop():
 )
 def test_image_data_declared_sizes(params, extra, want):
     text = source_net(
-        "ImageData",
+        'type: "ImageData"',
         f"image_data_param {{ source: 'nope.txt' batch_size: 2 {params} }}",
         extra=extra,
     )
@@ -77,13 +81,15 @@ def test_image_data_reads_the_first_listed_image(tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_text("first one.png 3\nb.png 1\n")  # the path has a space: split at the last
     params = f"image_data_param {{ source: '{listing}' root_folder: '{folder}/' batch_size: 4 }}"
-    assert shapes(build(source_net("ImageData", params)))["data"] == (4, 3, 11, 13)
+    assert shapes(build(source_net('type: "ImageData"', params)))["data"] == (4, 3, 11, 13)
     gray = params.replace("batch_size", "is_color: false batch_size")
-    assert shapes(build(source_net("ImageData", gray)))["data"] == (4, 1, 11, 13)
+    assert shapes(build(source_net('type: "ImageData"', gray)))["data"] == (4, 1, 11, 13)
 
 
 def test_image_data_missing_list_gives_the_clear_error():
-    text = source_net("ImageData", "image_data_param { source: 'no/list.txt' batch_size: 2 }")
+    text = source_net(
+        'type: "ImageData"', "image_data_param { source: 'no/list.txt' batch_size: 2 }"
+    )
     with pytest.raises(
         CaffeAlexError,
         match=r"layer 'src' \(ImageData\).*source 'no/list.txt' "
@@ -115,7 +121,7 @@ def make_lmdb(path, values):
 
 def data_layer(source, extra="", tops=("data", "label"), backend="LMDB"):
     params = f"data_param {{ source: '{source}' backend: {backend} batch_size: 8 }}"
-    return source_net("Data", params, tops=tops, extra=extra)
+    return source_net('type: "Data"', params, tops=tops, extra=extra)
 
 
 @pytest.mark.parametrize(
@@ -186,7 +192,7 @@ def test_data_leveldb_without_binding_says_so(tmp_path):
 
 def test_data_rejects_an_empty_batch():
     with pytest.raises(CaffeAlexError, match="batch_size must be positive"):
-        build(source_net("Data", "data_param { source: 'x' }"))
+        build(source_net('type: "Data"', "data_param { source: 'x' }"))
 
 
 def test_hdf5_data_shapes_from_the_first_file(tmp_path):
@@ -199,10 +205,10 @@ def test_hdf5_data_shapes_from_the_first_file(tmp_path):
     listing = tmp_path / "files.txt"
     listing.write_text(f"{tmp_path / 'a.h5'}\n{tmp_path / 'b.h5'}\n")
     params = f"hdf5_data_param {{ source: '{listing}' batch_size: 6 shuffle: true }}"
-    net = build(source_net("HDF5Data", params, tops=("data", "label", "extra")))
+    net = build(source_net('type: "HDF5Data"', params, tops=("data", "label", "extra")))
     assert shapes(net) == {"data": (6, 3, 4, 5), "label": (6,), "extra": (6, 2)}
     with pytest.raises(CaffeAlexError, match="has no dataset 'nothing'"):
-        build(source_net("HDF5Data", params, tops=("data", "nothing")))
+        build(source_net('type: "HDF5Data"', params, tops=("data", "nothing")))
 
 
 def test_hdf5_data_errors():
@@ -212,9 +218,9 @@ def test_hdf5_data_errors():
         match=r"source 'no_list.txt' does not exist.*"
         r"input_shapes=\{'data': \(N, ...\)\}",
     ):
-        build(source_net("HDF5Data", params, tops=("data",)))
+        build(source_net('type: "HDF5Data"', params, tops=("data",)))
     with pytest.raises(CaffeAlexError, match="does not transform data"):
-        build(source_net("HDF5Data", params, extra="transform_param { scale: 2 }"))
+        build(source_net('type: "HDF5Data"', params, extra="transform_param { scale: 2 }"))
 
 
 def test_data_unreadable_lmdb_is_a_clear_error(tmp_path):

@@ -238,13 +238,13 @@ def test_sigmoid_cross_entropy_matches_caffe(params, mode, ignore):
 
 
 def test_sigmoid_cross_entropy_gradcheck_and_count_error():
+    text = """name: "sigmoid_ce"
+layer { name: "in" type: "Input" top: "s" top: "l"
+  input_param { shape { dim: 2 dim: 3 } shape { dim: 2 dim: 3 } } }
+layer { name: "loss" type: "SigmoidCrossEntropyLoss" bottom: "s" bottom: "l" top: "loss"
+  loss_param { ignore_label: -1 normalization: VALID } }
+"""
     target = torch.tensor([[0.0, 1, 0.3], [-1, 0.5, 1]])
-    text = loss_net(
-        "SigmoidCrossEntropyLoss",
-        (2, 3),
-        (2, 3),
-        params="loss_param { ignore_label: -1 normalization: VALID }",
-    )
     gradcheck_net(text, outputs=["loss"], inputs={"l": target}, check_inputs=["s"])
     with pytest.raises(CaffeAlexError, match="same count"):
         Net(parse_net(loss_net("SigmoidCrossEntropyLoss", (2, 3), (2, 4))))
