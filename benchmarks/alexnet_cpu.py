@@ -37,10 +37,12 @@ class HandWrittenAlexNet(nn.Module):
         self.fc8 = nn.Linear(4096, 1000)
 
     def forward(self, x, label):
-        x = F.max_pool2d(F.local_response_norm(F.relu(self.conv1(x)), 5, 1e-4, 0.75, 1.0), 3, 2,
-                         ceil_mode=True)
-        x = F.max_pool2d(F.local_response_norm(F.relu(self.conv2(x)), 5, 1e-4, 0.75, 1.0), 3, 2,
-                         ceil_mode=True)
+        x = F.max_pool2d(
+            F.local_response_norm(F.relu(self.conv1(x)), 5, 1e-4, 0.75, 1.0), 3, 2, ceil_mode=True
+        )
+        x = F.max_pool2d(
+            F.local_response_norm(F.relu(self.conv2(x)), 5, 1e-4, 0.75, 1.0), 3, 2, ceil_mode=True
+        )
         x = F.relu(self.conv5(F.relu(self.conv4(F.relu(self.conv3(x))))))
         x = F.max_pool2d(x, 3, 2, ceil_mode=True).flatten(1)
         x = F.dropout(F.relu(self.fc6(x)), 0.5, self.training)
@@ -49,8 +51,9 @@ class HandWrittenAlexNet(nn.Module):
 
 
 def build_pair(batch: int, device: torch.device):
-    net = Net.from_prototxt(str(TRAIN_VAL), "TRAIN",
-                            input_shapes={"data": (batch, 3, 227, 227), "label": (batch,)})
+    net = Net.from_prototxt(
+        str(TRAIN_VAL), "TRAIN", input_shapes={"data": (batch, 3, 227, 227), "label": (batch,)}
+    )
     reference = HandWrittenAlexNet()
     with torch.no_grad():
         for name, blobs in net.params.items():
@@ -92,8 +95,10 @@ def main() -> None:
     net, reference = build_pair(args.batch, device)
     data = torch.randn(args.batch, 3, 227, 227, device=device)
     label = torch.randint(0, 1000, (args.batch,), device=device).float()
-    runs = {"caffe-alex": lambda: step_caffe_alex(net, data, label),
-            "hand-written nn.Module": lambda: step_reference(reference, data, label)}
+    runs = {
+        "caffe-alex": lambda: step_caffe_alex(net, data, label),
+        "hand-written nn.Module": lambda: step_reference(reference, data, label),
+    }
     for fn in runs.values():  # warm-up
         fn()
     times = {name: [] for name in runs}
@@ -102,12 +107,17 @@ def main() -> None:
             net.zero_grad(set_to_none=True)
             reference.zero_grad(set_to_none=True)
             times[name].append(timed(fn, device))
-    print(f"AlexNet forward+backward, batch {args.batch}, {device}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}:")
+    print(
+        f"AlexNet forward+backward, batch {args.batch}, {device}, "
+        f"{torch.get_num_threads()} threads, median of {args.repeats}:"
+    )
     medians = {name: statistics.median(t) for name, t in times.items()}
     for name, value in medians.items():
-        print(f"  {name:24s} {value * 1000:9.1f} ms   (all: "
-              + ", ".join(f"{t * 1000:.0f}" for t in times[name]) + ")")
+        print(
+            f"  {name:24s} {value * 1000:9.1f} ms   (all: "
+            + ", ".join(f"{t * 1000:.0f}" for t in times[name])
+            + ")"
+        )
     ratio = medians["caffe-alex"] / medians["hand-written nn.Module"]
     print(f"  ratio caffe-alex / hand-written: {ratio:.3f}")
 

@@ -74,8 +74,13 @@ def resolve_device(gpu: str | None):
 @_option("model", required=True, type=click.Path(dir_okay=False), help="Net definition.")
 @_option("iterations", type=int, default=50, show_default=True, help="Iterations to time.")
 @_option("gpu", default=None, help="GPU id to run on (default: CPU).")
-@_option("phase", type=click.Choice(["TRAIN", "TEST"], case_sensitive=False), default="TRAIN",
-         show_default=True, help="Net phase.")
+@_option(
+    "phase",
+    type=click.Choice(["TRAIN", "TEST"], case_sensitive=False),
+    default="TRAIN",
+    show_default=True,
+    help="Net phase.",
+)
 @_option("level", type=int, default=0, help="Net state level.")
 @_option("stage", default="", help="Comma-separated net state stages.")
 @user_errors

@@ -15,10 +15,20 @@ import torch
 
 from .errors import LayerConfigError
 
-FILLER_TYPES = ("constant", "uniform", "gaussian", "positive_unitball", "xavier", "msra", "bilinear")
+FILLER_TYPES = (
+    "constant",
+    "uniform",
+    "gaussian",
+    "positive_unitball",
+    "xavier",
+    "msra",
+    "bilinear",
+)
 
 
-def fill(shape: Sequence[int], filler=None, generator: torch.Generator | None = None) -> torch.Tensor:
+def fill(
+    shape: Sequence[int], filler=None, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """A new float32 tensor of ``shape`` filled as ``filler`` (a FillerParameter) says.
 
     ``filler`` None means Caffe's default FillerParameter: constant 0.
@@ -86,7 +96,9 @@ def _positive_unitball(out: torch.Tensor, generator) -> torch.Tensor:
 def _bilinear(out: torch.Tensor) -> torch.Tensor:
     # The upsampling kernel for a Deconvolution initialised to bilinear interpolation.
     if out.dim() != 4 or out.shape[2] != out.shape[3]:
-        raise LayerConfigError(f"bilinear filler needs a 4-D blob with square kernels, got {list(out.shape)}")
+        raise LayerConfigError(
+            f"bilinear filler needs a 4-D blob with square kernels, got {list(out.shape)}"
+        )
     size = out.shape[3]
     f = math.ceil(size / 2.0)
     c = (size - 1) / (2.0 * f)

@@ -9,7 +9,9 @@ from .proto import caffe_pb2
 PHASES = ("TRAIN", "TEST")
 
 
-def make_state(phase: str = "TEST", level: int = 0, stages: Iterable[str] = ()) -> caffe_pb2.NetState:
+def make_state(
+    phase: str = "TEST", level: int = 0, stages: Iterable[str] = ()
+) -> caffe_pb2.NetState:
     phase = phase.upper()
     if phase not in PHASES:
         raise ValueError(f"phase must be TRAIN or TEST, got {phase!r}")

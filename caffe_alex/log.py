@@ -9,8 +9,13 @@ import sys
 from datetime import datetime
 
 LOGGER_NAME = "caffe_alex"
-_LEVEL_LETTERS = {logging.DEBUG: "I", logging.INFO: "I", logging.WARNING: "W", logging.ERROR: "E",
-                  logging.CRITICAL: "F"}
+_LEVEL_LETTERS = {
+    logging.DEBUG: "I",
+    logging.INFO: "I",
+    logging.WARNING: "W",
+    logging.ERROR: "E",
+    logging.CRITICAL: "F",
+}
 
 
 class GlogFormatter(logging.Formatter):

@@ -145,8 +145,16 @@ class Net(nn.Module):
                 available.append(top)
         self._load_embedded_blobs(lp, layer)
         self._register_params(lp, layer, shares)
-        self._steps.append(_Step(lp.name, key, list(lp.bottom), list(lp.top),
-                                 self._detach_flags(lp), self._loss_weights(lp, cls)))
+        self._steps.append(
+            _Step(
+                lp.name,
+                key,
+                list(lp.bottom),
+                list(lp.top),
+                self._detach_flags(lp),
+                self._loss_weights(lp, cls),
+            )
+        )
 
     @staticmethod
     def _add_automatic_tops(lp, cls) -> tuple[caffe_pb2.LayerParameter, set[str]]:
@@ -172,10 +180,15 @@ class Net(nn.Module):
         return shapes
 
     def _check_counts(self, lp, cls) -> None:
-        for what, names, (low, high) in (("bottom", lp.bottom, cls.bottoms), ("top", lp.top, cls.tops)):
+        for what, names, (low, high) in (
+            ("bottom", lp.bottom, cls.bottoms),
+            ("top", lp.top, cls.tops),
+        ):
             n = len(names)
             if n < low or (high is not None and n > high):
-                want = f"{low}" if low == high else f"{low} to {high}" if high else f"at least {low}"
+                want = (
+                    f"{low}" if low == high else f"{low} to {high}" if high else f"at least {low}"
+                )
                 raise self._fail(lp, f"takes {want} {what} blob(s), got {n}")
 
     def _check_fields(self, lp, cls) -> None:
@@ -194,8 +207,9 @@ class Net(nn.Module):
             in_place = index < len(lp.bottom) and lp.bottom[index] == top
             if top in self.blob_shapes and not in_place:
                 raise self._fail(
-                    lp, f"top blob '{top}' produced by multiple sources "
-                    f"(already by layer '{producers[top]}')"
+                    lp,
+                    f"top blob '{top}' produced by multiple sources "
+                    f"(already by layer '{producers[top]}')",
                 )
 
     def _module_key(self, name: str) -> str:
@@ -231,8 +245,11 @@ class Net(nn.Module):
         for index, (proto, param) in enumerate(zip(lp.blobs, layer.blobs)):
             array = blob_proto_to_array(proto)
             if array.size != param.numel():
-                raise self._fail(lp, f"embedded blob {index} has shape {list(array.shape)}, "
-                                 f"expected {list(param.shape)}")
+                raise self._fail(
+                    lp,
+                    f"embedded blob {index} has shape {list(array.shape)}, "
+                    f"expected {list(param.shape)}",
+                )
             with torch.no_grad():
                 param.copy_(torch.from_numpy(array.reshape(tuple(param.shape))))
 
@@ -257,8 +274,9 @@ class Net(nn.Module):
         same = param.numel() == owner.param.numel() if permissive else mine == theirs
         if not same:
             raise self._fail(
-                lp, f"shared parameter '{spec.name}' (blob {index}) has shape {list(mine)}, "
-                f"but owner layer '{owner.layer}' has {list(theirs)}"
+                lp,
+                f"shared parameter '{spec.name}' (blob {index}) has shape {list(mine)}, "
+                f"but owner layer '{owner.layer}' has {list(theirs)}",
             )
 
     # -- the public view ----------------------------------------------------------------
@@ -285,7 +303,9 @@ class Net(nn.Module):
         shapes = dict(self.blob_shapes)
         for name, shape in input_shapes.items():
             if name not in self.input_names:
-                raise CaffeAlexError(f"'{name}' is not an input of the net; inputs: {self.input_names}")
+                raise CaffeAlexError(
+                    f"'{name}' is not an input of the net; inputs: {self.input_names}"
+                )
             shapes[name] = tuple(int(d) for d in shape)
         for step in self._steps:
             layer = self.layers[step.key]
@@ -306,12 +326,16 @@ class Net(nn.Module):
 
     def _bind_inputs(self, args, kwargs) -> dict[str, torch.Tensor]:
         if len(args) > len(self.input_names):
-            raise CaffeAlexError(f"net takes {len(self.input_names)} inputs {self.input_names}, "
-                                 f"got {len(args)} positional")
+            raise CaffeAlexError(
+                f"net takes {len(self.input_names)} inputs {self.input_names}, "
+                f"got {len(args)} positional"
+            )
         blobs = dict(zip(self.input_names, args))
         for name, value in kwargs.items():
             if name not in self.input_names:
-                raise CaffeAlexError(f"'{name}' is not an input of the net; inputs: {self.input_names}")
+                raise CaffeAlexError(
+                    f"'{name}' is not an input of the net; inputs: {self.input_names}"
+                )
             blobs[name] = value
         missing = [n for n in self.input_names if n not in blobs]
         if missing:
@@ -328,7 +352,9 @@ class Net(nn.Module):
             layer = self.layers[step.key]
             if layer.is_source:
                 continue
-            bottoms = [blobs[b].detach() if d else blobs[b] for b, d in zip(step.bottoms, step.detach)]
+            bottoms = [
+                blobs[b].detach() if d else blobs[b] for b, d in zip(step.bottoms, step.detach)
+            ]
             out = layer(*bottoms)
             if isinstance(out, torch.Tensor):
                 out = (out,)
@@ -343,7 +369,7 @@ class Net(nn.Module):
 
 
 def blob_proto_to_array(proto: caffe_pb2.BlobProto) -> np.ndarray:
-    """A BlobProto's data as float32, shaped by ``shape`` or the legacy num/channels/height/width."""
+    """A BlobProto as float32, shaped by `shape` or the legacy num/channels/height/width."""
     if proto.HasField("shape"):
         shape = tuple(proto.shape.dim)
     else:

@@ -10,6 +10,7 @@ through the ordinary module, since that is what training runs.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -76,8 +77,10 @@ def _layerwise_iteration(net: Net, inputs, device, fwd: list[float], bwd: list[f
             records.append(None)
             continue
         sources = [values[b] for b in step.bottoms]
-        leaves = [t.detach().requires_grad_(t.is_floating_point() and not d)
-                  for (t, _), d in zip(sources, step.detach)]
+        leaves = [
+            t.detach().requires_grad_(t.is_floating_point() and not d)
+            for (t, _), d in zip(sources, step.detach)
+        ]
         out, ms = _timed(lambda layer=layer, leaves=leaves: layer(*leaves), device)
         out = (out,) if isinstance(out, torch.Tensor) else tuple(out)
         fwd[i] += ms
@@ -89,15 +92,18 @@ def _layerwise_iteration(net: Net, inputs, device, fwd: list[float], bwd: list[f
         if records[i] is None:
             continue
         leaves, origins, out = records[i]
-        pairs = [(o, grads.pop((i, j))) for j, o in enumerate(out)
-                 if (i, j) in grads and o.requires_grad]
+        pairs = [
+            (o, grads.pop((i, j))) for j, o in enumerate(out) if (i, j) in grads and o.requires_grad
+        ]
         layer = net.layers[net._steps[i].key]
         wanted = [leaf for leaf in leaves if leaf.requires_grad]
         wanted += [p for p in layer.parameters() if p.requires_grad]
         if not pairs or not wanted:
             continue
         tops, top_grads = zip(*pairs)
-        _, ms = _timed(lambda: torch.autograd.backward(tops, top_grads, inputs=wanted), device)
+        _, ms = _timed(
+            functools.partial(torch.autograd.backward, tops, top_grads, inputs=wanted), device
+        )
         bwd[i] += ms
         for leaf, origin in zip(leaves, origins):
             if origin is not None and leaf.grad is not None:
@@ -124,8 +130,9 @@ def _seed_gradients(net: Net, records) -> dict[tuple[int, int], torch.Tensor]:
     return grads
 
 
-def time_net(net: Net, iterations: int = 50, device: torch.device | str = "cpu",
-             log=None) -> TimingReport:
+def time_net(
+    net: Net, iterations: int = 50, device: torch.device | str = "cpu", log=None
+) -> TimingReport:
     device = torch.device(device)
     net.to(device)
     inputs = make_inputs(net, device)
@@ -142,15 +149,25 @@ def time_net(net: Net, iterations: int = 50, device: torch.device | str = "cpu",
             log(f"Iteration: {it + 1} forward-backward time: {iteration_ms[-1]:.4g} ms.")
         outputs, ms = _timed(lambda: net(**inputs), device)
         net_fwd += ms
-        target = net.loss if net.loss is not None else sum(o.sum() for o in outputs.values()
-                                                            if o.requires_grad)
+        target = (
+            net.loss
+            if net.loss is not None
+            else sum(o.sum() for o in outputs.values() if o.requires_grad)
+        )
         if isinstance(target, torch.Tensor) and target.requires_grad:
             _, ms = _timed(target.backward, device)
             net_bwd += ms
         net.zero_grad(set_to_none=True)
-    return TimingReport(iterations, list(net.layer_names), [f / iterations for f in fwd],
-                        [b / iterations for b in bwd], iteration_ms, net_fwd / iterations,
-                        net_bwd / iterations, initial_loss)
+    return TimingReport(
+        iterations,
+        list(net.layer_names),
+        [f / iterations for f in fwd],
+        [b / iterations for b in bwd],
+        iteration_ms,
+        net_fwd / iterations,
+        net_bwd / iterations,
+        initial_loss,
+    )
 
 
 def report_lines(report: TimingReport) -> list[str]:

@@ -67,15 +67,22 @@ def relative_error(ours: np.ndarray, reference: np.ndarray) -> float:
     return float(np.abs(ours - reference).max() / denom)
 
 
-def compare_with_opencv(prototxt: str, outputs: list[str] | None = None, seed: int = 0,
-                        tol: float = 1e-5, input_scale: float = 1.0) -> dict[str, float]:
+def compare_with_opencv(
+    prototxt: str,
+    outputs: list[str] | None = None,
+    seed: int = 0,
+    tol: float = 1e-5,
+    input_scale: float = 1.0,
+) -> dict[str, float]:
     """Build ``prototxt`` (TEST phase), fill it with random weights and inputs, run it here and in
     OpenCV, and assert max|ours - cv| / max|cv| <= tol for each output. Returns the errors."""
     net = Net(parse_net(prototxt), "TEST")
     randomize(net, seed)
     rng = np.random.default_rng(seed)
-    inputs = {n: (rng.standard_normal(net.blob_shapes[n]) * input_scale).astype(np.float32)
-              for n in net.input_names}
+    inputs = {
+        n: (rng.standard_normal(net.blob_shapes[n]) * input_scale).astype(np.float32)
+        for n in net.input_names
+    }
     outputs = outputs or net.output_names
     with torch.no_grad():
         ours = net(**{k: torch.from_numpy(v) for k, v in inputs.items()})
@@ -84,15 +91,22 @@ def compare_with_opencv(prototxt: str, outputs: list[str] | None = None, seed: i
     errors = {}
     for name in outputs:
         assert tuple(ours[name].shape) == tuple(theirs[name].shape), (
-            f"{name}: shape {tuple(ours[name].shape)} vs OpenCV {tuple(theirs[name].shape)}")
+            f"{name}: shape {tuple(ours[name].shape)} vs OpenCV {tuple(theirs[name].shape)}"
+        )
         errors[name] = relative_error(ours[name].numpy(), theirs[name])
         assert errors[name] <= tol, f"{name}: relative error {errors[name]:.3g} > {tol}"
     return errors
 
 
-def gradcheck_net(prototxt: str, outputs: list[str] | None = None, seed: int = 0,
-                  phase: str = "TEST", input_scale: float = 1.0, inputs: dict | None = None,
-                  check_inputs: list[str] | None = None) -> None:
+def gradcheck_net(
+    prototxt: str,
+    outputs: list[str] | None = None,
+    seed: int = 0,
+    phase: str = "TEST",
+    input_scale: float = 1.0,
+    inputs: dict | None = None,
+    check_inputs: list[str] | None = None,
+) -> None:
     """float64 ``torch.autograd.gradcheck`` of a whole (small) net: gradients of the chosen
     outputs with respect to the inputs (all by default; labels can be left out with
     ``check_inputs``) and to every learnable blob."""
@@ -101,10 +115,15 @@ def gradcheck_net(prototxt: str, outputs: list[str] | None = None, seed: int = 0
     net.double()
     gen = torch.Generator().manual_seed(seed)
     given = dict(inputs or {})
-    values = {n: given[n].double() if n in given else
-              torch.randn(net.blob_shapes[n], generator=gen, dtype=torch.float64) * input_scale
-              for n in net.input_names}
-    check = check_inputs if check_inputs is not None else [n for n in net.input_names if n not in given]
+    values = {
+        n: given[n].double()
+        if n in given
+        else torch.randn(net.blob_shapes[n], generator=gen, dtype=torch.float64) * input_scale
+        for n in net.input_names
+    }
+    check = (
+        check_inputs if check_inputs is not None else [n for n in net.input_names if n not in given]
+    )
     leaves = [values[n].requires_grad_() for n in check]
     params = [p for p in net.parameters() if p.requires_grad]
     outputs = outputs or net.output_names

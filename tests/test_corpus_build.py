@@ -11,8 +11,8 @@ import pytest
 from caffe_alex.errors import CaffeAlexError
 from caffe_alex.filtering import filter_net, make_state
 from caffe_alex.net import Net
-from caffe_alex.prototxt import read_net
 from caffe_alex.proto import caffe_pb2
+from caffe_alex.prototxt import read_net
 from caffe_alex.registry import layer_types
 
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
@@ -56,8 +56,12 @@ def _guessed_source_shapes(net_param: caffe_pb2.NetParameter) -> dict[str, tuple
     for layer in net_param.layer:
         if layer.type not in SOURCE_TYPES or not layer.top:
             continue
-        param = {"Data": layer.data_param, "ImageData": layer.image_data_param,
-                 "HDF5Data": layer.hdf5_data_param, "WindowData": layer.window_data_param}
+        param = {
+            "Data": layer.data_param,
+            "ImageData": layer.image_data_param,
+            "HDF5Data": layer.hdf5_data_param,
+            "WindowData": layer.window_data_param,
+        }
         batch = param[layer.type].batch_size or 1
         crop = layer.transform_param.crop_size or getattr(param[layer.type], "crop_size", 0)
         source = getattr(param[layer.type], "source", "")
@@ -70,9 +74,13 @@ def _guessed_source_shapes(net_param: caffe_pb2.NetParameter) -> dict[str, tuple
 def _states(net_param: caffe_pb2.NetParameter, phase: str) -> list[list[str]]:
     """The stage sets a solver would use for this phase: each stage named by an include rule
     of the phase, or no stage when the file names none."""
-    stages = {stage for layer in net_param.layer for rule in layer.include
-              if not rule.HasField("phase") or caffe_pb2.Phase.Name(rule.phase) == phase
-              for stage in rule.stage}
+    stages = {
+        stage
+        for layer in net_param.layer
+        for rule in layer.include
+        if not rule.HasField("phase") or caffe_pb2.Phase.Name(rule.phase) == phase
+        for stage in rule.stage
+    }
     return [[stage] for stage in sorted(stages)] or [[]]
 
 

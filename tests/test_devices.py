@@ -43,8 +43,10 @@ def make_net(phase="TEST") -> Net:
 
 def inputs(device="cpu"):
     gen = torch.Generator().manual_seed(0)
-    return {"data": torch.randn(4, 4, 13, 13, generator=gen).to(device),
-            "label": torch.tensor([0.0, 1, 2, 4]).to(device)}
+    return {
+        "data": torch.randn(4, 4, 13, 13, generator=gen).to(device),
+        "label": torch.tensor([0.0, 1, 2, 4]).to(device),
+    }
 
 
 def test_forward_on_meta_device_needs_no_values():

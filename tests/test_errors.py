@@ -27,32 +27,43 @@ def error_of(tmp_path, text: str) -> str:
 
 
 def test_syntax_error_names_line_column_and_token(tmp_path):
-    text = HEAD + """layer {
+    text = (
+        HEAD
+        + """layer {
   name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
   convolution_param { num_output: 4 kernel_size 3 }
 }
 """
+    )
     assert error_of(tmp_path, text) == 'net.prototxt:8:49: syntax error: expected ":" but found "3"'
 
 
 def test_unknown_type(tmp_path):
-    message = error_of(tmp_path, HEAD + '\nlayer { name: "m" type: "Mystery" bottom: "data" top: "m" }\n')
-    assert message.startswith("net.prototxt:7: layer 'm' (Mystery): unknown layer type 'Mystery'; "
-                              "known types: AbsVal, Accuracy, ")
+    message = error_of(
+        tmp_path, HEAD + '\nlayer { name: "m" type: "Mystery" bottom: "data" top: "m" }\n'
+    )
+    assert message.startswith(
+        "net.prototxt:7: layer 'm' (Mystery): unknown layer type 'Mystery'; "
+        "known types: AbsVal, Accuracy, "
+    )
 
 
 def test_unknown_bottom(tmp_path):
     text = HEAD + 'layer { name: "relu" type: "ReLU" bottom: "dta" top: "relu" }\n'
     assert error_of(tmp_path, text) == (
-        "net.prototxt:6: layer 'relu' (ReLU): unknown bottom blob 'dta' (bottom index 0)")
+        "net.prototxt:6: layer 'relu' (ReLU): unknown bottom blob 'dta' (bottom index 0)"
+    )
 
 
 def test_top_produced_twice_not_in_place(tmp_path):
-    text = HEAD + ('layer { name: "a" type: "ReLU" bottom: "data" top: "out" }\n'
-                   'layer { name: "b" type: "TanH" bottom: "data" top: "out" }\n')
+    text = HEAD + (
+        'layer { name: "a" type: "ReLU" bottom: "data" top: "out" }\n'
+        'layer { name: "b" type: "TanH" bottom: "data" top: "out" }\n'
+    )
     assert error_of(tmp_path, text) == (
         "net.prototxt:7: layer 'b' (TanH): top blob 'out' produced by multiple sources "
-        "(already by layer 'a')")
+        "(already by layer 'a')"
+    )
 
 
 def test_in_place_top_is_fine(tmp_path):
@@ -63,7 +74,10 @@ def test_in_place_top_is_fine(tmp_path):
 
 def test_wrong_number_of_bottoms(tmp_path):
     text = HEAD + 'layer { name: "sm" type: "Softmax" bottom: "data" bottom: "data" top: "sm" }\n'
-    assert error_of(tmp_path, text) == "net.prototxt:6: layer 'sm' (Softmax): takes 1 bottom blob(s), got 2"
+    assert (
+        error_of(tmp_path, text)
+        == "net.prototxt:6: layer 'sm' (Softmax): takes 1 bottom blob(s), got 2"
+    )
 
 
 def test_shape_mismatch_in_eltwise(tmp_path):
@@ -78,12 +92,15 @@ layer {
 """
     assert error_of(tmp_path, text) == (
         "net.prototxt:6: layer 'sum' (Eltwise): all bottoms must have the same shape: "
-        "bottom 0 is [1, 3, 8, 8], bottom 1 is [1, 3, 4, 4]")
+        "bottom 0 is [1, 3, 8, 8], bottom 1 is [1, 3, 4, 4]"
+    )
 
 
 def test_missing_required_field(tmp_path):
-    text = HEAD + ('layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"\n'
-                   '        convolution_param { num_output: 4 } }\n')
+    text = HEAD + (
+        'layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"\n'
+        "        convolution_param { num_output: 4 } }\n"
+    )
     message = error_of(tmp_path, text)
     assert message.startswith("net.prototxt:6: layer 'conv1' (Convolution): ")
     assert "kernel" in message
@@ -100,6 +117,8 @@ def test_cli_prints_one_line_and_exits_1(tmp_path):
     result = CliRunner().invoke(main, ["time", "--model", str(path), "--iterations", "1"])
     assert result.exit_code == 1
     lines = [line for line in result.output.splitlines() if line.strip()]
-    assert lines[-1] == (f"caffe-alex: error: {path}:6: layer 'relu' (ReLU): "
-                         "unknown bottom blob 'dta' (bottom index 0)")
+    assert lines[-1] == (
+        f"caffe-alex: error: {path}:6: layer 'relu' (ReLU): "
+        "unknown bottom blob 'dta' (bottom index 0)"
+    )
     assert "Traceback" not in result.output

@@ -39,8 +39,9 @@ def test_sparse_gaussian_keeps_about_sparse_inputs_per_output():
     assert abs((t != 0).float().mean().item() - 0.2) < 0.01
 
 
-@pytest.mark.parametrize("norm, n", [("FAN_IN", 48 * 9), ("FAN_OUT", 64 * 9),
-                                     ("AVERAGE", (48 * 9 + 64 * 9) / 2)])
+@pytest.mark.parametrize(
+    "norm, n", [("FAN_IN", 48 * 9), ("FAN_OUT", 64 * 9), ("AVERAGE", (48 * 9 + 64 * 9) / 2)]
+)
 def test_xavier_and_msra_scale_from_caffe_fans(norm, n):
     # Caffe: fan_in = count / shape[0], fan_out = count / shape[1]
     torch.manual_seed(0)

@@ -14,8 +14,10 @@ INPUT = 'layer { name: "data" type: "Input" top: "data" input_param { shape { di
 
 
 def ip(name, bottom, n=4, extra=""):
-    return (f'layer {{ name: "{name}" type: "InnerProduct" bottom: "{bottom}" top: "{name}" {extra}'
-            f' inner_product_param {{ num_output: {n} weight_filler {{ type: "gaussian" }} }} }}\n')
+    return (
+        f'layer {{ name: "{name}" type: "InnerProduct" bottom: "{bottom}" top: "{name}" {extra}'
+        f' inner_product_param {{ num_output: {n} weight_filler {{ type: "gaussian" }} }} }}\n'
+    )
 
 
 def build(text, phase="TEST", **kw):
@@ -23,8 +25,9 @@ def build(text, phase="TEST", **kw):
 
 
 def test_in_place_layer_rebinds_the_blob_name():
-    net = build(INPUT + ip("fc", "data") +
-                'layer { name: "relu" type: "ReLU" bottom: "fc" top: "fc" }')
+    net = build(
+        INPUT + ip("fc", "data") + 'layer { name: "relu" type: "ReLU" bottom: "fc" top: "fc" }'
+    )
     x = torch.randn(2, 3)
     out = net(x)
     assert list(out) == ["fc"]
@@ -37,7 +40,8 @@ def test_blob_read_by_two_layers_sums_gradients():
     text = INPUT + (
         'layer { name: "a" type: "Power" bottom: "data" top: "a" power_param { scale: 2 } }\n'
         'layer { name: "b" type: "Power" bottom: "data" top: "b" power_param { scale: 3 } }\n'
-        'layer { name: "sum" type: "Eltwise" bottom: "a" bottom: "b" top: "sum" }\n')
+        'layer { name: "sum" type: "Eltwise" bottom: "a" bottom: "b" top: "sum" }\n'
+    )
     net = build(text)
     x = torch.randn(2, 3, requires_grad=True)
     net(x)["sum"].sum().backward()
@@ -46,12 +50,14 @@ def test_blob_read_by_two_layers_sums_gradients():
 
 def test_loss_weights_default_and_explicit():
     text = INPUT.replace('top: "data"', 'top: "data" top: "target"').replace(
-        "shape { dim: 2 dim: 3 }", "shape { dim: 2 dim: 3 }") + (
+        "shape { dim: 2 dim: 3 }", "shape { dim: 2 dim: 3 }"
+    ) + (
         'layer { name: "l2" type: "EuclideanLoss" bottom: "data" bottom: "target" top: "l2" }\n'
         'layer { name: "sq" type: "Power" bottom: "data" top: "sq" loss_weight: 0.5 '
-        'power_param { power: 2 } }\n'
+        "power_param { power: 2 } }\n"
         'layer { name: "half" type: "EuclideanLoss" bottom: "data" bottom: "target" top: "half" '
-        'loss_weight: 0.25 }\n')
+        "loss_weight: 0.25 }\n"
+    )
     net = build(text)
     x, t = torch.randn(2, 3), torch.randn(2, 3)
     net(data=x, target=t)
@@ -78,14 +84,21 @@ def test_parameter_sharing_by_name():
 
 def test_sharing_shape_mismatch_is_an_error():
     share = 'param { name: "w" }'
-    with pytest.raises(CaffeAlexError, match=r"shared parameter 'w' \(blob 0\) has shape \[5, 4\], "
-                       r"but owner layer 'fc1' has \[4, 3\]"):
+    with pytest.raises(
+        CaffeAlexError,
+        match=r"shared parameter 'w' \(blob 0\) has shape \[5, 4\], "
+        r"but owner layer 'fc1' has \[4, 3\]",
+    ):
         build(INPUT + ip("fc1", "data", 4, share) + ip("fc2", "fc1", 5, share))
 
 
 def test_lr_and_decay_mult_recorded():
-    net = build(INPUT + ip("fc", "data", 4, "param { lr_mult: 1 decay_mult: 1 } "
-                                          "param { lr_mult: 2 decay_mult: 0 }"))
+    net = build(
+        INPUT
+        + ip(
+            "fc", "data", 4, "param { lr_mult: 1 decay_mult: 1 } param { lr_mult: 2 decay_mult: 0 }"
+        )
+    )
     assert [(p.lr_mult, p.decay_mult) for p in net.learnable_params()] == [(1.0, 1.0), (2.0, 0.0)]
 
 
@@ -100,19 +113,24 @@ def test_reshape_on_new_input_shape():
 
 def test_phase_filtering_with_stages_and_levels():
     text = INPUT + (
-        ip("train_only", "data", 2, "include { phase: TRAIN }") +
-        ip("test_only", "data", 2, "include { phase: TEST }") +
-        ip("staged", "data", 2, 'include { stage: "deploy" }') +
-        ip("not_deep", "data", 2, "exclude { min_level: 2 }"))
+        ip("train_only", "data", 2, "include { phase: TRAIN }")
+        + ip("test_only", "data", 2, "include { phase: TEST }")
+        + ip("staged", "data", 2, 'include { stage: "deploy" }')
+        + ip("not_deep", "data", 2, "exclude { min_level: 2 }")
+    )
     assert build(text, "TRAIN").layer_names == ["data", "train_only", "not_deep"]
     assert build(text, "TEST").layer_names == ["data", "test_only", "not_deep"]
     assert build(text, "TEST", stages=["deploy"], level=3).layer_names == [
-        "data", "test_only", "staged"]
+        "data",
+        "test_only",
+        "staged",
+    ]
 
 
 def test_propagate_down_false_stops_the_gradient():
     text = INPUT + (
-        'layer { name: "a" type: "Power" bottom: "data" top: "a" propagate_down: false }\n')
+        'layer { name: "a" type: "Power" bottom: "data" top: "a" propagate_down: false }\n'
+    )
     net = build(text)
     x = torch.randn(2, 3, requires_grad=True)
     assert not net(x)["a"].requires_grad
@@ -140,33 +158,38 @@ def test_layer_names_with_dots_are_kept():
 def test_embedded_blobs_are_loaded():
     text = INPUT + (
         'layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" '
-        'inner_product_param { num_output: 1 } '
-        'blobs { shape { dim: 1 dim: 3 } data: 1 data: 2 data: 3 } '
-        'blobs { shape { dim: 1 } data: 0.5 } }')
+        "inner_product_param { num_output: 1 } "
+        "blobs { shape { dim: 1 dim: 3 } data: 1 data: 2 data: 3 } "
+        "blobs { shape { dim: 1 } data: 0.5 } }"
+    )
     out = build(text)(torch.ones(2, 3))["fc"]
     torch.testing.assert_close(out, torch.full((2, 1), 6.5))
 
 
 def test_data_layers_are_net_inputs_with_declared_shapes():
-    text = ('layer { name: "d" type: "MemoryData" top: "data" top: "label" '
-            'memory_data_param { batch_size: 4 channels: 3 height: 8 width: 9 } }\n' +
-            ip("fc", "data"))
+    text = (
+        'layer { name: "d" type: "MemoryData" top: "data" top: "label" '
+        "memory_data_param { batch_size: 4 channels: 3 height: 8 width: 9 } }\n" + ip("fc", "data")
+    )
     net = build(text)
     assert net.input_names == ["data", "label"]
     assert net.blob_shapes["data"] == (4, 3, 8, 9) and net.blob_shapes["label"] == (4,)
 
 
 def test_input_shapes_override_for_sources():
-    text = ('layer { name: "d" type: "Data" top: "data" top: "label" '
-            'data_param { source: "/nonexistent/lmdb" batch_size: 4 backend: LMDB } }\n'
-            + ip("fc", "data"))
+    text = (
+        'layer { name: "d" type: "Data" top: "data" top: "label" '
+        'data_param { source: "/nonexistent/lmdb" batch_size: 4 backend: LMDB } }\n'
+        + ip("fc", "data")
+    )
     net = build(text, input_shapes={"data": (4, 1, 28, 28), "label": (4,)})
     assert net.blob_shapes["fc"] == (4, 4)
 
 
 def test_loss_layer_without_top_gets_an_anonymous_one():
     text = INPUT.replace('top: "data"', 'top: "data" top: "target"') + (
-        'layer { name: "l2" type: "EuclideanLoss" bottom: "data" bottom: "target" }\n')
+        'layer { name: "l2" type: "EuclideanLoss" bottom: "data" bottom: "target" }\n'
+    )
     net = build(text)
     x, t = torch.randn(2, 3), torch.randn(2, 3)
     assert net(data=x, target=t) == {}

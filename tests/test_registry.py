@@ -27,12 +27,15 @@ def test_registering_a_type_twice_is_an_error():
 
 
 def test_unknown_type_lists_the_known_ones():
-    with pytest.raises(LayerConfigError, match=r"unknown layer type 'Nope'; known types: .*Convolution"):
+    with pytest.raises(
+        LayerConfigError, match=r"unknown layer type 'Nope'; known types: .*Convolution"
+    ):
         get_layer_class("Nope")
 
 
 def test_the_issue_catalogue_is_registered():
-    catalogue = """Convolution Deconvolution Pooling LRN Crop ReLU PReLU ELU Sigmoid TanH AbsVal Power
+    catalogue = """Convolution Deconvolution Pooling LRN Crop ReLU PReLU ELU Sigmoid TanH AbsVal
+    Power
     Dropout BatchNorm Scale Bias Eltwise Concat Slice Split Flatten Reshape InnerProduct Softmax
     ArgMax Silence Input DummyData SoftmaxWithLoss EuclideanLoss SigmoidCrossEntropyLoss Accuracy
     Data ImageData HDF5Data MemoryData WindowData""".split()

@@ -37,8 +37,12 @@ def test_report_has_a_forward_and_backward_line_per_layer():
     report = time_net(net, iterations=2)
     lines = report_lines(report)
     for name in net.layer_names:
-        assert any(re.fullmatch(rf"\s*{re.escape(name)}\tforward: [\d.e+-]+ ms\.", ln) for ln in lines)
-        assert any(re.fullmatch(rf"\s*{re.escape(name)}\tbackward: [\d.e+-]+ ms\.", ln) for ln in lines)
+        assert any(
+            re.fullmatch(rf"\s*{re.escape(name)}\tforward: [\d.e+-]+ ms\.", ln) for ln in lines
+        )
+        assert any(
+            re.fullmatch(rf"\s*{re.escape(name)}\tbackward: [\d.e+-]+ ms\.", ln) for ln in lines
+        )
     assert len(report.iteration_ms) == 2
 
 
@@ -47,10 +51,17 @@ def test_time_command_prints_caffe_summary(tmp_path):
     path.write_text(MIXED_NET)
     result = CliRunner().invoke(main, ["time", "-model", str(path), "-iterations", "2"])
     assert result.exit_code == 0, result.output
-    for phrase in ("*** Benchmark begins ***", "Testing for 2 iterations.",
-                   "Iteration: 2 forward-backward time:", "Average time per layer:",
-                   "Average Forward pass:", "Average Backward pass:",
-                   "Average Forward-Backward:", "Total Time:", "*** Benchmark ends ***"):
+    for phrase in (
+        "*** Benchmark begins ***",
+        "Testing for 2 iterations.",
+        "Iteration: 2 forward-backward time:",
+        "Average time per layer:",
+        "Average Forward pass:",
+        "Average Backward pass:",
+        "Average Forward-Backward:",
+        "Total Time:",
+        "*** Benchmark ends ***",
+    ):
         assert phrase in result.output
     first = next(line for line in result.output.splitlines() if "Benchmark begins" in line)
     assert re.match(r"I\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ \w+\.py:\d+\] ", first)
