@@ -128,7 +128,7 @@ class _BaseConvolution(CaffeLayer):
             x = x.reshape(-1, *x.shape[self.axis :])
         weight = self.blobs[0]
         bias = self.blobs[1] if self.bias_term else None
-        y = self._apply(x, weight, bias)
+        y = self._op(x, weight, bias)
         return y if self.axis == 1 else y.reshape(*lead, *y.shape[1:])
 
 
@@ -137,9 +137,14 @@ class ConvolutionLayer(_BaseConvolution):
     """Cross-correlation; output size floor((in + 2 pad - dilated_kernel) / stride) + 1."""
 
     def _out_size(self, i: int, size: int) -> int:
-        return (size + 2 * self.pad[i] - self._extent(i)) // self.stride[i] + 1
+        # C++ division truncates: a kernel up to stride - 1 wider than the padded input still
+        # gives one output, its window reading zeros past the end (im2col's bounds check).
+        return int((size + 2 * self.pad[i] - self._extent(i)) / self.stride[i]) + 1
 
-    def _apply(self, x, weight, bias):
+    def _op(self, x, weight, bias):
+        short = [max(0, self._extent(i) - d - 2 * self.pad[i]) for i, d in enumerate(x.shape[2:])]
+        if any(short):
+            x = F.pad(x, [v for extra in reversed(short) for v in (0, extra)])
         return _CONV[len(self.kernel)](
             x, weight, bias, self.stride, self.pad, self.dilation, self.group
         )
@@ -155,7 +160,7 @@ class DeconvolutionLayer(_BaseConvolution):
     def _out_size(self, i: int, size: int) -> int:
         return self.stride[i] * (size - 1) + self._extent(i) - 2 * self.pad[i]
 
-    def _apply(self, x, weight, bias):
+    def _op(self, x, weight, bias):
         return _DECONV[len(self.kernel)](
             x, weight, bias, self.stride, self.pad, 0, self.group, self.dilation
         )

@@ -114,7 +114,7 @@ class PoolingLayer(CaffeLayer):
             total = F.avg_pool2d(
                 self._padded(x, kernel, out, 0.0), kernel, self.stride, divisor_override=1
             )
-            return total / self._divisor(kernel, out, x)
+            return (total / self._divisor(kernel, out, x)).to(x.dtype)
         return self._stochastic(x, kernel, out)
 
     def _max(self, x, kernel, out):
@@ -128,15 +128,20 @@ class PoolingLayer(CaffeLayer):
         w = idx % padded.shape[3] - self.pad[1]
         inside = (h >= 0) & (h < x.shape[2]) & (w >= 0) & (w < x.shape[3])
         mask = torch.where(inside, h * x.shape[3] + w, torch.full_like(idx, -1))
-        return y, mask.to(y.dtype)
+        # At least float32: a bf16/fp16 mask could not hold indices above 256 / 2048 exactly.
+        return y, mask.to(torch.promote_types(y.dtype, torch.float32))
 
     def _divisor(self, kernel, out, x):
-        # Caffe divides by the window clipped to [-pad, size + pad), not to the image.
+        # Caffe divides by the window clipped to [-pad, size + pad), not to the image. A window
+        # that ceil rounding starts past the image (stride > kernel, no pad) gets an area <= 0,
+        # so 0 / 0 = NaN there, as in Caffe.
         sizes = []
         for k, s, p, o, n in zip(kernel, self.stride, self.pad, out, x.shape[2:], strict=True):
             start = torch.arange(o, device=x.device) * s - p
             sizes.append(torch.clamp(start + k, max=n + p) - start)
-        return (sizes[0][:, None] * sizes[1][None, :]).to(x.dtype)
+        return (sizes[0][:, None] * sizes[1][None, :]).to(
+            torch.promote_types(x.dtype, torch.float32)
+        )
 
     def _stochastic(self, x, kernel, out):
         # Windows of x without padding: (N, C, oh, ow, kh * kw), in Caffe's scan order.

@@ -1,0 +1,108 @@
+"""InnerProduct against OpenCV 4 and a NumPy transcription of Caffe's GEMM."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from caffe_alex.errors import CaffeAlexError
+from caffe_alex.net import Net
+from tests.reference import compare_with_opencv, gradcheck_net, parse_net, randomize
+
+
+def ip_net(params: str, shape=(2, 3, 4, 5)) -> str:
+    dims = " ".join(f"dim: {d}" for d in shape)
+    return f"""name: "ip_test"
+layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ {dims} }} }} }}
+layer {{ name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+  inner_product_param {{ {params} }} }}
+"""
+
+
+def caffe_inner_product(x, weight, bias, axis, transpose):
+    """Caffe: M x K bottom (axes before ``axis`` are M) times W^T (W is N x K), or times W
+    (K x N) with transpose; then the bias on every row."""
+    axis = axis % x.ndim
+    flat = x.reshape(int(np.prod(x.shape[:axis])), -1)
+    top = flat @ (weight if transpose else weight.T)
+    if bias is not None:
+        top = top + bias
+    return top.reshape(*x.shape[:axis], -1)
+
+
+CASES = [
+    ((2, 3, 4, 5), "num_output: 7"),
+    ((2, 3, 4, 5), "num_output: 7 bias_term: false"),
+    ((2, 3, 4, 5), "num_output: 6 axis: 2"),
+    ((2, 3, 4, 5), "num_output: 6 axis: -1"),
+    ((6, 10), "num_output: 4"),
+    ((2, 3, 4, 5), "num_output: 7 transpose: true"),
+    ((2, 3, 4, 5), "num_output: 3 axis: 2 transpose: true"),
+    ((2, 3, 4, 5), "num_output: 3 axis: 0"),
+]
+
+
+@pytest.mark.parametrize("shape,params", CASES)
+def test_matches_numpy(shape, params):
+    text = ip_net(params, shape)
+    ip = parse_net(text).layer[1].inner_product_param
+    net = Net(parse_net(text), "TEST").double()
+    randomize(net, seed=2)
+    x = torch.randn(shape, dtype=torch.float64)
+    out = net(data=x)["ip"].detach().numpy()
+    blobs = [p.detach().numpy() for p in net.params["ip"]]
+    want = caffe_inner_product(
+        x.numpy(), blobs[0], blobs[1] if ip.bias_term else None, ip.axis, ip.transpose
+    )
+    assert out.shape == want.shape
+    np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-12)
+
+
+# OpenCV's importer reads axis but not transpose (its weights are always N x K), and with axis 0
+# it keeps a trailing axis of 1 that Caffe does not have.
+OPENCV_CASES = [c for c in CASES if "transpose" not in c[1] and "axis: 0" not in c[1]]
+
+
+@pytest.mark.parametrize("shape,params", OPENCV_CASES)
+def test_matches_opencv(shape, params):
+    compare_with_opencv(ip_net(params, shape), tol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "params,weight_shape",
+    [
+        ("num_output: 7", (7, 60)),
+        ("num_output: 7 transpose: true", (60, 7)),
+        ("num_output: 7 axis: 3", (7, 5)),
+    ],
+)
+def test_blob_layout_and_fillers(params, weight_shape):
+    params += (
+        " weight_filler { type: 'gaussian' std: 0.01 } bias_filler { type: 'constant' value: 0.1 }"
+    )
+    net = Net(parse_net(ip_net(params)), "TEST")
+    weight, bias = net.params["ip"]
+    assert tuple(weight.shape) == weight_shape and tuple(bias.shape) == (7,)
+    assert torch.all(bias == np.float32(0.1))
+    assert 0.005 < weight.std().item() < 0.02
+
+
+def test_reshape_keeps_k():
+    net = Net(parse_net(ip_net("num_output: 4")), "TEST")
+    assert net(data=torch.randn(5, 3, 4, 5))["ip"].shape == (5, 4)
+    assert net(data=torch.randn(5, 60))["ip"].shape == (5, 4)  # same K, other axes
+    with pytest.raises(CaffeAlexError, match=r"30 inputs.*set up for 60"):
+        net(data=torch.randn(5, 3, 2, 5))
+
+
+def test_config_errors():
+    with pytest.raises(CaffeAlexError, match="num_output"):
+        Net(parse_net(ip_net("bias_term: false")), "TEST")
+    with pytest.raises(CaffeAlexError, match="axis 4 out of range"):
+        Net(parse_net(ip_net("num_output: 3 axis: 4")), "TEST")
+
+
+@pytest.mark.parametrize("params", ["num_output: 3", "num_output: 3 axis: 2 transpose: true"])
+def test_gradcheck(params):
+    gradcheck_net(ip_net(params, shape=(2, 2, 3)))

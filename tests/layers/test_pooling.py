@@ -1,0 +1,243 @@
+"""Pooling against OpenCV 4 and a NumPy transcription of Caffe's pooling loops."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from caffe_alex.errors import CaffeAlexError
+from caffe_alex.net import Net
+from tests.reference import compare_with_opencv, gradcheck_net, parse_net
+
+FLT_MAX = float(np.finfo(np.float32).max)
+
+
+def pool_net(params: str, shape=(2, 3, 7, 7), tops=("pool",)) -> str:
+    dims = " ".join(f"dim: {d}" for d in shape)
+    top_lines = " ".join(f'top: "{t}"' for t in tops)
+    return f"""name: "pool_test"
+layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ {dims} }} }} }}
+layer {{ name: "pool" type: "Pooling" bottom: "data" {top_lines}
+  pooling_param {{ {params} }} }}
+"""
+
+
+def caffe_pool(x, method, kh, kw, sh=1, sw=1, ph=0, pw=0, ceil=True, global_pooling=False):
+    """Caffe's PoolingLayer forward (Caffe engine, CPU/GPU) written as plain loops."""
+    n, c, height, width = x.shape
+    if global_pooling:
+        kh, kw = height, width
+
+    def size(length, k, s, p):
+        out = (math.ceil if ceil else math.floor)((length + 2 * p - k) / s) + 1
+        return out - 1 if p and (out - 1) * s >= length + p else out
+
+    oh, ow = size(height, kh, sh, ph), size(width, kw, sw, pw)
+    top = np.zeros((n, c, oh, ow), dtype=np.float64)
+    mask = np.full((n, c, oh, ow), -1.0)
+    for i in range(oh):
+        for j in range(ow):
+            hs, ws = i * sh - ph, j * sw - pw
+            if method == "AVE":
+                he, we = min(hs + kh, height + ph), min(ws + kw, width + pw)
+                area = (he - hs) * (we - ws)
+                window = x[:, :, max(hs, 0) : min(he, height), max(ws, 0) : min(we, width)]
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    top[:, :, i, j] = window.sum(axis=(2, 3)) / area
+                continue
+            he, we = min(hs + kh, height), min(ws + kw, width)
+            best = np.full((n, c), -FLT_MAX)
+            for h in range(max(hs, 0), he):
+                for w in range(max(ws, 0), we):
+                    better = x[:, :, h, w] > best
+                    best = np.where(better, x[:, :, h, w], best)
+                    mask[:, :, i, j] = np.where(better, h * width + w, mask[:, :, i, j])
+            top[:, :, i, j] = best
+    return top, mask
+
+
+def run_net(text, x, phase="TEST"):
+    net = Net(parse_net(text), phase)
+    out = net(data=torch.from_numpy(x))
+    return net, out
+
+
+# (shape, params) cases: ceil clipping the last window, strides that do not divide, pad with ceil,
+# kernel_h != kernel_w, global pooling, kernel larger than the image, FLOOR rounding.
+CASES = [
+    ((2, 3, 7, 7), "kernel_size: 3 stride: 2"),
+    ((2, 3, 6, 6), "kernel_size: 3 stride: 2"),
+    ((2, 3, 6, 6), "kernel_size: 3 stride: 2 pad: 1"),
+    ((1, 2, 13, 13), "kernel_size: 3 stride: 2"),
+    ((1, 2, 8, 10), "kernel_size: 2 stride: 3"),
+    ((1, 2, 10, 11), "kernel_size: 4 stride: 3 pad: 2"),
+    ((1, 2, 5, 5), "kernel_size: 2 stride: 2 pad: 1"),
+    ((1, 2, 9, 8), "kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 1 pad_h: 1 pad_w: 0"),
+    ((1, 2, 9, 8), "kernel_h: 2 kernel_w: 4 stride: 2 pad_h: 1 pad_w: 2"),
+    ((2, 3, 5, 7), "global_pooling: true"),
+    ((1, 2, 7, 7), "kernel_size: 3 stride: 2 round_mode: FLOOR"),
+    ((1, 2, 8, 8), "kernel_size: 3 stride: 2 pad: 1 round_mode: FLOOR"),
+    ((1, 2, 7, 8), "kernel_size: 2 stride: 2 round_mode: FLOOR"),
+    ((1, 1, 1, 1), "kernel_size: 1"),
+    # Caffe-only cases (OpenCV rejects or differs): the kernel is larger than the image; ceil
+    # adds a window that starts past the image (stride > kernel, no pad).
+    ((1, 2, 2, 2), "kernel_size: 3 stride: 2"),
+    ((1, 2, 8, 9), "kernel_size: 2 stride: 3"),
+]
+# OpenCV 4.14 cannot read round_mode (its caffe.proto predates it): FLOOR is checked on loops.
+OPENCV_CASES = [c for c in CASES[:-2] if "FLOOR" not in c[1]]
+
+
+def _kwargs(params: str) -> dict:
+    msg = parse_net(pool_net(params)).layer[1].pooling_param
+    kh = msg.kernel_h if msg.HasField("kernel_h") else msg.kernel_size
+    kw = msg.kernel_w if msg.HasField("kernel_w") else msg.kernel_size
+    sh = msg.stride_h if msg.HasField("stride_h") else msg.stride
+    sw = msg.stride_w if msg.HasField("stride_w") else msg.stride
+    ph = msg.pad_h if msg.HasField("pad_h") else msg.pad
+    pw = msg.pad_w if msg.HasField("pad_w") else msg.pad
+    ceil = msg.round_mode == 0
+    return dict(
+        kh=kh, kw=kw, sh=sh, sw=sw, ph=ph, pw=pw, ceil=ceil, global_pooling=msg.global_pooling
+    )
+
+
+@pytest.mark.parametrize("method", ["MAX", "AVE"])
+@pytest.mark.parametrize("shape,params", CASES)
+def test_matches_caffe_loops(method, shape, params):
+    x = np.random.default_rng(1).standard_normal(shape)
+    _, out = run_net(pool_net(f"pool: {method} {params}", shape), x)
+    expected, _ = caffe_pool(x, method, **_kwargs(params))
+    assert out["pool"].shape == expected.shape
+    np.testing.assert_allclose(out["pool"].numpy(), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["MAX", "AVE"])
+@pytest.mark.parametrize("shape,params", OPENCV_CASES)
+def test_matches_opencv(method, shape, params):
+    compare_with_opencv(pool_net(f"pool: {method} {params}", shape), tol=1e-6)
+
+
+def test_ave_corner_divides_by_clipped_window():
+    # 6x6, k3 s2 p1 gives 4x4 windows starting at -1, 1, 3, 5. Caffe clips each window to
+    # [-1, 7), not to the image: the top-left one keeps its 3x3 divisor (over 2x2 real pixels),
+    # the bottom-right one [5, 8) is clipped to [5, 7) and divides by 2*2 = 4 (1 real pixel).
+    x = np.ones((1, 1, 6, 6))
+    _, out = run_net(pool_net("pool: AVE kernel_size: 3 stride: 2 pad: 1", (1, 1, 6, 6)), x)
+    top = out["pool"].numpy()[0, 0]
+    assert top.shape == (4, 4)
+    assert top[0, 0] == pytest.approx(4 / 9)  # 2x2 real pixels over the 3x3 window
+    assert top[-1, -1] == pytest.approx(1 / 4)  # 1 real pixel over the window clipped to 2x2
+    assert top[1, 1] == pytest.approx(1.0)
+
+
+def test_max_ties_first_in_scan_order_and_mask_top():
+    x = np.random.default_rng(2).integers(0, 3, size=(2, 2, 7, 6)).astype(np.float64)
+    text = pool_net("pool: MAX kernel_size: 3 stride: 2 pad: 1", x.shape, tops=("pool", "mask"))
+    net, _ = run_net(text, x)
+    expected, mask = caffe_pool(x, "MAX", 3, 3, 2, 2, 1, 1)
+    np.testing.assert_array_equal(net.blobs["pool"].numpy(), expected)
+    np.testing.assert_array_equal(net.blobs["mask"].numpy(), mask)
+    # The gradient goes to the winner only: bottom_diff[mask] += top_diff.
+    xt = torch.from_numpy(x).requires_grad_()
+    top_grad = torch.rand(expected.shape, dtype=torch.float64)
+    net(data=xt)["pool"].backward(top_grad)
+    want = np.zeros(x.shape).reshape(2, 2, -1)
+    for idx in np.ndindex(*expected.shape):
+        want[idx[0], idx[1], int(mask[idx])] += top_grad[idx].item()
+    np.testing.assert_allclose(xt.grad.numpy().reshape(want.shape), want)
+
+
+def test_empty_windows_follow_caffe():
+    # k1 s2 without pad: ceil adds a window starting past the image. Caffe keeps it: MAX gives
+    # -FLT_MAX with mask -1, AVE divides 0 by a zero area.
+    x = np.random.default_rng(3).standard_normal((1, 1, 4, 4))
+    _, out = run_net(pool_net("pool: MAX kernel_size: 1 stride: 2", x.shape, ("p", "m")), x)
+    expected, mask = caffe_pool(x, "MAX", 1, 1, 2, 2)
+    assert out["p"].shape == (1, 1, 3, 3)
+    np.testing.assert_array_equal(out["p"].numpy(), expected)
+    np.testing.assert_array_equal(out["m"].numpy(), mask)
+    _, out = run_net(pool_net("pool: AVE kernel_size: 1 stride: 2", x.shape), x)
+    expected, _ = caffe_pool(x, "AVE", 1, 1, 2, 2)
+    np.testing.assert_array_equal(out["pool"].numpy(), expected)  # NaN where Caffe has NaN
+
+
+def test_reshape_recomputes_ceil_size():
+    net = Net(parse_net(pool_net("pool: MAX kernel_size: 3 stride: 2", (1, 1, 7, 7))), "TEST")
+    out = net(data=torch.randn(1, 1, 8, 10))
+    assert out["pool"].shape == (1, 1, 4, 5)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        "pool: MAX kernel_size: 3 stride: 2 pad: 1",
+        "pool: AVE kernel_size: 3 stride: 2 pad: 1",
+        "pool: AVE kernel_h: 2 kernel_w: 3 stride: 2",
+        "pool: MAX global_pooling: true",
+    ],
+)
+def test_gradcheck(params):
+    gradcheck_net(pool_net(params, (1, 2, 5, 6)))
+
+
+def stochastic_test_reference(x, k, s):
+    _, _, height, width = x.shape
+    oh = math.ceil((height - k) / s) + 1
+    ow = math.ceil((width - k) / s) + 1
+    top = np.zeros(x.shape[:2] + (oh, ow))
+    for i in range(oh):
+        for j in range(ow):
+            win = x[:, :, i * s : min(i * s + k, height), j * s : min(j * s + k, width)]
+            tiny = float(np.finfo(np.float32).tiny)
+            top[:, :, i, j] = (win * win).sum(axis=(2, 3)) / (tiny + win.sum(axis=(2, 3)))
+    return top
+
+
+def test_stochastic_test_phase_is_probability_weighted_average():
+    x = np.random.default_rng(4).random((2, 2, 7, 8))
+    _, out = run_net(pool_net("pool: STOCHASTIC kernel_size: 3 stride: 2", x.shape), x)
+    np.testing.assert_allclose(out["pool"].numpy(), stochastic_test_reference(x, 3, 2))
+
+
+def test_stochastic_train_samples_by_probability():
+    torch.manual_seed(0)
+    x = np.zeros((1, 1, 2, 4000))
+    x[0, 0, 0, 0::2], x[0, 0, 1, 1::2] = 1.0, 3.0  # each 2x2 window holds a 1 and a 3
+    text = pool_net("pool: STOCHASTIC kernel_size: 2 stride: 2", x.shape)
+    xt = torch.from_numpy(x).requires_grad_()
+    net = Net(parse_net(text), "TRAIN")
+    top = net(data=xt)["pool"]
+    assert set(np.unique(top.detach().numpy())) <= {1.0, 3.0}
+    assert abs((top == 3).double().mean().item() - 0.75) < 0.03
+    top.sum().backward()  # the gradient goes to the sampled position only
+    assert torch.equal(xt.grad.sum(dim=(2, 3)), torch.tensor([[2000.0]], dtype=torch.float64))
+    assert torch.equal(xt.grad[x == 3] == 1, (top == 3).flatten())
+
+
+@pytest.mark.parametrize(
+    "params,message",
+    [
+        ("pool: MAX kernel_size: 2 pad: 2", "smaller than kernel"),
+        ("pool: MAX global_pooling: true kernel_size: 2", "global_pooling"),
+        ("pool: MAX global_pooling: true stride: 2", "global_pooling"),
+        ("pool: MAX kernel_size: 2 kernel_h: 2 kernel_w: 2", "kernel_size"),
+        ("pool: MAX kernel_h: 2", "kernel_h"),
+        ("pool: MAX", "kernel_size"),
+        ("pool: MAX kernel_size: 2 stride: 2 stride_h: 1 stride_w: 1", "stride"),
+        ("pool: STOCHASTIC kernel_size: 3 pad: 1", "STOCHASTIC"),
+    ],
+)
+def test_config_errors(params, message):
+    with pytest.raises(CaffeAlexError, match=message):
+        Net(parse_net(pool_net(params)), "TEST")
+
+
+def test_shape_errors():
+    with pytest.raises(CaffeAlexError, match="mask"):
+        Net(parse_net(pool_net("pool: AVE kernel_size: 2", tops=("a", "b"))), "TEST")
+    with pytest.raises(CaffeAlexError, match="4-D"):
+        Net(parse_net(pool_net("pool: MAX kernel_size: 2", shape=(2, 3, 7))), "TEST")
