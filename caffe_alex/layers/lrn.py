@@ -16,18 +16,19 @@ from ..registry import CaffeLayer, register
 _LRN = caffe_pb2.LRNParameter
 
 
-def channel_window_sum(t: torch.Tensor, half: int) -> torch.Tensor:
-    """Sum over the channel window [c - half, c + half], clipped at the edges (zero padding).
+def channel_window_sum(t: torch.Tensor, half: int, weight: float = 1.0) -> torch.Tensor:
+    """``weight`` times the sum over the channel window [c - half, c + half], clipped at the
+    edges (zero padding).
 
     Adding shifted slices in place beat a padded cumsum, avg_pool3d and conv2d on AlexNet's
     norm1 (it is memory-bound and touches each element 2*half+1 times without any padding copy),
     and unlike a cumsum difference it cannot lose small windows to cancellation.
     """
-    out = t.clone()
+    out = t * weight if weight != 1.0 else t.clone()
     channels = t.shape[1]
     for d in range(1, min(half, channels - 1) + 1):
-        out[:, d:].add_(t[:, : channels - d])
-        out[:, : channels - d].add_(t[:, d:])
+        out[:, d:].add_(t[:, : channels - d], alpha=weight)
+        out[:, : channels - d].add_(t[:, d:], alpha=weight)
     return out
 
 
@@ -39,8 +40,8 @@ class CrossChannelLRN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, size: int, alpha: float, beta: float, k: float):
         half = (size - 1) // 2
-        scale = channel_window_sum(x * x, half)
-        scale.mul_(alpha / size).add_(k)
+        # Caffe scales each square by alpha/n before accumulating it onto k.
+        scale = channel_window_sum(x * x, half, alpha / size).add_(k)
         scale_pow = scale.pow(-beta)
         y = x * scale_pow
         ctx.save_for_backward(x, y, scale, scale_pow)
@@ -54,9 +55,8 @@ class CrossChannelLRN(torch.autograd.Function):
         ratio = dy * y
         ratio.div_(scale)
         accum = channel_window_sum(ratio, ctx.half)
-        accum.mul_(x)
         dx = dy * scale_pow
-        dx.add_(accum, alpha=-ctx.coeff)
+        dx.addcmul_(x, accum, value=-ctx.coeff)
         return dx, None, None, None, None
 
 
@@ -94,7 +94,7 @@ class LRNLayer(CaffeLayer):
         shape = tuple(bottom_shapes[0])
         if len(shape) != 4:
             raise LayerConfigError(
-                f"LRN input must have 4 axes (num, channels, height, width), got shape {list(shape)}"
+                f"LRN input must have 4 axes (num, channels, height, width), got {list(shape)}"
             )
         return [shape]
 
@@ -110,5 +110,7 @@ class LRNLayer(CaffeLayer):
 
     def extra_repr(self) -> str:
         region = "ACROSS_CHANNELS" if self.across else "WITHIN_CHANNEL"
-        return (f"{super().extra_repr()}, local_size={self.size}, alpha={self.alpha}, "
-                f"beta={self.beta}, k={self.k}, norm_region={region}")
+        return (
+            f"{super().extra_repr()}, local_size={self.size}, alpha={self.alpha}, "
+            f"beta={self.beta}, k={self.k}, norm_region={region}"
+        )

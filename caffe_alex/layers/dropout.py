@@ -1,0 +1,40 @@
+"""Dropout: in TRAIN keep each element with probability 1 - p and scale it by 1/(1 - p);
+identity in TEST.
+
+Honours ``dropout_param.dropout_ratio``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import LayerConfigError
+from ..registry import CaffeLayer, register
+
+
+@register("Dropout")
+class DropoutLayer(CaffeLayer):
+    """Caffe's inverted dropout. The mask is drawn with torch's RNG on the input's device, so it
+    follows ``torch.manual_seed`` (not Caffe's random stream). A TRAIN-phase net put in
+    ``eval()`` mode also passes its input through, as ``nn.Dropout`` would."""
+
+    params = {"dropout_param": frozenset({"dropout_ratio"})}
+
+    def __init__(self, layer_param, bottom_shapes, phase):
+        super().__init__(layer_param, bottom_shapes, phase)
+        ratio = float(layer_param.dropout_param.dropout_ratio)
+        # Caffe only checks 0 < p < 1 in debug builds; p = 0 is harmless, p = 1 would give NaN.
+        if not 0.0 <= ratio < 1.0:
+            raise LayerConfigError(f"dropout_param.dropout_ratio must be in [0, 1), got {ratio}")
+        self.ratio = ratio
+        # Caffe computes 1/(1-p) in double and stores it as the blob type (float).
+        self.scale = 1.0 / (1.0 - ratio)
+
+    def forward(self, x):
+        if self.phase != "TRAIN" or not self.training:
+            return x
+        mask = torch.empty_like(x).bernoulli_(1.0 - self.ratio).mul_(self.scale)
+        return x * mask
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, dropout_ratio={self.ratio}, phase={self.phase}"
