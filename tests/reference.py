@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from google.protobuf import text_format
 
-from caffe_alex.net import Net, array_to_blob_proto
+from caffe_alex.net import Net
 from caffe_alex.proto import caffe_pb2
 
 
@@ -33,13 +33,37 @@ def randomize(net: Net, seed: int = 0, scale: float = 0.5) -> None:
                 blob.copy_(values)
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field (wire type 2)."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _blob_bytes(array: np.ndarray) -> bytes:
+    # BlobProto.shape = 7, BlobProto.data = 5 (packed floats): encoded by hand because filling
+    # a repeated float field from Python costs seconds for AlexNet's 61M weights.
+    shape = caffe_pb2.BlobShape(dim=array.shape).SerializeToString()
+    data = np.ascontiguousarray(array, dtype="<f4").tobytes()
+    return _field(7, shape) + _field(5, data)
+
+
 def caffemodel_bytes(net: Net) -> bytes:
-    model = caffe_pb2.NetParameter(name=net.name)
+    """A .caffemodel (binary NetParameter) holding the net's blobs under their layer names."""
+    model = caffe_pb2.NetParameter(name=net.name).SerializeToString()
     for name, blobs in net.params.items():
-        layer = model.layer.add(name=name, type=net.layer(name).type_name)
-        for blob in blobs:
-            layer.blobs.append(array_to_blob_proto(blob.detach().cpu().numpy()))
-    return model.SerializeToString()
+        layer = caffe_pb2.LayerParameter(name=name, type=net.layer(name).type_name)
+        payload = layer.SerializeToString()
+        payload += b"".join(_field(7, _blob_bytes(b.detach().cpu().numpy())) for b in blobs)
+        model += _field(100, payload)  # NetParameter.layer = 100
+    return model
 
 
 def opencv_forward(prototxt: str, net: Net, inputs: dict[str, np.ndarray], outputs: list[str]):
