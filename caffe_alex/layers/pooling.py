@@ -38,6 +38,10 @@ def caffe_pooled_size(size: int, kernel: int, stride: int, pad: int, ceil: bool)
     return out
 
 
+def _mask_dtype(y):  # float32 at least: bf16 could not hold indices above 256 exactly
+    return torch.promote_types(y.dtype, torch.float32)
+
+
 @register("Pooling")
 class PoolingLayer(CaffeLayer):
     """2-D pooling of an N x C x H x W bottom (Caffe engine semantics)."""
@@ -71,8 +75,8 @@ class PoolingLayer(CaffeLayer):
             raise LayerConfigError(f"kernel {self.kernel} and stride {self.stride} must be > 0")
         if self.pad != (0, 0) and self.method == "STOCHASTIC":
             raise LayerConfigError("pooling_param.pool STOCHASTIC does not support pad")
-        if not self.global_pooling and any(
-            p >= k for p, k in zip(self.pad, self.kernel, strict=True)
+        if not self.global_pooling and (
+            self.pad[0] >= self.kernel[0] or self.pad[1] >= self.kernel[1]
         ):
             raise LayerConfigError(f"pad {self.pad} must be smaller than kernel {self.kernel}")
         if self.n_top == 2 and self.method != "MAX":
@@ -99,15 +103,27 @@ class PoolingLayer(CaffeLayer):
     def _padded(self, x, kernel, out, value: float):
         # Pad (or crop) so that a plain floor-mode pooling gives exactly Caffe's windows.
         pads = []
-        for axis, k, s, p, o in (
-            (3, kernel[1], self.stride[1], self.pad[1], out[1]),
-            (2, kernel[0], self.stride[0], self.pad[0], out[0]),
-        ):
-            pads += [p, (o - 1) * s + k - x.shape[axis] - p]
+        for n, k, s, p, o in zip(x.shape[2:], kernel, self.stride, self.pad, out, strict=True):
+            pads = [p, (o - 1) * s + k - n - p, *pads]  # F.pad lists the last axis first
         return F.pad(x, pads, value=value)
+
+    def _native(self, size, kernel, out) -> bool:
+        """Whether PyTorch's own padding and rounding give Caffe's windows: PyTorch limits pad to
+        half the kernel and also drops a last window starting past the image when pad is 0."""
+        return all(
+            p <= k // 2 and k <= n + 2 * p and (p or not self.ceil or (o - 1) * s < n)
+            for n, k, s, p, o in zip(size, kernel, self.stride, self.pad, out, strict=True)
+        )
 
     def forward(self, x):
         kernel, out = self._geometry(x.shape[2], x.shape[3])
+        native = self.method != "STOCHASTIC" and self._native(x.shape[2:], kernel, out)
+        if native and self.method == "MAX":
+            y, idx = F.max_pool2d(x, kernel, self.stride, self.pad, 1, self.ceil, True)
+            # Same first-maximum rule; indices are already h * W + w in the unpadded bottom.
+            return y if self.n_top == 1 else (y, idx.to(_mask_dtype(y)))
+        if native:  # its count_include_pad divisor is Caffe's window clipped to [-pad, n + pad)
+            return F.avg_pool2d(x, kernel, self.stride, self.pad, self.ceil, True)
         if self.method == "MAX":
             return self._max(x, kernel, out)
         if self.method == "AVE":
@@ -128,8 +144,7 @@ class PoolingLayer(CaffeLayer):
         w = idx % padded.shape[3] - self.pad[1]
         inside = (h >= 0) & (h < x.shape[2]) & (w >= 0) & (w < x.shape[3])
         mask = torch.where(inside, h * x.shape[3] + w, torch.full_like(idx, -1))
-        # At least float32: a bf16/fp16 mask could not hold indices above 256 / 2048 exactly.
-        return y, mask.to(torch.promote_types(y.dtype, torch.float32))
+        return y, mask.to(_mask_dtype(y))
 
     def _divisor(self, kernel, out, x):
         # Caffe divides by the window clipped to [-pad, size + pad), not to the image. A window

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from caffe_alex.errors import CaffeAlexError
+from caffe_alex.layers.pooling import PoolingLayer
 from caffe_alex.net import Net
 from tests.reference import compare_with_opencv, gradcheck_net, parse_net
 
@@ -74,6 +75,8 @@ CASES = [
     ((1, 2, 13, 13), "kernel_size: 3 stride: 2"),
     ((1, 2, 8, 10), "kernel_size: 2 stride: 3"),
     ((1, 2, 10, 11), "kernel_size: 4 stride: 3 pad: 2"),
+    ((1, 2, 7, 8), "kernel_size: 3 stride: 2 pad: 2"),
+    ((1, 2, 9, 9), "kernel_size: 5 stride: 3 pad: 4"),
     ((1, 2, 5, 5), "kernel_size: 2 stride: 2 pad: 1"),
     ((1, 2, 9, 8), "kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 1 pad_h: 1 pad_w: 0"),
     ((1, 2, 9, 8), "kernel_h: 2 kernel_w: 4 stride: 2 pad_h: 1 pad_w: 2"),
@@ -105,9 +108,13 @@ def _kwargs(params: str) -> dict:
     )
 
 
+@pytest.mark.parametrize("path", ["auto", "explicit"])
 @pytest.mark.parametrize("method", ["MAX", "AVE"])
 @pytest.mark.parametrize("shape,params", CASES)
-def test_matches_caffe_loops(method, shape, params):
+def test_matches_caffe_loops(method, shape, params, path, monkeypatch):
+    # "explicit" forces the pad-then-pool path that handles what PyTorch's pooling cannot.
+    if path == "explicit":
+        monkeypatch.setattr(PoolingLayer, "_native", lambda *args: False)
     x = np.random.default_rng(1).standard_normal(shape)
     _, out = run_net(pool_net(f"pool: {method} {params}", shape), x)
     expected, _ = caffe_pool(x, method, **_kwargs(params))
@@ -134,7 +141,10 @@ def test_ave_corner_divides_by_clipped_window():
     assert top[1, 1] == pytest.approx(1.0)
 
 
-def test_max_ties_first_in_scan_order_and_mask_top():
+@pytest.mark.parametrize("path", ["auto", "explicit"])
+def test_max_ties_first_in_scan_order_and_mask_top(path, monkeypatch):
+    if path == "explicit":
+        monkeypatch.setattr(PoolingLayer, "_native", lambda *args: False)
     x = np.random.default_rng(2).integers(0, 3, size=(2, 2, 7, 6)).astype(np.float64)
     text = pool_net("pool: MAX kernel_size: 3 stride: 2 pad: 1", x.shape, tops=("pool", "mask"))
     net, _ = run_net(text, x)
