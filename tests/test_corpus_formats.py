@@ -1,0 +1,113 @@
+"""Every file of ../shared/corpus reads as SOURCES.md says BVLC Caffe reads it.
+
+The table in SOURCES.md records, per file, whether it parses against BVLC master's caffe.proto
+(and where it fails if not), its format (V0, V1, current, solver) and its layer types. Here:
+a file BVLC parses reads and upgrades to the current format with the listed layer types; a file
+with fork-only fields fails with one line naming file:line:column, at the place BVLC's parser
+stops; the file that mixes ``layers`` and ``layer`` is refused, as Caffe refuses it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from caffe_alex.errors import CaffeAlexError
+from caffe_alex.prototxt import read_any
+
+CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+if not (CORPUS / "SOURCES.md").is_file():
+    pytest.skip("../shared/corpus (with SOURCES.md) is not present", allow_module_level=True)
+
+
+@dataclass
+class Entry:
+    path: str
+    format: str
+    layer_types: str
+    bvlc_parse: str
+
+
+def _table() -> dict[str, Entry]:
+    entries = {}
+    for line in (CORPUS / "SOURCES.md").read_text().splitlines():
+        if not re.match(r"\|\s*\d+\s*\|", line):
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        path = cells[1].strip("`")
+        entries[path] = Entry(path, cells[6], cells[7], cells[8])
+    return entries
+
+
+TABLE = _table()
+
+
+def _corpus_files() -> list[str]:
+    files = [p for p in CORPUS.rglob("*") if p.suffix in (".prototxt", ".pt") and p.is_file()]
+    return sorted(str(p.relative_to(CORPUS)) for p in files)
+
+
+def test_every_corpus_file_is_in_the_table():
+    assert len(TABLE) >= 80
+    assert _corpus_files() == sorted(TABLE)
+
+
+def _kind(entry: Entry) -> str:
+    return "solver" if entry.format.startswith("solver") else "net"
+
+
+ACCEPTED = [p for p, e in TABLE.items() if e.bvlc_parse == "yes" and "INVALID" not in e.format]
+REJECTED = [p for p, e in TABLE.items() if e.bvlc_parse.startswith("no")]
+MIXED = [p for p, e in TABLE.items() if "INVALID" in e.format and "mixed" in e.format]
+
+
+def _expected_layer_types(entry: Entry) -> set[str]:
+    types = {t.strip() for t in entry.layer_types.split(",")}
+    types.discard("padding (V0)")  # folded into the next convolution by the upgrade
+    if "input_dim" in entry.format or "input_shape" in entry.format:
+        types.add("Input")  # the Input layer the upgrade makes of the net-level inputs
+    return types
+
+
+@pytest.mark.parametrize("rel", ACCEPTED)
+def test_bvlc_accepted_file_reads_and_upgrades(rel):
+    entry = TABLE[rel]
+    kind, message = read_any(CORPUS / rel)
+    assert kind == _kind(entry)
+    if kind == "solver":
+        m = re.search(r"type: (\w+).*lr_policy: (\w+)", entry.layer_types)
+        assert message.type.lower() == m[1].lower()  # legacy enum names upgraded
+        assert not message.HasField("solver_type")
+        assert message.lr_policy == m[2]
+        return
+    assert len(message.layers) == 0 and len(message.layer) > 0
+    assert not (message.input or message.input_dim or message.input_shape)
+    assert {layer.type for layer in message.layer} == _expected_layer_types(entry)
+
+
+@pytest.mark.parametrize("rel", REJECTED)
+def test_fork_only_file_is_rejected_at_bvlc_position(rel):
+    entry = TABLE[rel]
+    line, column = map(int, re.match(r"no: (\d+):(\d+)", entry.bvlc_parse).groups())
+    field = re.search(r'no field named "(\w+)"', entry.bvlc_parse)[1]
+    path = CORPUS / rel
+    with pytest.raises(CaffeAlexError) as info:
+        read_any(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f'{path}:{line}:{column}: unknown field "{field}"')
+
+
+@pytest.mark.parametrize("rel", MIXED)
+def test_mixed_layers_and_layer_file_is_refused(rel):
+    assert rel == "AbhimanyuKulkarni__caffe/models/nin_imagenet/deploy.prototxt"
+    path = CORPUS / rel
+    with pytest.raises(CaffeAlexError) as info:
+        read_any(path)
+    error = info.value
+    assert error.file == str(path) and error.line is not None
+    assert path.read_text().splitlines()[error.line - 1].lstrip().startswith("layer")
+    assert "both 'layer' and legacy 'layers'" in error.message
