@@ -77,9 +77,10 @@ def _layerwise_iteration(net: Net, inputs, device, fwd: list[float], bwd: list[f
             records.append(None)
             continue
         sources = [values[b] for b in step.bottoms]
+        # net inputs get no gradient, as Caffe's data layers need none
         leaves = [
-            t.detach().requires_grad_(t.is_floating_point() and not d)
-            for (t, _), d in zip(sources, step.detach)
+            t.detach().requires_grad_(t.is_floating_point() and not d and o is not None)
+            for (t, o), d in zip(sources, step.detach)
         ]
         out, ms = _timed(lambda layer=layer, leaves=leaves: layer(*leaves), device)
         out = (out,) if isinstance(out, torch.Tensor) else tuple(out)
