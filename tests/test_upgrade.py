@@ -24,6 +24,20 @@ from caffe_alex.upgrade import (
 )
 
 
+@pytest.fixture
+def upgrade_log(caplog):
+    """caplog wired straight to the "caffe_alex" logger (the CLI's setup stops propagation)."""
+    logger = logging.getLogger("caffe_alex")
+    old = logger.level, logger.propagate
+    logger.addHandler(caplog.handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # else the root logger's copy of caplog's handler sees it twice
+    yield caplog
+    logger.removeHandler(caplog.handler)
+    logger.setLevel(old[0])
+    logger.propagate = old[1]
+
+
 def net(text: str) -> caffe_pb2.NetParameter:
     return text_format.Parse(text, caffe_pb2.NetParameter())
 
@@ -113,7 +127,7 @@ def test_v0_net_with_padding_layers():
     assert_upgrades_to(V0_NET, V0_EXPECTED)
 
 
-def test_v0_data_layer_fields_and_dropped_fields(caplog):
+def test_v0_data_layer_fields_and_dropped_fields(upgrade_log):
     legacy = """
       name: "v0data"
       force_backward: true
@@ -146,10 +160,9 @@ def test_v0_data_layer_fields_and_dropped_fields(caplog):
       }
       layer { name: "r" type: "ReLU" bottom: "data" top: "r" }
     """
-    with caplog.at_level(logging.INFO, logger="caffe_alex"):
-        assert_upgrades_to(legacy, expected)
-    assert "num_output is not used by layer type relu" in caplog.text
-    assert "had problems" in caplog.text
+    assert_upgrades_to(legacy, expected)
+    assert "num_output is not used by layer type relu" in upgrade_log.text
+    assert "had problems" in upgrade_log.text
 
 
 def test_v0_padding_into_a_non_conv_layer_is_refused():
@@ -219,10 +232,9 @@ layer { name: "loss" type: "SoftmaxWithLoss" bottom: "abs" bottom: "label" top: 
 """
 
 
-def test_v1_net_enum_types_param_specs_and_transform_fields(caplog):
-    with caplog.at_level(logging.INFO, logger="caffe_alex"):
-        assert_upgrades_to(V1_NET, V1_EXPECTED)
-    messages = [r.getMessage() for r in caplog.records]
+def test_v1_net_enum_types_param_specs_and_transform_fields(upgrade_log):
+    assert_upgrades_to(V1_NET, V1_EXPECTED)
+    messages = [r.getMessage() for r in upgrade_log.records]
     assert messages == [
         "Attempting to upgrade input file specified using deprecated transformation "
         "parameters: legacy.prototxt",
@@ -313,12 +325,11 @@ def test_mixed_layer_and_layers_is_refused():
     assert "both 'layer' and legacy 'layers'" in error.message
 
 
-def test_current_net_is_left_alone(caplog):
+def test_current_net_is_left_alone(upgrade_log):
     current = net(V1_EXPECTED)
     assert not net_needs_upgrade(current)
-    with caplog.at_level(logging.INFO, logger="caffe_alex"):
-        assert upgrade_net(current) == current
-    assert caplog.records == []
+    assert upgrade_net(current) == current
+    assert upgrade_log.records == []
 
 
 def test_upgrade_does_not_change_its_argument():
@@ -333,7 +344,7 @@ def test_upgrade_does_not_change_its_argument():
     [("SGD", "SGD"), ("NESTEROV", "Nesterov"), ("ADAGRAD", "AdaGrad"), ("RMSPROP", "RMSProp"),
      ("ADADELTA", "AdaDelta"), ("ADAM", "Adam")],
 )  # fmt: skip
-def test_solver_type_enum_becomes_type_string(enum, name, caplog):
+def test_solver_type_enum_becomes_type_string(enum, name, upgrade_log):
     legacy = text_format.Parse(
         f'net: "n.prototxt" base_lr: 0.01 solver_mode: GPU solver_type: {enum}',
         caffe_pb2.SolverParameter(),
@@ -342,9 +353,8 @@ def test_solver_type_enum_becomes_type_string(enum, name, caplog):
         f'net: "n.prototxt" base_lr: 0.01 solver_mode: GPU type: "{name}"',
         caffe_pb2.SolverParameter(),
     )
-    with caplog.at_level(logging.INFO, logger="caffe_alex"):
-        assert upgrade_solver(legacy, "solver.prototxt") == expected
-    assert "deprecated 'solver_type' field (enum): solver.prototxt" in caplog.text
+    assert upgrade_solver(legacy, "solver.prototxt") == expected
+    assert "deprecated 'solver_type' field (enum): solver.prototxt" in upgrade_log.text
     assert legacy.HasField("solver_type")  # the argument is not changed
 
 
