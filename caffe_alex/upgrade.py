@@ -502,12 +502,19 @@ def resolve_snapshot_prefix(solver: caffe_pb2.SolverParameter, param_file: str) 
 
 
 def upgrade_file(src: str, dst: str) -> str:
-    """Read a net or solver definition (text or binary), upgrade it, write it as text to ``dst``.
-
-    Returns "net" or "solver", whichever the file turned out to be.
+    """Read a net or solver definition (text or binary), upgrade it, write it as text to ``dst``
+    (atomically). Returns "net" or "solver", whichever the file turned out to be.
     """
     from .prototxt import read_any, write_text
 
-    kind, message = read_any(src, upgrade=True)
+    kind, original = read_any(src, upgrade=False)
+    needed = net_needs_upgrade(original) if kind == "net" else solver_needs_upgrade(original)
+    if needed:
+        message = read_any(src, upgrade=True)[1]  # again, so errors can name their line
+    else:
+        log.info("File already in latest proto format: %s", src)
+        message = original
     write_text(dst, message)
+    what = "NetParameter" if kind == "net" else "SolverParameter"
+    log.info("Wrote upgraded %s text proto to %s", what, dst)
     return kind

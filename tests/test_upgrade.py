@@ -376,6 +376,23 @@ def test_snapshot_prefix_resolution(tmp_path):
     assert solver.snapshot_prefix == "snapshots/alex"
 
 
+def test_upgrade_file_of_a_current_file_says_so(tmp_path, upgrade_log):
+    src, dst = tmp_path / "cur.prototxt", tmp_path / "out.prototxt"
+    src.write_text(V1_EXPECTED)
+    assert upgrade_file(str(src), str(dst)) == "net"
+    assert read_net(dst, upgrade=False)[0] == net(V1_EXPECTED)
+    assert f"File already in latest proto format: {src}" in upgrade_log.text
+    assert f"Wrote upgraded NetParameter text proto to {dst}" in upgrade_log.text
+
+
+def test_upgrade_file_errors_name_the_line(tmp_path):
+    src = tmp_path / "mixed.prototxt"
+    src.write_text('layers { name: "a" type: RELU }\nlayer { name: "b" type: "ReLU" }\n')
+    with pytest.raises(CaffeAlexError, match=r"mixed.prototxt:2: refusing to upgrade"):
+        upgrade_file(str(src), str(tmp_path / "out.prototxt"))
+    assert not (tmp_path / "out.prototxt").exists()
+
+
 def test_upgrade_file_net_and_solver(tmp_path):
     src, dst = tmp_path / "old.prototxt", tmp_path / "new.prototxt"
     src.write_text(V0_NET)
