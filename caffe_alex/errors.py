@@ -52,18 +52,31 @@ class LayerConfigError(ValueError):
 class SourceMap:
     """Where each layer of a net definition starts, so build errors can name a line.
 
-    ``layer_lines`` maps a layer name to the 1-based line of its ``layer {`` (or legacy
-    ``layers {``) block; ``path`` is the file the net was read from, if any.
+    ``index_lines[i]`` is the 1-based line of the block of ``net.layer[i]`` (of the upgraded
+    net), so two layers sharing a name (a TRAIN and a TEST data layer) keep their own lines;
+    ``layer_lines`` maps a name to the line of its first block; ``path`` is the file, if any.
     """
 
     path: str | None = None
     layer_lines: dict[str, int] = field(default_factory=dict)
+    index_lines: list[int | None] = field(default_factory=list)
 
-    def error(self, message: str, layer: str | None = None, layer_type: str | None = None):
+    def line_of(self, layer: str | None, index: int | None = None) -> int | None:
+        if index is not None and index < len(self.index_lines) and self.index_lines[index]:
+            return self.index_lines[index]
+        return self.layer_lines.get(layer) if layer is not None else None
+
+    def error(
+        self,
+        message: str,
+        layer: str | None = None,
+        layer_type: str | None = None,
+        index: int | None = None,
+    ):
         return CaffeAlexError(
             message,
             file=self.path,
-            line=self.layer_lines.get(layer) if layer is not None else None,
+            line=self.line_of(layer, index),
             layer=layer,
             layer_type=layer_type,
         )

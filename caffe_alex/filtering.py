@@ -44,24 +44,35 @@ def layer_included(layer: caffe_pb2.LayerParameter, state: caffe_pb2.NetState) -
     return not any(state_meets_rule(state, rule) for rule in layer.exclude)
 
 
-def filter_net(net: caffe_pb2.NetParameter, state: caffe_pb2.NetState) -> caffe_pb2.NetParameter:
-    """A copy of ``net`` holding only the layers that ``state`` includes.
-
-    The given state is merged over the net's own ``state`` field as Caffe's Net constructor
-    does: phase and level replace the file's, stages are added to the file's stages.
-    """
+def merged_state(net: caffe_pb2.NetParameter, state: caffe_pb2.NetState) -> caffe_pb2.NetState:
+    """The given state over the net's own ``state`` field, as Caffe's Net constructor merges
+    them: phase and level replace the file's, stages are added to the file's stages."""
     merged = caffe_pb2.NetState()
     merged.CopyFrom(net.state)
     merged.MergeFrom(state)
-    filtered = caffe_pb2.NetParameter()
-    filtered.CopyFrom(net)
-    del filtered.layer[:]
-    filtered.state.CopyFrom(merged)
-    for layer in net.layer:
+    return merged
+
+
+def included_indices(net: caffe_pb2.NetParameter, state: caffe_pb2.NetState) -> list[int]:
+    """Indices into ``net.layer`` of the layers that ``state`` (merged as above) includes."""
+    merged = merged_state(net, state)
+    kept = []
+    for index, layer in enumerate(net.layer):
         if layer.include and layer.exclude:
             raise ValueError(
                 f"layer '{layer.name}' specifies both include and exclude; only one is allowed"
             )
         if layer_included(layer, merged):
-            filtered.layer.add().CopyFrom(layer)
+            kept.append(index)
+    return kept
+
+
+def filter_net(net: caffe_pb2.NetParameter, state: caffe_pb2.NetState) -> caffe_pb2.NetParameter:
+    """A copy of ``net`` holding only the layers that ``state`` includes (Caffe's FilterNet)."""
+    filtered = caffe_pb2.NetParameter()
+    filtered.CopyFrom(net)
+    del filtered.layer[:]
+    filtered.state.CopyFrom(merged_state(net, state))
+    for index in included_indices(net, state):
+        filtered.layer.add().CopyFrom(net.layer[index])
     return filtered

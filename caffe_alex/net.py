@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .errors import CaffeAlexError, LayerConfigError, SourceMap
-from .filtering import filter_net, make_state
+from .filtering import filter_net, included_indices, make_state
 from .proto import caffe_pb2
 from .registry import CaffeLayer, Shape, get_layer_class
 
@@ -70,8 +70,10 @@ class Net(nn.Module):
         super().__init__()
         self.source = source or SourceMap()
         self.phase = phase.upper()
+        state = make_state(self.phase, level, stages)
         try:
-            filtered = filter_net(net_param, make_state(self.phase, level, stages))
+            filtered = filter_net(net_param, state)
+            self._origin = included_indices(net_param, state)  # positions in the source
         except ValueError as exc:
             raise CaffeAlexError(str(exc), file=self.source.path) from None
         self.net_param = filtered
@@ -108,8 +110,11 @@ class Net(nn.Module):
         self.output_names = sorted(available)  # Caffe keeps net outputs in a std::set
         self._input_shapes = {n: self.blob_shapes[n] for n in self.input_names}
 
-    def _fail(self, layer_param, message: str) -> CaffeAlexError:
-        return self.source.error(message, layer_param.name, layer_param.type)
+    def _fail(self, layer_param, message: str, position: int | None = None) -> CaffeAlexError:
+        """An error at the layer being built (or at ``position`` in the filtered net)."""
+        position = len(self.layer_names) if position is None else position
+        index = self._origin[position] if position < len(self._origin) else None
+        return self.source.error(message, layer_param.name, layer_param.type, index)
 
     def _build_layer(self, lp, producers, available, shares) -> None:
         try:
@@ -307,22 +312,19 @@ class Net(nn.Module):
                     f"'{name}' is not an input of the net; inputs: {self.input_names}"
                 )
             shapes[name] = tuple(int(d) for d in shape)
-        for step in self._steps:
+        for position, step in enumerate(self._steps):
             layer = self.layers[step.key]
             if layer.is_source:
                 continue
             try:
                 tops = layer.top_shapes([shapes[b] for b in step.bottoms])
             except LayerConfigError as exc:
-                lp = self._layer_param(step.layer)
-                raise self._fail(lp, str(exc)) from None
+                lp = self.net_param.layer[position]
+                raise self._fail(lp, str(exc), position) from None
             for top, shape in zip(step.tops, tops):
                 shapes[top] = tuple(shape)
         self.blob_shapes = shapes
         self._input_shapes = {n: shapes[n] for n in self.input_names}
-
-    def _layer_param(self, name: str):
-        return self.net_param.layer[self.layer_names.index(name)]
 
     def _bind_inputs(self, args, kwargs) -> dict[str, torch.Tensor]:
         if len(args) > len(self.input_names):

@@ -82,6 +82,33 @@ def _scan_blocks(text: str) -> _Blocks:
     return blocks
 
 
+def _named_lines(net: caffe_pb2.NetParameter, blocks: _Blocks) -> list[tuple[str, int]]:
+    """(name, line) of each parsed layer entry, in file order."""
+    pairs = [(layer.name, line) for layer, line in zip(net.layer, blocks.layer, strict=False)]
+    pairs += [
+        (conn.name or conn.layer.name, line)
+        for conn, line in zip(net.layers, blocks.layers, strict=False)
+    ]
+    return pairs
+
+
+def _index_lines(net: caffe_pb2.NetParameter, pairs, input_line: int | None) -> list[int | None]:
+    """The line of each layer of the (upgraded) net: upgrades keep the order of the layers
+    they keep, so the k-th layer called X is the k-th block called X; the Input layer made
+    from net-level inputs points at the ``input`` line."""
+    queues: dict[str, list[int]] = {}
+    for name, line in pairs:
+        queues.setdefault(name, []).append(line)
+    lines: list[int | None] = []
+    for index, layer in enumerate(net.layer):
+        queue = queues.get(layer.name)
+        if queue:
+            lines.append(queue.pop(0))
+        else:
+            lines.append(input_line if index == 0 and layer.type == "Input" else None)
+    return lines
+
+
 def _layer_lines(net: caffe_pb2.NetParameter, blocks: _Blocks) -> dict[str, int]:
     """Pair the i-th block with the i-th parsed entry; the first layer of a name wins."""
     lines: dict[str, int] = {}
@@ -228,7 +255,7 @@ def _parse_binary(data: bytes, message, path):
 
 def parse_net_text(text: str, path=None, *, upgrade: bool = True):
     """Parse (and upgrade) net text; returns (NetParameter, SourceMap)."""
-    net = _parse_text(text, caffe_pb2.NetParameter(), path)
+    net = parsed = _parse_text(text, caffe_pb2.NetParameter(), path)
     blocks = _scan_blocks(text)
     source = SourceMap(path=_name(path), layer_lines=_layer_lines(net, blocks))
     if upgrade:
@@ -238,6 +265,7 @@ def parse_net_text(text: str, path=None, *, upgrade: bool = True):
         if blocks.input_line is not None and "input" in names:
             lines.setdefault("input", blocks.input_line)  # the Input layer made from input_dim
         source.layer_lines = lines
+    source.index_lines = _index_lines(net, _named_lines(parsed, blocks), blocks.input_line)
     return net, source
 
 

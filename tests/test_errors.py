@@ -122,3 +122,21 @@ def test_cli_prints_one_line_and_exits_1(tmp_path):
         "unknown bottom blob 'dta' (bottom index 0)"
     )
     assert "Traceback" not in result.output
+
+
+def test_layers_sharing_a_name_keep_their_own_lines(tmp_path):
+    text = (
+        HEAD
+        + """layer {
+  name: "act" type: "ReLU" bottom: "data" top: "act"
+  include { phase: TRAIN }
+}
+layer {
+  name: "act" type: "ReLU" bottom: "missing" top: "act"
+  include { phase: TEST }
+}
+"""
+    )
+    assert error_of(tmp_path, text) == (
+        "net.prototxt:10: layer 'act' (ReLU): unknown bottom blob 'missing' (bottom index 0)"
+    )
