@@ -140,3 +140,15 @@ layer {
     assert error_of(tmp_path, text) == (
         "net.prototxt:10: layer 'act' (ReLU): unknown bottom blob 'missing' (bottom index 0)"
     )
+
+
+def test_unsupported_field(tmp_path):
+    # Caffe's EuclideanLoss silently ignores loss_param; we say so instead of ignoring it
+    text = HEAD + (
+        'layer { name: "l2" type: "EuclideanLoss" bottom: "data" bottom: "data" top: "l2"\n'
+        "        loss_param { ignore_label: 255 } }\n"
+    )
+    assert error_of(tmp_path, text) == (
+        "net.prototxt:6: layer 'l2' (EuclideanLoss): loss_param.ignore_label is not supported "
+        "by this layer"
+    )
