@@ -160,3 +160,21 @@ def gradcheck_net(
         return tuple(merged[o] for o in outputs)
 
     assert torch.autograd.gradcheck(run, (*leaves, *params), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def check_runtime_variants(net: Net, x: torch.Tensor, output: str = "out") -> None:
+    """One-input net: channels_last input, bf16 input and torch.compile (fullgraph, forward and
+    backward) all give the float32 eager result."""
+    ref = net(data=x)[output]
+    torch.testing.assert_close(net(data=x.to(memory_format=torch.channels_last))[output], ref)
+    low = net(data=x.bfloat16())[output]
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), ref, rtol=2e-2, atol=2e-2)
+    torch._dynamo.reset()  # every Net shares Net.forward: stay under dynamo's recompile limit
+    compiled = torch.compile(net, backend="aot_eager", fullgraph=True)
+    xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = compiled(data=xc)[output]
+    out.sum().backward()
+    net(data=xe)[output].sum().backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(xc.grad, xe.grad)

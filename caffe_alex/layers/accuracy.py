@@ -6,6 +6,7 @@ import torch
 
 from ..errors import LayerConfigError
 from ..registry import CaffeLayer, canonical_axis, count, register
+from .losses import check_label_count
 
 
 @register("Accuracy")
@@ -36,13 +37,7 @@ class AccuracyLayer(CaffeLayer):
                 f"top_k ({self.top_k}) must be at most the number of classes "
                 f"(scores {list(scores)}, labels {list(labels)})"
             )
-        axis = canonical_axis(self.axis, len(scores), "accuracy_param.axis")
-        n = count(scores, 0, axis) * count(scores, axis + 1)
-        if n != count(labels):
-            raise LayerConfigError(
-                f"number of labels must match number of predictions: scores {list(scores)} with "
-                f"axis {axis} need {n} labels, label blob {list(labels)} has {count(labels)}"
-            )
+        axis = check_label_count(scores, labels, self.axis, "accuracy_param.axis")
         return [()] + [(scores[axis],)] * (self.n_top - 1)
 
     def forward(self, scores, label):

@@ -43,6 +43,19 @@ def _normalizer(mode: int, outer: int, inner: int, valid: torch.Tensor | None, l
     return float(max(1, sizes.get(mode, 1)))
 
 
+def check_label_count(scores, labels, axis: int, axis_field: str) -> int:
+    """One label per prediction: every position of ``scores`` except along the class ``axis``
+    (Caffe's outer_num * inner_num). Returns the canonical axis."""
+    axis = canonical_axis(axis, len(scores), axis_field)
+    n = count(scores, 0, axis) * count(scores, axis + 1)
+    if n != count(labels):
+        raise LayerConfigError(
+            f"number of labels must match number of predictions: scores {list(scores)} with "
+            f"axis {axis} need {n} labels, label blob {list(labels)} has {count(labels)}"
+        )
+    return axis
+
+
 def _check_batch(bottom_shapes) -> None:
     a, b = bottom_shapes[0], bottom_shapes[1]
     if not a or not b or a[0] != b[0]:
@@ -79,13 +92,7 @@ class SoftmaxWithLossLayer(_LossLayer):
     def top_shapes(self, bottom_shapes):
         _check_batch(bottom_shapes)
         scores, labels = bottom_shapes
-        axis = canonical_axis(self.axis, len(scores), "softmax_param.axis")
-        n = count(scores, 0, axis) * count(scores, axis + 1)
-        if n != count(labels):
-            raise LayerConfigError(
-                f"number of labels must match number of predictions: scores {list(scores)} with "
-                f"axis {axis} need {n} labels, label blob {list(labels)} has {count(labels)}"
-            )
+        check_label_count(scores, labels, self.axis, "softmax_param.axis")
         return [()] + [tuple(scores)] * (self.n_top - 1)
 
     def forward(self, scores, label):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from caffe_alex.net import Net
-from tests.reference import compare_with_opencv, gradcheck_net, parse_net
+from tests.reference import check_runtime_variants, compare_with_opencv, gradcheck_net, parse_net
 
 
 def power_net(params: str, shape=(2, 3, 4, 5)) -> str:
@@ -133,17 +133,4 @@ def test_scale_zero_negative_power_gives_inf_like_caffe():
 
 def test_bf16_channels_last_and_compile():
     net = Net(parse_net(power_net("power: 2 scale: 0.5 shift: 1")))
-    x = torch.randn(2, 3, 4, 5)
-    ref = net(data=x)["out"]
-    torch.testing.assert_close(net(data=x.to(memory_format=torch.channels_last))["out"], ref)
-    low = net(data=x.bfloat16())["out"]
-    assert low.dtype == torch.bfloat16
-    torch.testing.assert_close(low.float(), ref, rtol=2e-2, atol=2e-2)
-    torch._dynamo.reset()  # every Net shares Net.forward: stay under dynamo's recompile limit
-    compiled = torch.compile(net, backend="aot_eager", fullgraph=True)
-    xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out = compiled(data=xc)["out"]
-    out.sum().backward()
-    net(data=xe)["out"].sum().backward()
-    torch.testing.assert_close(out, ref)
-    torch.testing.assert_close(xc.grad, xe.grad)
+    check_runtime_variants(net, torch.randn(2, 3, 4, 5))
