@@ -364,8 +364,12 @@ def _binary_any(data: bytes, path, upgrade: bool):
 # ---- writing --------------------------------------------------------------------------------
 
 
+_WHOLE_FLOAT = re.compile(r"^(\s*\w+: -?\d+)\.0$", re.M)
+
+
 def to_text(message) -> str:
-    return text_format.MessageToString(message)
+    """Text format as Caffe writes it: Python prints a whole float as ``1.0``, C++ as ``1``."""
+    return _WHOLE_FLOAT.sub(r"\1", text_format.MessageToString(message))
 
 
 def net_to_text(net_param: caffe_pb2.NetParameter) -> str:

@@ -1,0 +1,94 @@
+"""The command line: help, upgrade of legacy nets and solvers, errors as one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from click.testing import CliRunner
+from google.protobuf import text_format
+
+from caffe_alex.cli import main
+from caffe_alex.net import Net
+from caffe_alex.proto import caffe_pb2
+from caffe_alex.registry import layer_types
+
+CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+
+V1_NET = """name: "legacy"
+input: "data"
+input_dim: 1 input_dim: 3 input_dim: 8 input_dim: 8
+layers {
+  name: "conv" type: CONVOLUTION bottom: "data" top: "conv"
+  blobs_lr: 1 blobs_lr: 2 weight_decay: 1 weight_decay: 0
+  convolution_param { num_output: 4 kernel_size: 3 }
+}
+layers { name: "relu" type: RELU bottom: "conv" top: "conv" }
+"""
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_help_lists_the_commands():
+    result = run("--help")
+    assert result.exit_code == 0
+    for command in ("upgrade", "time", "layers"):
+        assert command in result.output
+
+
+def test_layers_lists_registered_types():
+    result = run("layers")
+    assert result.output.split() == layer_types()
+
+
+def test_upgrade_v1_net_writes_current_format(tmp_path):
+    source, target = tmp_path / "old.prototxt", tmp_path / "new.prototxt"
+    source.write_text(V1_NET)
+    result = run("upgrade", str(source), str(target))
+    assert result.exit_code == 0, result.output
+    assert "deprecated V1LayerParameter" in result.output
+    text = target.read_text()
+    assert "layers {" not in text and "input_dim" not in text
+    assert "lr_mult: 2\n" in text and "decay_mult: 0\n" in text  # Caffe's number style
+    upgraded = text_format.Parse(text, caffe_pb2.NetParameter())
+    assert [layer.type for layer in upgraded.layer] == ["Input", "Convolution", "ReLU"]
+    net = Net.from_prototxt(str(target))
+    assert net.blob_shapes["conv"] == (1, 4, 6, 6)
+
+
+def test_upgrade_legacy_solver_enum(tmp_path):
+    source, target = tmp_path / "solver.prototxt", tmp_path / "new.prototxt"
+    source.write_text('net: "n.prototxt"\nbase_lr: 0.01\nsolver_type: NESTEROV\n')
+    assert run("upgrade", str(source), str(target)).exit_code == 0
+    solver = text_format.Parse(target.read_text(), caffe_pb2.SolverParameter())
+    assert solver.type == "Nesterov" and not solver.HasField("solver_type")
+
+
+def test_upgrade_of_every_legacy_corpus_net(tmp_path):
+    # nets only: like Caffe's upgrade_solver_proto_text, a solver's inline net is left alone
+    legacy = [
+        p
+        for p in sorted(CORPUS.rglob("*.prototxt"))
+        if "layers {" in p.read_text() and "net_param" not in p.read_text()
+    ]
+    assert len(legacy) >= 5 or not CORPUS.is_dir()
+    for path in legacy:
+        result = run("upgrade", str(path), str(tmp_path / "out.prototxt"))
+        if result.exit_code != 0:  # only the file mixing `layer` and `layers` is refused
+            assert "both 'layer' and" in result.output, result.output
+            continue
+        assert "layers {" not in (tmp_path / "out.prototxt").read_text()
+
+
+def test_upgrade_errors_are_one_line_and_write_nothing(tmp_path):
+    target = tmp_path / "new.prototxt"
+    result = run("upgrade", str(tmp_path / "missing.prototxt"), str(target))
+    assert result.exit_code != 0 and "missing.prototxt" in result.output
+    assert "Traceback" not in result.output
+    bad = tmp_path / "bad.prototxt"
+    bad.write_text('layer { name: "x" type: "ReLU" bottom: }\n')
+    result = run("upgrade", str(bad), str(target))
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1].startswith(f"caffe-alex: error: {bad}:1:")
+    assert not target.exists()
