@@ -107,6 +107,7 @@ class Net(nn.Module):
         shares: dict[str, ParamInfo] = {}
         for layer_param in net_param.layer:
             self._build_layer(layer_param, producers, available, shares)
+        self._allow_in_place()
         self.output_names = sorted(available)  # Caffe keeps net outputs in a std::set
         self._input_shapes = {n: self.blob_shapes[n] for n in self.input_names}
 
@@ -160,6 +161,29 @@ class Net(nn.Module):
                 self._loss_weights(lp, cls),
             )
         )
+
+    def _allow_in_place(self) -> None:
+        """Let a layer declared in place overwrite its bottom where nothing else needs the old
+        values: the bottom's producer does not read its own output in backward, and no other
+        layer read the blob between the producer and this layer."""
+        writer: dict[str, CaffeLayer] = {}  # blob -> layer that wrote the current version
+        readers: dict[str, int] = {}  # blob -> layers that read it since
+        for step in self._steps:
+            layer = self.layers[step.key]
+            blob = step.bottoms[0] if step.bottoms else None
+            producer = writer.get(blob)
+            layer.in_place = (
+                layer.can_overwrite_bottom
+                and bool(step.tops)
+                and step.tops[0] == blob
+                and producer is not None
+                and not producer.output_needed_by_backward
+                and readers.get(blob, 0) == 0
+            )
+            for bottom in step.bottoms:
+                readers[bottom] = readers.get(bottom, 0) + 1
+            for top in step.tops:
+                writer[top], readers[top] = layer, 0
 
     @staticmethod
     def _add_automatic_tops(lp, cls) -> tuple[caffe_pb2.LayerParameter, set[str]]:

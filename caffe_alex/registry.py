@@ -79,6 +79,14 @@ class CaffeLayer(nn.Module):
     params: dict[str, frozenset[str] | None] = {}
     is_loss: bool = False
     is_source: bool = False
+    # Caffe runs a layer whose top is named like its bottom in place, saving memory. Here that
+    # is safe only where autograd keeps nothing that the overwrite would spoil:
+    # ``can_overwrite_bottom``: forward may write its result into bottom 0 when ``in_place`` is
+    # set (the builder decides); ``output_needed_by_backward``: False where this layer's backward
+    # never reads its own top, so a following layer may overwrite that top.
+    can_overwrite_bottom: bool = False
+    output_needed_by_backward: bool = True
+    in_place: bool = False
 
     def __init__(self, layer_param, bottom_shapes: Sequence[Shape], phase: str):
         super().__init__()

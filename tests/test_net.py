@@ -194,3 +194,65 @@ def test_loss_layer_without_top_gets_an_anonymous_one():
     x, t = torch.randn(2, 3), torch.randn(2, 3)
     assert net(data=x, target=t) == {}
     torch.testing.assert_close(net.loss, ((x - t) ** 2).sum() / 4)
+
+
+CHAIN = INPUT + ip("fc", "data") + 'layer { name: "relu" type: "ReLU" bottom: "fc" top: "fc" }\n'
+
+
+def _gradients(net, x):
+    out = net(x)
+    sum(o.sum() for o in out.values()).backward()
+    return out, [p.grad.clone() for p in net.parameters()]
+
+
+def test_in_place_relu_overwrites_its_bottom_only_where_safe():
+    assert build(CHAIN).layer("relu").in_place  # InnerProduct keeps nothing of its output
+    # another layer read "fc" before the ReLU: the old values must survive
+    read_first = (
+        INPUT
+        + ip("fc", "data")
+        + (
+            'layer { name: "copy" type: "Power" bottom: "fc" top: "copy" }\n'
+            'layer { name: "relu" type: "ReLU" bottom: "fc" top: "fc" }\n'
+        )
+    )
+    assert not build(read_first).layer("relu").in_place
+    # Sigmoid's backward reads its output: no overwrite
+    after_sigmoid = INPUT + (
+        'layer { name: "sig" type: "Sigmoid" bottom: "data" top: "s" }\n'
+        'layer { name: "relu" type: "ReLU" bottom: "s" top: "s" }\n'
+    )
+    assert not build(after_sigmoid).layer("relu").in_place
+    # not declared in place, or fed by a net input: no overwrite
+    assert (
+        not build(INPUT + 'layer { name: "r" type: "ReLU" bottom: "data" top: "data" }')
+        .layer("r")
+        .in_place
+    )
+
+
+def test_in_place_relu_gives_the_same_values_and_gradients():
+    torch.manual_seed(0)
+    net = build(CHAIN)
+    x = torch.randn(2, 3)
+    out, grads = _gradients(net, x)
+    net.layer("relu").in_place = False
+    net.zero_grad()
+    out_copy, grads_copy = _gradients(net, x)
+    torch.testing.assert_close(out["fc"], out_copy["fc"])
+    for a, b in zip(grads, grads_copy, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_earlier_reader_keeps_pre_relu_values():
+    text = (
+        INPUT
+        + ip("fc", "data")
+        + (
+            'layer { name: "copy" type: "Power" bottom: "fc" top: "copy" }\n'
+            'layer { name: "relu" type: "ReLU" bottom: "fc" top: "fc" }\n'
+        )
+    )
+    net = build(text)
+    out = net(torch.randn(4, 3))
+    assert (out["copy"] < 0).any() and (out["fc"] >= 0).all()

@@ -2,7 +2,8 @@
 
 Honours ``relu_param.negative_slope``, ``prelu_param`` (``filler``, ``channel_shared``) and
 ``elu_param.alpha``; Sigmoid and TanH have only ``engine``. None of them writes into its
-bottom, so Caffe's in-place use (top named like the bottom) is safe for autograd.
+bottom, so Caffe's in-place use (top named like the bottom) is safe for autograd, except ReLU,
+which overwrites its bottom where the builder finds that safe (see ``CaffeLayer.in_place``).
 """
 
 from __future__ import annotations
@@ -22,15 +23,18 @@ class ReLULayer(CaffeLayer):
     torch's relu / leaky_relu backward tests ``x > 0`` as Caffe does, so autograd matches."""
 
     params = {"relu_param": frozenset({"negative_slope"})}
+    can_overwrite_bottom = True
 
     def __init__(self, layer_param, bottom_shapes, phase):
         super().__init__(layer_param, bottom_shapes, phase)
         self.negative_slope = float(layer_param.relu_param.negative_slope)
 
     def forward(self, x):
+        # in place as Caffe when the builder allows it (never on a leaf that wants a gradient)
+        overwrite = self.in_place and not (x.is_leaf and x.requires_grad)
         if self.negative_slope == 0.0:
-            return torch.relu(x)
-        return F.leaky_relu(x, self.negative_slope)
+            return torch.relu_(x) if overwrite else torch.relu(x)
+        return F.leaky_relu(x, self.negative_slope, inplace=overwrite)
 
 
 @register("PReLU")

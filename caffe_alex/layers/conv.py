@@ -51,6 +51,7 @@ class _BaseConvolution(CaffeLayer):
     tops = (1, None)
     params = {"convolution_param": _FIELDS}
     transposed = False
+    output_needed_by_backward = False  # a following ReLU may work in place
 
     def __init__(self, layer_param, bottom_shapes, phase):
         super().__init__(layer_param, bottom_shapes, phase)

@@ -26,6 +26,7 @@ class EltwiseLayer(CaffeLayer):
 
     bottoms = (2, None)
     params = {"eltwise_param": None}
+    output_needed_by_backward = False  # a following ReLU may work in place
 
     def __init__(self, layer_param, bottom_shapes, phase):
         super().__init__(layer_param, bottom_shapes, phase)

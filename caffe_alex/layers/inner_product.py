@@ -23,6 +23,7 @@ class InnerProductLayer(CaffeLayer):
             {"num_output", "bias_term", "weight_filler", "bias_filler", "axis", "transpose"}
         )
     }
+    output_needed_by_backward = False  # a following ReLU may work in place
 
     def __init__(self, layer_param, bottom_shapes, phase):
         super().__init__(layer_param, bottom_shapes, phase)

@@ -47,6 +47,7 @@ def apply_shape(ndim: int, operand, axis: int) -> list[int]:
 
 class _BroadcastLayer(CaffeLayer):
     bottoms = (1, 2)
+    output_needed_by_backward = False  # a following ReLU may work in place
 
     def _operand(self, bottoms):
         """The (x, operand) pair, the operand shaped to broadcast against x."""
