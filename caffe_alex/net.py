@@ -369,6 +369,8 @@ class Net(nn.Module):
         return blobs
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> dict[str, torch.Tensor]:
+        # drop the previous pass's blobs first, or they would double the peak memory
+        self.blobs, self.loss = {}, None
         blobs = self._bind_inputs(args, kwargs)
         shapes = {n: tuple(blobs[n].shape) for n in self.input_names}
         if shapes != self._input_shapes:
