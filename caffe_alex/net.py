@@ -36,6 +36,7 @@ class ParamInfo:
     decay_mult: float = 1.0
     share_name: str = ""
     owner: tuple[str, int] | None = None  # (layer, index) this blob is shared from
+    given: set[str] = field(default_factory=set)  # which multipliers the prototxt set
 
 
 @dataclass
@@ -286,16 +287,33 @@ class Net(nn.Module):
         for index, param in enumerate(layer.blobs):
             spec = lp.param[index] if index < len(lp.param) else caffe_pb2.ParamSpec()
             info = ParamInfo(lp.name, index, param, spec.lr_mult, spec.decay_mult, spec.name)
+            info.given = {f for f in ("lr_mult", "decay_mult") if spec.HasField(f)}
             if not param.requires_grad:
                 info.lr_mult = 0.0
             if spec.name and spec.name in shares:
                 owner = shares[spec.name]
                 self._check_share(lp, spec, index, owner, param)
+                self._merge_multipliers(lp, spec, owner)
                 layer.blobs[index] = owner.param
                 info.param, info.owner = owner.param, (owner.layer, owner.index)
             elif spec.name:
                 shares[spec.name] = info
             self.param_infos.append(info)
+
+    def _merge_multipliers(self, lp, spec, owner: ParamInfo) -> None:
+        # Caffe: a sharer may set a multiplier its owner left unset; both set must agree.
+        for name in ("lr_mult", "decay_mult"):
+            if not spec.HasField(name):
+                continue
+            value = getattr(spec, name)
+            if name in owner.given and getattr(owner, name) != value:
+                raise self._fail(
+                    lp,
+                    f"shared parameter '{spec.name}' has mismatched {name}: "
+                    f"{value} here, {getattr(owner, name)} in layer '{owner.layer}'",
+                )
+            setattr(owner, name, value)
+            owner.given.add(name)
 
     def _check_share(self, lp, spec, index, owner: ParamInfo, param) -> None:
         mine, theirs = tuple(param.shape), tuple(owner.param.shape)

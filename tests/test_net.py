@@ -256,3 +256,23 @@ def test_earlier_reader_keeps_pre_relu_values():
     net = build(text)
     out = net(torch.randn(4, 3))
     assert (out["copy"] < 0).any() and (out["fc"] >= 0).all()
+
+
+def test_shared_multipliers_follow_caffe():
+    # the sharer may set what the owner left unset; a conflicting value is an error
+    net = build(
+        INPUT
+        + ip("fc1", "data", 3, 'param { name: "w" }')
+        + ip("fc2", "fc1", 3, 'param { name: "w" lr_mult: 5 decay_mult: 0 }')
+    )
+    owner = net.learnable_params()[0]
+    assert (owner.layer, owner.lr_mult, owner.decay_mult) == ("fc1", 5.0, 0.0)
+    with pytest.raises(
+        CaffeAlexError,
+        match="shared parameter 'w' has mismatched lr_mult: 2.0 here, 3.0 in layer 'fc1'",
+    ):
+        build(
+            INPUT
+            + ip("fc1", "data", 3, 'param { name: "w" lr_mult: 3 }')
+            + ip("fc2", "fc1", 3, 'param { name: "w" lr_mult: 2 }')
+        )
