@@ -58,6 +58,20 @@ def upgrade(source: str, destination: str) -> None:
     upgrade_file(source, destination)
 
 
+def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    """``data=32,3,227,227`` (repeatable) -> {"data": (32, 3, 227, 227)}."""
+    shapes = {}
+    for value in values:
+        name, _, dims = value.partition("=")
+        try:
+            shapes[name.strip()] = tuple(int(d) for d in dims.split(","))
+        except ValueError:
+            raise click.BadParameter(f"expected NAME=D1,D2,... got {value!r}") from None
+        if not name.strip() or not dims:
+            raise click.BadParameter(f"expected NAME=D1,D2,... got {value!r}")
+    return shapes
+
+
 def resolve_device(gpu: str | None):
     import torch
 
@@ -83,8 +97,15 @@ def resolve_device(gpu: str | None):
 )
 @_option("level", type=int, default=0, help="Net state level.")
 @_option("stage", default="", help="Comma-separated net state stages.")
+@_option(
+    "input-shape",
+    multiple=True,
+    metavar="NAME=D1,D2,...",
+    help="Declare an input's shape (e.g. data=32,3,227,227), for data layers whose "
+    "source is not at hand. Repeatable.",
+)
 @user_errors
-def time(model, iterations, gpu, phase, level, stage) -> None:
+def time(model, iterations, gpu, phase, level, stage, input_shape) -> None:
     """Time the forward and backward pass of MODEL, per layer, like ``caffe time``."""
     from .net import Net
     from .timing import report_lines, time_net
@@ -93,7 +114,8 @@ def time(model, iterations, gpu, phase, level, stage) -> None:
     device = resolve_device(gpu)
     log("Use CPU." if device.type == "cpu" else f"Use GPU with device ID {device.index}")
     stages = [s for s in stage.split(",") if s]
-    net = Net.from_prototxt(model, phase.upper(), level=level, stages=stages)
+    shapes = parse_input_shapes(input_shape)
+    net = Net.from_prototxt(model, phase.upper(), level=level, stages=stages, input_shapes=shapes)
     log("*** Benchmark begins ***")
     log(f"Testing for {iterations} iterations.")
     report = time_net(net, iterations, device, log=log)

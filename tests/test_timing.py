@@ -4,6 +4,7 @@ module, every layer gets a line, and the CLI prints Caffe's summary lines."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 from click.testing import CliRunner
@@ -65,3 +66,15 @@ def test_time_command_prints_caffe_summary(tmp_path):
         assert phrase in result.output
     first = next(line for line in result.output.splitlines() if "Benchmark begins" in line)
     assert re.match(r"I\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ \w+\.py:\d+\] ", first)
+
+
+def test_time_accepts_input_shapes_for_data_layers_without_source(tmp_path):
+    model = str(Path(__file__).resolve().parents[1] / "models/bvlc_alexnet/train_val.prototxt")
+    args = ["time", "--model", model, "--iterations", "1"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "--input-shape data=N,C,H,W" in result.output
+    result = CliRunner().invoke(
+        main, [*args, "--input-shape", "data=2,3,227,227", "--input-shape", "label=2"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "      conv1\tforward:" in result.output

@@ -77,8 +77,9 @@ class _Source(CaffeLayer):
             for name, shape in zip(self.top_names, _GENERIC[: len(self.top_names)], strict=True)
         )
         return LayerConfigError(
-            f"cannot infer the shape of top '{self.top_names[0]}' because {why}; pass "
-            f"input_shapes={{{declare}}} to Net(...) to declare it"
+            f"cannot infer the shape of top '{self.top_names[0]}' because {why}; declare it "
+            f"with input_shapes={{{declare}}} in Net(...) or --input-shape "
+            f"{self.top_names[0]}=N,C,H,W on the command line"
         )
 
     def _missing(self, path: str) -> LayerConfigError:
@@ -232,8 +233,9 @@ class HDF5DataLayer(_Source):
     def _cannot_infer(self, why):
         shapes = ", ".join(f"'{n}': (N, ...)" for n in self.top_names)
         return LayerConfigError(
-            f"cannot infer the top shapes because {why}; pass input_shapes={{{shapes}}} to "
-            f"Net(...) to declare them"
+            f"cannot infer the top shapes because {why}; declare them with "
+            f"input_shapes={{{shapes}}} in Net(...) or --input-shape NAME=N,... on the "
+            "command line"
         )
 
     @staticmethod
