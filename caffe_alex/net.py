@@ -126,6 +126,7 @@ class Net(nn.Module):
         lp, anonymous = self._add_automatic_tops(lp, cls)
         self._check_counts(lp, cls)
         self._check_fields(lp, cls)
+        detach, loss_weights = self._detach_flags(lp), self._loss_weights(lp, cls, anonymous)
         for index, bottom in enumerate(lp.bottom):
             if bottom not in self.blob_shapes:
                 raise self._fail(lp, f"unknown bottom blob '{bottom}' (bottom index {index})")
@@ -158,8 +159,8 @@ class Net(nn.Module):
                 key,
                 list(lp.bottom),
                 list(lp.top),
-                self._detach_flags(lp),
-                self._loss_weights(lp, cls),
+                detach,
+                loss_weights,
             )
         )
 
@@ -252,19 +253,33 @@ class Net(nn.Module):
             key = f"{base}_{n}"
         return key
 
-    @staticmethod
-    def _detach_flags(lp) -> list[bool]:
-        flags = [False] * len(lp.bottom)
-        for i, propagate in enumerate(lp.propagate_down[: len(flags)]):
-            flags[i] = not propagate
-        return flags
+    def _detach_flags(self, lp) -> list[bool]:
+        if lp.propagate_down and len(lp.propagate_down) != len(lp.bottom):
+            raise self._fail(
+                lp,
+                f"propagate_down must be given once per bottom or not at all "
+                f"({len(lp.propagate_down)} for {len(lp.bottom)} bottoms)",
+            )
+        return [not propagate for propagate in lp.propagate_down] or [False] * len(lp.bottom)
 
-    @staticmethod
-    def _loss_weights(lp, cls) -> list[tuple[int, float]]:
+    def _loss_weights(self, lp, cls, anonymous) -> list[tuple[int, float]]:
         weights = list(lp.loss_weight)
+        tops = len(lp.top) - len(anonymous)
         if not weights and cls.is_loss:
-            weights = [1.0]
-        return [(i, w) for i, w in enumerate(weights[: len(lp.top)]) if w != 0]
+            if tops > 1:  # Caffe's default is one weight, for top 0: not enough here
+                raise self._fail(
+                    lp,
+                    f"a loss layer with {tops} tops needs loss_weight once per "
+                    "top (e.g. loss_weight: 1 loss_weight: 0)",
+                )
+            weights = [1.0] * len(lp.top)
+        if weights and len(weights) != len(lp.top):
+            raise self._fail(
+                lp,
+                f"loss_weight must be given once per top or not at all "
+                f"({len(weights)} for {tops} tops)",
+            )
+        return [(i, w) for i, w in enumerate(weights) if w != 0]
 
     def _load_embedded_blobs(self, lp, layer: CaffeLayer) -> None:
         # Caffe's Layer constructor copies blobs given inside the LayerParameter.

@@ -152,3 +152,32 @@ def test_unsupported_field(tmp_path):
         "net.prototxt:6: layer 'l2' (EuclideanLoss): loss_param.ignore_label is not supported "
         "by this layer"
     )
+
+
+def test_loss_weight_and_propagate_down_counts(tmp_path):
+    two_tops = HEAD.replace('top: "data"', 'top: "data" top: "label"').replace(
+        "shape { dim: 1 dim: 3 dim: 8 dim: 8 }", "shape { dim: 1 dim: 3 } shape { dim: 1 }"
+    )
+    text = two_tops + (
+        'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "data" bottom: "label"\n'
+        '        top: "loss" top: "prob" }\n'
+    )
+    assert error_of(tmp_path, text) == (
+        "net.prototxt:6: layer 'loss' (SoftmaxWithLoss): a loss layer with 2 tops needs "
+        "loss_weight once per top (e.g. loss_weight: 1 loss_weight: 0)"
+    )
+    text = HEAD + (
+        'layer { name: "r" type: "ReLU" bottom: "data" top: "r"\n'
+        "        propagate_down: true propagate_down: false }\n"
+    )
+    assert error_of(tmp_path, text) == (
+        "net.prototxt:6: layer 'r' (ReLU): propagate_down must be given once per bottom or "
+        "not at all (2 for 1 bottoms)"
+    )
+    text = HEAD + (
+        'layer { name: "r" type: "ReLU" bottom: "data" top: "r" loss_weight: 1 loss_weight: 2 }\n'
+    )
+    assert error_of(tmp_path, text) == (
+        "net.prototxt:6: layer 'r' (ReLU): loss_weight must be given once per top or not at all "
+        "(2 for 1 tops)"
+    )

@@ -97,6 +97,7 @@ def test_softmax_loss_matches_caffe(s_shape, l_shape, axis, params, ignore):
         s_shape,
         l_shape,
         tops=("loss", "prob"),
+        extra="loss_weight: 1 loss_weight: 0",  # Caffe wants one weight per top here
         params=f"loss_param {{ {params} }} softmax_param {{ axis: {axis} }}",
     )
     net, out, grad = run(text, x, label)
