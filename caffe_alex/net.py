@@ -340,6 +340,12 @@ class Net(nn.Module):
                 f"shared parameter '{spec.name}' (blob {index}) has shape {list(mine)}, "
                 f"but owner layer '{owner.layer}' has {list(theirs)}",
             )
+        if mine != theirs:  # Caffe would share the memory under two shapes; one tensor can't
+            raise self._fail(
+                lp,
+                f"PERMISSIVE sharing of '{spec.name}' (blob {index}) with a different shape "
+                f"({list(mine)} here, {list(theirs)} in layer '{owner.layer}') is not supported",
+            )
 
     # -- the public view ----------------------------------------------------------------
     @property

@@ -276,3 +276,19 @@ def test_shared_multipliers_follow_caffe():
             + ip("fc1", "data", 3, 'param { name: "w" lr_mult: 3 }')
             + ip("fc2", "fc1", 3, 'param { name: "w" lr_mult: 2 }')
         )
+
+
+def test_permissive_sharing():
+    same = 'param { name: "w" share_mode: PERMISSIVE }'
+    net = build(INPUT + ip("fc1", "data", 3, same) + ip("fc2", "fc1", 3, same))
+    assert net.params["fc1"][0] is net.params["fc2"][0]
+    # weights 4 x 3 and, transposed, 3 x 4: Caffe shares the memory, one tensor cannot
+    transposed = ip("fc2", "data", 4, same).replace(
+        "num_output: 4", "num_output: 4 transpose: true"
+    )
+    with pytest.raises(
+        CaffeAlexError,
+        match=r"PERMISSIVE sharing of 'w' \(blob 0\) with a "
+        r"different shape \(\[3, 4\] here, \[4, 3\] in layer 'fc1'\)",
+    ):
+        build(INPUT + ip("fc1", "data", 4, same) + transposed)
