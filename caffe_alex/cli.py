@@ -29,7 +29,7 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         try:
             return fn(*args, **kwargs)
-        except (CaffeAlexError, FileNotFoundError, IsADirectoryError) as exc:
+        except (CaffeAlexError, OSError) as exc:
             click.echo(f"caffe-alex: error: {exc}", err=True)
             sys.exit(1)
 
@@ -45,8 +45,8 @@ def main(debug: bool) -> None:
 
 
 @main.command()
-@click.argument("source", type=click.Path(dir_okay=False))
-@click.argument("destination", type=click.Path(dir_okay=False))
+@click.argument("source")
+@click.argument("destination")
 @user_errors
 def upgrade(source: str, destination: str) -> None:
     """Rewrite a legacy net or solver SOURCE in the current format as DESTINATION.
@@ -85,7 +85,7 @@ def resolve_device(gpu: str | None):
 
 
 @main.command()
-@_option("model", required=True, type=click.Path(dir_okay=False), help="Net definition.")
+@_option("model", required=True, help="Net definition.")
 @_option("iterations", type=int, default=50, show_default=True, help="Iterations to time.")
 @_option("gpu", default=None, help="GPU id to run on (default: CPU).")
 @_option(

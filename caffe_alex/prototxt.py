@@ -390,7 +390,15 @@ def write_binary(path, message) -> None:
 
 
 def _write_atomic(path, data: bytes) -> None:
-    path = os.fspath(path)
+    try:
+        _write_through_temp(os.fspath(path), data)
+    except OSError as exc:
+        raise CaffeAlexError(f"cannot write {os.fspath(path)}: {exc.strerror or exc}") from None
+
+
+def _write_through_temp(path: str, data: bytes) -> None:
+    """A temporary file beside ``path``, flushed to disk, then renamed over it: an interrupted
+    write never leaves a truncated file under the final name."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
     # created like any new file (0666 minus umask); an existing file's mode is kept below

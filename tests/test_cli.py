@@ -92,3 +92,21 @@ def test_upgrade_errors_are_one_line_and_write_nothing(tmp_path):
     assert result.exit_code == 1
     assert result.output.strip().splitlines()[-1].startswith(f"caffe-alex: error: {bad}:1:")
     assert not target.exists()
+
+
+def test_unwritable_destination_and_folders_are_one_line(tmp_path):
+    source = tmp_path / "old.prototxt"
+    source.write_text(V1_NET)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = run("upgrade", str(source), str(blocker / "new.prototxt"))
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (
+        f"caffe-alex: error: cannot write {blocker / 'new.prototxt'}: Not a directory"
+    )
+    result = run("time", "--model", str(tmp_path))
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (
+        f"caffe-alex: error: is a folder, not a file: {tmp_path}"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "old.prototxt"]
