@@ -329,20 +329,23 @@ def read_any(path, *, upgrade: bool = True):
     text = _as_text(data)
     if text is None:
         return _binary_any(data, path, upgrade)
+    # decide by parsing alone; only then upgrade, so an upgrade error is the one reported
     try:
-        return "net", parse_net_text(text, path, upgrade=upgrade)[0]
+        _parse_text(text, caffe_pb2.NetParameter(), path)
+        kind = "net"
     except CaffeAlexError as net_error:
-        if net_error.line is None or net_error.column is None:
-            raise
         try:
-            return "solver", parse_solver_text(text, path, upgrade=upgrade)
+            _parse_text(text, caffe_pb2.SolverParameter(), path)
+            kind = "solver"
         except CaffeAlexError as solver_error:
-            if (solver_error.line or 0, solver_error.column or 0) > (
-                net_error.line,
-                net_error.column,
-            ):
-                raise solver_error from None
-            raise net_error from None
+            further = (solver_error.line or 0, solver_error.column or 0) > (
+                net_error.line or 0,
+                net_error.column or 0,
+            )
+            raise (solver_error if further else net_error) from None
+    if kind == "net":
+        return kind, parse_net_text(text, path, upgrade=upgrade)[0]
+    return kind, parse_solver_text(text, path, upgrade=upgrade)
 
 
 def _binary_any(data: bytes, path, upgrade: bool):

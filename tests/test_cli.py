@@ -110,3 +110,11 @@ def test_unwritable_destination_and_folders_are_one_line(tmp_path):
         f"caffe-alex: error: is a folder, not a file: {tmp_path}"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "old.prototxt"]
+
+
+def test_upgrade_reports_the_solver_problem_not_a_net_parse_error(tmp_path):
+    source = tmp_path / "solver.prototxt"
+    source.write_text('net: "n.prototxt"\nsolver_type: ADAM\ntype: "SGD"\n')
+    result = run("upgrade", str(source), str(tmp_path / "out.prototxt"))
+    assert result.exit_code == 1
+    assert "sets both the legacy 'solver_type' (enum) and 'type' (string)" in result.output
