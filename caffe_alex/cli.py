@@ -116,10 +116,7 @@ def time(model, iterations, gpu, phase, level, stage, input_shape) -> None:
     stages = [s for s in stage.split(",") if s]
     shapes = parse_input_shapes(input_shape)
     net = Net.from_prototxt(model, phase.upper(), level=level, stages=stages, input_shapes=shapes)
-    log("*** Benchmark begins ***")
-    log(f"Testing for {iterations} iterations.")
     report = time_net(net, iterations, device, log=log)
-    log(f"Initial loss: {report.initial_loss}")
     for line in report_lines(report):
         log(line)
     log("*** Benchmark ends ***")

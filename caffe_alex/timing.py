@@ -137,17 +137,25 @@ def time_net(
     device = torch.device(device)
     net.to(device)
     inputs = make_inputs(net, device)
+    log = log or (lambda message: None)
     n = len(net._steps)
-    fwd, bwd = [0.0] * n, [0.0] * n
-    net(**inputs)  # warm-up, and the initial loss Caffe prints
+    # Caffe's warm-up: one forward (its loss is printed) and one backward, both untimed
+    log("Performing Forward")
+    net(**inputs)
     initial_loss = float(net.loss.detach()) if net.loss is not None else 0.0
+    log(f"Initial loss: {initial_loss}")
+    log("Performing Backward")
+    _layerwise_iteration(net, inputs, device, [0.0] * n, [0.0] * n)
+    net.zero_grad(set_to_none=True)
+    log("*** Benchmark begins ***")
+    log(f"Testing for {iterations} iterations.")
+    fwd, bwd = [0.0] * n, [0.0] * n
     iteration_ms, net_fwd, net_bwd = [], 0.0, 0.0
     for it in range(iterations):
         before = sum(fwd) + sum(bwd)
         _layerwise_iteration(net, inputs, device, fwd, bwd)
         iteration_ms.append(sum(fwd) + sum(bwd) - before)
-        if log:
-            log(f"Iteration: {it + 1} forward-backward time: {iteration_ms[-1]:.4g} ms.")
+        log(f"Iteration: {it + 1} forward-backward time: {iteration_ms[-1]:.4g} ms.")
         outputs, ms = _timed(lambda: net(**inputs), device)
         net_fwd += ms
         target = (
