@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -15,3 +16,11 @@ def _fresh_dynamo():
     dynamo = sys.modules.get("torch._dynamo")
     if dynamo is not None:
         dynamo.reset()
+
+
+def pytest_configure(config):
+    # On CI the corpus must be there: its tests would otherwise skip and pass vacuously.
+    from tests.corpus import CORPUS
+
+    if os.environ.get("CI") and not (CORPUS / "SOURCES.md").is_file():
+        raise pytest.UsageError(f"CI: the test corpus {CORPUS} is missing")

@@ -10,39 +10,17 @@ stops; the file that mixes ``layers`` and ``layer`` is refused, as Caffe refuses
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from caffe_alex.errors import CaffeAlexError
 from caffe_alex.prototxt import read_any
+from tests.corpus import CORPUS, Entry, corpus_table
 
-CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
 if not (CORPUS / "SOURCES.md").is_file():
     pytest.skip("../shared/corpus (with SOURCES.md) is not present", allow_module_level=True)
 
-
-@dataclass
-class Entry:
-    path: str
-    format: str
-    layer_types: str
-    bvlc_parse: str
-
-
-def _table() -> dict[str, Entry]:
-    entries = {}
-    for line in (CORPUS / "SOURCES.md").read_text().splitlines():
-        if not re.match(r"\|\s*\d+\s*\|", line):
-            continue
-        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
-        path = cells[1].strip("`")
-        entries[path] = Entry(path, cells[6], cells[7], cells[8])
-    return entries
-
-
-TABLE = _table()
+TABLE = corpus_table()
 
 
 def _corpus_files() -> list[str]:
