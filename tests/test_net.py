@@ -8,7 +8,7 @@ import torch
 
 from caffe_alex.errors import CaffeAlexError
 from caffe_alex.net import Net
-from tests.reference import parse_net
+from tests.reference import compare_with_opencv, parse_net
 
 INPUT = 'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 } } }\n'
 
@@ -292,3 +292,30 @@ def test_permissive_sharing():
         r"different shape \(\[3, 4\] here, \[4, 3\] in layer 'fc1'\)",
     ):
         build(INPUT + ip("fc1", "data", 4, same) + transposed)
+
+
+IN_PLACE_CHAIN = """
+name: "chain"
+layer { name: "data" type: "Input" top: "data"
+        input_param { shape { dim: 2 dim: 4 dim: 9 dim: 9 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 6 kernel_size: 3 stride: 2 pad: 1 group: 2 } }
+layer { name: "bn" type: "BatchNorm" bottom: "conv" top: "conv" }
+layer { name: "scale" type: "Scale" bottom: "conv" top: "conv" scale_param { bias_term: true } }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" relu_param { negative_slope: 0.1 } }
+layer { name: "pool" type: "Pooling" bottom: "conv" top: "pool"
+        pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 } }
+layer { name: "fc" type: "InnerProduct" bottom: "pool" top: "fc"
+        inner_product_param { num_output: 5 } }
+layer { name: "relu2" type: "ReLU" bottom: "fc" top: "fc" }
+layer { name: "drop" type: "Dropout" bottom: "fc" top: "fc" }
+layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
+"""
+
+
+def test_in_place_chain_matches_opencv():
+    net = build(IN_PLACE_CHAIN)
+    assert net.layer("relu").in_place and net.layer("relu2").in_place
+    # OpenCV names outputs by layer: "pool" and "prob" see the whole in-place chains
+    errors = compare_with_opencv(IN_PLACE_CHAIN, ["pool", "prob"])
+    assert max(errors.values()) <= 1e-5
