@@ -131,5 +131,7 @@ def list_layers() -> None:
         click.echo(name)
 
 
+from . import commands  # noqa: E402,F401  (registers the commands of caffe_alex/commands/)
+
 if __name__ == "__main__":
     main()
