@@ -1,0 +1,68 @@
+"""``caffe-alex draw`` (Caffe's python/draw_net.py) and ``caffe-alex summary``."""
+
+from __future__ import annotations
+
+import click
+
+from ..cli import _option, main, parse_input_shapes, user_errors
+
+_INPUT_SHAPE = click.option(
+    "--input-shape",
+    "input_shape",
+    multiple=True,
+    metavar="NAME=D1,D2,...",
+    help="Declare an input's shape (e.g. data=32,3,227,227), for data layers whose source is "
+    "not at hand. Repeatable.",
+)
+
+
+@main.command()
+@click.argument("net")
+@click.argument("output")
+@_option("rankdir", type=click.Choice(["LR", "TB", "BT", "RL"], case_sensitive=False),
+         default="LR", show_default=True, help="Direction of the layout.")  # fmt: skip
+@_option("phase", type=click.Choice(["TRAIN", "TEST", "ALL"], case_sensitive=False),
+         default="ALL", show_default=True, help="Which phase's layers to draw.")  # fmt: skip
+@click.option("--display-lrm", "--display_lrm", "display_lrm", is_flag=True,
+              help="Show the lr and decay multipliers of the learning layers.")  # fmt: skip
+@click.option("--shapes", is_flag=True, help="Label each blob with its inferred shape.")
+@_INPUT_SHAPE
+@user_errors
+def draw(net, output, rankdir, phase, display_lrm, shapes, input_shape) -> None:
+    """Draw NET to OUTPUT (.png, .svg, .pdf, .jpg or .dot), like Caffe's draw_net.py."""
+    from ..draw import draw_net_to_file, output_format, shape_notes
+    from ..prototxt import read_net
+
+    output_format(output)
+    net_param, source = read_net(net)
+    phase = None if phase.upper() == "ALL" else phase.upper()
+    notes = None
+    if shapes:
+        notes = shape_notes(net_param, phase, parse_input_shapes(input_shape), source)
+    click.echo(f"Drawing net to {output}")
+    draw_net_to_file(
+        net_param, output, rankdir=rankdir.upper(), phase=phase, display_lrm=display_lrm,
+        blob_notes=notes,
+    )  # fmt: skip
+
+
+@main.command()
+@click.argument("net")
+@_option("phase", type=click.Choice(["TRAIN", "TEST"], case_sensitive=False),
+         default="TEST", show_default=True, help="Net phase.")  # fmt: skip
+@_INPUT_SHAPE
+@click.option("--batch", type=click.IntRange(min=1), default=None,
+              help="Set the first axis (batch size) of every input to N.")  # fmt: skip
+@user_errors
+def summary(net, phase, input_shape, batch) -> None:
+    """Print NET's layers with top shapes, parameters, multiply-adds and activation memory."""
+    from ..prototxt import read_net
+    from ..summary import build_for_shapes, summarize, table_lines
+
+    net_param, source = read_net(net)
+    shapes = parse_input_shapes(input_shape)
+    built = build_for_shapes(net_param, phase.upper(), input_shapes=shapes, source=source)
+    if batch is not None:
+        built.reshape(**{n: (batch, *built.blob_shapes[n][1:]) for n in built.input_names})
+    for line in table_lines(summarize(built)):
+        click.echo(line)
