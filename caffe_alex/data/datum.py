@@ -158,8 +158,8 @@ def _axis_weights(src: int, dst: int):
     edge = (i < 0) | (i >= src - 1)
     f[edge] = 0
     i = np.clip(i, 0, src - 1)
-    w1 = np.rint(f * np.float32(1 << _COEF_BITS)).astype(np.int64)
-    w0 = np.rint((np.float32(1) - f) * np.float32(1 << _COEF_BITS)).astype(np.int64)
+    w1 = np.rint(f * np.float32(1 << _COEF_BITS)).astype(np.int32)
+    w0 = np.rint((np.float32(1) - f) * np.float32(1 << _COEF_BITS)).astype(np.int32)
     return i, np.minimum(i + 1, src - 1), w0, w1
 
 
@@ -171,10 +171,17 @@ def resize_linear(array: np.ndarray, height: int, width: int) -> np.ndarray:
         return array.copy()
     x0, x1, a0, a1 = _axis_weights(w, width)
     y0, y1, b0, b1 = _axis_weights(h, height)
-    src = array.astype(np.int64)
-    rows = src[:, :, x0] * a0 + src[:, :, x1] * a1  # C x h x width, scaled by 2^11
+    src = array.astype(np.int32)  # int32 holds every intermediate (at most 2^11 * 32640)
+    rows = src[:, :, x0] * a0
+    rows += src[:, :, x1] * a1  # C x h x width, scaled by 2^11
+    rows >>= 4
     # The vertical pass as OpenCV's vectorised code rounds it (its scalar tail rounds once at
     # the end instead, which is why a few edge pixels can differ by one).
-    top, bottom = rows[:, y0] >> 4, rows[:, y1] >> 4
-    out = ((b0[:, None] * top) >> 16) + ((b1[:, None] * bottom) >> 16) + 2 >> 2
-    return np.clip(out, 0, 255).astype(np.uint8)
+    out = rows[:, y0] * b0[:, None]
+    out >>= 16
+    lower = rows[:, y1] * b1[:, None]
+    lower >>= 16
+    out += lower
+    out += 2
+    out >>= 2
+    return out.astype(np.uint8)  # at most (2^11 * 32640 >> 16 + 2) >> 2 = 255
