@@ -361,6 +361,12 @@ class Net(nn.Module):
     def layer(self, name: str) -> CaffeLayer:
         return self.layers[self._steps[self.layer_names.index(name)].key]
 
+    def set_input_arrays(self, data, labels, layer: str | None = None) -> None:
+        """Give the MemoryData layer its arrays (pycaffe's call); a DataFeed then serves them."""
+        from .data.array_sources import set_input_arrays
+
+        set_input_arrays(self, data, labels, layer)
+
     def learnable_params(self) -> list[ParamInfo]:
         """Each learnable blob once (shared ones under their owner), with its multipliers."""
         return [info for info in self.param_infos if info.owner is None]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import os
 
-from ..errors import LayerConfigError
+from ..errors import CaffeAlexError, LayerConfigError
 from ..proto import caffe_pb2
 from ..registry import CaffeLayer, register
 
@@ -120,12 +120,13 @@ class DataLayer(_Source):
 
     def _first_datum(self, source: str):
         backend = caffe_pb2.DataParameter.DB.Name(self.param.backend)
-        read = _first_lmdb_value if backend == "LMDB" else _first_leveldb_value
         try:
-            value = read(source)
+            value = _first_value(source, backend)
             datum = None if value is None else caffe_pb2.Datum.FromString(value)
         except LayerConfigError:
             raise
+        except CaffeAlexError as exc:  # from db.py
+            raise LayerConfigError(f"cannot read {backend} source: {exc.message}") from None
         except Exception as exc:  # lmdb.Error, plyvel.Error, protobuf's DecodeError
             raise LayerConfigError(f"cannot read {backend} source '{source}': {exc}") from None
         if datum is None:
@@ -133,33 +134,21 @@ class DataLayer(_Source):
         return datum
 
 
-def _first_lmdb_value(path: str) -> bytes | None:
-    try:
-        import lmdb
-    except ImportError:
-        raise LayerConfigError("reading an LMDB source needs the lmdb package") from None
-    env = lmdb.open(path, readonly=True, lock=False, subdir=os.path.isdir(path))
-    try:
-        with env.begin() as txn:
-            cursor = txn.cursor()
-            return bytes(cursor.value()) if cursor.first() else None
-    finally:
-        env.close()
+def _first_value(path: str, backend: str) -> bytes | None:
+    """The first record in key order, through db.py (which keeps one handle per process, so
+    reading here does not clash with a loader reading the same database)."""
+    if backend == "LEVELDB":
+        try:
+            import plyvel  # noqa: F401
+        except ImportError:
+            raise LayerConfigError(
+                "reading a LEVELDB source needs the plyvel package, which is not installed "
+                "(backend LEVELDB is data_param's default; set backend: LMDB for an LMDB source)"
+            ) from None
+    from ..data.db import open_db
 
-
-def _first_leveldb_value(path: str) -> bytes | None:
-    try:
-        import plyvel
-    except ImportError:
-        raise LayerConfigError(
-            "reading a LEVELDB source needs the plyvel package, which is not installed "
-            "(backend LEVELDB is data_param's default; set backend: LMDB for an LMDB source)"
-        ) from None
-    db = plyvel.DB(path, create_if_missing=False)
-    try:
-        return next(db.iterator(include_key=False), None)
-    finally:
-        db.close()
+    with open_db(path, backend.lower()) as db:
+        return next(iter(db), (None, None))[1]
 
 
 @register("ImageData")
