@@ -104,8 +104,9 @@ def resolve_device(gpu: str | None):
     help="Declare an input's shape (e.g. data=32,3,227,227), for data layers whose "
     "source is not at hand. Repeatable.",
 )
+@_option("weights", default=None, help="Trained weights to load first (comma-separated list).")
 @user_errors
-def time(model, iterations, gpu, phase, level, stage, input_shape) -> None:
+def time(model, iterations, gpu, phase, level, stage, input_shape, weights) -> None:
     """Time the forward and backward pass of MODEL, per layer, like ``caffe time``."""
     from .net import Net
     from .timing import report_lines, time_net
@@ -116,6 +117,8 @@ def time(model, iterations, gpu, phase, level, stage, input_shape) -> None:
     stages = [s for s in stage.split(",") if s]
     shapes = parse_input_shapes(input_shape)
     net = Net.from_prototxt(model, phase.upper(), level=level, stages=stages, input_shapes=shapes)
+    if weights:
+        net.load_weights(weights)
     report = time_net(net, iterations, device, log=log)
     for line in report_lines(report):
         log(line)

@@ -358,6 +358,20 @@ class Net(nn.Module):
                 result[name] = blobs
         return result
 
+    def load_weights(self, paths):
+        """Copy trained weights by layer name from .caffemodel / .h5 / .pt / .safetensors
+        files (a list, or a comma-separated string, loaded in order), as Caffe's
+        CopyTrainedLayersFrom does; returns a caffe_alex.weights.LoadReport."""
+        from .weights import load_weights
+
+        return load_weights(self, paths)
+
+    def save_weights(self, path, *, with_diffs: bool = False) -> None:
+        """Write the blobs as .caffemodel, .caffemodel.h5, .pt or .safetensors (by extension)."""
+        from .weights import save_weights
+
+        save_weights(self, path, with_diffs=with_diffs)
+
     def layer(self, name: str) -> CaffeLayer:
         return self.layers[self._steps[self.layer_names.index(name)].key]
 

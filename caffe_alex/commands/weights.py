@@ -1,0 +1,77 @@
+"""``caffe-alex convert`` and ``caffe-alex inspect``: weights files without writing Python."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from ..cli import _option, main, parse_input_shapes, user_errors
+
+
+@main.command()
+@click.argument("source")
+@click.argument("destination")
+@_option("model", default=None, help="Net definition (needed where the target format needs it).")
+@_option(
+    "phase",
+    type=click.Choice(["TRAIN", "TEST"], case_sensitive=False),
+    default="TEST",
+    show_default=True,
+    help="Phase of the net built from --model.",
+)
+@_option("with-diffs", is_flag=True, help="Also write diffs (gradients; zeros in a fresh net).")
+@_option("input-shape", multiple=True, metavar="NAME=D1,D2,...", help="Shape of a data input.")
+@user_errors
+def convert(source, destination, model, phase, with_diffs, input_shape) -> None:
+    """Convert weights SOURCE to DESTINATION, formats by extension: .caffemodel,
+    .caffemodel.h5, .pt, .safetensors; mean files .binaryproto <-> .npy."""
+    from ..convert import convert as run
+
+    shapes = parse_input_shapes(input_shape)
+    summary = run(source, destination, model=model, phase=phase, with_diffs=with_diffs,
+                  input_shapes=shapes)  # fmt: skip
+    click.echo(summary)
+
+
+@main.command()
+@click.argument("path")
+@user_errors
+def inspect(path) -> None:
+    """List the layers, blob shapes, dtypes and parameter counts of a weights file
+    (.caffemodel, .caffemodel.h5, .pt, .safetensors) or a .binaryproto mean file."""
+    from ..weights import read_binaryproto, read_weights
+
+    if path.lower().endswith(".binaryproto"):
+        array = read_binaryproto(path)
+        click.echo(f"{path}: BlobProto, shape {list(array.shape)}, {array.size} values")
+        return
+    ws = read_weights(path)
+    for line in inspect_lines(ws, os.path.getsize(path)):
+        click.echo(line)
+
+
+def inspect_lines(ws, size: int) -> list[str]:
+    version = f", format version {ws.version}" if ws.format == "caffemodel" else ""
+    name = f', net "{ws.net_name}"' if ws.net_name else ""
+    lines = [f"{ws.path}: {ws.format}{version}{name}, {size:,} bytes"]
+    rows = [("layer", "type", "blob", "shape", "dtype", "count")]
+    total = blobs = 0
+    for lw in ws.layers:
+        if not lw.blobs:
+            rows.append((lw.name, lw.type, "-", "", "", ""))
+        for j, blob in enumerate(lw.blobs):
+            if blob is None:
+                rows.append((lw.name, lw.type, str(j), "(shared, not stored)", "", ""))
+                continue
+            shape = "x".join(map(str, blob.shape)) or "scalar"
+            shape += " (legacy 4-D)" if blob.legacy else ""
+            rows.append(
+                (lw.name, lw.type, str(j), shape, str(blob.data.dtype), f"{blob.data.size:,}")
+            )
+            total += blob.data.size
+            blobs += 1
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.append(f"total: {total:,} parameters in {blobs} blobs, {len(ws.layers)} layers")
+    return lines
