@@ -102,7 +102,13 @@ class LRNLayer(CaffeLayer):
         # Half precision (autocast) would lose the small alpha/n * sum next to k: work in float32.
         low = x.dtype in (torch.float16, torch.bfloat16)
         work = x.float() if low else x
-        if self.across:
+        if self.across and torch.compiler.is_exporting():
+            # Under torch.export (ONNX export): an opaque op that onnx_export.py writes as
+            # ONNX's LRN node (same formula), not the Function's in-place slice additions.
+            from ..onnx_export import lrn_across_channels
+
+            y = lrn_across_channels(work, self.size, self.alpha, self.beta, self.k)
+        elif self.across:
             y = cross_channel_lrn(work, self.size, self.alpha, self.beta, self.k)
         else:
             y = within_channel_lrn(work, self.size, self.alpha, self.beta)

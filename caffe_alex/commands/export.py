@@ -1,0 +1,37 @@
+"""``caffe-alex export``: a net definition (and its weights) as an ONNX model."""
+
+from __future__ import annotations
+
+import click
+
+from ..cli import _option, main, parse_input_shapes, user_errors
+from ..log import get_logger
+
+
+@main.command()
+@_option("model", required=True, help="Net definition (deploy prototxt), built in TEST phase.")
+@_option("weights", default=None, help="Trained weights (.caffemodel); comma-separated list ok.")
+@_option("opset", type=int, default=None, help="ONNX opset version [default: 18].")
+@_option("dynamic-batch", is_flag=True, help="Let the batch axis (axis 0 of inputs) vary.")
+@_option(
+    "input-shape",
+    multiple=True,
+    metavar="NAME=D1,D2,...",
+    help="Declare an input's shape (e.g. data=1,3,227,227). Repeatable.",
+)
+@click.argument("output")
+@user_errors
+def export(model, weights, opset, dynamic_batch, input_shape, output) -> None:
+    """Write MODEL (with --weights) as the ONNX model OUTPUT; inputs and outputs keep the
+    Caffe blob names. Without --weights the layers keep their fillers' values."""
+    from ..net import Net
+    from ..onnx_export import DEFAULT_OPSET, export_onnx
+
+    net = Net.from_prototxt(model, "TEST", input_shapes=parse_input_shapes(input_shape))
+    if weights:
+        net.load_weights(weights)  # logs what it copied and which layers it lacked
+    result = export_onnx(net, output, opset=opset or DEFAULT_OPSET, dynamic_batch=dynamic_batch)
+    get_logger().info(
+        f"Wrote {result.path} (opset {result.opset}, {result.size_bytes / 2**20:.1f} MiB, "
+        f"{result.seconds:.1f} s): inputs {result.inputs}, outputs {result.outputs}"
+    )
