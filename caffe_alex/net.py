@@ -432,7 +432,9 @@ class Net(nn.Module):
         self.blobs, self.loss = {}, None
         blobs = self._bind_inputs(args, kwargs)
         shapes = {n: tuple(blobs[n].shape) for n in self.input_names}
-        if shapes != self._input_shapes:
+        # Under torch.export the check would pin a symbolic batch size to the example's; the
+        # layers read their shapes from the tensors anyway.
+        if not _exporting() and shapes != self._input_shapes:
             self.reshape(**shapes)
         loss = None
         for step in self._steps:
@@ -453,6 +455,11 @@ class Net(nn.Module):
         self.blobs = blobs
         self.loss = loss
         return {name: blobs[name] for name in self.output_names}
+
+
+def _exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.3
+    return bool(is_exporting and is_exporting())
 
 
 def blob_proto_to_array(proto: caffe_pb2.BlobProto) -> np.ndarray:

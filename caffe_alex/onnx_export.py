@@ -74,12 +74,6 @@ class _Outputs(nn.Module):
         self.net = net
 
     def forward(self, *inputs):
-        # Net.forward re-runs shape inference when the input shapes differ from the last ones,
-        # a Python comparison that would pin a symbolic batch size to the example's. Presenting
-        # these shapes as the current ones skips it; the layers read shapes from the tensors.
-        self.net._input_shapes = {
-            n: tuple(x.shape) for n, x in zip(self.net.input_names, inputs, strict=True)
-        }
         blobs = self.net(*inputs)
         return tuple(blobs[name] for name in self.net.output_names)
 
@@ -210,7 +204,7 @@ def to_onnx_model(net, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = Fals
 
     _check_net(net)
     inputs = _example_inputs(net, dynamic_batch)
-    was_training, saved_shapes = net.training, dict(net._input_shapes)
+    was_training = net.training
     net.eval()
     try:
         with _quiet():
@@ -232,7 +226,7 @@ def to_onnx_model(net, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = Fals
                 raise _fail(where, f"cannot export to ONNX: {_innermost(exc)}") from exc
     finally:
         net.train(was_training)
-        net._input_shapes, net.blobs, net.loss = saved_shapes, {}, None  # drop traced values
+        net.blobs, net.loss = {}, None  # drop traced values
     return model
 
 
