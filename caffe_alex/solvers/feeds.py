@@ -1,0 +1,85 @@
+"""Batches for the solver's nets, counted so that a snapshot can record where each feed is.
+
+By default each net with data layers gets caffe_alex.data.loader.make_feed (train: the solver's
+seed; test net i: seed + 1 + i); ``feeds`` may instead give, per net, any iterator of
+{input name: tensor} dicts: a dict {"train": it, "test": [it, ...]} or a callable
+``feeds(net, index)`` (index None for the train net, i for test net i). On resume a feed with
+``load_state`` (DataFeed) gets its saved state, one with ``skip(n)`` skips, any other is read
+forward to the saved count.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import CaffeAlexError
+from ..log import get_logger
+
+log = get_logger()
+
+
+class TrackedFeed:
+    def __init__(self, make, net, name: str):
+        self._make, self.net, self.name = make, net, name
+        self.feed = None
+        self.batches = 0  # batches handed out since the start of training
+        self.owned = False  # made here by make_feed (so it may be remade with another seed)
+
+    def _open(self):
+        if self.feed is None:
+            self.feed, self.owned = self._make()
+            _check_inputs(self.net, self.feed, self.name)
+        return self.feed
+
+    def __next__(self) -> dict:
+        # a DataLoader draws its base seed from torch's global RNG whenever it (re)starts: keep
+        # that draw away from the RNG that dropout uses, or a resumed run would drift
+        with torch.random.fork_rng(devices=[]):
+            batch = next(self._open())
+        self.batches += 1
+        return batch
+
+    def state(self) -> dict:
+        inner = self._open()
+        saved = inner.state() if hasattr(inner, "state") else None
+        return {"batches": self.batches, "state": saved}
+
+    def load_state(self, saved: dict, remake=None) -> None:
+        inner = self._open()
+        state, target = saved.get("state"), int(saved["batches"])
+        if state is not None and hasattr(inner, "load_state"):
+            reseed = state.get("seed") != getattr(inner, "seed", None)
+            if self.owned and remake is not None and reseed:  # a random seed: use the saved one
+                self.feed = inner = remake(state["seed"])
+            inner.load_state(state)
+        else:
+            self.skip_to(target)
+        self.batches = target
+
+    def skip_to(self, target: int) -> None:
+        inner = self._open()
+        if hasattr(inner, "skip"):
+            inner.skip(target - self.batches)
+        elif target >= self.batches:
+            for _ in range(target - self.batches):
+                next(inner)
+        else:
+            raise CaffeAlexError(f"the {self.name} feed cannot go back to batch {target}")
+        self.batches = target
+
+    def close(self) -> None:
+        if self.feed is not None and hasattr(self.feed, "close"):
+            self.feed.close()
+
+
+def _check_inputs(net, feed, name: str) -> None:
+    tops = getattr(feed, "tops", None)
+    if tops is None:
+        return
+    missing = [n for n in net.input_names if n not in tops]
+    if missing:
+        raise CaffeAlexError(
+            f"the {name} net has input(s) {missing} that no data layer feeds (Input layers); "
+            "training needs data layers (Data, ImageData, HDF5Data, MemoryData) or feeds given "
+            "to the Solver"
+        )

@@ -1,0 +1,118 @@
+"""The solver's nets (Caffe's Solver::InitTrainNet / InitTestNets / ShareTrainedLayersWith).
+
+The train net comes from exactly one of net, net_param, train_net, train_net_param; test nets
+from test_net_param, then test_net, then as many copies of the generic net (net/net_param) as
+test_iter has entries left. Each net's state is {phase} merged with the net file's own state,
+then with train_state / test_state[i]. Inline nets in the old V0/V1 format are upgraded here
+(Caffe leaves them as they are and would fail to build them); net files are upgraded when read.
+"""
+
+from __future__ import annotations
+
+from ..errors import CaffeAlexError, SourceMap
+from ..log import get_logger
+from ..net import Net
+from ..proto import caffe_pb2
+from ..prototxt import read_net
+from ..upgrade import net_needs_upgrade, upgrade_net
+
+log = get_logger()
+
+
+def _inline(net_param, field: str, source_path):
+    if net_needs_upgrade(net_param):
+        log.info("Upgrading the solver's inline %s from a deprecated format", field)
+        net_param = upgrade_net(net_param, f"{source_path or 'solver'} ({field})")
+    return net_param, SourceMap(path=source_path)
+
+
+def _net_state(net_param, phase: str, override: caffe_pb2.NetState | None):
+    """(phase, level, stages) to hand to Net, which itself adds the file's own state under
+    them (the net's stages come first, then these)."""
+    state = caffe_pb2.NetState(phase=caffe_pb2.Phase.Value(phase))
+    state.MergeFrom(net_param.state)
+    if override is not None:
+        state.MergeFrom(override)
+    stages = list(override.stage) if override is not None else []
+    return caffe_pb2.Phase.Name(state.phase), state.level, stages
+
+
+def _build(net_param, source, phase, override, device) -> Net:
+    phase, level, stages = _net_state(net_param, phase, override)
+    net = Net(net_param, phase, level=level, stages=stages, source=source)
+    return net.to(device) if device is not None else net
+
+
+def build_train_net(param, source_path, device) -> Net:
+    given = [f for f in ("net", "net_param", "train_net", "train_net_param") if param.HasField(f)]
+    if len(given) != 1:
+        raise CaffeAlexError(
+            "the solver must specify exactly one train net among net, net_param, train_net, "
+            f"train_net_param (it gives {', '.join(given) or 'none'})"
+        )
+    field = given[0]
+    if field.endswith("_param"):
+        log.info("Creating training net specified in %s.", field)
+        net_param, source = _inline(getattr(param, field), field, source_path)
+    else:
+        log.info("Creating training net from %s file: %s", field, getattr(param, field))
+        net_param, source = read_net(getattr(param, field))
+    return _build(net_param, source, "TRAIN", param.train_state, device)
+
+
+def build_test_nets(param, source_path, device) -> list[Net]:
+    if param.HasField("net") and param.HasField("net_param"):
+        raise CaffeAlexError("the solver may not specify both net and net_param")
+    specific = len(param.test_net_param) + len(param.test_net)
+    generic = param.HasField("net") or param.HasField("net_param")
+    if (len(param.test_iter) < specific) if generic else (len(param.test_iter) != specific):
+        raise CaffeAlexError(
+            f"test_iter must be given once per test net ({specific} test net(s) specified, "
+            f"{len(param.test_iter)} test_iter)"
+        )
+    count = specific + (len(param.test_iter) - specific if generic else 0)
+    if param.test_state and len(param.test_state) != count:
+        raise CaffeAlexError(
+            f"test_state must be unspecified or given once per test net ({count} test nets, "
+            f"{len(param.test_state)} test_state)"
+        )
+    if count and param.test_interval <= 0:
+        raise CaffeAlexError(f"test_interval must be > 0 when there are test nets ({count})")
+    specs = [(p, "test_net_param", None) for p in param.test_net_param]
+    specs += [(None, "test_net file", path) for path in param.test_net]
+    while len(specs) < count:
+        specs.append((param.net_param, "net_param", None) if param.HasField("net_param")
+                     else (None, "net file", param.net))  # fmt: skip
+    nets = []
+    for i, (inline, what, path) in enumerate(specs):
+        log.info("Creating test net (#%d) specified by %s", i, f"{what}: {path}" if path else what)
+        if path is None:
+            net_param, source = _inline(inline, what, source_path)
+        else:
+            net_param, source = read_net(path)
+        override = param.test_state[i] if param.test_state else None
+        nets.append(_build(net_param, source, "TEST", override, device))
+    return nets
+
+
+def share_trained_layers(test_net: Net, train_net: Net) -> None:
+    """Give each test-net layer named like a train-net layer that layer's blob objects (weights
+    and statistics such as BatchNorm's), so the test net always sees the trained values."""
+    for name in dict.fromkeys(train_net.layer_names):
+        if name not in test_net.layer_names:
+            continue
+        source, target = train_net.layer(name).blobs, test_net.layer(name).blobs
+        if len(source) != len(target):
+            raise CaffeAlexError(
+                f"cannot share layer '{name}' with the test net: {len(source)} blobs in the "
+                f"train net, {len(target)} in the test net"
+            )
+        for i, blob in enumerate(source):
+            if tuple(blob.shape) != tuple(target[i].shape):
+                raise CaffeAlexError(
+                    f"cannot share blob {i} of layer '{name}' with the test net: shape "
+                    f"{list(blob.shape)} in the train net, {list(target[i].shape)} in the test net"
+                )
+            target[i] = blob
+    for info in test_net.param_infos:
+        info.param = test_net.layer(info.layer).blobs[info.index]
