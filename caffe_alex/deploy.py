@@ -1,0 +1,400 @@
+"""Classify images and pull features with trained weights: pycaffe's caffe.io and Classifier.
+
+    from caffe_alex.deploy import Classifier, load_image
+    clf = Classifier("deploy.prototxt", "w.caffemodel", image_dims=(256, 256),
+                     mean=np.array([104, 117, 123]), raw_scale=255, channel_swap=(2, 1, 0))
+    probs = clf.predict([load_image("cat.jpg")], oversample=False)   # N x classes
+
+The preprocessing is pycaffe's, step by step: images load as RGB float32 in [0, 1] (H x W x K),
+are resized to ``image_dims``, centre cropped to the net input (or cut into the 10 crops of
+``oversample``), then ``Transformer.preprocess``: HWC -> CHW, channel swap (RGB -> BGR), times
+``raw_scale``, minus the mean, times ``input_scale``.
+
+``resize_image`` is pycaffe's: the image is stretched to [0, 1] by its own min and max, resized
+with skimage's order-1 interpolation, and stretched back. Written here in NumPy after the
+skimage of Caffe's time (<= 0.14): bilinear at pixel centres, no antialiasing, samples beyond
+the border count as the constant 0 of the stretched image (i.e. the image minimum), which only
+matters when enlarging. skimage >= 0.15 blurs before shrinking (``anti_aliasing``), so pycaffe
+on a recent skimage gives slightly different pixels when shrinking; images of another channel
+count than 1 or 3 go through the same code (pycaffe uses scipy's zoom for them).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .data.datum import ImageError
+from .errors import CaffeAlexError
+
+IMAGE_EXTENSIONS = frozenset(
+    ".jpg .jpeg .jpe .png .bmp .gif .tif .tiff .webp .ppm .pgm .pbm .pnm".split()
+)
+# skimage's rgb2gray weights (ITU-R 709), which pycaffe's load_image(color=False) uses
+_GREY = np.array([0.2125, 0.7154, 0.0721])
+
+
+# ---- images -------------------------------------------------------------------------------
+def load_image(path, color: bool = True) -> np.ndarray:
+    """An image file as H x W x 3 RGB (or H x W x 1 grey) float32 in [0, 1], as pycaffe's
+    caffe.io.load_image: alpha is dropped, grey images are repeated to 3 channels when
+    ``color``. An unreadable file raises ImageError naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            array = _pil_to_float(image)
+    except OSError as exc:
+        raise ImageError(f"cannot read image '{path}': {_reason(exc)}") from None
+    except Exception as exc:  # PIL raises assorted errors on damaged files
+        raise ImageError(f"cannot decode image '{path}': {_reason(exc)}") from None
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if not color and array.shape[2] == 3:
+        return (array @ _GREY)[:, :, None].astype(np.float32)
+    if color and array.shape[2] == 1:
+        array = np.repeat(array, 3, axis=2)
+    return array.astype(np.float32, copy=False)
+
+
+def _reason(exc: Exception) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _pil_to_float(image) -> np.ndarray:
+    # skimage.img_as_float: integers divide by their type's maximum, floats stay as they are
+    if image.mode.startswith("I;16"):
+        return np.asarray(image, dtype=np.float64) / 65535.0
+    if image.mode == "F":
+        return np.asarray(image, dtype=np.float64)
+    if image.mode == "I":
+        return np.asarray(image, dtype=np.float64) / 2147483647.0
+    if image.mode not in ("L", "RGB"):
+        image = image.convert("L" if image.mode in ("1", "LA") else "RGB")
+    return np.asarray(image, dtype=np.float64) / 255.0
+
+
+def _resize_axis(n_in: int, n_out: int):
+    """Source indices and weights of skimage's order-1 resize along one axis: the output pixel
+    centre maps to ``(i + 0.5) * n_in / n_out - 0.5``; a neighbour beyond the edge weighs 0."""
+    pos = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    lo = np.floor(pos).astype(np.int64)
+    frac = pos - lo
+    hi = lo + 1
+    w_lo = np.where((lo >= 0) & (lo < n_in), 1.0 - frac, 0.0)
+    w_hi = np.where((hi >= 0) & (hi < n_in), frac, 0.0)
+    return np.clip(lo, 0, n_in - 1), np.clip(hi, 0, n_in - 1), w_lo, w_hi
+
+
+def _bilinear(im: np.ndarray, dims) -> np.ndarray:
+    r0, r1, a0, a1 = _resize_axis(im.shape[0], int(dims[0]))
+    c0, c1, b0, b1 = _resize_axis(im.shape[1], int(dims[1]))
+    rows = im[r0] * a0[:, None, None] + im[r1] * a1[:, None, None]
+    return rows[:, c0] * b0[None, :, None] + rows[:, c1] * b1[None, :, None]
+
+
+def resize_image(im: np.ndarray, new_dims) -> np.ndarray:
+    """pycaffe's caffe.io.resize_image (order 1) of an H x W x K array -> float32."""
+    im = np.asarray(im, dtype=np.float64)
+    low, high = im.min(), im.max()
+    if high == low:  # a constant image: pycaffe fills instead of dividing by zero
+        return np.full((int(new_dims[0]), int(new_dims[1]), im.shape[-1]), low, np.float32)
+    stretched = _bilinear((im - low) / (high - low), new_dims)
+    return (np.clip(stretched, 0.0, 1.0) * (high - low) + low).astype(np.float32)
+
+
+def oversample(images, crop_dims) -> np.ndarray:
+    """pycaffe's caffe.io.oversample: per image the 4 corner crops and the centre crop, then
+    the same 5 mirrored left-right: (10 N) x h x w x K."""
+    images = np.asarray(images, dtype=np.float32)
+    h, w = int(crop_dims[0]), int(crop_dims[1])
+    H, W = images.shape[1:3]
+    top, left = _centre_origin((H, W), (h, w))
+    origins = [(0, 0), (0, W - w), (H - h, 0), (H - h, W - w), (top, left)]
+    crops = np.stack([images[:, y : y + h, x : x + w] for y, x in origins], axis=1)
+    crops = np.concatenate([crops, crops[:, :, :, ::-1]], axis=1)
+    return crops.reshape(-1, h, w, images.shape[-1])
+
+
+_oversample = oversample  # Classifier.predict's flag shadows the name
+
+
+def _centre_origin(image_dims, crop_dims) -> tuple[int, int]:
+    # pycaffe computes centre - crop/2 in floats and truncates to int
+    return tuple(int(i / 2.0 - c / 2.0) for i, c in zip(image_dims, crop_dims))
+
+
+def center_crop(images, crop_dims) -> np.ndarray:
+    """The centre crop of each N x H x W x K image as pycaffe's Classifier takes it."""
+    images = np.asarray(images, dtype=np.float32)
+    top, left = _centre_origin(images.shape[1:3], crop_dims)
+    return images[:, top : top + int(crop_dims[0]), left : left + int(crop_dims[1])]
+
+
+# ---- Transformer ----------------------------------------------------------------------------
+class Transformer:
+    """pycaffe's caffe.io.Transformer: per input blob, the steps from an H x W x K image to a
+    K x H x W net input. ``inputs`` maps blob names to their (N, K, H, W) shapes."""
+
+    def __init__(self, inputs: dict[str, Sequence[int]]):
+        self.inputs = {k: tuple(int(d) for d in v) for k, v in inputs.items()}
+        self.transpose, self.channel_swap, self.raw_scale = {}, {}, {}
+        self.mean, self.input_scale = {}, {}
+
+    def _check(self, name: str) -> None:
+        if name not in self.inputs:
+            raise CaffeAlexError(f"'{name}' is not one of the net inputs: {list(self.inputs)}")
+
+    def set_transpose(self, name: str, order) -> None:
+        self._check(name)
+        if len(order) != len(self.inputs[name]) - 1:
+            raise CaffeAlexError("the transpose order needs one entry per input axis (C, H, W)")
+        self.transpose[name] = tuple(order)
+
+    def set_channel_swap(self, name: str, order) -> None:
+        """Channel order taken after the transpose, e.g. (2, 1, 0) for RGB -> BGR."""
+        self._check(name)
+        if len(order) != self.inputs[name][1]:
+            raise CaffeAlexError(
+                f"the channel swap {tuple(order)} needs {self.inputs[name][1]} entries, "
+                "one per input channel"
+            )
+        self.channel_swap[name] = list(order)
+
+    def set_raw_scale(self, name: str, scale: float) -> None:
+        self._check(name)
+        self.raw_scale[name] = scale
+
+    def set_input_scale(self, name: str, scale: float) -> None:
+        self._check(name)
+        self.input_scale[name] = scale
+
+    def set_mean(self, name: str, mean) -> None:
+        """Per-channel (K,) values, or a K x H x W image; an image of another size is resized
+        to the input's (pycaffe's rule, which resizes rather than crops)."""
+        self._check(name)
+        mean = np.asarray(mean, dtype=np.float32)
+        want = self.inputs[name][1:]
+        if mean.ndim == 1:
+            if mean.shape[0] != want[0]:
+                raise CaffeAlexError(
+                    f"the mean has {mean.shape[0]} channels, the input '{name}' {want[0]}"
+                )
+            mean = mean[:, None, None]
+        else:
+            mean = mean[None] if mean.ndim == 2 else mean
+            if mean.ndim != 3 or mean.shape[0] != want[0]:
+                raise CaffeAlexError(f"the mean's shape {mean.shape} does not fit {want}")
+            if mean.shape != want:
+                mean = resize_image(mean.transpose(1, 2, 0), want[1:]).transpose(2, 0, 1)
+        self.mean[name] = mean
+
+    def preprocess(self, name: str, data: np.ndarray) -> np.ndarray:
+        """H x W x K image -> K x H x W float32 net input."""
+        return self.preprocess_batch(name, np.asarray(data)[None])[0]
+
+    def preprocess_batch(self, name: str, batch: np.ndarray) -> np.ndarray:
+        """N x H x W x K images -> N x K x H x W, each as ``preprocess`` does it."""
+        self._check(name)
+        batch = np.asarray(batch, dtype=np.float32)
+        dims = self.inputs[name][2:]
+        if batch.shape[1:3] != dims:
+            batch = np.stack([resize_image(im, dims) for im in batch])
+        if name in self.transpose:
+            batch = batch.transpose(0, *(a + 1 for a in self.transpose[name]))
+        if name in self.channel_swap:
+            batch = batch[:, self.channel_swap[name]]
+        batch = np.array(batch, dtype=np.float32)  # own contiguous copy: the steps below write
+        if name in self.raw_scale:
+            batch *= np.float32(self.raw_scale[name])
+        if name in self.mean:
+            batch -= self.mean[name]
+        if name in self.input_scale:
+            batch *= np.float32(self.input_scale[name])
+        return batch
+
+    def deprocess(self, name: str, data: np.ndarray) -> np.ndarray:
+        """Undo ``preprocess`` (K x H x W -> H x W x K)."""
+        self._check(name)
+        out = np.array(data, dtype=np.float32).squeeze()
+        if name in self.input_scale:
+            out /= self.input_scale[name]
+        if name in self.mean:
+            out += self.mean[name]
+        if name in self.raw_scale:
+            out /= self.raw_scale[name]
+        if name in self.channel_swap:
+            out = out[np.argsort(self.channel_swap[name])]
+        if name in self.transpose:
+            out = out.transpose(np.argsort(self.transpose[name]))
+        return out
+
+
+# ---- Classifier -----------------------------------------------------------------------------
+class Classifier:
+    """pycaffe's caffe.Classifier: a TEST-phase net with a Transformer for its first input.
+
+    ``model`` is a prototxt path or a built Net; ``weights`` files load as Net.load_weights.
+    ``image_dims`` (default: the net input's H x W) is the size images are resized to before
+    cropping. ``predict`` returns the net's first output (sorted by name, as pycaffe's
+    ``outputs[0]``) per image, averaged over the 10 crops when oversampling."""
+
+    def __init__(self, model, weights=None, image_dims=None, mean=None, input_scale=None,
+                 raw_scale=None, channel_swap=None, *, device="cpu", batch_size=None):  # fmt: skip
+        from .net import Net
+
+        net = model if isinstance(model, Net) else Net.from_prototxt(model, "TEST")
+        if weights:
+            net.load_weights(weights)
+        self.device = torch.device(device)
+        self.net = net.to(self.device).eval()
+        if not net.input_names:
+            raise CaffeAlexError("the net has no input blob to feed images to")
+        self.input = net.input_names[0]
+        shape = net.blob_shapes[self.input]
+        if len(shape) != 4:
+            raise CaffeAlexError(f"input '{self.input}' has shape {shape}; images need N,K,H,W")
+        self.transformer = Transformer({self.input: shape})
+        self.transformer.set_transpose(self.input, (2, 0, 1))
+        if mean is not None:
+            self.transformer.set_mean(self.input, mean)
+        if input_scale is not None:
+            self.transformer.set_input_scale(self.input, input_scale)
+        if raw_scale is not None:
+            self.transformer.set_raw_scale(self.input, raw_scale)
+        if channel_swap is not None:
+            self.transformer.set_channel_swap(self.input, channel_swap)
+        self.crop_dims = tuple(shape[2:])
+        self.image_dims = tuple(int(d) for d in (image_dims or self.crop_dims))
+        if any(i < c for i, c in zip(self.image_dims, self.crop_dims)):
+            raise CaffeAlexError(
+                f"image dims {self.image_dims} are smaller than the net input {self.crop_dims}"
+            )
+        self.channels = shape[1]
+        self.batch_size = int(batch_size or shape[0])
+        self.output = net.output_names[0]
+
+    def prepare(self, inputs, oversample: bool = True) -> np.ndarray:
+        """H x W x K images -> the preprocessed crops, N (or 10 N) x K x h x w."""
+        resized = np.stack([resize_image(im, self.image_dims) for im in inputs])
+        if oversample:
+            crops = _oversample(resized, self.crop_dims)
+        else:
+            crops = center_crop(resized, self.crop_dims)
+        return self.transformer.preprocess_batch(self.input, crops)
+
+    def predict(self, inputs, oversample: bool = True) -> np.ndarray:
+        """N x classes output for a list of H x W x K images (pycaffe's predict)."""
+        out = self.forward_all(self.prepare(inputs, oversample))
+        return out.reshape(len(out) // 10, 10, -1).mean(1) if oversample else out
+
+    @torch.inference_mode()
+    def forward_all(self, caffe_in: np.ndarray, blobs: Sequence[str] | None = None):
+        """Run preprocessed inputs through the net in chunks of ``batch_size``; the first
+        output flattened per item, or a dict of the named blobs."""
+        names = [self.output] if blobs is None else list(blobs)
+        parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        for start in range(0, len(caffe_in), self.batch_size):
+            chunk = np.ascontiguousarray(caffe_in[start : start + self.batch_size])
+            self.net(**self._inputs(torch.from_numpy(chunk).to(self.device)))
+            for n in names:
+                parts[n].append(self.net.blobs[n].float().cpu().numpy())
+        result = {n: np.concatenate(p) for n, p in parts.items()}
+        return result[self.output].reshape(len(caffe_in), -1) if blobs is None else result
+
+    def _inputs(self, chunk: torch.Tensor) -> dict[str, torch.Tensor]:
+        # other inputs (e.g. a data layer's label top) get zeros of their declared shape
+        feed = {self.input: chunk}
+        for name in self.net.input_names[1:]:
+            shape = (len(chunk), *self.net.blob_shapes[name][1:])
+            feed[name] = torch.zeros(shape, device=self.device)
+        return feed
+
+    def classify_files(self, paths: Iterable[str], *, oversample=False, batch_size=None,
+                       on_error: Callable[[str, str], None] | None = None):  # fmt: skip
+        """Yield (path, output vector) per readable image, ``batch_size`` images per forward;
+        an unreadable one goes to ``on_error(path, message)`` and is skipped."""
+        for names, images in load_batches(paths, batch_size or self.batch_size,
+                                          self.channels != 1, on_error):  # fmt: skip
+            yield from zip(names, self.predict(images, oversample))
+
+
+# ---- helpers for the commands ---------------------------------------------------------------
+def load_batches(paths: Iterable[str], batch_size: int, color: bool = True,
+                 on_error: Callable[[str, str], None] | None = None) -> Iterator:  # fmt: skip
+    """(names, images) batches of readable images; unreadable ones reported and skipped."""
+    names, images = [], []
+    for path in paths:
+        try:
+            images.append(load_image(path, color))
+            names.append(path)
+        except CaffeAlexError as exc:
+            if on_error is None:
+                raise
+            on_error(path, str(exc))
+        if len(images) == batch_size:
+            yield names, images
+            names, images = [], []
+    if images:
+        yield names, images
+
+
+def expand_images(args: Iterable[str], on_error: Callable[[str, str], None]) -> list[str]:
+    """Image files from files, folders (their image files, sorted) and glob patterns; an
+    argument that names nothing is reported through ``on_error``. A file named explicitly is
+    kept whatever its extension (its decoding decides)."""
+    found: list[str] = []
+    for arg in args:
+        if os.path.isdir(arg):
+            found += sorted(
+                os.path.join(arg, f)
+                for f in os.listdir(arg)
+                if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+                and os.path.isfile(os.path.join(arg, f))
+            )
+        elif os.path.exists(arg) or not glob.has_magic(arg):
+            found.append(arg)
+        else:
+            matches = [m for m in sorted(glob.glob(arg, recursive=True)) if os.path.isfile(m)]
+            if not matches:
+                on_error(arg, f"no file matches '{arg}'")
+            found += matches
+    return found
+
+
+def read_labels(path) -> list[str]:
+    """One label per line (synset_words.txt: 'n01440764 tench, Tinca tinca'), blanks skipped."""
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k highest scores, highest first (ties: lower index first)."""
+    return np.argsort(-np.asarray(scores), kind="stable")[:k]
+
+
+def load_mean(path=None, values=None, mode: str = "image") -> np.ndarray | None:
+    """The mean for Transformer.set_mean: a .binaryproto or .npy mean image (kept as an image,
+    or averaged to per-channel values with ``mode="channel"``), or explicit values."""
+    if path and values is not None:
+        raise CaffeAlexError("give a mean file or mean values, not both")
+    if values is not None:
+        return np.asarray(values, dtype=np.float32).reshape(-1)
+    if not path:
+        return None
+    if str(path).endswith(".npy"):
+        mean = np.load(path).astype(np.float32)
+    else:
+        from .weights import read_binaryproto
+
+        mean = read_binaryproto(path)
+    mean = mean[0] if mean.ndim == 4 else mean
+    return mean.mean(axis=(1, 2)) if mode == "channel" and mean.ndim == 3 else mean
+
+
+from .features import extract_features  # noqa: E402,F401  (part of this module's API)
