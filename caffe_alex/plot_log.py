@@ -1,0 +1,156 @@
+"""Read a training log (ours or Caffe's: glog lines) into rows, and plot its curves.
+
+The rows are those Caffe's tools/extra/parse_log.py makes: one per iteration with train net
+outputs and one per test pass, each with NumIters, Seconds (since the "Solving ..." line, or
+the first glog time stamp without one) and LearningRate (the last ``lr = `` seen; the first
+row takes the second's, as parse_log does since no rate is logged before it). We also keep the
+smoothed loss of ``Iteration N (...), loss = L`` lines and the test net index of ``Testing net
+(#k)``. The expressions are written from the line formats.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+
+_NUMBER = r"[-+]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf)"
+# glog prefix: severity letter, MMDD, wall time with microseconds (no year)
+STAMP = re.compile(r"^[IWEF](\d\d)(\d\d) (\d\d):(\d\d):(\d\d)\.(\d{6})")
+ITERATION = re.compile(r"Iteration (\d+)")
+SMOOTHED_LOSS = re.compile(rf"Iteration \d+(?: \([^)]*\))?, loss = ({_NUMBER})")
+LEARNING_RATE = re.compile(rf"\blr = ({_NUMBER})")
+TESTING = re.compile(r"Testing net \(#(\d+)\)")
+TRAIN_OUTPUT = re.compile(rf"Train net output #(\d+): (\S+) = ({_NUMBER})")
+TEST_OUTPUT = re.compile(rf"Test net output #(\d+): (\S+) = ({_NUMBER})")
+
+
+@dataclass
+class TrainingLog:
+    train: list[dict] = field(default_factory=list)  # NumIters, Seconds, LearningRate, outputs
+    test: list[dict] = field(default_factory=list)  # the same plus TestNet
+    loss: list[tuple[int, float]] = field(default_factory=list)  # smoothed display loss
+    lr: list[tuple[int, float]] = field(default_factory=list)
+
+
+class _Clock:
+    """Seconds since the first stamped line; the year is unknown, so a month going backwards
+    means the log crossed New Year."""
+
+    def __init__(self):
+        self.start = self.last = None
+        self.solving = False
+        self.year = 2000  # a leap year, so that a 29 February stamp parses
+
+    def seconds(self, match, solving: bool) -> float:
+        month, day, hh, mm, ss, us = (int(g) for g in match.groups())
+        if self.last is not None and month < self.last.month:
+            self.year += 1
+        stamp = datetime(self.year, month, day, hh, mm, ss, us)
+        self.last = stamp
+        if self.start is None or (solving and not self.solving):
+            self.start, self.solving = stamp, solving  # parse_log counts from "Solving ..."
+        return (stamp - self.start).total_seconds()
+
+
+def _add(rows: list[dict], iteration, seconds, rate, name, value, extra=None) -> None:
+    """Put an output on the current row, or start a row at a new iteration (or when the name
+    repeats, as the next test pass at the same iteration does)."""
+    row = rows[-1] if rows else None
+    if row is None or row["NumIters"] != iteration or name in row:
+        row = {"NumIters": iteration, "Seconds": seconds, "LearningRate": rate, **(extra or {})}
+        rows.append(row)
+    row[name] = value
+
+
+def parse_lines(lines) -> TrainingLog:
+    log, clock = TrainingLog(), _Clock()
+    iteration, rate, seconds, test_net = None, math.nan, 0.0, 0
+    for line in lines:
+        stamp = STAMP.match(line)
+        if stamp:
+            seconds = clock.seconds(stamp, "Solving" in line)
+        found = ITERATION.search(line)
+        if found:
+            iteration = int(found.group(1))
+        if iteration is None:  # nothing counts before the first iteration line
+            continue
+        if found := LEARNING_RATE.search(line):
+            rate = float(found.group(1))
+            log.lr.append((iteration, rate))
+        if found := SMOOTHED_LOSS.search(line):
+            log.loss.append((iteration, float(found.group(1))))
+        if found := TESTING.search(line):
+            test_net = int(found.group(1))
+        if found := TRAIN_OUTPUT.search(line):
+            _add(log.train, iteration, seconds, rate, found.group(2), float(found.group(3)))
+        if found := TEST_OUTPUT.search(line):
+            extra = {"TestNet": test_net}
+            _add(log.test, iteration, seconds, rate, found.group(2), float(found.group(3)), extra)
+    first = log.lr[0][1] if log.lr else math.nan
+    for rows in (log.train, log.test):
+        if len(rows) > 1:  # parse_log's fix: the first row (before any "lr =") takes the second's
+            rows[0]["LearningRate"] = rows[1]["LearningRate"]
+        for row in rows:
+            if math.isnan(row["LearningRate"]):
+                row["LearningRate"] = first
+    return log
+
+
+def parse_log(path) -> TrainingLog:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return parse_lines(f)
+
+
+def write_csv(rows: list[dict], path) -> None:
+    """Rows as parse_log.py's CSV (columns of the first row first)."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _series(rows: list[dict], name: str):
+    points = [(r["NumIters"], r[name]) for r in rows if name in r]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def _names(rows: list[dict], word: str) -> list[str]:
+    skip = {"NumIters", "Seconds", "LearningRate", "TestNet"}
+    names = dict.fromkeys(k for r in rows for k in r if k not in skip)
+    return [n for n in names if word in n.lower()]
+
+
+def plot(log: TrainingLog, out_path, title: str | None = None) -> None:
+    """Loss (smoothed train loss, train and test loss outputs), accuracy (outputs whose name
+    holds 'acc') and learning rate against iterations, in one image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(3, 1, figsize=(8, 10), sharex=True)
+    if log.loss:
+        ax_loss.plot(*zip(*log.loss), label="train loss (smoothed)")
+    for kind, rows in (("train", log.train), ("test", log.test)):
+        for name in _names(rows, "loss"):
+            ax_loss.plot(*_series(rows, name), marker="." if kind == "test" else None,
+                         label=f"{kind} {name}")  # fmt: skip
+        for name in _names(rows, "acc"):
+            ax_acc.plot(*_series(rows, name), marker=".", label=f"{kind} {name}")
+    if log.lr:
+        ax_lr.plot(*zip(*log.lr), label="learning rate")
+    for ax, label in ((ax_loss, "loss"), (ax_acc, "accuracy"), (ax_lr, "learning rate")):
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        if ax.has_data():
+            ax.legend(loc="best", fontsize="small")
+    ax_lr.set_xlabel("iteration")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
