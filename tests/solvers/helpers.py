@@ -49,7 +49,8 @@ def batches(count=40, seed=0, x_dims=(N, IN), y_dims=(N, OUT)):
 
 def make_solver(net_text, solver_text, data, **kw):
     text = f"net_param {{ {net_text} }}\nsolver_mode: CPU random_seed: 7\n{solver_text}"
-    return Solver(parse_solver_text(text), feeds={"train": data, "test": []}, **kw)
+    kw.setdefault("feeds", {"train": data, "test": []})
+    return Solver(parse_solver_text(text), **kw)
 
 
 # ---- the reference: Caffe's formulas written out in NumPy -------------------------------------

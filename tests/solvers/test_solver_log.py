@@ -1,0 +1,82 @@
+"""The Solver's log lines keep Caffe's shapes (what tools/extra/parse_log.py matches), tests run
+when due, and stop/snapshot requests are honoured between iterations."""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+
+import pytest
+
+from caffe_alex.errors import CaffeAlexError
+from caffe_alex.log import setup_logging
+
+from .helpers import batches, make_solver, tiny_net
+
+SOLVER = """base_lr: 0.01 lr_policy: "fixed" momentum: 0.9 average_loss: 2
+max_iter: {max_iter} display: {display} test_iter: 2 test_interval: 2
+snapshot_prefix: "{prefix}" """
+
+
+def _run(tmp_path, display=2, max_iter=4):
+    stream = io.StringIO()
+    setup_logging(logging.INFO, stream)
+    text = SOLVER.format(prefix=tmp_path / "m", display=display, max_iter=max_iter)
+    solver = make_solver(
+        tiny_net(), text, None, feeds={"train": batches(20), "test": [batches(20, 1)]}
+    )
+    return solver, stream
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    yield
+    setup_logging(logging.INFO)
+
+
+def test_log_lines_parse_like_caffe(tmp_path):
+    solver, stream = _run(tmp_path)
+    solver.solve()
+    text = stream.getvalue()
+    prefix = r"I\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ [\w.]+:\d+\] "
+    for pattern in [
+        r"Iteration 0 \([\d.e+-]+ iter/s, [\d.e+-]+s/2 iters\), loss = [\d.e+-]+",
+        r"Iteration 2 \([\d.e+-]+ iter/s, [\d.e+-]+s/2 iters\), loss = [\d.e+-]+",
+        r"    Train net output #0: loss = [\d.e+-]+ \(\* 1 = [\d.e+-]+ loss\)",
+        r"Iteration 2, lr = 0\.01",
+        r"Iteration 0, Testing net \(#0\)",
+        r"Iteration 4, Testing net \(#0\)",
+        r"    Test net output #0: loss = [\d.e+-]+ \(\* 1 = [\d.e+-]+ loss\)",
+        r"Snapshotting to binary proto file .*m_iter_4\.caffemodel",
+        r"Snapshotting solver state to binary proto file .*m_iter_4\.solverstate",
+        r"Iteration 4, loss = [\d.e+-]+",
+        r"Optimization Done\.",
+    ]:
+        assert re.search(prefix + pattern + "$", text, re.M), pattern
+
+
+def test_smoothed_loss_is_caffes_running_mean(tmp_path):
+    solver, stream = _run(tmp_path, display=1)
+    losses = []
+    solver.callbacks.append(lambda it, loss, rate, ips: losses.append(loss))
+    solver.step(4)
+    shown = [float(v) for v in re.findall(r"\), loss = (\S+)", stream.getvalue())]
+    assert shown == pytest.approx(losses, rel=1e-5)
+
+
+def test_stop_and_snapshot_requests(tmp_path):
+    solver, stream = _run(tmp_path, max_iter=100)
+    solver.callbacks.append(lambda it, *rest: it == 3 and solver.request("snapshot"))
+    solver.callbacks.append(lambda it, *rest: it == 5 and solver.request("stop"))
+    solver.solve()
+    assert solver.iter == 5
+    assert (tmp_path / "m_iter_3.solverstate").exists()
+    assert (tmp_path / "m_iter_5.solverstate").exists()  # snapshot_after_train
+    assert "Optimization stopped early." in stream.getvalue()
+
+
+def test_test_iter_must_match_test_nets(tmp_path):
+    with pytest.raises(CaffeAlexError, match="test_iter"):
+        text = f"base_lr: 0.1 lr_policy: 'fixed' test_net_param {{ {tiny_net()} }}"
+        make_solver(tiny_net(), text, batches(2))
