@@ -58,6 +58,18 @@ def upgrade(source: str, destination: str) -> None:
     upgrade_file(source, destination)
 
 
+def phase_option(default: str = "TEST", help: str = "Net phase.", choices=("TRAIN", "TEST")):
+    """``--phase`` / ``-phase``, case-insensitive."""
+    return _option("phase", type=click.Choice(list(choices), case_sensitive=False),
+                   default=default, show_default=True, help=help)  # fmt: skip
+
+
+def input_shape_option(help: str = "Declare an input's shape (e.g. data=32,3,227,227), for data "
+                       "layers whose source is not at hand. Repeatable."):  # fmt: skip
+    """``--input-shape NAME=D1,D2,...``, repeatable; parse with ``parse_input_shapes``."""
+    return _option("input-shape", multiple=True, metavar="NAME=D1,D2,...", help=help)
+
+
 def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
     """``data=32,3,227,227`` (repeatable) -> {"data": (32, 3, 227, 227)}."""
     shapes = {}
@@ -88,22 +100,10 @@ def resolve_device(gpu: str | None):
 @_option("model", required=True, help="Net definition.")
 @_option("iterations", type=int, default=50, show_default=True, help="Iterations to time.")
 @_option("gpu", default=None, help="GPU id to run on (default: CPU).")
-@_option(
-    "phase",
-    type=click.Choice(["TRAIN", "TEST"], case_sensitive=False),
-    default="TRAIN",
-    show_default=True,
-    help="Net phase.",
-)
+@phase_option("TRAIN")
 @_option("level", type=int, default=0, help="Net state level.")
 @_option("stage", default="", help="Comma-separated net state stages.")
-@_option(
-    "input-shape",
-    multiple=True,
-    metavar="NAME=D1,D2,...",
-    help="Declare an input's shape (e.g. data=32,3,227,227), for data layers whose "
-    "source is not at hand. Repeatable.",
-)
+@input_shape_option()
 @_option("weights", default=None, help="Trained weights to load first (comma-separated list).")
 @user_errors
 def time(model, iterations, gpu, phase, level, stage, input_shape, weights) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 
@@ -80,3 +82,16 @@ class SourceMap:
             layer=layer,
             layer_type=layer_type,
         )
+
+
+@contextmanager
+def reading(path) -> Iterator[None]:
+    """Turn a failure to open or read ``path`` into one line naming it."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise CaffeAlexError(f"no such file: {path}") from None
+    except IsADirectoryError:
+        raise CaffeAlexError(f"is a folder, not a file: {path}") from None
+    except OSError as exc:
+        raise CaffeAlexError(f"cannot read {path}: {exc.strerror or exc}") from None

@@ -18,7 +18,7 @@ from pathlib import Path
 from google.protobuf import message as pb_message
 from google.protobuf import text_format
 
-from .errors import CaffeAlexError, SourceMap
+from .errors import CaffeAlexError, SourceMap, reading
 from .proto import caffe_pb2
 from .upgrade import upgrade_net, upgrade_solver
 
@@ -209,14 +209,8 @@ def _name(path) -> str | None:
 
 
 def _read_bytes(path) -> bytes:
-    try:
+    with reading(_name(path)):
         return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise CaffeAlexError(f"no such file: {_name(path)}") from None
-    except IsADirectoryError:
-        raise CaffeAlexError(f"is a folder, not a file: {_name(path)}") from None
-    except OSError as exc:
-        raise CaffeAlexError(f"cannot read {_name(path)}: {exc.strerror}") from None
 
 
 _BINARY_BYTES = set(range(0x00, 0x09)) | set(range(0x0E, 0x20)) | {0x7F}

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from google.protobuf import message as pb_message
 
-from .errors import CaffeAlexError
+from .errors import CaffeAlexError, reading
 from .log import get_logger
 from .proto import caffe_pb2
 
@@ -243,18 +243,11 @@ def _parse_net(buf, size: int):
 
 
 def _map_file(path: str):
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
-                return b"", 0
-            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), size
-    except FileNotFoundError:
-        raise CaffeAlexError(f"no such file: {path}") from None
-    except IsADirectoryError:
-        raise CaffeAlexError(f"is a folder, not a file: {path}") from None
-    except OSError as exc:
-        raise CaffeAlexError(f"cannot read {path}: {exc.strerror or exc}") from None
+    with reading(path), open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return b"", 0
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), size
 
 
 def _version(net: caffe_pb2.NetParameter) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..cli import _option, main, parse_input_shapes, user_errors
+from ..cli import _option, input_shape_option, main, parse_input_shapes, user_errors
 from ..log import get_logger
 
 
@@ -13,12 +13,7 @@ from ..log import get_logger
 @_option("weights", default=None, help="Trained weights (.caffemodel); comma-separated list ok.")
 @_option("opset", type=int, default=None, help="ONNX opset version [default: 18].")
 @_option("dynamic-batch", is_flag=True, help="Let the batch axis (axis 0 of inputs) vary.")
-@_option(
-    "input-shape",
-    multiple=True,
-    metavar="NAME=D1,D2,...",
-    help="Declare an input's shape (e.g. data=1,3,227,227). Repeatable.",
-)
+@input_shape_option("Declare an input's shape (e.g. data=1,3,227,227). Repeatable.")
 @click.argument("output")
 @user_errors
 def export(model, weights, opset, dynamic_batch, input_shape, output) -> None:

@@ -4,16 +4,9 @@ from __future__ import annotations
 
 import click
 
-from ..cli import _option, main, parse_input_shapes, user_errors
+from ..cli import _option, input_shape_option, main, parse_input_shapes, phase_option, user_errors
 
-_INPUT_SHAPE = click.option(
-    "--input-shape",
-    "input_shape",
-    multiple=True,
-    metavar="NAME=D1,D2,...",
-    help="Declare an input's shape (e.g. data=32,3,227,227), for data layers whose source is "
-    "not at hand. Repeatable.",
-)
+_INPUT_SHAPE = input_shape_option()
 
 
 @main.command()
@@ -21,8 +14,7 @@ _INPUT_SHAPE = click.option(
 @click.argument("output")
 @_option("rankdir", type=click.Choice(["LR", "TB", "BT", "RL"], case_sensitive=False),
          default="LR", show_default=True, help="Direction of the layout.")  # fmt: skip
-@_option("phase", type=click.Choice(["TRAIN", "TEST", "ALL"], case_sensitive=False),
-         default="ALL", show_default=True, help="Which phase's layers to draw.")  # fmt: skip
+@phase_option("ALL", "Which phase's layers to draw.", ("TRAIN", "TEST", "ALL"))
 @click.option("--display-lrm", "--display_lrm", "display_lrm", is_flag=True,
               help="Show the lr and decay multipliers of the learning layers.")  # fmt: skip
 @click.option("--shapes", is_flag=True, help="Label each blob with its inferred shape.")
@@ -48,8 +40,7 @@ def draw(net, output, rankdir, phase, display_lrm, shapes, input_shape) -> None:
 
 @main.command()
 @click.argument("net")
-@_option("phase", type=click.Choice(["TRAIN", "TEST"], case_sensitive=False),
-         default="TEST", show_default=True, help="Net phase.")  # fmt: skip
+@phase_option("TEST")
 @_INPUT_SHAPE
 @click.option("--batch", type=click.IntRange(min=1), default=None,
               help="Set the first axis (batch size) of every input to N.")  # fmt: skip

@@ -6,22 +6,16 @@ import os
 
 import click
 
-from ..cli import _option, main, parse_input_shapes, user_errors
+from ..cli import _option, input_shape_option, main, parse_input_shapes, phase_option, user_errors
 
 
 @main.command()
 @click.argument("source")
 @click.argument("destination")
 @_option("model", default=None, help="Net definition (needed where the target format needs it).")
-@_option(
-    "phase",
-    type=click.Choice(["TRAIN", "TEST"], case_sensitive=False),
-    default="TEST",
-    show_default=True,
-    help="Phase of the net built from --model.",
-)
+@phase_option("TEST", "Phase of the net built from --model.")
 @_option("with-diffs", is_flag=True, help="Also write diffs (gradients; zeros in a fresh net).")
-@_option("input-shape", multiple=True, metavar="NAME=D1,D2,...", help="Shape of a data input.")
+@input_shape_option()
 @user_errors
 def convert(source, destination, model, phase, with_diffs, input_shape) -> None:
     """Convert weights SOURCE to DESTINATION, formats by extension: .caffemodel,
