@@ -1,0 +1,115 @@
+"""AlexNet training iterations: caffe-alex's Solver vs a hand-written PyTorch training loop.
+
+Both train models/bvlc_alexnet's net (batch 32, TRAIN phase) with the reference solver's SGD
+(momentum 0.9, weight decay 5e-4, lr_mult/decay_mult 1/1 for weights and 2/0 for biases) on the
+same fixed batch. The reference is the loop a PyTorch user would write: the hand-written module
+of benchmarks/alexnet_cpu.py, cross-entropy, backward, and Caffe's update in place
+(V = momentum V + lr lr_mult (g + decay w); W -= V). They run alternately in one process, a few
+iterations at a time, and the script prints the median seconds per iteration and the ratio.
+
+    python benchmarks/train_alexnet_cpu.py [--batch 32] [--rounds 5] [--iters 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from google.protobuf import text_format
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.alexnet_cpu import HandWrittenAlexNet  # noqa: E402
+from caffe_alex.proto import caffe_pb2  # noqa: E402
+from caffe_alex.solvers import Solver  # noqa: E402
+
+
+def solver_param(batch: int) -> caffe_pb2.SolverParameter:
+    """The reference solver, its net with the Data layers replaced by one Input layer."""
+    net = text_format.Parse((ROOT / "models/bvlc_alexnet/train_val.prototxt").read_text(),
+                            caffe_pb2.NetParameter())  # fmt: skip
+    layers = [layer for layer in net.layer if layer.type != "Data"]
+    del net.layer[:]
+    data = net.layer.add(name="data", type="Input", top=["data", "label"])
+    data.input_param.shape.add(dim=[batch, 3, 227, 227])
+    data.input_param.shape.add(dim=[batch])
+    net.layer.extend(layers)
+    solver = text_format.Parse((ROOT / "models/bvlc_alexnet/solver.prototxt").read_text(),
+                               caffe_pb2.SolverParameter())  # fmt: skip
+    solver.ClearField("net")
+    solver.net_param.CopyFrom(net)
+    solver.ClearField("test_iter")
+    solver.test_interval, solver.display, solver.snapshot = 0, 0, 0
+    solver.solver_mode = caffe_pb2.SolverParameter.CPU
+    solver.random_seed = 1
+    return solver
+
+
+class HandWrittenTraining:
+    def __init__(self, solver: Solver, lr: float, momentum: float, decay: float):
+        self.model = HandWrittenAlexNet()
+        with torch.no_grad():
+            for name, blobs in solver.train_net.params.items():
+                getattr(self.model, name).weight.copy_(blobs[0])
+                getattr(self.model, name).bias.copy_(blobs[1])
+        self.groups = [(m.weight, 1.0, 1.0) for m in self.model.children()]
+        self.groups += [(m.bias, 2.0, 0.0) for m in self.model.children()]
+        self.history = [torch.zeros_like(p) for p, _, _ in self.groups]
+        self.lr, self.momentum, self.decay = lr, momentum, decay
+
+    def step(self, data, label) -> None:
+        self.model.zero_grad(set_to_none=True)
+        self.model(data, label.long()).backward()  # forward ends in the cross-entropy loss
+        with torch.no_grad():
+            for (param, lr_mult, decay_mult), history in zip(self.groups, self.history):
+                grad = param.grad.add(param, alpha=self.decay * decay_mult)
+                history.mul_(self.momentum).add_(grad, alpha=self.lr * lr_mult)
+                param.sub_(history)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=2, help="iterations per round and side")
+    args = parser.parse_args()
+    gen = torch.Generator().manual_seed(0)
+    batch = {"data": torch.randn(args.batch, 3, 227, 227, generator=gen),
+             "label": torch.randint(0, 1000, (args.batch,), generator=gen).float()}  # fmt: skip
+    param = solver_param(args.batch)
+    solver = Solver(param, feeds={"train": itertools.repeat(batch), "test": []})
+    reference = HandWrittenTraining(solver, param.base_lr, param.momentum, param.weight_decay)
+    runs = {"caffe-alex Solver": lambda: solver.step(args.iters),
+            "hand-written loop": lambda: [reference.step(batch["data"], batch["label"])
+                                          for _ in range(args.iters)]}  # fmt: skip
+    for fn in runs.values():
+        fn()  # warm-up
+    times = {name: [] for name in runs}
+    for _ in range(args.rounds):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) / args.iters)
+    print(f"AlexNet training iteration (SGD, batch {args.batch}, CPU, "
+          f"{torch.get_num_threads()} threads), median of {args.rounds} rounds:")  # fmt: skip
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    for name, value in medians.items():
+        print(
+            f"  {name:20s} {value:7.3f} s/iter   (all: "
+            + ", ".join(f"{t:.2f}" for t in times[name])
+            + ")"
+        )
+    print(
+        f"  ratio caffe-alex / hand-written: "
+        f"{medians['caffe-alex Solver'] / medians['hand-written loop']:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
