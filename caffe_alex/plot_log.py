@@ -142,7 +142,7 @@ def plot(log: TrainingLog, out_path, title: str | None = None) -> None:
         for name in _names(rows, "acc"):
             ax_acc.plot(*_series(rows, name), marker=".", label=f"{kind} {name}")
     if log.lr:
-        ax_lr.plot(*zip(*log.lr), label="learning rate")
+        ax_lr.plot(*zip(*log.lr), drawstyle="steps-post", label="learning rate")
     for ax, label in ((ax_loss, "loss"), (ax_acc, "accuracy"), (ax_lr, "learning rate")):
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)

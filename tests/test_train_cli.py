@@ -154,7 +154,7 @@ def test_progress_bar_follows_callbacks(capsys):
         assert bar.n == 5
     assert solver.callbacks == []
     err = capsys.readouterr().err
-    assert "img_s=123.4" in err and "lr=0.01" in err
+    assert "loss=0.5, lr=0.01, 123.4 img/s" in err
     with progress_bar(solver, False) as bar:
         assert bar is None and solver.callbacks == []
 
@@ -245,7 +245,7 @@ def test_finetune_from_weights_and_progress_bar(tmp_path):
     net.save_weights(str(start))
     result = run("train", "-solver", files["solver"], "-weights", start, "--progress")
     assert result.exit_code == 0, result.output
-    assert "img_s=" in result.stderr  # the bar was drawn
+    assert " img/s" in result.stderr  # the bar was drawn
     assert (tmp_path / "tiny_iter_2.caffemodel").is_file()  # snapshot_after_train
 
 

@@ -84,8 +84,10 @@ def progress_bar(solver, enabled: bool):
     bar = tqdm(total=total, initial=min(solver.iter, total), unit="it", dynamic_ncols=True)
 
     def update(iteration, loss, rate, images_per_second):  # iteration: the count done so far
+        bar.set_postfix_str(
+            f"loss={loss:.4g}, lr={rate:.3g}, {images_per_second:.1f} img/s", refresh=False
+        )
         bar.update(max(0, min(iteration, total) - bar.n))
-        bar.set_postfix(loss=f"{loss:.4g}", lr=f"{rate:.3g}", img_s=f"{images_per_second:.1f}")
 
     solver.callbacks.append(update)
     try:
