@@ -40,7 +40,10 @@ class ParamInfo:
 
 
 @dataclass
-class _Step:
+class LayerStep:
+    """One layer of the forward loop, as wired: the blobs it reads and writes, which bottoms
+    get no gradient (propagate_down), and the loss weight of each top that has one."""
+
     layer: str
     key: str
     bottoms: list[str]
@@ -88,7 +91,7 @@ class Net(nn.Module):
         self.param_infos: list[ParamInfo] = []
         self.blobs: dict[str, torch.Tensor] = {}
         self.loss: torch.Tensor | None = None
-        self._steps: list[_Step] = []
+        self._steps: list[LayerStep] = []
         self._overrides = {k: tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
         self._input_shapes: dict[str, Shape] = {}
         self._build(filtered)
@@ -154,7 +157,7 @@ class Net(nn.Module):
         self._load_embedded_blobs(lp, layer)
         self._register_params(lp, layer, shares)
         self._steps.append(
-            _Step(
+            LayerStep(
                 lp.name,
                 key,
                 list(lp.bottom),
@@ -371,6 +374,11 @@ class Net(nn.Module):
         from .weights import save_weights
 
         save_weights(self, path, with_diffs=with_diffs)
+
+    @property
+    def steps(self) -> tuple[LayerStep, ...]:
+        """The layers in forward order with their wiring (``layers[step.key]`` is the module)."""
+        return tuple(self._steps)
 
     def layer(self, name: str) -> CaffeLayer:
         return self.layers[self._steps[self.layer_names.index(name)].key]

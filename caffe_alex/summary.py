@@ -91,7 +91,7 @@ def summarize(net: Net) -> Summary:
     params = _own_params(net)
     written: set[str] = set()
     summary = Summary()
-    for name, layer_type, step in zip(net.layer_names, net.layer_types, net._steps):
+    for name, layer_type, step in zip(net.layer_names, net.layer_types, net.steps):
         tops = [t for t in step.tops if not t.startswith(f"({name} automatic top")]
         new = [t for t in tops if t not in step.bottoms and t not in written]
         written.update(new)

@@ -48,7 +48,7 @@ def make_inputs(net: Net, device: torch.device, seed: int = 0) -> dict[str, torc
     """Random inputs of the net's input shapes; inputs read as labels get zeros (class 0)."""
     gen = torch.Generator().manual_seed(seed)
     label_like = set()
-    for step in net._steps:
+    for step in net.steps:
         layer = net.layers[step.key]
         if layer.is_loss or layer.type_name == "Accuracy":
             label_like.update(step.bottoms[1:])
@@ -71,7 +71,7 @@ def _timed(fn, device: torch.device) -> tuple[object, float]:
 def _layerwise_iteration(net: Net, inputs, device, fwd: list[float], bwd: list[float]) -> None:
     values = {name: (tensor, None) for name, tensor in inputs.items()}
     records = []
-    for i, step in enumerate(net._steps):
+    for i, step in enumerate(net.steps):
         layer = net.layers[step.key]
         if layer.is_source:
             records.append(None)
@@ -89,14 +89,14 @@ def _layerwise_iteration(net: Net, inputs, device, fwd: list[float], bwd: list[f
         for j, top in enumerate(step.tops):
             values[top] = (out[j], (i, j))
     grads = _seed_gradients(net, records)
-    for i in reversed(range(len(net._steps))):
+    for i in reversed(range(len(net.steps))):
         if records[i] is None:
             continue
         leaves, origins, out = records[i]
         pairs = [
             (o, grads.pop((i, j))) for j, o in enumerate(out) if (i, j) in grads and o.requires_grad
         ]
-        layer = net.layers[net._steps[i].key]
+        layer = net.layers[net.steps[i].key]
         wanted = [leaf for leaf in leaves if leaf.requires_grad]
         wanted += [p for p in layer.parameters() if p.requires_grad]
         if not pairs or not wanted:
@@ -113,14 +113,14 @@ def _layerwise_iteration(net: Net, inputs, device, fwd: list[float], bwd: list[f
 
 def _seed_gradients(net: Net, records) -> dict[tuple[int, int], torch.Tensor]:
     grads = {}
-    for i, step in enumerate(net._steps):
+    for i, step in enumerate(net.steps):
         if records[i] is None:
             continue
         for j, weight in step.loss_weights:
             grads[(i, j)] = torch.full_like(records[i][2][j], weight)
     if not grads:  # no loss: start from the outputs with unit gradients, so backward still runs
         last_writer = {}
-        for i, step in enumerate(net._steps):
+        for i, step in enumerate(net.steps):
             for j, top in enumerate(step.tops):
                 if records[i] is not None:
                     last_writer[top] = (i, j)
@@ -138,7 +138,7 @@ def time_net(
     net.to(device)
     inputs = make_inputs(net, device)
     log = log or (lambda message: None)
-    n = len(net._steps)
+    n = len(net.steps)
     # Caffe's warm-up: one forward (its loss is printed) and one backward, both untimed
     log("Performing Forward")
     net(**inputs)

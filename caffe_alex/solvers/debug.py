@@ -25,7 +25,7 @@ def _display_names(net):
 
 def forward_info(net) -> None:
     names = _display_names(net)
-    for step in net._steps:
+    for step in net.steps:
         for top in step.tops:
             if top in net.blobs:
                 log.info("    [Forward] Layer %s, top blob %s data: %g", step.layer, top,
@@ -36,7 +36,7 @@ def forward_info(net) -> None:
 
 
 def backward_info(net) -> None:
-    for step in reversed(net._steps):
+    for step in reversed(net.steps):
         for i, blob in enumerate(net.layers[step.key].blobs):
             if blob.requires_grad and blob.grad is not None:
                 log.info("    [Backward] Layer %s, param blob %d diff: %g", step.layer, i,

@@ -354,7 +354,7 @@ class Solver:
     def _log_outputs(self, net, kind: str, values) -> dict:
         """Log 'Train/Test net output #i: name = v (* w = l loss)' for every output element."""
         weights = {}
-        for step in net._steps:  # the loss weight of the layer top that made each blob
+        for step in net.steps:  # the loss weight of the layer top that made each blob
             for index, weight in step.loss_weights:
                 weights[step.tops[index]] = weight
         if values is None:
