@@ -77,9 +77,9 @@ class _Source(CaffeLayer):
             for name, shape in zip(self.top_names, _GENERIC[: len(self.top_names)], strict=True)
         )
         return LayerConfigError(
-            f"cannot infer the shape of top '{self.top_names[0]}' because {why}; declare it "
-            f"with input_shapes={{{declare}}} in Net(...) or --input-shape "
-            f"{self.top_names[0]}=N,C,H,W on the command line"
+            f"cannot infer the shape of top '{self.top_names[0]}' because {why}; where only "
+            f"shapes are needed, declare it with input_shapes={{{declare}}} in Net(...) or "
+            f"--input-shape {self.top_names[0]}=N,C,H,W (time, draw, summary, export)"
         )
 
     def _missing(self, path: str) -> LayerConfigError:
@@ -223,8 +223,8 @@ class HDF5DataLayer(_Source):
         shapes = ", ".join(f"'{n}': (N, ...)" for n in self.top_names)
         return LayerConfigError(
             f"cannot infer the top shapes because {why}; declare them with "
-            f"input_shapes={{{shapes}}} in Net(...) or --input-shape NAME=N,... on the "
-            "command line"
+            f"input_shapes={{{shapes}}} in Net(...) or --input-shape NAME=N,... (time, draw, "
+            "summary, export)"
         )
 
     @staticmethod

@@ -170,9 +170,10 @@ def test_data_missing_source_names_layer_and_path():
     with pytest.raises(
         CaffeAlexError,
         match=r"layer 'src' \(Data\): cannot infer the shape of "
-        r"top 'data' because source 'missing_lmdb' does not exist; declare it with "
+        r"top 'data' because source 'missing_lmdb' does not exist; where only shapes are needed, "
+        r"declare it with "
         r"input_shapes=\{'data': \(N, C, H, W\), 'label': \(N,\)\} in Net\(...\) or "
-        r"--input-shape data=N,C,H,W on the command line",
+        r"--input-shape data=N,C,H,W \(time, draw, summary, export\)",
     ):
         build(data_layer("missing_lmdb"))
     net = build(data_layer("missing_lmdb"), input_shapes={"data": (8, 3, 4, 4), "label": (8,)})
