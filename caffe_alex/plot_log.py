@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from .errors import reading
+
 _NUMBER = r"[-+]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf)"
 # glog prefix: severity letter, MMDD, wall time with microseconds (no year)
 STAMP = re.compile(r"^[IWEF](\d\d)(\d\d) (\d\d):(\d\d):(\d\d)\.(\d{6})")
@@ -100,7 +102,7 @@ def parse_lines(lines) -> TrainingLog:
 
 
 def parse_log(path) -> TrainingLog:
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with reading(path), open(path, encoding="utf-8", errors="replace") as f:
         return parse_lines(f)
 
 
