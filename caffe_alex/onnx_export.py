@@ -200,7 +200,13 @@ def _trace(net, inputs, dynamic_batch: bool):
 
 def to_onnx_model(net, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False):
     """The net as a checked ``onnx.ModelProto`` (inputs and outputs named after the blobs)."""
-    import onnx
+    try:
+        import onnx
+        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
+    except ImportError as exc:
+        raise CaffeAlexError(
+            f"ONNX export needs the '{exc.name}' package: pip install 'caffe-alex[onnx]'"
+        ) from None
 
     _check_net(net)
     inputs = _example_inputs(net, dynamic_batch)
