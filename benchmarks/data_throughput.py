@@ -20,6 +20,7 @@ import numpy as np
 from google.protobuf import text_format
 
 from caffe_alex.data.datum import array_to_datum, encode_image, encoded_datum
+from caffe_alex.data.db import open_db
 from caffe_alex.data.loader import make_feed
 from caffe_alex.net import Net, array_to_blob_proto
 from caffe_alex.proto import caffe_pb2
@@ -40,11 +41,11 @@ def synthetic_images(n: int) -> np.ndarray:
 
 
 def write_lmdb(path: Path, values: list[bytes]) -> str:
-    env = lmdb.open(str(path), map_size=1 << 31)
-    with env.begin(write=True) as txn:
+    with open_db(str(path), "lmdb", mode="new") as db:
+        txn = db.transaction()
         for i, value in enumerate(values):
-            txn.put(f"{i:08d}".encode(), value)
-    env.close()
+            txn.put(f"{i:08d}", value)
+        txn.commit()
     return str(path)
 
 

@@ -10,6 +10,7 @@ import io
 
 import pytest
 
+from caffe_alex.data.db import open_db
 from caffe_alex.errors import CaffeAlexError
 from caffe_alex.net import Net
 from caffe_alex.proto import caffe_pb2
@@ -110,12 +111,11 @@ def datum_bytes(channels=3, height=6, width=10, encoded_png=None) -> bytes:
 
 
 def make_lmdb(path, values):
-    lmdb = pytest.importorskip("lmdb")
-    env = lmdb.open(str(path), map_size=1 << 20)
-    with env.begin(write=True) as txn:
+    with open_db(str(path), "lmdb", mode="new") as db:
+        txn = db.transaction()
         for i, value in enumerate(values):
-            txn.put(f"{i:08d}".encode(), value)
-    env.close()
+            txn.put(f"{i:08d}", value)
+        txn.commit()
     return str(path)
 
 
