@@ -178,3 +178,18 @@ def check_runtime_variants(net: Net, x: torch.Tensor, output: str = "out") -> No
     net(data=xe)[output].sum().backward()
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(xc.grad, xe.grad)
+
+
+def loss_net(kind, s_shape, l_shape, params="", tops=("loss",), extra="", name="loss") -> str:
+    """An Input of scores "s" and labels "l" feeding one two-bottom layer ``kind`` (a loss or
+    Accuracy) called ``name``, with ``params`` and ``extra`` fields pasted into it."""
+
+    def dims(shape):
+        return " ".join(f"dim: {d}" for d in shape)
+
+    top_lines = " ".join(f'top: "{t}"' for t in tops)
+    return f"""name: "{name}_test"
+layer {{ name: "in" type: "Input" top: "s" top: "l"
+  input_param {{ shape {{ {dims(s_shape)} }} shape {{ {dims(l_shape)} }} }} }}
+layer {{ name: "{name}" type: "{kind}" bottom: "s" bottom: "l" {top_lines} {extra} {params} }}
+"""

@@ -11,20 +11,12 @@ import torch
 
 from caffe_alex.errors import CaffeAlexError
 from caffe_alex.net import Net
-from tests.reference import parse_net
+from tests.reference import loss_net, parse_net
 
 
 def acc_net(s_shape, l_shape, params="", tops=("acc",)):
-    def dims(shape):
-        return " ".join(f"dim: {d}" for d in shape)
-
-    top_lines = " ".join(f'top: "{t}"' for t in tops)
-    return f"""name: "acc_test"
-layer {{ name: "in" type: "Input" top: "s" top: "l"
-  input_param {{ shape {{ {dims(s_shape)} }} shape {{ {dims(l_shape)} }} }} }}
-layer {{ name: "acc" type: "Accuracy" bottom: "s" bottom: "l" {top_lines}
-  accuracy_param {{ {params} }} }}
-"""
+    return loss_net("Accuracy", s_shape, l_shape, f"accuracy_param {{ {params} }}", tops,
+                    name="acc")  # fmt: skip
 
 
 def caffe_accuracy(x, label, axis=1, top_k=1, ignore=None):

@@ -12,22 +12,10 @@ import torch
 
 from caffe_alex.errors import CaffeAlexError
 from caffe_alex.net import Net
-from tests.reference import gradcheck_net, parse_net
+from tests.reference import gradcheck_net, loss_net, parse_net
 
 FLT_MIN = np.float32(np.finfo(np.float32).tiny)
 MODES = {"FULL": 0, "VALID": 1, "BATCH_SIZE": 2, "NONE": 3}
-
-
-def loss_net(kind, s_shape, l_shape, params="", tops=("loss",), extra=""):
-    def dims(shape):
-        return " ".join(f"dim: {d}" for d in shape)
-
-    top_lines = " ".join(f'top: "{t}"' for t in tops)
-    return f"""name: "loss_test"
-layer {{ name: "in" type: "Input" top: "s" top: "l"
-  input_param {{ shape {{ {dims(s_shape)} }} shape {{ {dims(l_shape)} }} }} }}
-layer {{ name: "loss" type: "{kind}" bottom: "s" bottom: "l" {top_lines} {extra} {params} }}
-"""
 
 
 def run(text, s, label, phase="TEST"):
