@@ -19,7 +19,7 @@ from torch import nn
 from .errors import CaffeAlexError, LayerConfigError, SourceMap
 from .filtering import filter_net, included_indices, make_state
 from .proto import caffe_pb2
-from .registry import CaffeLayer, Shape, get_layer_class
+from .registry import CaffeLayer, Shape, exporting, get_layer_class
 
 # Fields of a *_param message that mean "which implementation", not "what": always accepted.
 _IMPLEMENTATION_FIELDS = frozenset({"engine"})
@@ -442,7 +442,7 @@ class Net(nn.Module):
         shapes = {n: tuple(blobs[n].shape) for n in self.input_names}
         # Under torch.export the check would pin a symbolic batch size to the example's; the
         # layers read their shapes from the tensors anyway.
-        if not _exporting() and shapes != self._input_shapes:
+        if not exporting() and shapes != self._input_shapes:
             self.reshape(**shapes)
         loss = None
         for step in self._steps:
@@ -463,11 +463,6 @@ class Net(nn.Module):
         self.blobs = blobs
         self.loss = loss
         return {name: blobs[name] for name in self.output_names}
-
-
-def _exporting() -> bool:
-    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.3
-    return bool(is_exporting and is_exporting())
 
 
 def blob_proto_to_array(proto: caffe_pb2.BlobProto) -> np.ndarray:

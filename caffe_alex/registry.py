@@ -121,3 +121,10 @@ def count(shape: Sequence[int], start: int = 0, end: int | None = None) -> int:
     for d in shape[start:end]:
         result *= d
     return result
+
+
+def exporting() -> bool:
+    """Whether torch.export is tracing (layers then avoid what it cannot trace). False on torch
+    versions without ``torch.compiler.is_exporting`` (before 2.3), which have no such export."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting and is_exporting())

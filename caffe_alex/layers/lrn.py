@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..errors import LayerConfigError
 from ..proto import caffe_pb2
-from ..registry import CaffeLayer, register
+from ..registry import CaffeLayer, exporting, register
 
 _LRN = caffe_pb2.LRNParameter
 
@@ -102,7 +102,7 @@ class LRNLayer(CaffeLayer):
         # Half precision (autocast) would lose the small alpha/n * sum next to k: work in float32.
         low = x.dtype in (torch.float16, torch.bfloat16)
         work = x.float() if low else x
-        if self.across and torch.compiler.is_exporting():
+        if self.across and exporting():
             # Under torch.export (ONNX export): an opaque op that onnx_export.py writes as
             # ONNX's LRN node (same formula), not the Function's in-place slice additions.
             from ..onnx_export import lrn_across_channels
