@@ -22,7 +22,8 @@ from google.protobuf import text_format
 from caffe_alex.data.datum import array_to_datum, encode_image, encoded_datum
 from caffe_alex.data.db import open_db
 from caffe_alex.data.loader import make_feed
-from caffe_alex.net import Net, array_to_blob_proto
+from caffe_alex.formats.blobs import array_to_blob_proto
+from caffe_alex.net import Net
 from caffe_alex.proto import caffe_pb2
 
 BATCH = 32

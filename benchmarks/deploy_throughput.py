@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from caffe_alex.deploy import Classifier, load_image, top_k
 from caffe_alex.net import Net
+from caffe_alex.tools.deploy import Classifier, top_k
+from caffe_alex.tools.images import load_image
 
 DEPLOY = Path(__file__).resolve().parents[1] / "models" / "bvlc_alexnet" / "deploy.prototxt"
 MEAN = np.array([104.0, 117.0, 123.0], np.float32)

@@ -1,8 +1,69 @@
-"""caffe-alex: BVLC Caffe's nets and solvers on PyTorch, with Caffe's numbers."""
+"""caffe-alex: BVLC Caffe's nets and solvers on PyTorch, with Caffe's numbers.
 
-from .errors import CaffeAlexError
-from .net import Net
-from .registry import layer_types, register
+The entry points, importable from here (each loads its module on first use, so that
+``import caffe_alex`` and the command line start quickly):
 
-__all__ = ["CaffeAlexError", "Net", "layer_types", "register"]
+- ``Net``: a net definition built for one phase, a ``torch.nn.Module``
+  (``Net.from_prototxt(path, phase)``; ``net.load_weights`` / ``net.save_weights``).
+- ``Solver``: Caffe's training loop from a solver file (``Solver.from_file(path).solve()``).
+- ``read_weights`` / ``load_weights`` / ``save_weights``: weights files of every format
+  (.caffemodel, .caffemodel.h5, .pt, .safetensors) read, copied into a net, written.
+- ``make_feed``: batches for a net's data layers (LMDB/LevelDB, image lists, HDF5, arrays).
+- ``summarize``: per-layer shapes, parameters and multiply-adds of a built net.
+- ``draw_net_to_file``: the net diagram of Caffe's draw_net.py.
+- ``Classifier``: pycaffe's caffe.Classifier (images in, class scores out).
+- ``CaffeAlexError``: every error caffe-alex reports (file, line, layer and what is wrong).
+- ``layer_types`` / ``register``: the layer catalogue, and adding a layer type to it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "CaffeAlexError": "caffe_alex.errors",
+    "Net": "caffe_alex.net",
+    "Solver": "caffe_alex.solvers.solver",
+    "read_weights": "caffe_alex.formats.weights",
+    "load_weights": "caffe_alex.formats.weights",
+    "save_weights": "caffe_alex.formats.weights",
+    "make_feed": "caffe_alex.data.loader",
+    "summarize": "caffe_alex.tools.summary",
+    "draw_net_to_file": "caffe_alex.tools.draw",
+    "Classifier": "caffe_alex.tools.deploy",
+    "layer_types": "caffe_alex.layers",
+    "register": "caffe_alex.registry",
+}
+__all__ = [
+    "CaffeAlexError", "Net", "Solver", "read_weights", "load_weights", "save_weights",
+    "make_feed", "summarize", "draw_net_to_file", "Classifier", "layer_types", "register",
+]  # fmt: skip
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'caffe_alex' has no attribute '{name}'")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
+    from .data.loader import make_feed
+    from .errors import CaffeAlexError
+    from .formats.weights import load_weights, read_weights, save_weights
+    from .layers import layer_types
+    from .net import Net
+    from .registry import register
+    from .solvers.solver import Solver
+    from .tools.deploy import Classifier
+    from .tools.draw import draw_net_to_file
+    from .tools.summary import summarize

@@ -12,12 +12,15 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
+from . import layers  # noqa: F401  (importing the package registers the built-in layer types)
 from .errors import CaffeAlexError, LayerConfigError, SourceMap
-from .filtering import filter_net, included_indices, make_state
+from .formats.blobs import blob_proto_to_array
+from .formats.filtering import filter_net, included_indices, make_state
+from .formats.prototxt import read_net
+from .formats.weights import LoadReport, load_weights, save_weights
 from .proto import caffe_pb2
 from .registry import CaffeLayer, Shape, exporting, get_layer_class
 
@@ -99,8 +102,6 @@ class Net(nn.Module):
     @classmethod
     def from_prototxt(cls, path: str, phase: str = "TEST", **kwargs) -> Net:
         """Read (text or binary), upgrade and build a net definition file."""
-        from .prototxt import read_net
-
         net_param, source = read_net(path)
         return cls(net_param, phase, source=source, **kwargs)
 
@@ -361,18 +362,14 @@ class Net(nn.Module):
                 result[name] = blobs
         return result
 
-    def load_weights(self, paths):
+    def load_weights(self, paths) -> LoadReport:
         """Copy trained weights by layer name from .caffemodel / .h5 / .pt / .safetensors
         files (a list, or a comma-separated string, loaded in order), as Caffe's
-        CopyTrainedLayersFrom does; returns a caffe_alex.weights.LoadReport."""
-        from .weights import load_weights
-
+        CopyTrainedLayersFrom does; returns what was copied, ignored and missing."""
         return load_weights(self, paths)
 
     def save_weights(self, path, *, with_diffs: bool = False) -> None:
         """Write the blobs as .caffemodel, .caffemodel.h5, .pt or .safetensors (by extension)."""
-        from .weights import save_weights
-
         save_weights(self, path, with_diffs=with_diffs)
 
     @property
@@ -384,10 +381,16 @@ class Net(nn.Module):
         return self.layers[self._steps[self.layer_names.index(name)].key]
 
     def set_input_arrays(self, data, labels, layer: str | None = None) -> None:
-        """Give the MemoryData layer its arrays (pycaffe's call); a DataFeed then serves them."""
-        from .data.array_sources import set_input_arrays
-
-        set_input_arrays(self, data, labels, layer)
+        """Give arrays to the layer that takes them (pycaffe's call, for a MemoryData layer);
+        with several such layers, ``layer`` names the one. A DataFeed then serves them."""
+        takers = [n for n in self.layer_names if hasattr(self.layer(n), "set_input_arrays")]
+        if layer is not None:
+            takers = [n for n in takers if n == layer]
+        if len(takers) != 1:
+            found = f"no such layer named '{layer}'" if layer else f"{len(takers)} of them"
+            raise ValueError(f"set_input_arrays needs exactly one layer taking arrays "
+                             f"(a MemoryData layer): found {found}")  # fmt: skip
+        self.layer(takers[0]).set_input_arrays(data, labels)
 
     def learnable_params(self) -> list[ParamInfo]:
         """Each learnable blob once (shared ones under their owner), with its multipliers."""
@@ -463,21 +466,3 @@ class Net(nn.Module):
         self.blobs = blobs
         self.loss = loss
         return {name: blobs[name] for name in self.output_names}
-
-
-def blob_proto_to_array(proto: caffe_pb2.BlobProto) -> np.ndarray:
-    """A BlobProto as float32, shaped by `shape` or the legacy num/channels/height/width."""
-    if proto.HasField("shape"):
-        shape = tuple(proto.shape.dim)
-    else:
-        shape = (proto.num, proto.channels, proto.height, proto.width)
-    data = proto.double_data if len(proto.double_data) else proto.data
-    return np.asarray(data, dtype=np.float32).reshape(shape)
-
-
-def array_to_blob_proto(array) -> caffe_pb2.BlobProto:
-    proto = caffe_pb2.BlobProto()
-    array = np.asarray(array, dtype=np.float32)
-    proto.shape.dim.extend(array.shape)
-    proto.data.extend(array.ravel().tolist())
-    return proto

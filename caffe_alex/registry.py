@@ -2,7 +2,8 @@
 
 A layer module ends its class with ``@register("TypeName")`` the way Caffe's layer files end
 with ``REGISTER_LAYER_CLASS``. Adding a layer is a one-file change: write the module under
-``caffe_alex/layers/`` and import it from ``caffe_alex/layers/__init__.py``.
+``caffe_alex/layers/`` (its package imports every module in it, so the decorators run). This
+module never imports the layers: ``caffe_alex.layers.layer_types()`` lists the whole catalogue.
 """
 
 from __future__ import annotations
@@ -37,24 +38,19 @@ def register(*type_names: str):
     return decorate
 
 
-def layer_types() -> list[str]:
-    """All registered Caffe type strings, sorted."""
-    _load_builtin_layers()
+def registered_types() -> list[str]:
+    """The Caffe type strings registered so far, sorted (import ``caffe_alex.layers`` first for
+    the built-in ones, or call ``caffe_alex.layers.layer_types()``)."""
     return sorted(_LAYER_TYPES)
 
 
 def get_layer_class(type_name: str) -> type[CaffeLayer]:
-    _load_builtin_layers()
     try:
         return _LAYER_TYPES[type_name]
     except KeyError:
         raise LayerConfigError(
             f"unknown layer type '{type_name}'; known types: {', '.join(sorted(_LAYER_TYPES))}"
         ) from None
-
-
-def _load_builtin_layers() -> None:
-    from . import layers  # noqa: F401  (importing registers the built-in families)
 
 
 class CaffeLayer(nn.Module):

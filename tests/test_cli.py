@@ -8,9 +8,9 @@ from click.testing import CliRunner
 from google.protobuf import text_format
 
 from caffe_alex.cli import main
+from caffe_alex.layers import layer_types
 from caffe_alex.net import Net
 from caffe_alex.proto import caffe_pb2
-from caffe_alex.registry import layer_types
 
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
 

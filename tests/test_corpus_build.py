@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from caffe_alex.errors import CaffeAlexError
-from caffe_alex.filtering import filter_net, make_state
+from caffe_alex.formats.filtering import filter_net, make_state
+from caffe_alex.formats.prototxt import read_any, read_net
+from caffe_alex.formats.upgrade import upgrade_net
+from caffe_alex.layers import layer_types
 from caffe_alex.net import Net
 from caffe_alex.proto import caffe_pb2
-from caffe_alex.prototxt import read_any, read_net
-from caffe_alex.registry import layer_types
-from caffe_alex.upgrade import upgrade_net
 from tests.corpus import CORPUS, corpus_table
 
 SOURCE_TYPES = {"Data", "ImageData", "HDF5Data", "WindowData"}

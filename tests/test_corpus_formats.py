@@ -14,7 +14,7 @@ import re
 import pytest
 
 from caffe_alex.errors import CaffeAlexError
-from caffe_alex.prototxt import read_any
+from caffe_alex.formats.prototxt import read_any
 from tests.corpus import CORPUS, Entry, corpus_table
 
 if not (CORPUS / "SOURCES.md").is_file():

@@ -1,4 +1,4 @@
-"""caffe_alex.deploy and ``caffe-alex deploy`` against a NumPy transcription of pycaffe.
+"""caffe_alex.tools.deploy and ``caffe-alex deploy`` against a NumPy transcription of pycaffe.
 
 The reference below restates python/caffe/io.py (Transformer.preprocess, resize_image with the
 skimage of Caffe's time, oversample) and classifier.py's centre crop, pixel by pixel and loop
@@ -17,15 +17,15 @@ from click.testing import CliRunner
 from PIL import Image
 
 from caffe_alex.cli import main
-from caffe_alex.deploy import (
-    Classifier,
+from caffe_alex.net import Net
+from caffe_alex.tools.deploy import Classifier
+from caffe_alex.tools.images import (
     Transformer,
     center_crop,
     load_image,
     oversample,
     resize_image,
 )
-from caffe_alex.net import Net
 from tests.reference import parse_net
 
 # ---- the reference: pycaffe's steps, transcribed ---------------------------------------------

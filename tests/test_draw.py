@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from caffe_alex import draw
 from caffe_alex.cli import main
 from caffe_alex.errors import CaffeAlexError
-from caffe_alex.prototxt import parse_net_text, read_net
+from caffe_alex.formats.prototxt import parse_net_text, read_net
+from caffe_alex.tools import draw
 from tests.corpus import CORPUS
 from tests.test_corpus_build import _guessed_source_shapes, _read_or_skip, corpus_nets
 

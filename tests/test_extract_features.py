@@ -15,10 +15,9 @@ from PIL import Image
 from caffe_alex.cli import main
 from caffe_alex.data.datum import array_to_datum, datum_to_array, parse_datum
 from caffe_alex.data.db import open_db
-from caffe_alex.deploy import extract_features
 from caffe_alex.errors import CaffeAlexError
-from caffe_alex.features import legacy_chw, output_plan
 from caffe_alex.net import Net
+from caffe_alex.tools.features import extract_features, legacy_chw, output_plan
 from tests.reference import parse_net
 
 NET = """

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from google.protobuf import text_format
 
-from caffe_alex.filtering import filter_net, layer_included, make_state, state_meets_rule
+from caffe_alex.formats.filtering import filter_net, layer_included, make_state, state_meets_rule
 from caffe_alex.proto import caffe_pb2
 
 

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from caffe_alex.cli import main
 from caffe_alex.errors import CaffeAlexError
 from caffe_alex.net import Net
-from caffe_alex.onnx_export import to_onnx_model
+from caffe_alex.tools.onnx_export import to_onnx_model
 from tests.reference import caffemodel_bytes, parse_net, randomize, relative_error
 
 onnx = pytest.importorskip("onnx")

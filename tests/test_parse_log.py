@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from caffe_alex.cli import main
-from caffe_alex.plot_log import parse_lines
+from caffe_alex.tools.plot_log import parse_lines
 
 # -- a model of parse_log.py ------------------------------------------------------------------
 # Its number class is digits, '.', 'e', 'E', '+' and '-' only (no nan/inf).

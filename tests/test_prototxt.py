@@ -8,8 +8,7 @@ import stat
 import pytest
 
 from caffe_alex.errors import CaffeAlexError
-from caffe_alex.proto import caffe_pb2
-from caffe_alex.prototxt import (
+from caffe_alex.formats.prototxt import (
     net_to_text,
     parse_net_text,
     read_any,
@@ -19,6 +18,7 @@ from caffe_alex.prototxt import (
     write_binary,
     write_text,
 )
+from caffe_alex.proto import caffe_pb2
 
 
 def _error(text: str, name: str = "net.prototxt") -> str:

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from caffe_alex.errors import LayerConfigError
-from caffe_alex.registry import CaffeLayer, get_layer_class, layer_types, register
+from caffe_alex.layers import layer_types
+from caffe_alex.registry import CaffeLayer, get_layer_class, register
 
 LAYER_TESTS = Path(__file__).parent / "layers"
 

@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from caffe_alex.cli import main
-from caffe_alex.prototxt import parse_net_text, read_net
-from caffe_alex.summary import build_for_shapes, summarize
+from caffe_alex.formats.prototxt import parse_net_text, read_net
+from caffe_alex.tools.summary import build_for_shapes, summarize
 from tests.corpus import CORPUS
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from caffe_alex.cli import main
 from caffe_alex.net import Net
-from caffe_alex.timing import _layerwise_iteration, make_inputs, report_lines, time_net
+from caffe_alex.tools.timing import _layerwise_iteration, make_inputs, report_lines, time_net
 from tests.reference import parse_net, randomize
 from tests.test_devices import MIXED_NET
 

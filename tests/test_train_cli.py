@@ -194,7 +194,7 @@ def test_test_command(tmp_path):
 
 # -- train ----------------------------------------------------------------------------------
 def _read_params(path) -> list[np.ndarray]:
-    from caffe_alex.weights import read_weights
+    from caffe_alex.formats.weights import read_weights
 
     return [b.data for lw in read_weights(str(path)).layers for b in lw.blobs if b is not None]
 
@@ -210,7 +210,7 @@ def test_train_writes_snapshots_and_a_parseable_log(tmp_path):
     for n in (3, 6):
         assert (tmp_path / f"tiny_iter_{n}.caffemodel").is_file()
         assert (tmp_path / f"tiny_iter_{n}.solverstate").is_file()
-    from caffe_alex.plot_log import parse_lines
+    from caffe_alex.tools.plot_log import parse_lines
 
     log = parse_lines(err.splitlines())
     assert [r["NumIters"] for r in log.test][:1] == [0]

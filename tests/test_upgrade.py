@@ -12,16 +12,20 @@ import pytest
 from google.protobuf import text_format
 
 from caffe_alex.errors import CaffeAlexError
-from caffe_alex.proto import caffe_pb2
-from caffe_alex.prototxt import parse_net_text, read_net, read_solver
-from caffe_alex.upgrade import (
-    V1_TYPE_NAMES,
-    net_needs_upgrade,
+from caffe_alex.formats.prototxt import (
+    parse_net_text,
+    read_net,
+    read_solver,
     resolve_snapshot_prefix,
     upgrade_file,
+)
+from caffe_alex.formats.upgrade import (
+    V1_TYPE_NAMES,
+    net_needs_upgrade,
     upgrade_net,
     upgrade_solver,
 )
+from caffe_alex.proto import caffe_pb2
 
 
 @pytest.fixture

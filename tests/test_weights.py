@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from caffe_alex.convert import convert
 from caffe_alex.errors import CaffeAlexError
+from caffe_alex.formats.caffemodel import read_caffemodel
+from caffe_alex.formats.hdf5 import read_h5
+from caffe_alex.formats.weights import convert
 from caffe_alex.net import Net
 from caffe_alex.proto import caffe_pb2
-from caffe_alex.weights import read_caffemodel, read_h5
 from tests.reference import parse_net
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,7 +156,7 @@ def test_net_save_load_save_is_byte_identical(tmp_path, ext):
     net.save_weights(tmp_path / "n.caffemodel")
     (tmp_path / "net.prototxt").write_text(SMALL)
     model = str(tmp_path / "net.prototxt")
-    convert(tmp_path / f"n{ext}", tmp_path / "c.caffemodel", model=model)
+    convert(tmp_path / f"n{ext}", tmp_path / "c.caffemodel", net=Net.from_prototxt(model))
     assert digest(tmp_path / "c.caffemodel") == digest(tmp_path / "n.caffemodel")
 
 
@@ -260,7 +261,7 @@ def test_v0_caffemodel_with_double_data(tmp_path):
 
 
 def test_truncated_file(tmp_path):
-    import caffe_alex.weights as weights
+    from caffe_alex.formats import wire
 
     small().save_weights(tmp_path / "s.caffemodel")
     data = (tmp_path / "s.caffemodel").read_bytes()
@@ -269,7 +270,7 @@ def test_truncated_file(tmp_path):
         small().load_weights(tmp_path / "cut.caffemodel")
     message = str(info.value)
     assert message.startswith(f"{tmp_path / 'cut.caffemodel'}: not a caffemodel (NetParameter): ")
-    last = [(fs, e - s) for _, _, s, e, fs in weights._fields(data, 0, len(data))][-1]
+    last = [(fs, e - s) for _, _, s, e, fs in wire.fields(data, 0, len(data))][-1]
     assert message.endswith(
         f"field 100 truncated ({last[1]} bytes declared, {last[1] - 10} remain) at byte {last[0]}"
     )
@@ -310,7 +311,7 @@ def test_not_a_caffemodel(tmp_path, content, reason):
 
 
 def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
-    import caffe_alex.weights as weights
+    from caffe_alex.formats import caffemodel
 
     net = small()
     net.save_weights(tmp_path / "s.caffemodel")
@@ -319,7 +320,7 @@ def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(weights, "_blob_pieces", boom)
+    monkeypatch.setattr(caffemodel, "blob_pieces", boom)
     with pytest.raises(KeyboardInterrupt):
         net.save_weights(tmp_path / "s.caffemodel")
     assert digest(tmp_path / "s.caffemodel") == before

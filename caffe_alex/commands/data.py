@@ -6,8 +6,11 @@ from __future__ import annotations
 import contextlib
 
 import click
+from tqdm import tqdm
 
-from ..cli import _option, main, user_errors
+from ..data import tools
+from ..data.db import open_db
+from .options import option, user_errors
 
 _BACKEND = click.Choice(["lmdb", "leveldb"], case_sensitive=False)
 
@@ -15,8 +18,6 @@ _BACKEND = click.Choice(["lmdb", "leveldb"], case_sensitive=False)
 @contextlib.contextmanager
 def _bar(total, unit):
     """A tqdm bar on stderr (silent when stderr is not a terminal); yields an update callback."""
-    from tqdm import tqdm
-
     with tqdm(total=total, unit=unit, disable=None, dynamic_ncols=True) as bar:
         yield bar.update
 
@@ -29,16 +30,16 @@ def _count_lines(path: str) -> int | None:
         return None  # read_list_file reports it
 
 
-@main.command("convert-imageset")
-@_option("resize_height", type=int, default=0, help="Height images are resized to.")
-@_option("resize_width", type=int, default=0, help="Width images are resized to.")
-@_option("gray", is_flag=True, help="Treat images as grayscale ones.")
-@_option("shuffle", is_flag=True, help="Randomly shuffle the order of images and labels.")
-@_option("seed", type=int, default=None, help="Seed of --shuffle (default: random).")
-@_option("backend", type=_BACKEND, default="lmdb", show_default=True, help="Database kind.")
-@_option("check_size", is_flag=True, help="Check that all the datums have the same size.")
-@_option("encoded", is_flag=True, help="Store encoded images (the file's bytes when possible).")
-@_option("encode_type", default="", help="Encode images as this type (png, jpg, ...).")
+@click.command("convert-imageset")
+@option("resize_height", type=int, default=0, help="Height images are resized to.")
+@option("resize_width", type=int, default=0, help="Width images are resized to.")
+@option("gray", is_flag=True, help="Treat images as grayscale ones.")
+@option("shuffle", is_flag=True, help="Randomly shuffle the order of images and labels.")
+@option("seed", type=int, default=None, help="Seed of --shuffle (default: random).")
+@option("backend", type=_BACKEND, default="lmdb", show_default=True, help="Database kind.")
+@option("check_size", is_flag=True, help="Check that all the datums have the same size.")
+@option("encoded", is_flag=True, help="Store encoded images (the file's bytes when possible).")
+@option("encode_type", default="", help="Encode images as this type (png, jpg, ...).")
 @click.argument("root")
 @click.argument("listfile")
 @click.argument("db_name")
@@ -47,34 +48,29 @@ def convert_imageset(root, listfile, db_name, **flags) -> None:
     """Convert the images of LISTFILE ('<path> <label>' lines; paths relative to ROOT, which
     is prefixed as written, so end it with '/') into the new database DB_NAME, like Caffe's
     convert_imageset."""
-    from ..data.tools import convert_imageset as convert
-
     with _bar(_count_lines(listfile), "img") as progress:
-        convert(root, listfile, db_name, progress=progress, **flags)
+        tools.convert_imageset(root, listfile, db_name, progress=progress, **flags)
 
 
-@main.command("compute-image-mean")
-@_option("backend", type=_BACKEND, default="lmdb", show_default=True, help="Database kind.")
+@click.command("compute-image-mean")
+@option("backend", type=_BACKEND, default="lmdb", show_default=True, help="Database kind.")
 @click.argument("input_db")
 @click.argument("output_file", required=False)
 @user_errors
 def compute_image_mean(input_db, output_file, backend) -> None:
     """Compute the mean image of INPUT_DB, written to OUTPUT_FILE (.binaryproto, 1 x C x H x W)
     when given, and print the per-channel means, like Caffe's compute_image_mean."""
-    from ..data.db import open_db
-    from ..data.tools import compute_image_mean as compute
-
     with open_db(input_db, backend) as db:
         total = len(db)
     with _bar(total, "rec") as progress:
-        compute(input_db, output_file, backend, progress=progress)
+        tools.compute_image_mean(input_db, output_file, backend, progress=progress)
 
 
-@main.command("convert-mnist")
-@_option("backend", type=_BACKEND, default="lmdb", show_default=True, help="Database kind.")
-@_option("resize", type=int, default=0, help="Resize the images to SIZE x SIZE (e.g. 227).")
-@_option("color", is_flag=True, help="Store 3 identical (BGR) channels instead of 1.")
-@_option("limit", type=int, default=None, help="Convert only the first N items.")
+@click.command("convert-mnist")
+@option("backend", type=_BACKEND, default="lmdb", show_default=True, help="Database kind.")
+@option("resize", type=int, default=0, help="Resize the images to SIZE x SIZE (e.g. 227).")
+@option("color", is_flag=True, help="Store 3 identical (BGR) channels instead of 1.")
+@option("limit", type=int, default=None, help="Convert only the first N items.")
 @click.argument("images")
 @click.argument("labels")
 @click.argument("db_name")
@@ -83,10 +79,8 @@ def convert_mnist(images, labels, db_name, backend, resize, color, limit) -> Non
     """Convert MNIST-format IDX files (IMAGES, LABELS; plain or .gz), such as MNIST or
     Fashion-MNIST, into the new database DB_NAME, like Caffe's convert_mnist_data.
     --resize 227 --color makes them fit AlexNet's 3 x 227 x 227 input."""
-    from ..data.tools import convert_mnist as convert
-
     with _bar(limit, "img") as progress:
-        convert(
+        tools.convert_mnist(
             images,
             labels,
             db_name,
@@ -98,20 +92,16 @@ def convert_mnist(images, labels, db_name, backend, resize, color, limit) -> Non
         )
 
 
-@main.command("db-info")
-@_option("backend", type=_BACKEND, default=None, help="Database kind (default: detected).")
+@click.command("db-info")
+@option("backend", type=_BACKEND, default=None, help="Database kind (default: detected).")
 @click.argument("db")
 @user_errors
 def db_info(db, backend) -> None:
     """Print the record count, Datum shapes, storage (raw or encoded) and the label
     histogram of the LMDB or LevelDB DB."""
-    from ..data.db import open_db
-    from ..data.tools import db_info as info
-    from ..data.tools import info_lines
-
     with open_db(db, backend) as handle:
         total = len(handle)
     with _bar(total, "rec") as progress:
-        report = info(db, backend, progress=progress)
-    for line in info_lines(report):
+        report = tools.db_info(db, backend, progress=progress)
+    for line in tools.info_lines(report):
         click.echo(line)

@@ -10,8 +10,15 @@ import sys
 
 import click
 
-from ..cli import _option, main, resolve_device, user_errors
+from ..data.db import detect_backend
 from ..errors import CaffeAlexError
+from ..formats.prototxt import read_net
+from ..net import Net
+from ..proto import caffe_pb2
+from ..tools import features
+from ..tools.deploy import Classifier, load_mean, read_labels, top_k
+from ..tools.images import expand_images
+from .options import option, resolve_device, user_errors
 
 
 def _floats(text: str | None, what: str) -> list[float] | None:
@@ -28,33 +35,31 @@ def _floats(text: str | None, what: str) -> list[float] | None:
 def _preprocessing(fn):
     """The options that configure the Classifier's preprocessing (classify.py's flags)."""
     options = [
-        _option("model", required=True, help="Deploy net definition."),
-        _option("weights", required=True, help="Trained weights (comma-separated list)."),
-        _option("mean", default=None, help="Mean image, .binaryproto or .npy (C x H x W)."),
-        _option("mean-values", default=None, metavar="B,G,R",
+        option("model", required=True, help="Deploy net definition."),
+        option("weights", required=True, help="Trained weights (comma-separated list)."),
+        option("mean", default=None, help="Mean image, .binaryproto or .npy (C x H x W)."),
+        option("mean-values", default=None, metavar="B,G,R",
                 help="Per-channel mean in the net's channel order, e.g. 104,117,123."),
-        _option("mean-mode", type=click.Choice(["image", "channel"]), default="image",
+        option("mean-mode", type=click.Choice(["image", "channel"]), default="image",
                 show_default=True, help="Subtract the mean file as an image (resized to the "
                 "input, as pycaffe) or its per-channel averages."),
-        _option("image-dims", default="256,256", show_default=True, metavar="H,W",
+        option("image-dims", default="256,256", show_default=True, metavar="H,W",
                 help="Size images are resized to before cropping."),
-        _option("raw-scale", type=float, default=255.0, show_default=True,
+        option("raw-scale", type=float, default=255.0, show_default=True,
                 help="Multiply the [0, 1] pixels by this before the mean."),
-        _option("input-scale", type=float, default=None, help="Multiply by this after the mean."),
-        _option("channel-swap", default="2,1,0", show_default=True,
+        option("input-scale", type=float, default=None, help="Multiply by this after the mean."),
+        option("channel-swap", default="2,1,0", show_default=True,
                 help="Channel order after loading RGB ('' for none)."),
-        _option("batch-size", type=click.IntRange(min=1), default=None,
+        option("batch-size", type=click.IntRange(min=1), default=None,
                 help="Images (crops with --oversample) per forward (default: net batch)."),
-        _option("gpu", default=None, help="GPU id to run on (default: CPU)."),
+        option("gpu", default=None, help="GPU id to run on (default: CPU)."),
     ]  # fmt: skip
-    for option in reversed(options):
-        fn = option(fn)
+    for add_option in reversed(options):
+        fn = add_option(fn)
     return fn
 
 
 def _classifier(opts: dict):
-    from ..deploy import Classifier, load_mean
-
     values = _floats(opts["mean_values"], "--mean-values")
     mean = load_mean(opts["mean"], values, opts["mean_mode"])
     swap = [int(v) for v in _floats(opts["channel_swap"], "--channel-swap") or []]
@@ -82,19 +87,17 @@ class _Skips:
         click.echo(f"caffe-alex: skipped '{path}': {message}", err=True)
 
 
-@main.command()
+@click.command()
 @_preprocessing
-@_option("labels", default=None, help="Class names, one per line (synset_words.txt).")
-@_option("top", type=click.IntRange(min=1), default=5, show_default=True, help="Classes shown.")
-@_option("oversample", is_flag=True, help="Average the 4 corner + centre crops and mirrors.")
+@option("labels", default=None, help="Class names, one per line (synset_words.txt).")
+@option("top", type=click.IntRange(min=1), default=5, show_default=True, help="Classes shown.")
+@option("oversample", is_flag=True, help="Average the 4 corner + centre crops and mirrors.")
 @click.option("--format", "-format", "fmt", type=click.Choice(["table", "json", "csv"]),
               default="table", show_default=True, help="Output format.")  # fmt: skip
 @click.argument("images", nargs=-1, required=True)
 @user_errors
 def deploy(labels, top, oversample, fmt, images, **opts) -> None:
     """Classify IMAGES (files, folders, glob patterns) with pycaffe Classifier's steps."""
-    from ..deploy import expand_images, read_labels, top_k
-
     skips = _Skips()
     clf = _classifier(opts)
     names = read_labels(labels) if labels else []
@@ -132,14 +135,14 @@ def _print(rows, names, fmt: str) -> None:
                 click.echo(f"  {r + 1:>2}  {p:8.4f}  {i:>5}  {_label(names, i)}")
 
 
-@main.command("extract-features")
+@click.command("extract-features")
 @_preprocessing
-@_option("blobs", required=True, help="Comma-separated blob names, e.g. fc7,prob.")
-@_option("source", multiple=True, help="An LMDB/LevelDB for the net's Data layer, or images: "
+@option("blobs", required=True, help="Comma-separated blob names, e.g. fc7,prob.")
+@option("source", multiple=True, help="An LMDB/LevelDB for the net's Data layer, or images: "
          "files, folders, globs, a .txt list of paths. Default: the net's data layer.")  # fmt: skip
-@_option("out", required=True, help="Output .npy, .npz, .h5, .lmdb or .leveldb (or one path "
+@option("out", required=True, help="Output .npy, .npz, .h5, .lmdb or .leveldb (or one path "
          "per blob, comma-separated).")  # fmt: skip
-@_option(
+@option(
     "num-batches",
     type=click.IntRange(min=1),
     default=None,
@@ -148,20 +151,18 @@ def _print(rows, names, fmt: str) -> None:
 @user_errors
 def extract_features(blobs, source, out, num_batches, **opts) -> None:
     """Write the values of BLOBS for each input, like Caffe's extract_features."""
-    from ..features import extract_features as extract
-    from ..features import output_plan
-
     names = [b for b in blobs.split(",") if b]
-    output_plan(out, names)  # refuse a bad or existing output before any work
+    features.output_plan(out, names)  # refuse a bad or existing output before any work
     skips = _Skips()
     database = _database(source)
     if source and database is None:
         clf, paths = _classifier(opts), _source_images(source, skips)
-        extract(clf, names, out, images=paths, num_batches=num_batches, on_error=skips)
+        features.extract_features(clf, names, out, images=paths, num_batches=num_batches,
+                                  on_error=skips)  # fmt: skip
     else:
         net = _data_net(opts["model"], database, opts["weights"])
         device = resolve_device(opts["gpu"])
-        extract(net, names, out, num_batches=num_batches, device=device)
+        features.extract_features(net, names, out, num_batches=num_batches, device=device)
 
 
 def _database(source) -> str | None:
@@ -174,11 +175,6 @@ def _database(source) -> str | None:
 
 def _data_net(model: str, database: str | None, weights: str):
     """The TEST net with its Data layers reading ``database`` when one is given."""
-    from ..data.db import detect_backend
-    from ..net import Net
-    from ..proto import caffe_pb2
-    from ..prototxt import read_net
-
     net_param, source_map = read_net(model)
     if database:
         data_layers = [lp for lp in net_param.layer if lp.type == "Data"]
@@ -195,8 +191,6 @@ def _data_net(model: str, database: str | None, weights: str):
 
 
 def _source_images(source, skips) -> list[str]:
-    from ..deploy import expand_images
-
     args = []
     for item in source:
         if item.endswith(".txt") and os.path.isfile(item):

@@ -4,24 +4,23 @@ from __future__ import annotations
 
 import click
 
-from ..cli import _option, input_shape_option, main, parse_input_shapes, user_errors
 from ..log import get_logger
+from ..net import Net
+from ..tools.onnx_export import DEFAULT_OPSET, export_onnx
+from .options import input_shape_option, option, parse_input_shapes, user_errors
 
 
-@main.command()
-@_option("model", required=True, help="Net definition (deploy prototxt), built in TEST phase.")
-@_option("weights", default=None, help="Trained weights (.caffemodel); comma-separated list ok.")
-@_option("opset", type=int, default=None, help="ONNX opset version [default: 18].")
-@_option("dynamic-batch", is_flag=True, help="Let the batch axis (axis 0 of inputs) vary.")
+@click.command()
+@option("model", required=True, help="Net definition (deploy prototxt), built in TEST phase.")
+@option("weights", default=None, help="Trained weights (.caffemodel); comma-separated list ok.")
+@option("opset", type=int, default=None, help="ONNX opset version [default: 18].")
+@option("dynamic-batch", is_flag=True, help="Let the batch axis (axis 0 of inputs) vary.")
 @input_shape_option("Declare an input's shape (e.g. data=1,3,227,227). Repeatable.")
 @click.argument("output")
 @user_errors
 def export(model, weights, opset, dynamic_batch, input_shape, output) -> None:
     """Write MODEL (with --weights) as the ONNX model OUTPUT; inputs and outputs keep the
     Caffe blob names. Without --weights the layers keep their fillers' values."""
-    from ..net import Net
-    from ..onnx_export import DEFAULT_OPSET, export_onnx
-
     net = Net.from_prototxt(model, "TEST", input_shapes=parse_input_shapes(input_shape))
     if weights:
         net.load_weights(weights)  # logs what it copied and which layers it lacked

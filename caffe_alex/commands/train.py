@@ -4,13 +4,24 @@ log lines and signal effects, over caffe_alex.solvers.Solver and caffe_alex.net.
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import signal
 import sys
 
 import click
+import torch
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ..cli import _option, main, resolve_device, user_errors
-from ..log import get_logger
+from ..data.loader import make_feed
+from ..formats.prototxt import read_solver
+from ..log import GlogFormatter, get_logger
+from ..net import Net
+from ..solvers import Solver
+from ..tools.plot_log import parse_log, plot
+from ..tools.plot_log import write_csv as write_table
+from .options import option, resolve_device, user_errors
 
 _EFFECTS = click.Choice(["stop", "snapshot", "none"])
 
@@ -30,8 +41,6 @@ def gpu_from_solver(gpu: str | None, solver_param) -> str | None:
 
 def _device_for(gpu: str | None):
     """The torch device for a --gpu value, logged the way caffe.cpp logs its choice."""
-    import torch
-
     log = get_logger()
     device = resolve_device(gpu)
     if device.type == "cpu":
@@ -77,9 +86,6 @@ def progress_bar(solver, enabled: bool):
     if not enabled:
         yield None
         return
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     total = solver.param.max_iter
     bar = tqdm(total=total, initial=min(solver.iter, total), unit="it", dynamic_ncols=True)
 
@@ -98,17 +104,17 @@ def progress_bar(solver, enabled: bool):
         bar.close()
 
 
-@main.command()
-@_option("solver", default="", help="The solver definition (prototxt) file.")
-@_option("weights", default="", help="Pretrained weights to fine-tune from, separated by ','.")
-@_option("snapshot", default="", help="A .solverstate(.h5) to resume training from.")
-@_option("gpu", default=None, help="GPU id(s) ('0', '0,1', 'all') or 'none' for the CPU; "
+@click.command()
+@option("solver", default="", help="The solver definition (prototxt) file.")
+@option("weights", default="", help="Pretrained weights to fine-tune from, separated by ','.")
+@option("snapshot", default="", help="A .solverstate(.h5) to resume training from.")
+@option("gpu", default=None, help="GPU id(s) ('0', '0,1', 'all') or 'none' for the CPU; "
          "default: the solver's solver_mode/device_id.")  # fmt: skip
-@_option("level", type=int, default=0, help="Net state level (sets the solver's train_state).")
-@_option("stage", default="", help="Net state stages, separated by ','.")
-@_option("sigint_effect", type=_EFFECTS, default="stop", show_default=True,
+@option("level", type=int, default=0, help="Net state level (sets the solver's train_state).")
+@option("stage", default="", help="Net state stages, separated by ','.")
+@option("sigint_effect", type=_EFFECTS, default="stop", show_default=True,
          help="What SIGINT (Ctrl-C) does.")  # fmt: skip
-@_option("sighup_effect", type=_EFFECTS, default="snapshot", show_default=True,
+@option("sighup_effect", type=_EFFECTS, default="snapshot", show_default=True,
          help="What SIGHUP does.")  # fmt: skip
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar (default: when stderr is a terminal).")  # fmt: skip
@@ -135,10 +141,6 @@ def log_to_file(path: str | None):
     if not path:
         yield
         return
-    import logging
-
-    from ..log import GlogFormatter
-
     handler = logging.FileHandler(path, mode="w", encoding="utf-8")
     handler.setFormatter(GlogFormatter())
     get_logger().addHandler(handler)
@@ -150,9 +152,6 @@ def log_to_file(path: str | None):
 
 
 def _train(solver, weights, snapshot, gpu, level, stage, sigint_effect, sighup_effect, progress):
-    from ..prototxt import read_solver
-    from ..solvers import Solver
-
     log = get_logger()
     param = read_solver(solver)
     param.train_state.level = level  # caffe.cpp always sets it from --level
@@ -195,8 +194,6 @@ def fmt(value: float) -> str:
 def score(net, feed, iterations: int, log) -> list[str]:
     """Run ``iterations`` batches; log each output value per batch, return the summary lines
     (mean over batches, with ``(* w = l loss)`` for loss outputs), as caffe.cpp's test()."""
-    import torch
-
     names = list(net.output_names)
     loss_weights = blob_loss_weights(net)
     totals: list[float] = []
@@ -224,13 +221,13 @@ def score(net, feed, iterations: int, log) -> list[str]:
     return lines
 
 
-@main.command()
-@_option("model", default="", help="The net definition to score.")
-@_option("weights", default="", help="Trained weights, separated by ','.")
-@_option("iterations", type=int, default=50, show_default=True, help="Batches to run.")
-@_option("gpu", default=None, help="GPU id to run on (default: CPU).")
-@_option("level", type=int, default=0, help="Net state level.")
-@_option("stage", default="", help="Net state stages, separated by ','.")
+@click.command()
+@option("model", default="", help="The net definition to score.")
+@option("weights", default="", help="Trained weights, separated by ','.")
+@option("iterations", type=int, default=50, show_default=True, help="Batches to run.")
+@option("gpu", default=None, help="GPU id to run on (default: CPU).")
+@option("level", type=int, default=0, help="Net state level.")
+@option("stage", default="", help="Net state stages, separated by ','.")
 @user_errors
 def test(model, weights, iterations, gpu, level, stage) -> None:
     """Score a trained model on its TEST-phase data, like ``caffe test``."""
@@ -240,16 +237,11 @@ def test(model, weights, iterations, gpu, level, stage) -> None:
         raise click.UsageError("Need model weights to score (--weights).")
     if iterations < 1:
         raise click.UsageError("--iterations must be at least 1.")
-    from ..data.loader import make_feed
-    from ..net import Net
-
     log = get_logger()
     device = resolve_device(gpu)
     if device.type == "cpu":
         log.info("Use CPU.")
     else:
-        import torch
-
         log.info("Use GPU with device ID %d", device.index)
         log.info("GPU device name: %s", torch.cuda.get_device_name(device))
     net = Net.from_prototxt(model, "TEST", level=level, stages=_split(stage))
@@ -265,7 +257,7 @@ def test(model, weights, iterations, gpu, level, stage) -> None:
         log.info(line)
 
 
-@main.command("plot-log")
+@click.command("plot-log")
 @click.argument("log_file")
 @click.argument("output")
 @click.option(
@@ -278,11 +270,6 @@ def test(model, weights, iterations, gpu, level, stage) -> None:
 def plot_log(log_file, output, write_csv) -> None:
     """Draw the loss, accuracy and learning-rate curves of a training LOG_FILE (ours or
     Caffe's) into OUTPUT (.png, .svg, .pdf)."""
-    import os
-
-    from ..plot_log import parse_log, plot
-    from ..plot_log import write_csv as write_table
-
     log = parse_log(log_file)
     if not (log.train or log.test or log.loss):
         raise click.ClickException(f"{log_file}: no training iterations found in the log")

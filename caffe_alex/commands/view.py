@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import click
 
-from ..cli import _option, input_shape_option, main, parse_input_shapes, phase_option, user_errors
+from ..formats.prototxt import read_net
+from ..tools.draw import draw_net_to_file, output_format, shape_notes
+from ..tools.summary import build_for_shapes, summarize, table_lines
+from .options import input_shape_option, option, parse_input_shapes, phase_option, user_errors
 
 _INPUT_SHAPE = input_shape_option()
 
 
-@main.command()
+@click.command()
 @click.argument("net")
 @click.argument("output")
-@_option("rankdir", type=click.Choice(["LR", "TB", "BT", "RL"], case_sensitive=False),
+@option("rankdir", type=click.Choice(["LR", "TB", "BT", "RL"], case_sensitive=False),
          default="LR", show_default=True, help="Direction of the layout.")  # fmt: skip
 @phase_option("ALL", "Which phase's layers to draw.", ("TRAIN", "TEST", "ALL"))
 @click.option("--display-lrm", "--display_lrm", "display_lrm", is_flag=True,
@@ -22,9 +25,6 @@ _INPUT_SHAPE = input_shape_option()
 @user_errors
 def draw(net, output, rankdir, phase, display_lrm, shapes, input_shape) -> None:
     """Draw NET to OUTPUT (.png, .svg, .pdf, .jpg or .dot), like Caffe's draw_net.py."""
-    from ..draw import draw_net_to_file, output_format, shape_notes
-    from ..prototxt import read_net
-
     output_format(output)
     net_param, source = read_net(net)
     phase = None if phase.upper() == "ALL" else phase.upper()
@@ -38,7 +38,7 @@ def draw(net, output, rankdir, phase, display_lrm, shapes, input_shape) -> None:
     )  # fmt: skip
 
 
-@main.command()
+@click.command()
 @click.argument("net")
 @phase_option("TEST")
 @_INPUT_SHAPE
@@ -47,9 +47,6 @@ def draw(net, output, rankdir, phase, display_lrm, shapes, input_shape) -> None:
 @user_errors
 def summary(net, phase, input_shape, batch) -> None:
     """Print NET's layers with top shapes, parameters, multiply-adds and activation memory."""
-    from ..prototxt import read_net
-    from ..summary import build_for_shapes, summarize, table_lines
-
     net_param, source = read_net(net)
     shapes = parse_input_shapes(input_shape)
     built = build_for_shapes(net_param, phase.upper(), input_shapes=shapes, source=source)

@@ -6,41 +6,40 @@ import os
 
 import click
 
-from ..cli import _option, input_shape_option, main, parse_input_shapes, phase_option, user_errors
+from ..formats import weights
+from ..formats.caffemodel import read_binaryproto
+from ..net import Net
+from .options import input_shape_option, option, parse_input_shapes, phase_option, user_errors
 
 
-@main.command()
+@click.command()
 @click.argument("source")
 @click.argument("destination")
-@_option("model", default=None, help="Net definition (needed where the target format needs it).")
+@option("model", default=None, help="Net definition (needed where the target format needs it).")
 @phase_option("TEST", "Phase of the net built from --model.")
-@_option("with-diffs", is_flag=True, help="Also write diffs (gradients; zeros in a fresh net).")
+@option("with-diffs", is_flag=True, help="Also write diffs (gradients; zeros in a fresh net).")
 @input_shape_option()
 @user_errors
 def convert(source, destination, model, phase, with_diffs, input_shape) -> None:
     """Convert weights SOURCE to DESTINATION, formats by extension: .caffemodel,
     .caffemodel.h5, .pt, .safetensors; mean files .binaryproto <-> .npy."""
-    from ..convert import convert as run
-
-    shapes = parse_input_shapes(input_shape)
-    summary = run(source, destination, model=model, phase=phase, with_diffs=with_diffs,
-                  input_shapes=shapes)  # fmt: skip
-    click.echo(summary)
+    net = None
+    if model:  # the weights go through the net: shapes checked, its definitions written
+        net = Net.from_prototxt(model, phase.upper(), input_shapes=parse_input_shapes(input_shape))
+    click.echo(weights.convert(source, destination, net=net, with_diffs=with_diffs))
 
 
-@main.command()
+@click.command()
 @click.argument("path")
 @user_errors
 def inspect(path) -> None:
     """List the layers, blob shapes, dtypes and parameter counts of a weights file
     (.caffemodel, .caffemodel.h5, .pt, .safetensors) or a .binaryproto mean file."""
-    from ..weights import read_binaryproto, read_weights
-
     if path.lower().endswith(".binaryproto"):
         array = read_binaryproto(path)
         click.echo(f"{path}: BlobProto, shape {list(array.shape)}, {array.size} values")
         return
-    ws = read_weights(path)
+    ws = weights.read_weights(path)
     for line in inspect_lines(ws, os.path.getsize(path)):
         click.echo(line)
 

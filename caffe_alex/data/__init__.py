@@ -1,3 +1,4 @@
-"""Caffe's data formats: databases (db.py), Datum records (datum.py), mean files (mean.py) and
-the dataset tools (tools.py) behind ``convert-imageset``, ``compute-image-mean``,
-``convert-mnist`` and ``db-info``."""
+"""Caffe's data formats and feeds: databases (db.py), Datum records (datum.py), the
+DataTransformer (transformer.py), record sources (sources.py, array_sources.py), the feed of
+batches (loader.py) and the dataset tools (tools.py) behind ``convert-imageset``,
+``compute-image-mean``, ``convert-mnist`` and ``db-info``."""

@@ -39,7 +39,7 @@ class HDF5Source(Source):
         return self.total
 
     def _rows(self, path: str) -> int:
-        import h5py
+        import h5py  # imported on use: a heavy import most feeds never need
 
         _check_source_path(self, path)
         with h5py.File(path, "r") as h5:
@@ -52,7 +52,7 @@ class HDF5Source(Source):
         return next(iter(rows.values()))
 
     def _read(self, file_index: int) -> list[np.ndarray]:
-        import h5py
+        import h5py  # imported on use: a heavy import most feeds never need
 
         with h5py.File(self.files[file_index], "r") as h5:
             return [np.asarray(h5[t], dtype=np.float32) for t in self.tops]
@@ -111,29 +111,3 @@ class MemorySource(Source):
             self._seen, self._base = arrays, position
         row = (position - self._base) % len(arrays[0])
         return [arrays[0][row], arrays[1][row]]
-
-
-def set_input_arrays(net, data, labels, layer: str | None = None) -> None:
-    """Give a MemoryData layer its arrays, as pycaffe's Net.set_input_arrays: data
-    (N, channels, height, width), labels (N,) or (N, 1, 1, 1); N a multiple of batch_size."""
-    names = [n for n, t in zip(net.layer_names, net.layer_types) if t == "MemoryData"]
-    if layer is not None:
-        names = [n for n in names if n == layer]
-    if len(names) != 1:
-        what = (
-            f"no MemoryData layer named '{layer}'" if layer else f"{len(names)} MemoryData layers"
-        )
-        raise ValueError(f"set_input_arrays needs exactly one target: found {what}")
-    target = net.layer(names[0])
-    data = np.ascontiguousarray(data, dtype=np.float32)
-    labels = np.ascontiguousarray(labels, dtype=np.float32).reshape(len(labels), -1)
-    want = tuple(net.blob_shapes[target.top_names[0]][1:])
-    if data.ndim != 4 or tuple(data.shape[1:]) != want:
-        raise ValueError(f"data has shape {data.shape}; layer '{names[0]}' expects (N, *{want})")
-    if labels.shape[1] != 1 or len(labels) != len(data):
-        raise ValueError(f"need one label per image: {len(labels)} labels for {len(data)} images")
-    if len(data) == 0 or len(data) % target.batch:
-        raise ValueError(
-            f"the image count {len(data)} must be a multiple of batch_size {target.batch}"
-        )
-    target.input_arrays = (data, labels[:, 0])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+from PIL import Image
 
 from ..errors import CaffeAlexError
 from ..proto import caffe_pb2
@@ -97,8 +98,6 @@ def _pil_to_chw(image, color) -> np.ndarray:
 
 
 def _open(source, what: str, color):
-    from PIL import Image
-
     try:
         image = Image.open(source)
         if color is False and image.format == "JPEG":
@@ -127,8 +126,6 @@ def load_image(path: str, color: bool = True, height: int = 0, width: int = 0) -
 
 def encode_image(array: np.ndarray, fmt: str = "png") -> bytes:
     """C x H x W uint8 BGR (1 or 3 channels) -> PNG or JPEG bytes, as cv::imencode would."""
-    from PIL import Image
-
     fmt = fmt.lower()
     if array.shape[0] == 1:
         image = Image.fromarray(np.ascontiguousarray(array[0]), "L")

@@ -23,8 +23,11 @@ Caffe): a parent must close a LevelDB before worker processes open it.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Iterator
+
+import lmdb
 
 from ..errors import CaffeAlexError
 
@@ -34,6 +37,11 @@ _LMDB_START_MAP = 64 << 20  # grown by doubling on MapFullError, as Caffe's LMDB
 
 def _as_key(key) -> bytes:
     return key.encode() if isinstance(key, str) else bytes(key)
+
+
+def leveldb_available() -> bool:
+    """Whether the optional plyvel package (LevelDB) is installed."""
+    return importlib.util.find_spec("plyvel") is not None
 
 
 def detect_backend(path: str) -> str:
@@ -164,7 +172,6 @@ class LMDBDatabase(Database):
     backend = "lmdb"
 
     def _open(self):
-        import lmdb
 
         self._pid = os.getpid()
         subdir = not os.path.isfile(self.path)
@@ -208,7 +215,6 @@ class LMDBDatabase(Database):
                 ok = cursor.next()
 
     def _write(self, items):
-        import lmdb
 
         while True:
             try:
@@ -238,7 +244,6 @@ _READERS: dict = {}
 
 
 def _shared_reader(path: str, subdir: bool):
-    import lmdb
 
     key = (os.getpid(), os.path.realpath(path))
     if key not in _READERS:
@@ -255,7 +260,7 @@ class LevelDBDatabase(Database):
 
     def _open(self):
         try:
-            import plyvel
+            import plyvel  # imported on use: an optional extra (caffe-alex[leveldb])
         except ImportError:
             raise CaffeAlexError(
                 f"'{self.path}' is a LevelDB; reading it needs plyvel "

@@ -18,6 +18,8 @@ import numpy as np
 
 from ..errors import CaffeAlexError
 from ..proto import caffe_pb2
+from .datum import datum_to_array, load_image, parse_datum
+from .db import open_db
 from .transformer import DataTransformer
 
 
@@ -88,8 +90,6 @@ class DBSource(Source):
         self.backend = caffe_pb2.DataParameter.DB.Name(p.backend).lower()
         self.in_process = self.backend == "leveldb"
         try:
-            from .db import open_db
-
             # db.py shares one handle per process and reopens it in a forked worker
             self.db = open_db(p.source, self.backend)
             self.keys = list(self.db.keys())
@@ -109,8 +109,6 @@ class DBSource(Source):
         return f"record '{key.decode(errors='replace')}' of '{self.path}'"
 
     def sample(self, position: int, rng) -> list[np.ndarray]:
-        from .datum import datum_to_array, parse_datum
-
         key = self.keys[self.order.epoch_and_index(position)[1]]
         value = self.db.get(key)
         try:
@@ -172,8 +170,6 @@ class ImageListSource(Source):
         return f"image '{self.param.root_folder + name}'"
 
     def sample(self, position: int, rng) -> list[np.ndarray]:
-        from .datum import load_image
-
         name, label = self.entries[self.order.epoch_and_index(position)[1]]
         p = self.param
         try:

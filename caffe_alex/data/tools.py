@@ -16,8 +16,10 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from PIL import Image
 
 from ..errors import CaffeAlexError
+from ..formats.caffemodel import write_binaryproto
 from ..log import get_logger
 from .datum import (
     ImageError,
@@ -186,8 +188,6 @@ def compute_image_mean(
         log.info("Processed %d files.", count)
     mean = total / np.float32(count)
     if output:
-        from ..weights import write_binaryproto
-
         log.info("Write to %s", output)
         write_binaryproto(output, mean[None])
     return mean, channel_means(mean, log)
@@ -300,8 +300,6 @@ def db_info(db_path: str, backend: str | None = None, progress=_nothing) -> dict
 
 
 def _encoded_shape(data, key):
-    from PIL import Image
-
     try:
         with Image.open(io.BytesIO(data)) as image:
             channels = 1 if image.mode in ("L", "1") else (4 if "A" in image.mode else 3)

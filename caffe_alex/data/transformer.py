@@ -12,13 +12,12 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import LayerConfigError
+from ..formats.blobs import blob_proto_to_array
 from ..proto import caffe_pb2
 
 
 def load_mean_file(path: str) -> np.ndarray:
     """A mean .binaryproto as a float32 (C, H, W) array (Caffe keeps its first image)."""
-    from ..net import blob_proto_to_array
-
     try:
         with open(path, "rb") as f:
             proto = caffe_pb2.BlobProto.FromString(f.read())

@@ -14,6 +14,10 @@ from __future__ import annotations
 import io
 import os
 
+import numpy as np
+from PIL import Image
+
+from ..data.db import leveldb_available, open_db
 from ..errors import CaffeAlexError, LayerConfigError
 from ..proto import caffe_pb2
 from ..registry import CaffeLayer, register
@@ -26,12 +30,6 @@ def _all_fields(message) -> frozenset[str]:
     return frozenset(f.name for f in message.DESCRIPTOR.fields)
 
 
-def _pillow(what: str):
-    try:
-        from PIL import Image
-    except ImportError:
-        raise LayerConfigError(f"reading {what} needs Pillow (pip install pillow)") from None
-    return Image
 
 
 def _channels(image, transform) -> int:
@@ -113,7 +111,7 @@ class DataLayer(_Source):
                 raise LayerConfigError(f"the first Datum in '{source}' has no channels")
             return self._cropped(datum.channels, datum.height, datum.width)
         try:
-            image = _pillow("encoded Datums").open(io.BytesIO(datum.data))
+            image = Image.open(io.BytesIO(datum.data))
         except OSError as exc:
             raise LayerConfigError(f"cannot decode the first Datum in '{source}': {exc}") from None
         return self._cropped(_channels(image, self.transform), image.height, image.width)
@@ -137,16 +135,11 @@ class DataLayer(_Source):
 def _first_value(path: str, backend: str) -> bytes | None:
     """The first record in key order, through db.py (which keeps one handle per process, so
     reading here does not clash with a loader reading the same database)."""
-    if backend == "LEVELDB":
-        try:
-            import plyvel  # noqa: F401
-        except ImportError:
-            raise LayerConfigError(
-                "reading a LEVELDB source needs the plyvel package, which is not installed "
-                "(backend LEVELDB is data_param's default; set backend: LMDB for an LMDB source)"
-            ) from None
-    from ..data.db import open_db
-
+    if backend == "LEVELDB" and not leveldb_available():
+        raise LayerConfigError(
+            "reading a LEVELDB source needs the plyvel package, which is not installed "
+            "(backend LEVELDB is data_param's default; set backend: LMDB for an LMDB source)"
+        )
     with open_db(path, backend.lower()) as db:
         return next(iter(db), (None, None))[1]
 
@@ -179,7 +172,7 @@ class ImageDataLayer(_Source):
         path = p.root_folder + first.rsplit(" ", 1)[0]  # the label follows the last space
         if not os.path.exists(path):
             raise self._cannot_infer(f"image '{path}' (first in '{p.source}') does not exist")
-        with _pillow("images").open(path) as image:
+        with Image.open(path) as image:
             return (c, image.height, image.width)
 
 
@@ -210,7 +203,7 @@ class HDF5DataLayer(_Source):
                 f"HDF5 file '{files[0]}' (listed in '{source}') does not exist"
             )
         try:
-            import h5py
+            import h5py  # imported on use: a heavy import most nets never need
         except ImportError:
             raise self._cannot_infer("h5py is not installed") from None
         with h5py.File(files[0], "r") as h5:
@@ -245,11 +238,33 @@ class MemoryDataLayer(_Source):
     own_param = "memory_data_param"
     params = {"memory_data_param": _all_fields(caffe_pb2.MemoryDataParameter), **_TRANSFORM}
 
+    input_arrays: tuple[np.ndarray, np.ndarray] | None = None  # (data, labels), set below
+
     def _image_shape(self):
         p = self.param
         if min(p.channels, p.height, p.width) <= 0:
             raise LayerConfigError("memory_data_param: channels, height and width must be positive")
         return (p.channels, p.height, p.width)
+
+    def set_input_arrays(self, data, labels) -> None:
+        """The arrays this layer serves, as pycaffe's Net.set_input_arrays takes them: data
+        (N, channels, height, width), labels (N,) or (N, 1, 1, 1); N a multiple of batch_size.
+        The feed serves them in order, from the start again after each call (Caffe's Reset)."""
+        data = np.ascontiguousarray(data, dtype=np.float32)
+        labels = np.ascontiguousarray(labels, dtype=np.float32).reshape(len(labels), -1)
+        want = self._image_shape()
+        if data.ndim != 4 or tuple(data.shape[1:]) != want:
+            raise ValueError(f"data has shape {data.shape}; layer '{self.name}' expects "
+                                 f"(N, *{want})")  # fmt: skip
+        if labels.shape[1] != 1 or len(labels) != len(data):
+            raise ValueError(
+                f"need one label per image: {len(labels)} labels for {len(data)} images"
+            )
+        if len(data) == 0 or len(data) % self.batch:
+            raise ValueError(
+                f"the image count {len(data)} must be a multiple of batch_size {self.batch}"
+            )
+        self.input_arrays = (data, labels[:, 0])
 
 
 @register("WindowData")

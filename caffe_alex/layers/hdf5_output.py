@@ -50,7 +50,7 @@ class HDF5OutputLayer(CaffeLayer):
         return []
 
     def forward(self, data: torch.Tensor, label: torch.Tensor):
-        import h5py
+        import h5py  # imported on use: a heavy import most nets never need
 
         arrays = [b.detach().float().cpu().numpy() for b in (data, label)]
         mode = "a" if self._written else "w"

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..errors import LayerConfigError
 from ..proto import caffe_pb2
-from ..registry import CaffeLayer, exporting, register
+from ..registry import CaffeLayer, register
 
 _LRN = caffe_pb2.LRNParameter
 
@@ -89,6 +89,9 @@ class LRNLayer(CaffeLayer):
         self.size = int(p.local_size)
         self.alpha, self.beta, self.k = float(p.alpha), float(p.beta), float(p.k)
         self.across = p.norm_region == _LRN.ACROSS_CHANNELS
+        # The ACROSS_CHANNELS function; the ONNX exporter swaps in an opaque op of the same
+        # formula while it traces, which it writes as ONNX's own LRN node.
+        self.cross_channel = cross_channel_lrn
 
     def top_shapes(self, bottom_shapes):
         shape = tuple(bottom_shapes[0])
@@ -102,14 +105,8 @@ class LRNLayer(CaffeLayer):
         # Half precision (autocast) would lose the small alpha/n * sum next to k: work in float32.
         low = x.dtype in (torch.float16, torch.bfloat16)
         work = x.float() if low else x
-        if self.across and exporting():
-            # Under torch.export (ONNX export): an opaque op that onnx_export.py writes as
-            # ONNX's LRN node (same formula), not the Function's in-place slice additions.
-            from ..onnx_export import lrn_across_channels
-
-            y = lrn_across_channels(work, self.size, self.alpha, self.beta, self.k)
-        elif self.across:
-            y = cross_channel_lrn(work, self.size, self.alpha, self.beta, self.k)
+        if self.across:
+            y = self.cross_channel(work, self.size, self.alpha, self.beta, self.k)
         else:
             y = within_channel_lrn(work, self.size, self.alpha, self.beta)
         return y.to(x.dtype) if low else y

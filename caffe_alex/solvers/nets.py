@@ -10,11 +10,11 @@ then with train_state / test_state[i]. Inline nets in the old V0/V1 format are u
 from __future__ import annotations
 
 from ..errors import CaffeAlexError, SourceMap
+from ..formats.prototxt import read_net
+from ..formats.upgrade import net_needs_upgrade, upgrade_net
 from ..log import get_logger
 from ..net import Net
 from ..proto import caffe_pb2
-from ..prototxt import read_net
-from ..upgrade import net_needs_upgrade, upgrade_net
 
 log = get_logger()
 

@@ -5,7 +5,7 @@ int datasets ``iter`` and ``current_step`` of shape (1,), the string ``learned_n
 state (``<prefix>_iter_N.solverstate.data.json``, for both formats) holding each feed's state
 and torch's RNG state, so that a resumed run draws the same batches and dropout masks.
 
-History blobs are written and read through caffe_alex.weights' wire-format helpers: building a
+History blobs are written and read through caffe_alex.formats.wire's helpers: building a
 SolverState with the generated classes would hold every float as a Python object.
 """
 
@@ -20,18 +20,18 @@ import numpy as np
 import torch
 
 from ..errors import CaffeAlexError
-from ..weights import (
-    _blob_pieces,
-    _encode_varint,
-    _fields,
-    _key,
-    _length_delimited,
-    _map_file,
-    _parse_blob,
-    _varint,
-    _WireError,
-    atomic_path,
-    is_hdf5,
+from ..formats.files import atomic_path
+from ..formats.hdf5 import is_hdf5
+from ..formats.wire import (
+    WireError,
+    blob_pieces,
+    encode_varint,
+    fields,
+    key,
+    length_delimited,
+    map_file,
+    parse_blob,
+    varint,
 )
 
 
@@ -44,22 +44,22 @@ class SolverState:
 
 
 def _history_pieces(array: np.ndarray) -> list:
-    pieces = _blob_pieces(np.asarray(array, dtype=np.float32), None)
+    pieces = blob_pieces(np.asarray(array, dtype=np.float32), None)
     head = pieces[0]  # key of LayerParameter.blobs (7) + length: make it SolverState.history (3)
-    _, pos = _varint(head, 0, len(head))
-    return [_key(3, 2) + head[pos:]] + pieces[1:]
+    _, pos = varint(head, 0, len(head))
+    return [key(3, 2) + head[pos:]] + pieces[1:]
 
 
 def write_binary(path, state: SolverState) -> None:
     """Atomically write a binary SolverState, fields in number order as C++ serializes."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(_key(1, 0) + _encode_varint(state.iter))
+        f.write(key(1, 0) + encode_varint(state.iter))
         if state.learned_net is not None:
-            f.write(_length_delimited(2, state.learned_net.encode()))
+            f.write(length_delimited(2, state.learned_net.encode()))
         for array in state.history:
             for piece in _history_pieces(array):
                 f.write(piece)
-        f.write(_key(4, 0) + _encode_varint(state.current_step))
+        f.write(key(4, 0) + encode_varint(state.current_step))
 
 
 def _int32(value: int) -> int:
@@ -68,28 +68,28 @@ def _int32(value: int) -> int:
 
 def read_binary(path) -> SolverState:
     path = os.fspath(path)
-    buf, size = _map_file(path)
+    buf, size = map_file(path)
     state = SolverState()
     try:
-        for number, wire, s, e, _ in _fields(buf, 0, size):
+        for number, wire, s, e, _ in fields(buf, 0, size):
             if number in (1, 4) and wire == 0:
-                value = _int32(_varint(buf, s, e)[0])
+                value = _int32(varint(buf, s, e)[0])
                 setattr(state, "iter" if number == 1 else "current_step", value)
             elif number == 2 and wire == 2:
                 state.learned_net = bytes(buf[s:e]).decode()
             elif number == 3 and wire == 2:
-                blob = _parse_blob(buf, s, e)
+                blob = parse_blob(buf, s, e)
                 state.history.append(np.array(blob.data, np.float32).reshape(blob.shape))
             else:
-                raise _WireError(f"unexpected field {number}", s)
-    except (_WireError, UnicodeDecodeError) as exc:
+                raise WireError(f"unexpected field {number}", s)
+    except (WireError, UnicodeDecodeError) as exc:
         reason = getattr(exc, "reason", str(exc))
         raise CaffeAlexError(f"{path}: not a solver state (SolverState): {reason}") from None
     return state
 
 
 def write_hdf5(path, state: SolverState) -> None:
-    import h5py
+    import h5py  # imported on use: only HDF5 snapshots need it
 
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("iter", data=np.array([state.iter], np.int32))
@@ -103,7 +103,7 @@ def write_hdf5(path, state: SolverState) -> None:
 
 def _string_dataset(f, name: str, text: str) -> None:
     # H5LTmake_dataset_string: a scalar, fixed-length, NUL-terminated C string
-    import h5py
+    import h5py  # imported on use: only HDF5 snapshots need it
 
     raw = text.encode() + b"\0"
     tid = h5py.h5t.C_S1.copy()
@@ -115,7 +115,7 @@ def _string_dataset(f, name: str, text: str) -> None:
 
 
 def read_hdf5(path) -> SolverState:
-    import h5py
+    import h5py  # imported on use: only HDF5 snapshots need it
 
     path = os.fspath(path)
     try:

@@ -17,14 +17,18 @@ import time
 import numpy as np
 import torch
 
+from ..data.loader import make_feed
 from ..errors import CaffeAlexError
+from ..formats.prototxt import read_solver, resolve_snapshot_prefix
+from ..formats.upgrade import upgrade_solver
 from ..log import get_logger
 from ..proto import caffe_pb2
-from . import RULES, snapshot
+from . import snapshot
 from .debug import backward_info, forward_info
 from .feeds import TrackedFeed
 from .lr_policy import check_policy, learning_rate
 from .nets import build_test_nets, build_train_net, share_trained_layers
+from .rules import RULES
 
 log = get_logger()
 f32 = np.float32
@@ -68,15 +72,11 @@ class Solver:
         param = self.param = SP()
         param.CopyFrom(solver_param)
         if param.HasField("solver_type"):
-            from ..upgrade import upgrade_solver
-
             param.CopyFrom(upgrade_solver(param, source_path))
         if seed is not None:
             param.random_seed = int(seed)
         self.source_path = os.fspath(source_path) if source_path else None
         if self.source_path and not param.HasField("snapshot_prefix"):
-            from ..upgrade import resolve_snapshot_prefix
-
             resolve_snapshot_prefix(param, self.source_path)
         check_param(param)
         log.info("Initializing solver from parameters: \n%s", param)
@@ -110,8 +110,6 @@ class Solver:
 
     @classmethod
     def from_file(cls, path, **kwargs) -> Solver:
-        from ..prototxt import read_solver
-
         return cls(read_solver(path), source_path=path, **kwargs)
 
     # -- set-up ---------------------------------------------------------------------------
@@ -161,8 +159,6 @@ class Solver:
         return made
 
     def _default_feed(self, net, index, seed):
-        from ..data.loader import make_feed
-
         if seed is None:
             seed = self._feed_seed + (0 if index is None else 1 + index)
         return make_feed(net, seed=seed, device=self.device, **self._feed_options)

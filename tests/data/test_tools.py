@@ -21,7 +21,7 @@ from caffe_alex.data.tools import (
     read_list_file,
 )
 from caffe_alex.errors import CaffeAlexError
-from caffe_alex.weights import read_binaryproto
+from caffe_alex.formats.caffemodel import read_binaryproto
 
 RNG = np.random.default_rng(0)
 BACKENDS = ["lmdb", "leveldb"]

@@ -7,7 +7,7 @@ import pytest
 
 from caffe_alex.data.transformer import DataTransformer
 from caffe_alex.errors import LayerConfigError
-from caffe_alex.net import array_to_blob_proto
+from caffe_alex.formats.blobs import array_to_blob_proto
 from caffe_alex.proto import caffe_pb2
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from caffe_alex.prototxt import parse_solver_text
+from caffe_alex.formats.prototxt import parse_solver_text
 from caffe_alex.solvers import Solver
 
 f32 = np.float32

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from caffe_alex.errors import CaffeAlexError
+from caffe_alex.formats.prototxt import parse_solver_text
 from caffe_alex.proto import caffe_pb2
-from caffe_alex.prototxt import parse_solver_text
 from caffe_alex.solvers import Solver, snapshot
 
 from .helpers import batches, make_solver, tiny_net

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .proto import caffe_pb2
+from ..proto import caffe_pb2
 
 PHASES = ("TRAIN", "TEST")
 

@@ -16,7 +16,6 @@ import contextlib
 import logging
 import os
 import re
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -24,7 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import CaffeAlexError
+from ..errors import CaffeAlexError
+from ..formats.files import atomic_path
+from ..layers.lrn import LRNLayer, cross_channel_lrn
 
 # 18 is the lowest opset the torch.export-based exporter writes natively; lower ones go
 # through onnx's version converter.
@@ -35,10 +36,8 @@ DEFAULT_OPSET = 18
 def lrn_across_channels(
     x: torch.Tensor, size: int, alpha: float, beta: float, k: float
 ) -> torch.Tensor:
-    """Caffe's cross-channel LRN as one opaque op, so the exporter can map it to ONNX's LRN.
-    The LRN layer calls it only while torch.export traces the net (as the ONNX export does)."""
-    from .layers.lrn import cross_channel_lrn
-
+    """Caffe's cross-channel LRN as one opaque op, so the exporter can map it to ONNX's LRN
+    (tracing the layer's own Function would record its in-place slice additions instead)."""
     return cross_channel_lrn(x, size, alpha, beta, k)
 
 
@@ -51,9 +50,22 @@ _LRN_OP = torch.ops.caffe_alex.lrn_across_channels.default
 
 
 def _lrn_to_onnx(x, size: int, alpha: float, beta: float, k: float):
-    from onnxscript import opset18 as op
+    from onnxscript import opset18 as op  # imported on use: the optional onnx extra
 
     return op.LRN(x, size=size, alpha=alpha, beta=beta, bias=k)
+
+
+@contextlib.contextmanager
+def _lrn_as_onnx_op(net):
+    """While the net is traced, its cross-channel LRN layers call the opaque op above."""
+    layers = [m for m in net.layers.values() if isinstance(m, LRNLayer)]
+    for layer in layers:
+        layer.cross_channel = lrn_across_channels
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.cross_channel = cross_channel_lrn
 
 
 @dataclass
@@ -201,6 +213,7 @@ def _trace(net, inputs, dynamic_batch: bool):
 def to_onnx_model(net, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False):
     """The net as a checked ``onnx.ModelProto`` (inputs and outputs named after the blobs)."""
     try:
+        # imported on use: the optional onnx extra, and a heavy import (~1 s)
         import onnx
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
     except ImportError as exc:
@@ -213,7 +226,7 @@ def to_onnx_model(net, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = Fals
     was_training = net.training
     net.eval()
     try:
-        with _quiet():
+        with _quiet(), _lrn_as_onnx_op(net):
             program = _trace(net, inputs, dynamic_batch)
             try:
                 onnx_program = torch.onnx.export(
@@ -236,29 +249,11 @@ def to_onnx_model(net, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = Fals
     return model
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_model_atomic(model, path: str) -> int:
-    """Serialize to a temporary file in the destination folder, fsync, then rename over
-    ``path``: an interrupted write never leaves a truncated file under the final name."""
+    """Serialize ``model`` to ``path`` atomically (see formats.files.atomic_path)."""
     data = model.SerializeToString()
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".onnx.tmp", dir=folder)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
     return len(data)
 
 

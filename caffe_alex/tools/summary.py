@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import CaffeAlexError
-from .net import Net
+from ..errors import CaffeAlexError
+from ..net import Net
 
 BYTES_PER_ELEMENT = 4  # float32
 _MAC_LAYERS = {"Convolution": "top", "InnerProduct": "top", "Deconvolution": "bottom"}

@@ -17,13 +17,11 @@ Where Caffe only logs a problem and carries on, we log a warning; where Caffe ab
 
 from __future__ import annotations
 
-import logging
-import os
+from ..errors import CaffeAlexError
+from ..log import get_logger
+from ..proto import caffe_pb2
 
-from .errors import CaffeAlexError
-from .proto import caffe_pb2
-
-log = logging.getLogger("caffe_alex")
+log = get_logger()
 
 V1 = caffe_pb2.V1LayerParameter
 
@@ -485,36 +483,3 @@ def upgrade_solver(
         solver.type,
     )
     return solver
-
-
-def resolve_snapshot_prefix(solver: caffe_pb2.SolverParameter, param_file: str) -> None:
-    """Caffe's reading of a solver file also fills snapshot_prefix (in place): when unset, the
-    solver file's path without extension; when it names an existing folder, folder/<file stem>.
-    """
-    stem, _ = os.path.splitext(param_file)
-    if not solver.HasField("snapshot_prefix"):
-        solver.snapshot_prefix = stem
-        log.info("snapshot_prefix was not specified and is set to %s", solver.snapshot_prefix)
-    elif os.path.isdir(solver.snapshot_prefix):
-        base = os.path.basename(stem)
-        solver.snapshot_prefix = os.path.join(solver.snapshot_prefix, base)
-        log.info("snapshot_prefix was a folder and is now %s", solver.snapshot_prefix)
-
-
-def upgrade_file(src: str, dst: str) -> str:
-    """Read a net or solver definition (text or binary), upgrade it, write it as text to ``dst``
-    (atomically). Returns "net" or "solver", whichever the file turned out to be.
-    """
-    from .prototxt import read_any, write_text
-
-    kind, original = read_any(src, upgrade=False)
-    needed = net_needs_upgrade(original) if kind == "net" else solver_needs_upgrade(original)
-    if needed:
-        message = read_any(src, upgrade=True)[1]  # again, so errors can name their line
-    else:
-        log.info("File already in latest proto format: %s", src)
-        message = original
-    write_text(dst, message)
-    what = "NetParameter" if kind == "net" else "SolverParameter"
-    log.info("Wrote upgraded %s text proto to %s", what, dst)
-    return kind

@@ -19,9 +19,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import CaffeAlexError
-from .filtering import filter_net, make_state
-from .proto import caffe_pb2
+from ..errors import CaffeAlexError
+from ..formats.filtering import filter_net, make_state
+from ..proto import caffe_pb2
+from .summary import build_for_shapes
 
 # Colours of Caffe's draw.py, by layer family.
 LAYER_COLOURS = {
@@ -220,8 +221,6 @@ def shape_notes(
 ) -> dict[str, str]:
     """Each blob's inferred shape as text, from the net built for ``phase``; for all phases
     (None) from both, with the phase named where TRAIN and TEST differ (e.g. batch sizes)."""
-    from .summary import build_for_shapes
-
     phases = [phase] if phase else ["TRAIN", "TEST"]
     built = {
         p: build_for_shapes(net_param, p, input_shapes=input_shapes, source=source) for p in phases

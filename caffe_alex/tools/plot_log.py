@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from .errors import reading
+from ..errors import reading
 
 _NUMBER = r"[-+]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf)"
 # glog prefix: severity letter, MMDD, wall time with microseconds (no year)
@@ -129,9 +129,9 @@ def _names(rows: list[dict], word: str) -> list[str]:
 def plot(log: TrainingLog, out_path, title: str | None = None) -> None:
     """Loss (smoothed train loss, train and test loss outputs), accuracy (outputs whose name
     holds 'acc') and learning rate against iterations, in one image."""
-    import matplotlib
+    import matplotlib  # imported on use: a heavy import (~0.5 s with pyplot)
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # before pyplot, which is imported on use for the same reason
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(3, 1, figsize=(8, 10), sharex=True)

@@ -17,9 +17,14 @@ import os
 import numpy as np
 import torch
 
-from .errors import CaffeAlexError
-from .log import get_logger
-from .proto import caffe_pb2
+from ..data.db import open_db
+from ..data.loader import make_feed
+from ..errors import CaffeAlexError
+from ..log import get_logger
+from ..net import Net
+from ..proto import caffe_pb2
+from .deploy import Classifier
+from .images import load_batches
 
 _KINDS = {".npy": "npy", ".npz": "npz", ".h5": "h5", ".hdf5": "h5", ".lmdb": "lmdb",
           ".leveldb": "leveldb"}  # fmt: skip
@@ -71,9 +76,6 @@ def extract_features(model, blobs, out=None, *, images=None, num_batches=None,
     unreadable files go to ``on_error(path, message)``, and ``num_batches`` limits the batches.
     ``device`` defaults to the Classifier's, or the CPU.
     """
-    from .deploy import Classifier
-    from .net import Net
-
     blobs = [blobs] if isinstance(blobs, str) else list(blobs)
     net = model.net if isinstance(model, Classifier) else model
     if not isinstance(net, Net):
@@ -95,8 +97,6 @@ def extract_features(model, blobs, out=None, *, images=None, num_batches=None,
 
 
 def _from_images(clf, blobs, paths, num_batches, on_error) -> dict[str, np.ndarray]:
-    from .deploy import load_batches
-
     parts: dict[str, list[np.ndarray]] = {b: [] for b in blobs}
     batches = load_batches(paths, clf.batch_size, clf.channels != 1, on_error)
     for index, (_, images) in enumerate(batches):
@@ -116,8 +116,6 @@ def _join(parts, net_shape) -> np.ndarray:
 
 @torch.inference_mode()
 def _from_data_layers(net, blobs, num_batches, device, workers) -> dict[str, np.ndarray]:
-    from .data.loader import make_feed
-
     if device is None:  # stay where the net is
         device = next((p.device for p in net.parameters()), torch.device("cpu"))
     device = torch.device(device)
@@ -160,7 +158,7 @@ def write_features(features: dict[str, np.ndarray], plan) -> None:
 
 
 def _write_h5(path: str, arrays: dict[str, np.ndarray]) -> None:
-    import h5py
+    import h5py  # imported on use: a heavy import only .h5 output needs
 
     with h5py.File(path, "w") as f:
         for name, array in arrays.items():
@@ -176,8 +174,6 @@ def legacy_chw(shape) -> tuple[int, int, int]:
 
 
 def _write_db(path: str, backend: str, array: np.ndarray) -> None:
-    from .data.db import open_db
-
     channels, height, width = legacy_chw(array.shape)
     with open_db(path, backend, mode="new") as db:
         txn = db.transaction()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .net import Net
+from ..net import Net
 
 
 @dataclass

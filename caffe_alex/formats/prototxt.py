@@ -11,18 +11,22 @@ from __future__ import annotations
 import bisect
 import os
 import re
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 from google.protobuf import message as pb_message
 from google.protobuf import text_format
+from google.protobuf.unknown_fields import UnknownFieldSet
 
-from .errors import CaffeAlexError, SourceMap, reading
-from .proto import caffe_pb2
-from .upgrade import upgrade_net, upgrade_solver
+from ..errors import CaffeAlexError, SourceMap, reading
+from ..log import get_logger
+from ..proto import caffe_pb2
+from .files import atomic_path
+from .upgrade import net_needs_upgrade, solver_needs_upgrade, upgrade_net, upgrade_solver
 
 # ---- token scanning (for the layer->line map and for naming the token of a parse error) ------
+
+log = get_logger()
 
 _TOKEN = re.compile(
     r"""(?P<space>\s+)|(?P<comment>\#[^\n]*)
@@ -343,8 +347,6 @@ def read_any(path, *, upgrade: bool = True):
 
 
 def _binary_any(data: bytes, path, upgrade: bool):
-    from google.protobuf.unknown_fields import UnknownFieldSet
-
     for kind, cls in (("net", caffe_pb2.NetParameter), ("solver", caffe_pb2.SolverParameter)):
         try:
             message = cls.FromString(data)
@@ -387,28 +389,36 @@ def write_binary(path, message) -> None:
 
 
 def _write_atomic(path, data: bytes) -> None:
-    try:
-        _write_through_temp(os.fspath(path), data)
-    except OSError as exc:
-        raise CaffeAlexError(f"cannot write {os.fspath(path)}: {exc.strerror or exc}") from None
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
-def _write_through_temp(path: str, data: bytes) -> None:
-    """A temporary file beside ``path``, flushed to disk, then renamed over it: an interrupted
-    write never leaves a truncated file under the final name."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
-    # created like any new file (0666 minus umask); an existing file's mode is kept below
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.exists(path):
-            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def resolve_snapshot_prefix(solver: caffe_pb2.SolverParameter, param_file: str) -> None:
+    """Caffe's reading of a solver file also fills snapshot_prefix (in place): when unset, the
+    solver file's path without extension; when it names an existing folder, folder/<file stem>.
+    """
+    stem, _ = os.path.splitext(param_file)
+    if not solver.HasField("snapshot_prefix"):
+        solver.snapshot_prefix = stem
+        log.info("snapshot_prefix was not specified and is set to %s", solver.snapshot_prefix)
+    elif os.path.isdir(solver.snapshot_prefix):
+        base = os.path.basename(stem)
+        solver.snapshot_prefix = os.path.join(solver.snapshot_prefix, base)
+        log.info("snapshot_prefix was a folder and is now %s", solver.snapshot_prefix)
+
+
+def upgrade_file(src: str, dst: str) -> str:
+    """Read a net or solver definition (text or binary), upgrade it, write it as text to ``dst``
+    (atomically). Returns "net" or "solver", whichever the file turned out to be.
+    """
+    kind, original = read_any(src, upgrade=False)
+    needed = net_needs_upgrade(original) if kind == "net" else solver_needs_upgrade(original)
+    if needed:
+        message = read_any(src, upgrade=True)[1]  # again, so errors can name their line
+    else:
+        log.info("File already in latest proto format: %s", src)
+        message = original
+    write_text(dst, message)
+    what = "NetParameter" if kind == "net" else "SolverParameter"
+    log.info("Wrote upgraded %s text proto to %s", what, dst)
+    return kind

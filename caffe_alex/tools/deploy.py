@@ -1,0 +1,142 @@
+"""Classify images with trained weights: pycaffe's caffe.Classifier, and the helpers of
+``caffe-alex deploy`` (labels, top-k, mean files).
+
+    from caffe_alex.tools.deploy import Classifier
+    from caffe_alex.tools.images import load_image
+    clf = Classifier("deploy.prototxt", "w.caffemodel", image_dims=(256, 256),
+                     mean=np.array([104, 117, 123]), raw_scale=255, channel_swap=(2, 1, 0))
+    probs = clf.predict([load_image("cat.jpg")], oversample=False)   # N x classes
+
+The preprocessing is pycaffe's, step by step (see images.py): images load as RGB float32 in
+[0, 1] (H x W x K), are resized to ``image_dims``, centre cropped to the net input (or cut into
+the 10 crops of ``oversample``), then ``Transformer.preprocess``: HWC -> CHW, channel swap
+(RGB -> BGR), times ``raw_scale``, minus the mean, times ``input_scale``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import CaffeAlexError
+from ..formats.caffemodel import read_binaryproto
+from ..net import Net
+from .images import Transformer, center_crop, load_batches, resize_image
+from .images import oversample as oversample_crops  # predict's flag takes the name
+
+
+# ---- Classifier -----------------------------------------------------------------------------
+class Classifier:
+    """pycaffe's caffe.Classifier: a TEST-phase net with a Transformer for its first input.
+
+    ``model`` is a prototxt path or a built Net; ``weights`` files load as Net.load_weights.
+    ``image_dims`` (default: the net input's H x W) is the size images are resized to before
+    cropping. ``predict`` returns the net's first output (sorted by name, as pycaffe's
+    ``outputs[0]``) per image, averaged over the 10 crops when oversampling."""
+
+    def __init__(self, model, weights=None, image_dims=None, mean=None, input_scale=None,
+                 raw_scale=None, channel_swap=None, *, device="cpu", batch_size=None):  # fmt: skip
+        net = model if isinstance(model, Net) else Net.from_prototxt(model, "TEST")
+        if weights:
+            net.load_weights(weights)
+        self.device = torch.device(device)
+        self.net = net.to(self.device).eval()
+        if not net.input_names:
+            raise CaffeAlexError("the net has no input blob to feed images to")
+        self.input = net.input_names[0]
+        shape = net.blob_shapes[self.input]
+        if len(shape) != 4:
+            raise CaffeAlexError(f"input '{self.input}' has shape {shape}; images need N,K,H,W")
+        self.transformer = Transformer({self.input: shape})
+        self.transformer.set_transpose(self.input, (2, 0, 1))
+        if mean is not None:
+            self.transformer.set_mean(self.input, mean)
+        if input_scale is not None:
+            self.transformer.set_input_scale(self.input, input_scale)
+        if raw_scale is not None:
+            self.transformer.set_raw_scale(self.input, raw_scale)
+        if channel_swap is not None:
+            self.transformer.set_channel_swap(self.input, channel_swap)
+        self.crop_dims = tuple(shape[2:])
+        self.image_dims = tuple(int(d) for d in (image_dims or self.crop_dims))
+        if any(i < c for i, c in zip(self.image_dims, self.crop_dims)):
+            raise CaffeAlexError(
+                f"image dims {self.image_dims} are smaller than the net input {self.crop_dims}"
+            )
+        self.channels = shape[1]
+        self.batch_size = int(batch_size or shape[0])
+        self.output = net.output_names[0]
+
+    def prepare(self, inputs, oversample: bool = True) -> np.ndarray:
+        """H x W x K images -> the preprocessed crops, N (or 10 N) x K x h x w."""
+        resized = np.stack([resize_image(im, self.image_dims) for im in inputs])
+        if oversample:
+            crops = oversample_crops(resized, self.crop_dims)
+        else:
+            crops = center_crop(resized, self.crop_dims)
+        return self.transformer.preprocess_batch(self.input, crops)
+
+    def predict(self, inputs, oversample: bool = True) -> np.ndarray:
+        """N x classes output for a list of H x W x K images (pycaffe's predict)."""
+        out = self.forward_all(self.prepare(inputs, oversample))
+        return out.reshape(len(out) // 10, 10, -1).mean(1) if oversample else out
+
+    @torch.inference_mode()
+    def forward_all(self, caffe_in: np.ndarray, blobs: Sequence[str] | None = None):
+        """Run preprocessed inputs through the net in chunks of ``batch_size``; the first
+        output flattened per item, or a dict of the named blobs."""
+        names = [self.output] if blobs is None else list(blobs)
+        parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        for start in range(0, len(caffe_in), self.batch_size):
+            chunk = np.ascontiguousarray(caffe_in[start : start + self.batch_size])
+            self.net(**self._inputs(torch.from_numpy(chunk).to(self.device)))
+            for n in names:
+                parts[n].append(self.net.blobs[n].float().cpu().numpy())
+        result = {n: np.concatenate(p) for n, p in parts.items()}
+        return result[self.output].reshape(len(caffe_in), -1) if blobs is None else result
+
+    def _inputs(self, chunk: torch.Tensor) -> dict[str, torch.Tensor]:
+        # other inputs (e.g. a data layer's label top) get zeros of their declared shape
+        feed = {self.input: chunk}
+        for name in self.net.input_names[1:]:
+            shape = (len(chunk), *self.net.blob_shapes[name][1:])
+            feed[name] = torch.zeros(shape, device=self.device)
+        return feed
+
+    def classify_files(self, paths: Iterable[str], *, oversample=False, batch_size=None,
+                       on_error: Callable[[str, str], None] | None = None):  # fmt: skip
+        """Yield (path, output vector) per readable image, ``batch_size`` images per forward;
+        an unreadable one goes to ``on_error(path, message)`` and is skipped."""
+        for names, images in load_batches(paths, batch_size or self.batch_size,
+                                          self.channels != 1, on_error):  # fmt: skip
+            yield from zip(names, self.predict(images, oversample))
+
+
+def read_labels(path) -> list[str]:
+    """One label per line (synset_words.txt: 'n01440764 tench, Tinca tinca'), blanks skipped."""
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k highest scores, highest first (ties: lower index first)."""
+    return np.argsort(-np.asarray(scores), kind="stable")[:k]
+
+
+def load_mean(path=None, values=None, mode: str = "image") -> np.ndarray | None:
+    """The mean for Transformer.set_mean: a .binaryproto or .npy mean image (kept as an image,
+    or averaged to per-channel values with ``mode="channel"``), or explicit values."""
+    if path and values is not None:
+        raise CaffeAlexError("give a mean file or mean values, not both")
+    if values is not None:
+        return np.asarray(values, dtype=np.float32).reshape(-1)
+    if not path:
+        return None
+    if str(path).endswith(".npy"):
+        mean = np.load(path).astype(np.float32)
+    else:
+        mean = read_binaryproto(path)
+    mean = mean[0] if mean.ndim == 4 else mean
+    return mean.mean(axis=(1, 2)) if mode == "channel" and mean.ndim == 3 else mean

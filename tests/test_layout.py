@@ -1,0 +1,219 @@
+"""The house rules of caffe_alex/: imports run one way, down the pipeline's stages, with no
+cycle at any depth, and a function-level import only for an optional or heavy dependency.
+
+Read from the source (ast), so an import inside a function counts as much as one at the top.
+An import under ``if TYPE_CHECKING:`` never runs and is left out.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "caffe_alex"
+
+# Lowest first: a module may import from its own stage and the stages before it, never after.
+STAGES = [
+    ("errors, log, proto", ["caffe_alex.errors", "caffe_alex.log", "caffe_alex.proto"]),
+    ("formats", ["caffe_alex.formats"]),
+    ("data", ["caffe_alex.data"]),
+    ("registry, fillers", ["caffe_alex.registry", "caffe_alex.fillers"]),
+    ("layers", ["caffe_alex.layers"]),
+    ("net", ["caffe_alex.net"]),
+    ("solvers", ["caffe_alex.solvers"]),
+    ("tools", ["caffe_alex.tools"]),
+    ("commands", ["caffe_alex.commands"]),
+    ("cli", ["caffe_alex.cli", "caffe_alex.__main__"]),
+    ("public API", ["caffe_alex"]),
+]
+
+# Imported inside functions on purpose: optional extras, or heavy and rarely needed.
+LAZY_ALLOWED = {"h5py", "plyvel", "matplotlib", "onnx", "onnxscript", "torch"}
+# What may sit at the package root: entry points and the lowest shared modules.
+ROOT_MODULES = {
+    "__init__", "__main__", "cli", "net", "registry", "fillers", "errors", "log",
+}  # fmt: skip
+
+
+def _modules() -> dict[str, tuple[Path, bool]]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        is_package = parts[-1] == "__init__"
+        if is_package:
+            parts = parts[:-1]
+        found[".".join(parts)] = (path, is_package)
+    return found
+
+
+MODULES = _modules()
+
+
+def _stage(module: str) -> int:
+    best = None
+    for index, (_, prefixes) in enumerate(STAGES):
+        for prefix in prefixes:
+            if module == prefix or module.startswith(prefix + "."):
+                if best is None or len(prefix) > best[1]:
+                    best = (index, len(prefix))
+    assert best is not None, f"{module} belongs to no stage of STAGES: add it"
+    return best[0]
+
+
+def _targets(module: str, is_package: bool, node) -> list[str]:
+    """The caffe_alex modules an import statement loads (a name imported from a package that
+    is one of its submodules counts as that submodule, not the package)."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names if alias.name in MODULES]
+    if node.level:
+        base = module.split(".") if is_package else module.split(".")[:-1]
+        base = base[: len(base) - (node.level - 1)]
+        source = ".".join(base + ([node.module] if node.module else []))
+    else:
+        source = node.module or ""
+    out = []
+    for alias in node.names:
+        sub = f"{source}.{alias.name}"
+        if sub in MODULES:
+            out.append(sub)
+        elif source in MODULES:
+            out.append(source)
+    return out
+
+
+def _type_checking_nodes(tree) -> set[int]:
+    skipped = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skipped.update(id(n) for n in ast.walk(node))
+    return skipped
+
+
+def _scan():
+    edges: dict[str, set[str]] = {m: set() for m in MODULES}
+    lazy: list[tuple[str, int, str]] = []
+    for module, (path, is_package) in MODULES.items():
+        tree = ast.parse(path.read_text(), str(path))
+        skipped = _type_checking_nodes(tree)
+        in_function = set()
+        for fn in ast.walk(tree):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                in_function.update(id(n) for n in ast.walk(fn))
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)) or id(node) in skipped:
+                continue
+            targets = [t for t in _targets(module, is_package, node) if t != module]
+            edges[module].update(targets)
+            if id(node) in in_function:
+                lazy.append((module, node.lineno, ast.unparse(node)))
+    return edges, lazy
+
+
+EDGES, LAZY = _scan()
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(edges.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_scan_sees_the_package():
+    assert {"caffe_alex.net", "caffe_alex.formats.prototxt", "caffe_alex.cli"} <= set(MODULES)
+    assert "caffe_alex.formats.prototxt" in EDGES["caffe_alex.net"]
+
+
+def test_no_import_cycle():
+    assert _cycles(EDGES) == []
+
+
+def test_the_cycle_finder_finds_one():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_imports_run_down_the_stages(module):
+    mine = _stage(module)
+    upward = [
+        f"{target} ({STAGES[_stage(target)][0]})"
+        for target in sorted(EDGES[module])
+        if _stage(target) > mine
+    ]
+    assert not upward, f"{module} ({STAGES[mine][0]}) imports a later stage: {upward}"
+
+
+def test_function_level_imports_only_for_optional_or_heavy_packages():
+    unexpected = [
+        f"{module}:{line}: {statement}"
+        for module, line, statement in LAZY
+        if statement.split()[1].split(".")[0] not in LAZY_ALLOWED
+    ]
+    assert not unexpected, "\n".join(unexpected)
+
+
+def test_each_function_level_import_says_why():
+    for module, line, statement in LAZY:
+        path = MODULES[module][0]
+        lines = path.read_text().splitlines()
+        context = "\n".join(lines[max(0, line - 3) : line + 1])
+        assert "#" in context, f"{module}:{line}: say why '{statement}' is imported on use"
+
+
+def test_package_root_holds_only_entry_points():
+    root = {p.stem for p in PACKAGE.glob("*.py")}
+    assert root <= ROOT_MODULES, f"move these into a stage folder: {sorted(root - ROOT_MODULES)}"
+
+
+def test_importing_the_package_and_its_cli_does_not_load_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, caffe_alex, caffe_alex.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_public_api_names_resolve():
+    import caffe_alex
+
+    for name in caffe_alex.__all__:
+        assert getattr(caffe_alex, name) is not None, name
+    with pytest.raises(AttributeError):
+        caffe_alex.no_such_thing  # noqa: B018
+
+
+def test_public_api_table_and_all_agree():
+    import caffe_alex
+
+    assert sorted(caffe_alex.__all__) == sorted(caffe_alex._EXPORTS)
