@@ -5,7 +5,6 @@ one written by our solver, and caffe_alex.plot_log gives the same rows; plot-log
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
 from datetime import datetime
@@ -15,6 +14,7 @@ from click.testing import CliRunner
 
 from caffe_alex.cli import main
 from caffe_alex.tools.plot_log import parse_lines
+from tests.commands.test_train import write_tiny_problem
 
 # -- a model of parse_log.py ------------------------------------------------------------------
 # Its number class is digits, '.', 'e', 'E', '+' and '-' only (no nan/inf).
@@ -161,12 +161,7 @@ def test_plot_log_rejects_a_log_without_iterations(tmp_path):
 
 
 # -- a log written by our solver --------------------------------------------------------------
-@pytest.mark.skipif(
-    importlib.util.find_spec("caffe_alex.solvers.solver") is None, reason="no solver yet"
-)
 def test_our_training_log(tmp_path):
-    from tests.test_train_cli import write_tiny_problem
-
     files = write_tiny_problem(tmp_path, max_iter=6, snapshot=0)
     log_path = tmp_path / "train.log"
     result = CliRunner().invoke(

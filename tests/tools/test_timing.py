@@ -4,7 +4,6 @@ module, every layer gets a line, and the CLI prints Caffe's summary lines."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import torch
 from click.testing import CliRunner
@@ -12,6 +11,7 @@ from click.testing import CliRunner
 from caffe_alex.cli import main
 from caffe_alex.net import Net
 from caffe_alex.tools.timing import _layerwise_iteration, make_inputs, report_lines, time_net
+from tests.paths import ROOT
 from tests.reference import parse_net, randomize
 from tests.test_devices import MIXED_NET
 
@@ -69,7 +69,7 @@ def test_time_command_prints_caffe_summary(tmp_path):
 
 
 def test_time_accepts_input_shapes_for_data_layers_without_source(tmp_path):
-    model = str(Path(__file__).resolve().parents[1] / "models/bvlc_alexnet/train_val.prototxt")
+    model = str(ROOT / "models/bvlc_alexnet/train_val.prototxt")
     args = ["time", "--model", model, "--iterations", "1"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1 and "--input-shape data=N,C,H,W" in result.output

@@ -6,16 +6,15 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from caffe_alex.net import Net
+from tests.paths import ROOT
 from tests.reference import relative_error
 
-ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "corpus"
 NETS = {
     "alexnet": (ROOT / "models/bvlc_alexnet/deploy.prototxt", 227, ["fc8", "prob"]),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from click.testing import CliRunner
 from google.protobuf import text_format
 
@@ -11,8 +9,7 @@ from caffe_alex.cli import main
 from caffe_alex.layers import layer_types
 from caffe_alex.net import Net
 from caffe_alex.proto import caffe_pb2
-
-CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+from tests.corpus import CORPUS
 
 V1_NET = """name: "legacy"
 input: "data"

@@ -3,8 +3,6 @@ the per-row shapes, in-place and shared blobs, and the command line."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from click.testing import CliRunner
 
@@ -12,8 +10,8 @@ from caffe_alex.cli import main
 from caffe_alex.formats.prototxt import parse_net_text, read_net
 from caffe_alex.tools.summary import build_for_shapes, summarize
 from tests.corpus import CORPUS
+from tests.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "models" / "bvlc_alexnet" / "deploy.prototxt"
 GOOGLENET = CORPUS / "BVLC__caffe" / "models" / "bvlc_googlenet" / "deploy.prototxt"
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import re
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -17,9 +16,9 @@ from caffe_alex.errors import CaffeAlexError
 from caffe_alex.formats.prototxt import parse_net_text, read_net
 from caffe_alex.tools import draw
 from tests.corpus import CORPUS
+from tests.paths import ROOT
 from tests.test_corpus_build import _guessed_source_shapes, _read_or_skip, corpus_nets
 
-ROOT = Path(__file__).resolve().parents[1]
 ALEXNET = ROOT / "models" / "bvlc_alexnet" / "train_val.prototxt"
 GOOGLENET = CORPUS / "BVLC__caffe" / "models" / "bvlc_googlenet" / "train_val.prototxt"
 ALEX_INPUTS = {"data": (256, 3, 227, 227), "label": (256,)}

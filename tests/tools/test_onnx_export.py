@@ -4,7 +4,6 @@ relative error <= 1e-5), through the API and through ``caffe-alex export``."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,12 +14,12 @@ from caffe_alex.cli import main
 from caffe_alex.errors import CaffeAlexError
 from caffe_alex.net import Net
 from caffe_alex.tools.onnx_export import to_onnx_model
+from tests.paths import ROOT
 from tests.reference import caffemodel_bytes, parse_net, randomize, relative_error
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-ROOT = Path(__file__).resolve().parents[1]
 ALEXNET = ROOT / "models" / "bvlc_alexnet" / "deploy.prototxt"
 RESNET50 = (
     ROOT.parent / "shared" / "corpus" / "KaimingHe__deep-residual-networks" / "prototxt"

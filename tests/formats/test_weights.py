@@ -17,9 +17,9 @@ from caffe_alex.formats.hdf5 import read_h5
 from caffe_alex.formats.weights import convert
 from caffe_alex.net import Net
 from caffe_alex.proto import caffe_pb2
+from tests.paths import ROOT
 from tests.reference import parse_net
 
-ROOT = Path(__file__).resolve().parents[1]
 ALEXNET = str(ROOT / "models" / "bvlc_alexnet" / "deploy.prototxt")
 
 

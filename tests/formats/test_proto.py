@@ -13,8 +13,8 @@ import pytest
 from google.protobuf import descriptor_pb2
 
 from caffe_alex.proto import caffe_pb2
+from tests.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 FINGERPRINT = Path(__file__).with_name("caffe_schema_fingerprint.json")
 
 
