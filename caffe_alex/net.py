@@ -373,6 +373,16 @@ class Net(nn.Module):
         save_weights(self, path, with_diffs=with_diffs)
 
     @property
+    def blob_loss_weights(self) -> dict[str, float]:
+        """Every blob's loss weight (Caffe's blob_loss_weights_): the weight of the layer top
+        that last wrote it, 0.0 for blobs that are not losses."""
+        weights = dict.fromkeys(self.blob_shapes, 0.0)
+        for step in self._steps:
+            for index, weight in step.loss_weights:
+                weights[step.tops[index]] = float(weight)
+        return weights
+
+    @property
     def steps(self) -> tuple[LayerStep, ...]:
         """The layers in forward order with their wiring (``layers[step.key]`` is the module)."""
         return tuple(self._steps)

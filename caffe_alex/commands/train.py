@@ -177,15 +177,6 @@ def _train(solver, weights, snapshot, gpu, level, stage, sigint_effect, sighup_e
     log.info("Optimization Done.")
 
 
-def blob_loss_weights(net) -> dict[str, float]:
-    """Each top's loss weight (Caffe's blob_loss_weights_): 0 for tops that are not losses."""
-    weights: dict[str, float] = {}
-    for step in getattr(net, "_steps", []):
-        for index, weight in step.loss_weights:
-            weights[step.tops[index]] = float(weight)
-    return weights
-
-
 def fmt(value: float) -> str:
     """A float as C++'s default ostream prints it (6 significant digits, like %g)."""
     return f"{value:.6g}"
@@ -195,7 +186,7 @@ def score(net, feed, iterations: int, log) -> list[str]:
     """Run ``iterations`` batches; log each output value per batch, return the summary lines
     (mean over batches, with ``(* w = l loss)`` for loss outputs), as caffe.cpp's test()."""
     names = list(net.output_names)
-    loss_weights = blob_loss_weights(net)
+    loss_weights = net.blob_loss_weights
     totals: list[float] = []
     owners: list[str] = []
     loss = 0.0

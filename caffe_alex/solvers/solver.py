@@ -1,11 +1,10 @@
-"""Caffe's Solver: Solver::Step/Solve/Test/Snapshot/Restore and SGDSolver::ApplyUpdate.
+"""Caffe's Solver: Solver::Step, Solve, Test, Snapshot and Restore over the nets of a solver file.
 
 One iteration, as Caffe: clear the parameter diffs; test if due; forward/backward ``iter_size``
 times, the gradients accumulating; smooth the loss over ``average_loss`` iterations for the
-display; then ApplyUpdate: the rate from lr_policy, clip the gradients by their global L2 norm,
-and per learnable parameter normalise by 1/iter_size, regularise (weight_decay x decay_mult, L2
-or L1), compute the update with the rule's history, subtract it; iter += 1. Log lines keep
-Caffe's wording so tools/extra/parse_log.py reads our logs.
+display (display.py); then the parameter update (update.py: Caffe's ApplyUpdate); iter += 1;
+snapshot when due or asked. Log lines keep Caffe's wording so tools/extra/parse_log.py reads
+our logs.
 """
 
 from __future__ import annotations
@@ -25,10 +24,12 @@ from ..log import get_logger
 from ..proto import caffe_pb2
 from . import snapshot
 from .debug import backward_info, forward_info
+from .display import SmoothedLoss, log_outputs
 from .feeds import TrackedFeed
-from .lr_policy import check_policy, learning_rate
+from .lr_policy import check_policy
 from .nets import build_test_nets, build_train_net, share_trained_layers
 from .rules import RULES
+from .update import ParameterUpdate
 
 log = get_logger()
 f32 = np.float32
@@ -65,7 +66,19 @@ def check_param(param) -> None:
 
 
 class Solver:
-    """See caffe_alex/solvers/__init__.py and notes/solver_api.md for the contract."""
+    """Training from a SolverParameter, as Caffe's Solver does (``Solver.from_file(path)``).
+
+    ``device``: where the nets run (default: the solver's solver_mode/device_id, falling back
+    to the CPU); ``weights``: files to fine-tune from (after the solver's own ``weights``);
+    ``feeds``: where batches come from (default: ``make_feed`` over each net's data layers;
+    else a callable ``(net, test_index or None) -> iterable of input dicts``, or
+    ``{"train": iterable, "test": [iterables]}``); ``seed`` overrides random_seed;
+    ``feed_options`` go to ``make_feed``. ``solve()`` runs to max_iter (``resume`` = a
+    .solverstate to continue from), ``step(n)`` runs n iterations, ``test(i)`` scores test net
+    i, ``snapshot()`` / ``restore(path)`` write and read the state; ``request("stop" |
+    "snapshot")`` is honoured between iterations; ``callbacks`` are called after each update
+    with (iteration, smoothed loss, rate, images per second).
+    """
 
     def __init__(self, solver_param, *, source_path=None, device=None, weights=None,
                  feeds=None, seed=None, feed_options=None):  # fmt: skip
@@ -94,13 +107,12 @@ class Solver:
             if info.lr_mult == 0:
                 info.param.requires_grad_(False)
         self.rule = RULES[param.type](self.learnable, param)
+        self.update = ParameterUpdate(param, self.learnable, self.rule)
         self.iter = self.current_step = 0
         self.callbacks: list = []
         self._requested: str | None = None
         self._early_exit = False
-        self._losses: list[float] = []
-        self._smoothed = f32(0)
-        self._pending: list = []
+        self._loss = SmoothedLoss(param.average_loss)
         self._feed_seed = (param.random_seed if param.random_seed >= 0
                            else secrets.randbits(62))  # fmt: skip
         self._feed_options = dict(feed_options or {})
@@ -182,10 +194,9 @@ class Solver:
     # -- training -------------------------------------------------------------------------
     def step(self, iters: int) -> None:
         start_iter, stop_iter = self.iter, self.iter + iters
-        self._losses, self._smoothed, self._pending = [], f32(0), []
-        self._start_iter = start_iter
-        timer, iterations_last = time.perf_counter(), self.iter
         param = self.param
+        self._loss = SmoothedLoss(param.average_loss, start_iter)
+        timer, iterations_last = time.perf_counter(), self.iter
         while self.iter < stop_iter:
             began = time.perf_counter()
             for info in self.train_net.param_infos:  # ClearParamDiffs
@@ -196,14 +207,14 @@ class Solver:
                     break
             display = param.display and self.iter % param.display == 0
             loss = self._forward_backward(display and param.debug_info)
-            self._pending.append((self.iter, loss))
+            self._loss.add_lazily(self.iter, loss)
             if display:
                 lapse = time.perf_counter() - timer
                 per_s = (self.iter - iterations_last) / (lapse or 1)
                 log.info("Iteration %d (%g iter/s, %gs/%d iters), loss = %g", self.iter,
-                         f32(per_s), f32(lapse), param.display, self._smoothed_loss())  # fmt: skip
+                         f32(per_s), f32(lapse), param.display, self._loss.value)  # fmt: skip
                 timer, iterations_last = time.perf_counter(), self.iter
-                self._log_outputs(self.train_net, "Train", None)
+                log_outputs(self.train_net, "Train")
             rate = self.apply_update(display)
             if self.callbacks:
                 self._notify(rate, time.perf_counter() - began)
@@ -213,7 +224,7 @@ class Solver:
             if action == "stop":
                 self._early_exit = True
                 break
-        self._smoothed_loss()
+        self._loss.flush()
 
     def _test_due(self) -> bool:
         interval = self.param.test_interval
@@ -242,74 +253,17 @@ class Solver:
             total = loss if total is None else total + loss
         return total / self.param.iter_size
 
-    # Caffe's UpdateSmoothedLoss, in float, fed lazily so that no iteration waits on the device
-    def _smoothed_loss(self) -> float:
-        if self._pending:
-            values = torch.stack([loss for _, loss in self._pending]).cpu().tolist()
-            for (it, _), value in zip(self._pending, values):
-                self._add_loss(f32(value), it)
-            self._pending = []
-        return float(self._smoothed)
-
-    def _add_loss(self, loss, it: int) -> None:
-        average = self.param.average_loss
-        if len(self._losses) < average:
-            self._losses.append(loss)
-            size = len(self._losses)
-            self._smoothed = f32((self._smoothed * f32(size - 1) + loss) / f32(size))
-        else:
-            index = (it - self._start_iter) % average
-            self._smoothed = f32(self._smoothed + (loss - self._losses[index]) / f32(average))
-            self._losses[index] = loss
-
     def _notify(self, rate: float, seconds: float) -> None:
-        loss = self._smoothed_loss()
+        loss = self._loss.value
         images = (self._batch_size or 1) * self.param.iter_size / max(seconds, 1e-9)
         for callback in self.callbacks:
             callback(self.iter, loss, rate, images)
 
     def apply_update(self, display: bool = False) -> float:
-        rate, self.current_step = learning_rate(self.param, self.iter, self.current_step)
-        if display:
-            log.info("Iteration %d, lr = %g", self.iter, rate)
-        grads = self._gradients()
-        self._clip(grads)
-        self.rule.iter = self.iter
-        for i, (info, grad) in enumerate(zip(self.learnable, grads)):
-            self._normalize_and_regularize(info, grad)
-            self.rule.compute_update(i, rate)
-        with torch.no_grad():
-            torch._foreach_sub_([info.param for info in self.learnable], grads)
+        """Caffe's ApplyUpdate (update.py), then iter += 1; returns the learning rate used."""
+        rate, self.current_step = self.update.apply(self.iter, self.current_step, display)
         self.iter += 1
         return rate
-
-    def _gradients(self) -> list[torch.Tensor]:
-        grads = []
-        for info in self.learnable:
-            if info.param.grad is None:  # unused or frozen: Caffe's diff stays zero
-                info.param.grad = torch.zeros_like(info.param)
-            grads.append(info.param.grad)
-        return grads
-
-    def _clip(self, grads) -> None:
-        clip = f32(self.param.clip_gradients)
-        if clip < 0 or not grads:
-            return
-        norms = torch._foreach_norm(grads)
-        l2norm = f32(torch.stack(norms).float().pow(2).sum().sqrt().item())
-        if l2norm > clip:
-            scale = f32(clip / l2norm)
-            log.info("Gradient clipping: scaling down gradients (L2 norm %g > %g) by scale "
-                     "factor %g", l2norm, clip, scale)  # fmt: skip
-            torch._foreach_mul_(grads, float(scale))
-
-    def _normalize_and_regularize(self, info, grad) -> None:
-        if self.param.iter_size != 1:
-            grad.mul_(float(f32(1) / f32(self.param.iter_size)))
-        decay = float(f32(self.param.weight_decay) * f32(info.decay_mult))
-        if decay:
-            data = info.param.detach()
-            grad.add_(data if self.param.regularization_type == "L2" else data.sign(), alpha=decay)
 
     # -- testing --------------------------------------------------------------------------
     def test_all(self) -> None:
@@ -337,7 +291,7 @@ class Solver:
         if self.param.test_compute_loss:
             log.info("Test loss: %g", loss / f32(iters))
         means = (sums / iters).cpu().numpy() if sums is not None else np.zeros(0, np.float32)
-        return self._log_outputs(net, "Test", means)
+        return log_outputs(net, "Test", means)
 
     def _handle_requests_in_test(self) -> bool:
         while (action := self._take_request()) is not None:
@@ -346,27 +300,6 @@ class Solver:
             elif action == "stop":
                 self._early_exit = True
         return self._early_exit
-
-    def _log_outputs(self, net, kind: str, values) -> dict:
-        """Log 'Train/Test net output #i: name = v (* w = l loss)' for every output element."""
-        weights = {}
-        for step in net.steps:  # the loss weight of the layer top that made each blob
-            for index, weight in step.loss_weights:
-                weights[step.tops[index]] = weight
-        if values is None:
-            parts = [net.blobs[n].detach().float().reshape(-1) for n in net.output_names]
-            values = torch.cat(parts).cpu().numpy() if parts else np.zeros(0, np.float32)
-        result, position = {}, 0
-        for name in net.output_names:
-            size = int(np.prod(net.blob_shapes[name], dtype=np.int64))
-            chunk = values[position : position + size]
-            weight = f32(weights.get(name, 0))
-            for k, value in enumerate(chunk):
-                note = f" (* {weight:g} = {f32(weight * value):g} loss)" if weight else ""
-                log.info("    %s net output #%d: %s = %g%s", kind, position + k, name, value, note)
-            result[name] = float(chunk[0]) if size == 1 else [float(v) for v in chunk]
-            position += size
-        return result
 
     # -- solve ----------------------------------------------------------------------------
     def solve(self, resume: str | None = None) -> None:
@@ -388,8 +321,8 @@ class Solver:
                 self.train_net(**next(self._feeds["train"]))
             loss = self.train_net.loss
             value = f32(loss.item()) if loss is not None else f32(0)
-            self._add_loss(value, self.iter)
-            log.info("Iteration %d, loss = %g", self.iter, self._smoothed)
+            self._loss.add(value, self.iter)
+            log.info("Iteration %d, loss = %g", self.iter, self._loss.value)
         if param.test_interval and self.iter % param.test_interval == 0:
             self.test_all()
         log.info("Optimization Done.")

@@ -1,0 +1,73 @@
+"""What the solver shows while it trains, in Caffe's words so tools/extra/parse_log.py reads our
+logs: the smoothed loss of the display lines (Solver::UpdateSmoothedLoss) and the
+'Train/Test net output #i: name = v (* w = l loss)' lines."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..log import get_logger
+
+log = get_logger()
+f32 = np.float32
+
+
+class SmoothedLoss:
+    """The mean of the last ``average_loss`` iteration losses, in float32 as Caffe keeps it.
+
+    Losses are added as device tensors and read back only when the value is asked for, so
+    that no iteration waits on the device.
+    """
+
+    def __init__(self, average: int, start_iter: int = 0):
+        self.average, self.start_iter = average, start_iter
+        self._losses: list = []
+        self._value = f32(0)
+        self._pending: list = []
+
+    def add_lazily(self, iteration: int, loss: torch.Tensor) -> None:
+        self._pending.append((iteration, loss))
+
+    def flush(self) -> None:
+        """Read back the losses added lazily (one device sync for all of them)."""
+        if self._pending:
+            values = torch.stack([loss for _, loss in self._pending]).cpu().tolist()
+            for (iteration, _), value in zip(self._pending, values):
+                self.add(f32(value), iteration)
+            self._pending = []
+
+    @property
+    def value(self) -> float:
+        self.flush()
+        return float(self._value)
+
+    def add(self, loss, iteration: int) -> None:
+        if len(self._losses) < self.average:
+            self._losses.append(loss)
+            size = len(self._losses)
+            self._value = f32((self._value * f32(size - 1) + loss) / f32(size))
+        else:
+            index = (iteration - self.start_iter) % self.average
+            self._value = f32(self._value + (loss - self._losses[index]) / f32(self.average))
+            self._losses[index] = loss
+
+
+def log_outputs(net, kind: str, values=None) -> dict:
+    """Log every element of the net's outputs (``values`` flattened in output order, or the
+    blobs of the last forward) with its loss note; return them by output name."""
+    weights = net.blob_loss_weights
+    if values is None:
+        parts = [net.blobs[n].detach().float().reshape(-1) for n in net.output_names]
+        values = torch.cat(parts).cpu().numpy() if parts else np.zeros(0, np.float32)
+    result, position = {}, 0
+    for name in net.output_names:
+        size = int(np.prod(net.blob_shapes[name], dtype=np.int64))
+        chunk = values[position : position + size]
+        weight = f32(weights.get(name, 0))
+        for k, value in enumerate(chunk):
+            note = f" (* {weight:g} = {f32(weight * value):g} loss)" if weight else ""
+            log.info("    %s net output #%d: %s = %g%s", kind, position + k, name, value, note)
+        result[name] = float(chunk[0]) if size == 1 else [float(v) for v in chunk]
+        position += size
+    return result
