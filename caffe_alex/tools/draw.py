@@ -2,8 +2,8 @@
 name, type and key parameters, blobs as grey octagons, edges from each bottom blob to its layer
 and from the layer to each top blob (labelled with num_output or the Data batch size).
 
-We write the DOT text ourselves (the subset needed is a few quoted statements, and writing it
-lets the tests read the graph back without pydot) and hand it to Graphviz's ``dot`` to render.
+The graph is built as data (``Graph``), turned into DOT with the ``graphviz`` package (which
+quotes names and calls Graphviz's ``dot`` to render), and written atomically.
 Differences from draw.py, all deliberate: every blob is an octagon (draw.py leaves a blob that
 is last seen as a top, such as ``loss``, as a plain ellipse, a side effect of its bookkeeping);
 phases are selected with Caffe's full NetState rules; kernel/stride/pad given per dimension
@@ -13,13 +13,14 @@ decay multipliers; ``shapes`` adds each blob's inferred shape.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import graphviz
+
 from ..errors import CaffeAlexError
+from ..formats.files import atomic_path
 from ..formats.filtering import filter_net, make_state
 from ..proto import caffe_pb2
 from .summary import build_for_shapes
@@ -155,25 +156,33 @@ def _add_blob(graph: Graph, name: str, separator: str, notes) -> None:
     graph.nodes[f"blob:{name}"] = {**style, "label": label}
 
 
-def _quote(text: str, record: bool = False) -> str:
+def _dot_text(text: str, record: bool = False) -> str:
+    """A label as DOT reads it back literally: backslashes and quotes escaped, line breaks as
+    DOT's ``\\n``, and in a record label the field delimiters ``{}|<>`` escaped too."""
     text = text.replace("\\", "\\\\").replace('"', '\\"')
-    if record:  # in a record label these delimit fields; a backslash makes them literal
+    if record:
         for char in "{}|<>":
             text = text.replace(char, "\\" + char)
-    return '"' + text.replace("\n", "\\n") + '"'
+    return text.replace("\n", "\\n")
+
+
+def to_digraph(graph: Graph) -> graphviz.Digraph:
+    """The drawing as a ``graphviz.Digraph``. Node ids are short and plain (``layer3``,
+    ``blob7``): the graphviz package reads a ':' in an edge's end as a port."""
+    ids = {key: f"{key.split(':', 1)[0]}{i}" for i, key in enumerate(graph.nodes)}
+    dot = graphviz.Digraph(graph.name, graph_attr={"rankdir": graph.rankdir})
+    for key, attrs in graph.nodes.items():
+        record = attrs.get("shape") == "record"
+        label = _dot_text(attrs["label"], record)
+        dot.node(ids[key], label=graphviz.nohtml(label), **{k: v for k, v in attrs.items() if k != "label"})
+    for src, dst, label in graph.edges:
+        dot.edge(ids[src], ids[dst], label=graphviz.nohtml(_dot_text(label)))
+    return dot
 
 
 def to_dot(graph: Graph) -> str:
-    """DOT text, one statement per line: the graph, then the nodes, then the edges."""
-    lines = [f"digraph {_quote(graph.name)} {{", f"  rankdir={graph.rankdir};"]
-    for node, attrs in graph.nodes.items():
-        record = attrs.get("shape") == "record"
-        text = ", ".join(f"{k}={_quote(v, record and k == 'label')}" for k, v in attrs.items())
-        lines.append(f"  {_quote(node)} [{text}];")
-    for src, dst, label in graph.edges:
-        lines.append(f"  {_quote(src)} -> {_quote(dst)} [label={_quote(label)}];")
-    lines.append("}")
-    return "\n".join(lines) + "\n"
+    """The DOT text of the drawing (what ``.dot`` output writes)."""
+    return to_digraph(graph).source
 
 
 def output_format(path: str) -> str:
@@ -185,28 +194,29 @@ def output_format(path: str) -> str:
     return fmt
 
 
-def render(dot_text: str, fmt: str) -> bytes:
-    """The diagram as ``fmt`` bytes; text formats need no Graphviz."""
+def render(graph: Graph, fmt: str) -> bytes:
+    """The diagram as ``fmt`` bytes: DOT text as it is, images through Graphviz's ``dot``."""
     if fmt in TEXT_FORMATS:
-        return dot_text.encode()
-    program = shutil.which("dot")
-    if program is None:
+        return to_dot(graph).encode()
+    try:
+        return to_digraph(graph).pipe(format=fmt)
+    except graphviz.ExecutableNotFound:
         raise CaffeAlexError(
             f"rendering .{fmt} needs Graphviz's 'dot' program: install graphviz "
             "(apt-get install graphviz), or draw to a .dot file"
-        )
-    done = subprocess.run([program, f"-T{fmt}"], input=dot_text.encode(), capture_output=True)
-    if done.returncode != 0:
-        reason = done.stderr.decode(errors="replace").strip().splitlines() or ["no message"]
-        raise CaffeAlexError(f"Graphviz's dot failed to render .{fmt}: {reason[0]}")
-    return done.stdout
+        ) from None
+    except graphviz.CalledProcessError as exc:
+        stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
+        reason = stderr.strip().splitlines() or ["no message"]
+        raise CaffeAlexError(f"Graphviz's dot failed to render .{fmt}: {reason[0]}") from None
 
 
 def draw_net_to_file(net_param: caffe_pb2.NetParameter, path: str, **options) -> None:
     """Draw ``net_param`` to ``path``, in the format its extension names (see ``net_graph``)."""
     fmt = output_format(path)
-    data = render(to_dot(net_graph(net_param, **options)), fmt)
-    Path(path).write_bytes(data)
+    data = render(net_graph(net_param, **options), fmt)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def format_shape(shape) -> str:

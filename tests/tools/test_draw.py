@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import re
+import shutil
 from collections import Counter
 
 import pytest
@@ -24,27 +25,39 @@ GOOGLENET = CORPUS / "BVLC__caffe" / "models" / "bvlc_googlenet" / "train_val.pr
 ALEX_INPUTS = {"data": (256, 3, 227, 227), "label": (256,)}
 
 # -- reading our DOT back --------------------------------------------------------------------
-_STRING = r'"((?:[^"\\]|\\.)*)"'
-_NODE = re.compile(rf"^\s*{_STRING} \[(.*)\];$")
-_EDGE = re.compile(rf"^\s*{_STRING} -> {_STRING} \[label={_STRING}\];$")
-_ATTR = re.compile(rf"(\w+)={_STRING}")
+# The subset the graphviz package writes: one statement a line, IDs and values bare or quoted.
+_TERM = r'"(?:[^"\\]|\\.)*"|[^\s\[\]=;"]+'
+_NODE = re.compile(rf"^\s*({_TERM}) \[(.*)\]$")
+_EDGE = re.compile(rf"^\s*({_TERM}) -> ({_TERM}) \[(.*)\]$")
+_ATTR = re.compile(rf"(\w+)=({_TERM})")
 
 
-def _unescape(text: str) -> str:
-    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), text)
+def _unescape(term: str) -> str:
+    if not term.startswith('"'):
+        return term
+    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), term[1:-1])
+
+
+def _attrs(text: str) -> dict[str, str]:
+    return {k: _unescape(v) for k, v in _ATTR.findall(text)}
 
 
 def parse_dot(text: str):
     """(nodes: id -> attrs, edges: [(src id, dst id, label)]) of our DOT output."""
     nodes, edges = {}, []
-    for line in text.splitlines()[2:-1]:
+    lines = text.splitlines()
+    assert lines[0].startswith("digraph ") and lines[-1] == "}"
+    for line in lines[1:-1]:
+        if line.strip().startswith("graph ["):
+            continue
         edge = _EDGE.match(line)
         if edge:
-            edges.append(tuple(_unescape(g) for g in edge.groups()))
+            src, dst, attrs = edge.groups()
+            edges.append((_unescape(src), _unescape(dst), _attrs(attrs)["label"]))
             continue
         node = _NODE.match(line)
         assert node, f"unexpected DOT line: {line!r}"
-        nodes[_unescape(node.group(1))] = {k: _unescape(v) for k, v in _ATTR.findall(node.group(2))}
+        nodes[_unescape(node.group(1))] = _attrs(node.group(2))
     return nodes, edges
 
 
@@ -152,7 +165,7 @@ def test_phase_rankdir_and_multipliers():
     assert {e for _, _, e in edges} >= {"Batch 50"} and "Batch 256" not in {e for *_, e in edges}
     train = drawn(draw.to_dot(draw.net_graph(net_param, phase="TRAIN")))[0]
     assert not any(label.startswith("accuracy") for label, _, _ in train)
-    assert "rankdir=TB;" in test
+    assert "graph [rankdir=TB]" in test
 
 
 def test_kernel_given_per_axis_and_record_characters():
@@ -193,7 +206,7 @@ def _png_size(data: bytes):
     return image
 
 
-@pytest.mark.skipif(not draw.shutil.which("dot"), reason="Graphviz's dot is not installed")
+@pytest.mark.skipif(not shutil.which("dot"), reason="Graphviz's dot is not installed")
 def test_alexnet_png_renders(tmp_path):
     out = tmp_path / "alexnet.png"
     result = CliRunner().invoke(main, ["draw", str(ALEXNET), str(out), "--shapes",
@@ -207,11 +220,11 @@ def test_alexnet_png_renders(tmp_path):
 
 
 def test_dot_output_needs_no_graphviz(tmp_path, monkeypatch):
-    monkeypatch.setattr(draw.shutil, "which", lambda name: None)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no dot program to be found
     out = tmp_path / "net.dot"
     result = CliRunner().invoke(main, ["draw", str(ALEXNET), str(out), "--phase", "test"])
     assert result.exit_code == 0, result.output
-    assert out.read_text().startswith('digraph "AlexNet" {')
+    assert out.read_text().startswith("digraph AlexNet {")
     result = CliRunner().invoke(main, ["draw", str(ALEXNET), str(tmp_path / "net.png")])
     assert result.exit_code == 1
     assert "install graphviz (apt-get install graphviz)" in result.output
@@ -233,14 +246,35 @@ RENDERED = {"BVLC__caffe/examples/mnist/lenet_train_test.prototxt"}
 @pytest.mark.parametrize("path", corpus_nets(), ids=lambda p: str(p.relative_to(CORPUS)))
 def test_corpus_net_draws(path, tmp_path):
     net_param, source = _read_or_skip(path)
-    text = draw.to_dot(draw.net_graph(net_param))
-    nodes, _ = parse_dot(text)
-    assert {f"layer:{lp.name}:{lp.type}" for lp in net_param.layer} <= set(nodes)
+    graph = draw.net_graph(net_param)
+    assert {f"layer:{lp.name}:{lp.type}" for lp in net_param.layer} <= set(graph.nodes)
+    nodes, _ = parse_dot(draw.to_dot(graph))
+    assert len(nodes) == len(graph.nodes)
     shapes = _guessed_source_shapes(net_param)
     try:
         notes = draw.shape_notes(net_param, "TEST", shapes, source)
     except CaffeAlexError:
         return  # does not build (an unsupported layer type): drawn without shapes only
-    text = draw.to_dot(draw.net_graph(net_param, phase="TEST", blob_notes=notes))
-    if str(path.relative_to(CORPUS)) in RENDERED and draw.shutil.which("dot"):
-        assert _png_size(draw.render(text, "png")).width > 100
+    graph = draw.net_graph(net_param, phase="TEST", blob_notes=notes)
+    parse_dot(draw.to_dot(graph))
+    if str(path.relative_to(CORPUS)) in RENDERED and shutil.which("dot"):
+        assert _png_size(draw.render(graph, "png")).width > 100
+
+
+def test_names_dot_would_misread_are_drawn_as_written():
+    # ':' is graphviz's port syntax in an edge, '<...>' an HTML label, '"' and '\' escapes
+    net_param, _ = parse_net_text(
+        r"""
+        layer { name: "a:b\"c\\d" type: "Input" top: "<x>" input_param { shape { dim: 1 } } }
+        layer { name: "r" type: "ReLU" bottom: "<x>" top: "y:z" }
+        """
+    )
+    graph = draw.net_graph(net_param)
+    nodes, edges = drawn(draw.to_dot(graph))
+    labels = {label for label, _, _ in nodes}
+    assert {'a:b"c\\d\n(Input)', "<x>", "y:z", "r\n(ReLU)"} == labels
+    assert {(s, d) for s, d, _ in edges} == {
+        ('a:b"c\\d\n(Input)', "<x>"), ("<x>", "r\n(ReLU)"), ("r\n(ReLU)", "y:z")
+    }
+    if shutil.which("dot"):
+        assert _png_size(draw.render(graph, "png")).width > 10
