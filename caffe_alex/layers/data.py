@@ -48,6 +48,7 @@ class _Source(CaffeLayer):
     tops = (1, 2)
     is_source = True
     own_param = ""
+    source_help = ""  # how to make the source, for the error that finds it missing
 
     def __init__(self, layer_param, bottom_shapes, phase):
         super().__init__(layer_param, bottom_shapes, phase)
@@ -81,7 +82,9 @@ class _Source(CaffeLayer):
         )
 
     def _missing(self, path: str) -> LayerConfigError:
-        return self._cannot_infer(f"source '{path}' does not exist")
+        return self._cannot_infer(
+            f"{self.own_param}.source '{path}' does not exist ({self.source_help})"
+        )
 
     def _cropped(self, c: int, h: int, w: int) -> tuple[int, int, int]:
         # DataTransformer::InferBlobShape: the crop must fit inside the stored image.
@@ -99,6 +102,8 @@ class DataLayer(_Source):
     the first Datum (decoded with Pillow when encoded), H = W = crop_size when set."""
 
     own_param = "data_param"
+    source_help = ("build it with caffe-alex convert-imageset or convert-mnist: docs/data.md; "
+                   "the ImageNet LMDBs of models/bvlc_alexnet: docs/imagenet.md")  # fmt: skip
     params = {"data_param": _all_fields(caffe_pb2.DataParameter), **_TRANSFORM}
 
     def _image_shape(self):
@@ -152,6 +157,7 @@ class ImageDataLayer(_Source):
 
     tops = (2, 2)
     own_param = "image_data_param"
+    source_help = "a text file of '<image path> <label>' lines: docs/data.md"
     params = {"image_data_param": _all_fields(caffe_pb2.ImageDataParameter), **_TRANSFORM}
 
     def _image_shape(self):
@@ -183,6 +189,7 @@ class HDF5DataLayer(_Source):
 
     tops = (1, None)
     own_param = "hdf5_data_param"
+    source_help = "a text file naming .h5 files: docs/data.md"
     params = {"hdf5_data_param": _all_fields(caffe_pb2.HDF5DataParameter)}
 
     def __init__(self, layer_param, bottom_shapes, phase):

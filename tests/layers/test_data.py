@@ -93,7 +93,7 @@ def test_image_data_missing_list_gives_the_clear_error():
     )
     with pytest.raises(
         CaffeAlexError,
-        match=r"layer 'src' \(ImageData\).*source 'no/list.txt' "
+        match=r"layer 'src' \(ImageData\).*image_data_param.source 'no/list.txt' "
         r"does not exist.*input_shapes=\{'data': \(N, C, H, W\), 'label': \(N,\)\}",
     ):
         build(text)
@@ -169,8 +169,10 @@ def test_data_decodes_encoded_datums(tmp_path, mode, force, channels):
 def test_data_missing_source_names_layer_and_path():
     with pytest.raises(
         CaffeAlexError,
-        match=r"layer 'src' \(Data\): cannot infer the shape of "
-        r"top 'data' because source 'missing_lmdb' does not exist; where only shapes are needed, "
+        match=r"layer 'src' \(Data\): cannot infer the shape of top 'data' because "
+        r"data_param.source 'missing_lmdb' does not exist \(build it with caffe-alex "
+        r"convert-imageset or convert-mnist: docs/data.md; the ImageNet LMDBs of "
+        r"models/bvlc_alexnet: docs/imagenet.md\); where only shapes are needed, "
         r"declare it with "
         r"input_shapes=\{'data': \(N, C, H, W\), 'label': \(N,\)\} in Net\(...\) or "
         r"--input-shape data=N,C,H,W \(time, draw, summary, export\)",
