@@ -13,7 +13,6 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 EX=examples/fashion_mnist
 MODEL=${1:-alexnet}
-DATA=${FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}
 START=$SECONDS
 step() { printf '\n== [%3ds] %s\n' $((SECONDS - START)) "$*"; }
 
@@ -22,34 +21,12 @@ case "$MODEL" in
     *) echo "usage: $0 [alexnet|lenet]" >&2; exit 2 ;;
 esac
 
-# -- 1. system packages: the dataset and Graphviz (for `caffe-alex draw`) -----------------------
-if [ ! -f "$DATA/train-images-idx3-ubyte.gz" ] || ! command -v dot >/dev/null; then
-    step "apt-get install graphviz dataset-fashion-mnist"
-    SUDO=""
-    [ "$(id -u)" -ne 0 ] && SUDO=sudo
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq graphviz dataset-fashion-mnist
-fi
-
-# -- 2. Python: this interpreter if it already has the project, else a .venv here --------------
-if ! command -v caffe-alex >/dev/null || ! python3 -c "import caffe_alex, torch, matplotlib, lmdb" 2>/dev/null; then
-    if [ -z "${VIRTUAL_ENV:-}" ]; then
-        if [ ! -x .venv/bin/python ]; then
-            step "python3 -m venv .venv"
-            python3 -m venv .venv
-        fi
-        # shellcheck disable=SC1091
-        source .venv/bin/activate
-    fi
-    if ! python -c "import torch" 2>/dev/null; then
-        step "pip install torch==2.13.0"
-        python -m pip install --quiet "torch==2.13.0"
-    fi
-    if ! command -v caffe-alex >/dev/null || ! python -c "import matplotlib, lmdb" 2>/dev/null; then
-        step "pip install -e ."
-        python -m pip install --quiet -e .
-    fi
-fi
+# -- 1. what is missing: Graphviz and the dataset (apt-get), a Python environment (pip) ------
+# shellcheck source=scripts/setup.sh
+source scripts/setup.sh
+DATA=$FASHION_MNIST_DIR
+setup_system_packages
+setup_python
 caffe-alex --version
 
 # -- 3. data: Fashion-MNIST as LMDBs, with the data tools ---------------------------------------
