@@ -173,8 +173,8 @@ def to_digraph(graph: Graph) -> graphviz.Digraph:
     dot = graphviz.Digraph(graph.name, graph_attr={"rankdir": graph.rankdir})
     for key, attrs in graph.nodes.items():
         record = attrs.get("shape") == "record"
-        label = _dot_text(attrs["label"], record)
-        dot.node(ids[key], label=graphviz.nohtml(label), **{k: v for k, v in attrs.items() if k != "label"})
+        label = graphviz.nohtml(_dot_text(attrs["label"], record))
+        dot.node(ids[key], label=label, **{k: v for k, v in attrs.items() if k != "label"})
     for src, dst, label in graph.edges:
         dot.edge(ids[src], ids[dst], label=graphviz.nohtml(_dot_text(label)))
     return dot
