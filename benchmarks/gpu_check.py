@@ -5,7 +5,9 @@
 1. AlexNet deploy on the GPU against the CPU (same weights, same batch): max relative error.
 2. AlexNet forward+backward at batch 32 (train_val, TRAIN) on the GPU, fp32 and bf16 autocast,
    against the hand-written nn.Module of benchmarks/alexnet_cpu.py, alternating in one run.
-3. The test-suite's CUDA tests (``pytest -k cuda``).
+3. AlexNet training iterations at batch 256 (benchmarks/train_alexnet.py on the GPU): the
+   Solver against a hand-written PyTorch loop with the same SGD update.
+4. The test-suite's CUDA tests (``pytest -k cuda``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import train_alexnet  # noqa: E402
 from benchmarks.alexnet_cpu import build_pair, step_caffe_alex, step_reference, timed  # noqa: E402
 from caffe_alex.net import Net  # noqa: E402
 
@@ -82,6 +85,7 @@ def main() -> int:
             f"hand-written {ref * 1000:.2f} ms, ratio {ours / ref:.3f}, "
             f"{32 / ours:.0f} images/s"
         )
+    train_alexnet.main(["--batch", "256", "--rounds", "5", "--iters", "2", "--device", str(device)])
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-k", "cuda", "tests"], cwd=ROOT)
     return int(error > 1e-4 or tests.returncode != 0)
 

@@ -7,7 +7,7 @@ of benchmarks/alexnet_cpu.py, cross-entropy, backward, and Caffe's update in pla
 (V = momentum V + lr lr_mult (g + decay w); W -= V). They run alternately in one process, a few
 iterations at a time, and the script prints the median seconds per iteration and the ratio.
 
-    python benchmarks/train_alexnet_cpu.py [--batch 32] [--rounds 5] [--iters 2]
+    python benchmarks/train_alexnet.py [--batch 32] [--rounds 5] [--iters 2] [--device cuda:0]
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def solver_param(batch: int) -> caffe_pb2.SolverParameter:
 
 class HandWrittenTraining:
     def __init__(self, solver: Solver, lr: float, momentum: float, decay: float):
-        self.model = HandWrittenAlexNet()
+        self.model = HandWrittenAlexNet().to(solver.device)
         with torch.no_grad():
             for name, blobs in solver.train_net.params.items():
                 getattr(self.model, name).weight.copy_(blobs[0])
@@ -73,17 +73,25 @@ class HandWrittenTraining:
                 param.sub_(history)
 
 
-def main() -> None:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv=None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--iters", type=int, default=2, help="iterations per round and side")
-    args = parser.parse_args()
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
-    batch = {"data": torch.randn(args.batch, 3, 227, 227, generator=gen),
-             "label": torch.randint(0, 1000, (args.batch,), generator=gen).float()}  # fmt: skip
+    data = torch.randn(args.batch, 3, 227, 227, generator=gen)
+    label = torch.randint(0, 1000, (args.batch,), generator=gen).float()
+    batch = {"data": data.to(device), "label": label.to(device)}
     param = solver_param(args.batch)
-    solver = Solver(param, feeds={"train": itertools.repeat(batch), "test": []})
+    solver = Solver(param, device=device, feeds={"train": itertools.repeat(batch), "test": []})
     reference = HandWrittenTraining(solver, param.base_lr, param.momentum, param.weight_decay)
     runs = {"caffe-alex Solver": lambda: solver.step(args.iters),
             "hand-written loop": lambda: [reference.step(batch["data"], batch["label"])
@@ -93,11 +101,15 @@ def main() -> None:
     times = {name: [] for name in runs}
     for _ in range(args.rounds):
         for name, fn in runs.items():
+            _sync(device)
             start = time.perf_counter()
             fn()
+            _sync(device)
             times[name].append((time.perf_counter() - start) / args.iters)
-    print(f"AlexNet training iteration (SGD, batch {args.batch}, CPU, "
-          f"{torch.get_num_threads()} threads), median of {args.rounds} rounds:")  # fmt: skip
+    where = (f"CPU, {torch.get_num_threads()} threads" if device.type == "cpu"
+             else torch.cuda.get_device_name(device))  # fmt: skip
+    print(f"AlexNet training iteration (SGD, batch {args.batch}, {where}), "
+          f"median of {args.rounds} rounds:")  # fmt: skip
     medians = {name: statistics.median(t) for name, t in times.items()}
     for name, value in medians.items():
         print(
@@ -109,6 +121,7 @@ def main() -> None:
         f"  ratio caffe-alex / hand-written: "
         f"{medians['caffe-alex Solver'] / medians['hand-written loop']:.3f}"
     )
+    return medians
 
 
 if __name__ == "__main__":
