@@ -16,7 +16,6 @@ import argparse
 import itertools
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ from google.protobuf import text_format
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.alexnet_cpu import HandWrittenAlexNet  # noqa: E402
+from benchmarks.alexnet_cpu import HandWrittenAlexNet, timed  # noqa: E402
 from caffe_alex.proto import caffe_pb2  # noqa: E402
 from caffe_alex.solvers import Solver  # noqa: E402
 
@@ -73,11 +72,6 @@ class HandWrittenTraining:
                 param.sub_(history)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def main(argv=None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
@@ -101,11 +95,7 @@ def main(argv=None) -> dict[str, float]:
     times = {name: [] for name in runs}
     for _ in range(args.rounds):
         for name, fn in runs.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append((time.perf_counter() - start) / args.iters)
+            times[name].append(timed(fn, device) / args.iters)
     where = (f"CPU, {torch.get_num_threads()} threads" if device.type == "cpu"
              else torch.cuda.get_device_name(device))  # fmt: skip
     print(f"AlexNet training iteration (SGD, batch {args.batch}, {where}), "
