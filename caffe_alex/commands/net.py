@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..formats.prototxt import upgrade_file
-from ..layers import layer_types
+from ..layers import layer_family, layer_types
 from ..log import get_logger
 from ..net import Net
 from ..tools.timing import report_lines, time_net
@@ -59,6 +59,9 @@ def time(model, iterations, gpu, phase, level, stage, input_shape, weights) -> N
 
 @click.command("layers")
 def list_layers() -> None:
-    """List the Caffe layer types this build supports."""
-    for name in layer_types():
-        click.echo(name)
+    """List the Caffe layer types this build supports, each with its family (the module of
+    caffe_alex/layers/ that implements it)."""
+    names = layer_types()
+    width = max(map(len, names))
+    for name in names:
+        click.echo(f"{name:<{width}}  {layer_family(name)}")

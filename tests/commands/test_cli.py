@@ -34,9 +34,11 @@ def test_help_lists_the_commands():
         assert command in result.output
 
 
-def test_layers_lists_registered_types():
-    result = run("layers")
-    assert result.output.split() == layer_types()
+def test_layers_lists_registered_types_with_their_family():
+    lines = run("layers").output.splitlines()
+    assert [line.split()[0] for line in lines] == layer_types()
+    rows = dict(line.split() for line in lines)
+    assert rows["Convolution"] == "conv" and rows["LRN"] == "lrn" and rows["ReLU"] == "activations"
 
 
 def test_upgrade_v1_net_writes_current_format(tmp_path):
