@@ -22,12 +22,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .array_sources import HDF5Source, MemorySource
 from .sources import DataError, DBSource, ImageListSource
+from .window_source import WindowSource
 
 _MAKERS = {
     "Data": lambda lp, phase, seed, layer, shuffle: DBSource(lp, phase, seed, shuffle),
     "ImageData": lambda lp, phase, seed, layer, shuffle: ImageListSource(lp, phase, seed),
     "HDF5Data": lambda lp, phase, seed, layer, shuffle: HDF5Source(lp, phase, seed),
     "MemoryData": lambda lp, phase, seed, layer, shuffle: MemorySource(lp, phase, seed, layer),
+    "WindowData": lambda lp, phase, seed, layer, shuffle: WindowSource(lp, phase, seed),
 }
 _BATCH = {"Data": "data_param", "ImageData": "image_data_param", "HDF5Data": "hdf5_data_param"}
 
@@ -101,6 +103,8 @@ class DataFeed:
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device) if device is not None else None
         self.plans = _plans(net, self.seed, shuffle_db)
+        for plan in self.plans:  # WindowData finds an item's place in its batch from it
+            plan.source.world_size = world_size
         in_process = any(p.source.in_process for p in self.plans)
         if workers is None:
             workers = _default_workers(self.device)

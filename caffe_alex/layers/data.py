@@ -279,13 +279,19 @@ class WindowDataLayer(_Source):
     """``window_data_param``: batch_size; crop_size (transform_param's, required) gives
     (batch, 3, crop, crop). Caffe reads C from the window file, but its loader always decodes
     images in colour, so only 3 works. The other fields (source, fg/bg thresholds,
-    fg_fraction, context_pad, crop_mode, cache_images, root_folder) are the loader's."""
+    fg_fraction, context_pad, crop_mode, cache_images, root_folder, scale) are the loader's
+    (caffe_alex/data/window_source.py)."""
 
     tops = (2, 2)
     own_param = "window_data_param"
     params = {"window_data_param": _all_fields(caffe_pb2.WindowDataParameter), **_TRANSFORM}
 
     def _image_shape(self):
-        if self.crop <= 0:
-            raise LayerConfigError("WindowData needs transform_param.crop_size > 0")
-        return (3, self.crop, self.crop)
+        # Caffe's WindowData reads transform_param.crop_size only; a V1 net's
+        # window_data_param.crop_size gets there by the upgrade.
+        if self.transform.crop_size <= 0:
+            raise LayerConfigError(
+                "WindowData needs transform_param.crop_size > 0 (Caffe does not read "
+                "window_data_param.crop_size)"
+            )
+        return (3, self.transform.crop_size, self.transform.crop_size)
