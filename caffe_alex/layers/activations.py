@@ -1,9 +1,10 @@
-"""Element-wise activations: ReLU, PReLU, ELU, Sigmoid, TanH, AbsVal.
+"""Element-wise activations: ReLU, PReLU, ELU, Sigmoid, TanH, AbsVal, BNLL, Swish.
 
-Honours ``relu_param.negative_slope``, ``prelu_param`` (``filler``, ``channel_shared``) and
-``elu_param.alpha``; Sigmoid and TanH have only ``engine``. None of them writes into its
-bottom, so Caffe's in-place use (top named like the bottom) is safe for autograd, except ReLU,
-which overwrites its bottom where the builder finds that safe (see ``CaffeLayer.in_place``).
+Honours ``relu_param.negative_slope``, ``prelu_param`` (``filler``, ``channel_shared``),
+``elu_param.alpha`` and ``swish_param.beta``; Sigmoid and TanH have only ``engine``, BNLL no
+parameter. None of them writes into its bottom, so Caffe's in-place use (top named like the
+bottom) is safe for autograd, except ReLU, which overwrites its bottom where the builder finds
+that safe (see ``CaffeLayer.in_place``).
 """
 
 from __future__ import annotations
@@ -140,3 +141,83 @@ class AbsValLayer(CaffeLayer):
 
     def forward(self, x):
         return torch.abs(x)
+
+
+_BNLL_THRESHOLD = 50.0  # Caffe's kBNLL_THRESHOLD
+
+
+class _CaffeBNLL(torch.autograd.Function):
+    """Caffe's softplus. Forward: exp(-|x|) in the input's precision, then max(x, 0) +
+    log(1. + e) in double (a double literal), rounded once; log(1 + e) rather than log1p, so
+    y is exactly 0 for x below about -37. Backward: ev = exp(min(x, 50)) in the input's
+    precision (the clamp keeps ev/(ev+1) finite), dy*ev rounded to it, then divided in double
+    by ev + 1."""
+
+    @staticmethod
+    def forward(ctx, x):
+        e = torch.exp(-x.abs()).double()
+        y = torch.log(e.add_(1.0)).add_(x.clamp(min=0).double())
+        ctx.save_for_backward(x)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        ev = torch.exp(x.clamp(max=_BNLL_THRESHOLD))
+        grad = (dy * ev).double().div_(ev.double().add_(1.0))
+        return grad.to(x.dtype)
+
+
+@register("BNLL")
+class BNLLLayer(CaffeLayer):
+    """Binomial normal log likelihood, y = log(1 + exp(x)), in Caffe's overflow-safe form."""
+
+    output_needed_by_backward = False
+
+    def forward(self, x):
+        return _CaffeBNLL.apply(x)
+
+
+def _caffe_sigmoid(x):
+    # Caffe's sigmoid is 0.5*tanh(0.5x) + 0.5 with double literals: evaluated in double,
+    # rounded once (values below about 3e-17 cancel to exactly 0).
+    return torch.tanh(x.double() * 0.5).mul_(0.5).add_(0.5).to(x.dtype)
+
+
+class _CaffeSwish(torch.autograd.Function):
+    """y = x * s, s = sigmoid(beta*x) (beta*x rounded to the input's precision first).
+    Backward from the saved top and sigmoid, as Caffe's CPU code: a = beta*y in the input's
+    precision, then dy * (a + s*(1. - a)) in double (a double literal), rounded once. (Caffe's
+    GPU kernel writes an integer 1 and stays in float; the two differ by an ulp at most.)"""
+
+    @staticmethod
+    def forward(ctx, x, beta: float):
+        s = _caffe_sigmoid(x * beta if beta != 1.0 else x)
+        y = x * s
+        ctx.save_for_backward(y, s)
+        ctx.beta = beta
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        y, s = ctx.saved_tensors
+        a = (y * ctx.beta).double()
+        grad = a.neg().add_(1.0).mul_(s.double()).add_(a).mul_(dy.double())
+        return grad.to(dy.dtype), None
+
+
+@register("Swish")
+class SwishLayer(CaffeLayer):
+    """x * sigmoid(beta * x) (``swish_param.beta``, default 1) with Caffe's backward."""
+
+    params = {"swish_param": frozenset({"beta"})}
+
+    def __init__(self, layer_param, bottom_shapes, phase):
+        super().__init__(layer_param, bottom_shapes, phase)
+        self.beta = float(layer_param.swish_param.beta)
+
+    def forward(self, x):
+        return _CaffeSwish.apply(x, self.beta)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, beta={self.beta}"

@@ -1,8 +1,9 @@
-"""ReLU, PReLU, ELU, Sigmoid, TanH, AbsVal against OpenCV 4, NumPy transcriptions of Caffe's
-forward and backward, float64 gradcheck, and the gradients at the kinks."""
+"""ReLU, PReLU, ELU, Sigmoid, TanH, AbsVal, BNLL, Swish against OpenCV 4, NumPy transcriptions
+of Caffe's forward and backward, float64 gradcheck, and the gradients at the kinks."""
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -39,6 +40,8 @@ LAYERS = {
     "sigmoid": 'type: "Sigmoid"',
     "tanh": 'type: "TanH"',
     "absval": 'type: "AbsVal"',
+    "bnll": 'type: "BNLL"',
+    "swish": 'type: "Swish"',  # OpenCV ignores swish_param.beta: beta != 1 is tested below
 }
 
 
@@ -55,7 +58,39 @@ def caffe_forward(name: str, x: np.ndarray) -> np.ndarray:
         return (0.5 * np.tanh(0.5 * x.astype(np.float64)) + 0.5).astype(np.float32)
     if name == "tanh":
         return np.tanh(x)
+    if name == "bnll":
+        return caffe_bnll(x, x)[0]
+    if name == "swish":
+        return caffe_swish(x, 1.0, x)[0]
     return np.abs(x)
+
+
+def expf(x):
+    """glibc's expf (Caffe's exp of a float) is all but correctly rounded; NumPy's float32 exp is
+    an ulp off in a third of the cases, so round the double result."""
+    with np.errstate(over="ignore"):  # np.where below evaluates both branches
+        return np.exp(np.asarray(x, np.float64)).astype(np.float32)
+
+
+def caffe_bnll(x, dy):
+    """BNLLLayer: x > 0 ? x + log(1. + exp(-x)) : log(1. + exp(x)), exp in float, the rest in
+    double (the 1. literal); backward ev = exp(min(x, 50)), (dy*ev) in float / (ev + 1.)."""
+    e = np.where(x > 0, expf(-x), expf(x)).astype(np.float64)
+    y = np.where(x > 0, x.astype(np.float64) + np.log(1.0 + e), np.log(1.0 + e))
+    ev = expf(np.minimum(x, np.float32(50)))
+    dx = (dy * ev).astype(np.float64) / (ev.astype(np.float64) + 1.0)
+    return y.astype(np.float32), dx.astype(np.float32)
+
+
+def caffe_swish(x, beta, dy):
+    """SwishLayer: s = Caffe's double sigmoid of beta*x (a float product), y = x*s; backward
+    (CPU) dy * (beta*y + s*(1. - beta*y)) with beta*y in float, the rest in double."""
+    t = x * np.float32(beta)
+    s = (0.5 * np.tanh(0.5 * t.astype(np.float64)) + 0.5).astype(np.float32)
+    y = x * s
+    a = (np.float32(beta) * y).astype(np.float64)
+    dx = dy.astype(np.float64) * (a + s.astype(np.float64) * (1.0 - a))
+    return y, dx.astype(np.float32)
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
@@ -92,6 +127,66 @@ def test_matches_caffe_formula(name):
     # Caffe's double sigmoid loses everything below ~1e-17 (it gives exactly 0 at x = -40).
     atol = 2e-7 if name in ("tanh", "elu", "elu_half") else 1e-16 if name == "sigmoid" else 0.0
     np.testing.assert_allclose(ours, expected, rtol=3e-7, atol=atol)
+
+
+@pytest.mark.parametrize("beta", [1.0, 2.0, 0.5, 0.0, -1.5])
+def test_swish_forward_and_backward_match_caffe(beta):
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((3, 4, 5, 6)) * 6).astype(np.float32)
+    x[0, 0, 0, :4] = [0.0, -40.0, 40.0, -100.0]
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    net = Net(parse_net(act_net(f'type: "Swish" swish_param {{ beta: {beta} }}', x.shape)))
+    xt = torch.from_numpy(x).requires_grad_()
+    y = net(data=xt)["out"]
+    y.backward(torch.from_numpy(dy))
+    ref_y, ref_dx = caffe_swish(x, beta, dy)
+    # the same double sigmoid, but double tanh implementations differ by an ulp (2^-54 after
+    # the cancellation, a large relative error where the sigmoid is below ~1e-9)
+    np.testing.assert_allclose(y.detach().numpy(), ref_y, rtol=1.2e-7, atol=1e-14)
+    np.testing.assert_allclose(xt.grad.numpy(), ref_dx, rtol=2.4e-7, atol=1e-12)
+
+
+def test_swish_quirks():
+    # beta 0 is linear, x/2 with gradient 1/2; Caffe's double sigmoid cancels to exactly 0 for
+    # beta*x below about -37 (torch.sigmoid would give 1e-17 there), and so does the gradient.
+    net = Net(parse_net(act_net('type: "Swish" swish_param { beta: 0 }', (1, 3))))
+    x = torch.tensor([[-3.0, 0.5, 7.0]], requires_grad=True)
+    y = net(data=x)["out"]
+    y.sum().backward()
+    assert torch.equal(y, x.detach() / 2) and torch.all(x.grad == 0.5)
+    net = Net(parse_net(act_net('type: "Swish"', (1, 2))))
+    x = torch.tensor([[-40.0, -80.0]], requires_grad=True)
+    y = net(data=x)["out"]
+    y.sum().backward()
+    assert torch.all(y == 0) and torch.all(x.grad == 0)
+
+
+def test_bnll_forward_and_backward_match_caffe():
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal((3, 4, 5, 6)) * 8).astype(np.float32)
+    x.reshape(-1)[:9] = [0.0, -0.0, -40.0, -36.0, 40.0, 49.9, 50.0, 60.0, 1000.0]
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    net = Net(parse_net(act_net('type: "BNLL"', x.shape)))
+    xt = torch.from_numpy(x).requires_grad_()
+    y = net(data=xt)["out"]
+    y.backward(torch.from_numpy(dy))
+    ref_y, ref_dx = caffe_bnll(x, dy)
+    # torch's float exp and glibc's expf disagree by an ulp on ~1% of the inputs
+    np.testing.assert_allclose(y.detach().numpy(), ref_y, rtol=1.2e-7, atol=1e-37)
+    np.testing.assert_allclose(xt.grad.numpy(), ref_dx, rtol=2.4e-7, atol=1e-37)
+
+
+def test_bnll_quirks():
+    net = Net(parse_net(act_net('type: "BNLL"', (1, 4))))
+    x = torch.tensor([[-40.0, 60.0, 1000.0, -1000.0]], requires_grad=True)
+    y = net(data=x)["out"]
+    y.backward(torch.full_like(y, 0.75))
+    # log(1. + e) in double, not log1p: 1 + 4e-18 rounds to 1, so y is exactly 0 at -40
+    assert y[0, 0] == 0.0 and torch.equal(y[0, 1:3], x.detach()[0, 1:3])
+    # the exp in the backward is clamped at x = 50, so huge x gives dy, not inf/inf = NaN;
+    # the backward does not see the forward's rounding to 0 (dy*exp(-40)/(1 + exp(-40)))
+    assert torch.equal(x.grad[0, 1:], torch.tensor([0.75, 0.75, 0.0]))
+    torch.testing.assert_close(x.grad[0, 0], torch.tensor(0.75 * math.exp(-40)))
 
 
 def test_prelu_blob_layout_and_filler():
@@ -143,6 +238,8 @@ def away_from_kinks(shape, seed=0):
     [
         *LAYERS.values(),
         'type: "PReLU" prelu_param { channel_shared: true }',
+        'type: "Swish" swish_param { beta: 1.7 }',
+        'type: "Swish" swish_param { beta: -0.6 }',
     ],
 )
 @pytest.mark.parametrize("shape", [(2, 3, 3, 2), (3, 4)])
