@@ -22,7 +22,7 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _DECONV = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
-def _per_axis(cp, name: str, n: int, default: int | None, hw: bool = True) -> tuple[int, ...]:
+def per_axis(cp, name: str, n: int, default: int | None, hw: bool = True) -> tuple[int, ...]:
     """``name`` given once, once per spatial axis, or (2-D only) as ``name_h``/``name_w``."""
     if hw:
         short = name.replace("_size", "")
@@ -64,10 +64,10 @@ class _BaseConvolution(CaffeLayer):
                 f"needs 1 to 3 spatial axes after the channel axis "
                 f"{self.axis}; bottom shape {list(shape)} has {n}"
             )
-        self.kernel = _per_axis(cp, "kernel_size", n, None)
-        self.stride = _per_axis(cp, "stride", n, 1)
-        self.pad = _per_axis(cp, "pad", n, 0)
-        self.dilation = _per_axis(cp, "dilation", n, 1, hw=False)
+        self.kernel = per_axis(cp, "kernel_size", n, None)
+        self.stride = per_axis(cp, "stride", n, 1)
+        self.pad = per_axis(cp, "pad", n, 0)
+        self.dilation = per_axis(cp, "dilation", n, 1, hw=False)
         for what, values in (
             ("kernel", self.kernel),
             ("stride", self.stride),
