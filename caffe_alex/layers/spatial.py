@@ -31,7 +31,6 @@ from .conv import per_axis
 from .pooling import PoolingLayer
 
 
-
 class _Im2colND(torch.autograd.Function):
     """im2col by strided slices of the zero-padded input, any number of spatial axes and any
     dilation (0 included). Backward adds the columns back kernel offset by kernel offset, the
