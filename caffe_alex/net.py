@@ -20,6 +20,7 @@ from .errors import CaffeAlexError, LayerConfigError, SourceMap
 from .formats.blobs import blob_proto_to_array
 from .formats.filtering import filter_net, included_indices, make_state
 from .formats.prototxt import read_net
+from .formats.splits import insert_splits as with_splits
 from .formats.weights import LoadReport, load_weights, save_weights
 from .proto import caffe_pb2
 from .registry import CaffeLayer, Shape, exporting, get_layer_class
@@ -62,6 +63,8 @@ class Net(nn.Module):
     the net's output blobs (those no later layer reads) by name; ``net.loss`` then holds the
     weighted loss (None when no top has a loss weight), ``net.blobs`` every blob by name.
     Parameters are in ``net.params[layer_name]`` in Caffe's blob order and layout.
+    ``insert_splits=True`` adds Caffe's implicit Split layers (as Caffe's Net::Init does), for
+    code that expects Caffe's exact layer and blob lists (the pycaffe layer).
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class Net(nn.Module):
         stages: Iterable[str] = (),
         input_shapes: Mapping[str, Sequence[int]] | None = None,
         source: SourceMap | None = None,
+        insert_splits: bool = False,
     ):
         super().__init__()
         self.source = source or SourceMap()
@@ -83,6 +87,9 @@ class Net(nn.Module):
             self._origin = included_indices(net_param, state)  # positions in the source
         except ValueError as exc:
             raise CaffeAlexError(str(exc), file=self.source.path) from None
+        if insert_splits:  # Caffe's own layer list (pycaffe shows it); a Split maps to its writer
+            filtered, positions = with_splits(filtered)
+            self._origin = [self._origin[p] for p in positions]
         self.net_param = filtered
         self.name = filtered.name
         self.layers = nn.ModuleDict()

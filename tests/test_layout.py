@@ -16,7 +16,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "caffe_alex"
 
 # Lowest first: a module may import from its own stage and the stages before it, never after.
 STAGES = [
-    ("errors, log, proto", ["caffe_alex.errors", "caffe_alex.log", "caffe_alex.proto"]),
+    ("errors, log, proto, blob", ["caffe_alex.errors", "caffe_alex.log", "caffe_alex.proto",
+                                  "caffe_alex.blob"]),
     ("formats", ["caffe_alex.formats"]),
     ("data", ["caffe_alex.data"]),
     ("registry, fillers", ["caffe_alex.registry", "caffe_alex.fillers"]),
@@ -24,16 +25,19 @@ STAGES = [
     ("net", ["caffe_alex.net"]),
     ("solvers", ["caffe_alex.solvers"]),
     ("tools", ["caffe_alex.tools"]),
+    ("pycaffe", ["caffe_alex.pycaffe"]),
     ("commands", ["caffe_alex.commands"]),
     ("cli", ["caffe_alex.cli", "caffe_alex.__main__"]),
     ("public API", ["caffe_alex"]),
 ]
 
-# Imported inside functions on purpose: optional extras, or heavy and rarely needed.
-LAZY_ALLOWED = {"h5py", "plyvel", "matplotlib", "onnx", "onnxscript", "torch"}
+# Imported inside functions on purpose: optional extras, or heavy and rarely needed; and the
+# optional packages pycaffe code may reach for (pydot, Selective Search).
+LAZY_ALLOWED = {"h5py", "plyvel", "matplotlib", "onnx", "onnxscript", "torch", "pydot",
+                "pydotplus", "selective_search_ijcv_with_python"}  # fmt: skip
 # What may sit at the package root: entry points and the lowest shared modules.
 ROOT_MODULES = {
-    "__init__", "__main__", "cli", "net", "registry", "fillers", "errors", "log",
+    "__init__", "__main__", "cli", "net", "registry", "fillers", "errors", "log", "blob",
 }  # fmt: skip
 
 

@@ -155,14 +155,15 @@ def _grad(param) -> np.ndarray:
     return _array(param.grad) if param.grad is not None else np.zeros(param.shape, np.float32)
 
 
-def save_weights(net, path, *, with_diffs: bool = False) -> None:
-    """Net.save_weights: .caffemodel (Net::ToProto), .h5 (Net::ToHDF5), .pt or .safetensors."""
+def save_weights(net, path, *, with_diffs: bool = False, kind: str | None = None) -> None:
+    """Net.save_weights: .caffemodel (Net::ToProto), .h5 (Net::ToHDF5), .pt or .safetensors,
+    by extension unless ``kind`` ("caffemodel" or "h5") says which."""
     path = os.fspath(path)
     lower = path.lower()
-    if lower.endswith((".pt", ".pth", ".safetensors")):
+    if kind is None and lower.endswith((".pt", ".pth", ".safetensors")):
         return save_net_torch(net, path)
     layers = list(zip(net_layer_params(net), net.layer_names, net.layers.values()))
-    if lower.endswith((".h5", ".hdf5")):
+    if kind == "h5" or (kind is None and lower.endswith((".h5", ".hdf5"))):
         owned = {(p.layer, p.index) for p in net.param_infos if p.owner is None}
         entries = [
             (

@@ -37,13 +37,13 @@ def _net_state(net_param, phase: str, override: caffe_pb2.NetState | None):
     return caffe_pb2.Phase.Name(state.phase), state.level, stages
 
 
-def _build(net_param, source, phase, override, device) -> Net:
+def _build(net_param, source, phase, override, device, splits=False) -> Net:
     phase, level, stages = _net_state(net_param, phase, override)
-    net = Net(net_param, phase, level=level, stages=stages, source=source)
+    net = Net(net_param, phase, level=level, stages=stages, source=source, insert_splits=splits)
     return net.to(device) if device is not None else net
 
 
-def build_train_net(param, source_path, device) -> Net:
+def build_train_net(param, source_path, device, splits: bool = False) -> Net:
     given = [f for f in ("net", "net_param", "train_net", "train_net_param") if param.HasField(f)]
     if len(given) != 1:
         raise CaffeAlexError(
@@ -57,10 +57,10 @@ def build_train_net(param, source_path, device) -> Net:
     else:
         log.info("Creating training net from %s file: %s", field, getattr(param, field))
         net_param, source = read_net(getattr(param, field))
-    return _build(net_param, source, "TRAIN", param.train_state, device)
+    return _build(net_param, source, "TRAIN", param.train_state, device, splits)
 
 
-def build_test_nets(param, source_path, device) -> list[Net]:
+def build_test_nets(param, source_path, device, splits: bool = False) -> list[Net]:
     if param.HasField("net") and param.HasField("net_param"):
         raise CaffeAlexError("the solver may not specify both net and net_param")
     specific = len(param.test_net_param) + len(param.test_net)
@@ -91,7 +91,7 @@ def build_test_nets(param, source_path, device) -> list[Net]:
         else:
             net_param, source = read_net(path)
         override = param.test_state[i] if param.test_state else None
-        nets.append(_build(net_param, source, "TEST", override, device))
+        nets.append(_build(net_param, source, "TEST", override, device, splits))
     return nets
 
 

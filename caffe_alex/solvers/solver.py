@@ -73,15 +73,18 @@ class Solver:
     ``feeds``: where batches come from (default: ``make_feed`` over each net's data layers;
     else a callable ``(net, test_index or None) -> iterable of input dicts``, or
     ``{"train": iterable, "test": [iterables]}``); ``seed`` overrides random_seed;
-    ``feed_options`` go to ``make_feed``. ``solve()`` runs to max_iter (``resume`` = a
-    .solverstate to continue from), ``step(n)`` runs n iterations, ``test(i)`` scores test net
-    i, ``snapshot()`` / ``restore(path)`` write and read the state; ``request("stop" |
-    "snapshot")`` is honoured between iterations; ``callbacks`` are called after each update
-    with (iteration, smoothed loss, rate, images per second).
+    ``feed_options`` go to ``make_feed``; ``insert_splits`` builds the nets with Caffe's
+    implicit Split layers (the pycaffe layer's solvers do, for Caffe's layer and blob names).
+    ``solve()`` runs to max_iter (``resume`` = a .solverstate to continue from), ``step(n)``
+    runs n iterations, ``test(i)`` scores test net i, ``snapshot()`` / ``restore(path)`` write
+    and read the state; ``request("stop" | "snapshot")`` is honoured between iterations;
+    ``callbacks`` are called after each update with (iteration, smoothed loss, rate, images per
+    second); ``start_hooks`` and ``gradient_hooks`` (no arguments) where Caffe calls its
+    callbacks' on_start (before the forward passes) and on_gradients_ready (before the update).
     """
 
     def __init__(self, solver_param, *, source_path=None, device=None, weights=None,
-                 feeds=None, seed=None, feed_options=None):  # fmt: skip
+                 feeds=None, seed=None, feed_options=None, insert_splits=False):  # fmt: skip
         param = self.param = SP()
         param.CopyFrom(solver_param)
         if param.HasField("solver_type"):
@@ -97,8 +100,8 @@ class Solver:
         if param.random_seed >= 0:
             torch.manual_seed(param.random_seed)  # fillers and dropout masks
         self.device = pick_device(param, device)
-        self.train_net = build_train_net(param, self.source_path, self.device)
-        self.test_nets = build_test_nets(param, self.source_path, self.device)
+        self.train_net = build_train_net(param, self.source_path, self.device, insert_splits)
+        self.test_nets = build_test_nets(param, self.source_path, self.device, insert_splits)
         for net in self.test_nets:
             share_trained_layers(net, self.train_net)
         self._load_initial_weights(list(param.weights) + list(weights or []))
@@ -110,6 +113,8 @@ class Solver:
         self.update = ParameterUpdate(param, self.learnable, self.rule)
         self.iter = self.current_step = 0
         self.callbacks: list = []
+        self.start_hooks: list = []
+        self.gradient_hooks: list = []
         self._requested: str | None = None
         self._early_exit = False
         self._loss = SmoothedLoss(param.average_loss)
@@ -180,6 +185,11 @@ class Solver:
         index = None if key == "train" else key
         return lambda seed: self._default_feed(net, index, seed)
 
+    def feed(self, which):
+        """The feed of the train net ("train") or of test net ``which`` (an index): what the
+        solver draws batches from, for code that runs the nets between iterations."""
+        return self._feeds[which]
+
     # -- requests and callbacks -------------------------------------------------------------
     def request(self, action: str) -> None:
         """Ask for "stop" or "snapshot" at the next check (safe from a signal handler)."""
@@ -205,6 +215,8 @@ class Solver:
                 self.test_all()
                 if self._early_exit:
                     break
+            for hook in self.start_hooks:
+                hook()
             display = param.display and self.iter % param.display == 0
             loss = self._forward_backward(display and param.debug_info)
             self._loss.add_lazily(self.iter, loss)
@@ -215,6 +227,8 @@ class Solver:
                          f32(per_s), f32(lapse), param.display, self._loss.value)  # fmt: skip
                 timer, iterations_last = time.perf_counter(), self.iter
                 log_outputs(self.train_net, "Train")
+            for hook in self.gradient_hooks:
+                hook()
             rate = self.apply_update(display)
             if self.callbacks:
                 self._notify(rate, time.perf_counter() - began)

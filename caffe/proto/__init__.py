@@ -1,0 +1,1 @@
+"""caffe.proto: Caffe's protobuf messages (caffe.proto.caffe_pb2)."""

@@ -1,0 +1,205 @@
+"""pycaffe's Blob: a named array of values (``data``) and gradients (``diff``) seen from Python
+as numpy arrays, over torch tensors.
+
+On the CPU ``blob.data`` is the tensor's own memory: writing it changes the values the net
+uses, and a forward pass changes what an array obtained earlier shows. On a GPU the values live
+on the device; as Caffe's SyncedMemory does, ``blob.data`` copies them to a host array (the same
+array each time) and marks it as the newer copy, and the net copies it back before it next
+uses the blob: one copy each way per blob read from Python, none for blobs Python never reads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .errors import CaffeAlexError
+
+
+class _Synced:
+    """A tensor and, for a device tensor, the host array Python sees."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+        self.host: np.ndarray | None = None
+        self.host_newer = False
+
+    def array(self) -> np.ndarray:
+        tensor = self.tensor.detach()
+        if tensor.device.type == "cpu":
+            return tensor.numpy()
+        if self.host is None or self.host.shape != tuple(tensor.shape):
+            self.host = np.empty(tuple(tensor.shape), np.float32)
+        if not self.host_newer:
+            self.host[...] = tensor.float().cpu().numpy()
+        self.host_newer = True  # Python may write it: the device copy is stale from here
+        return self.host
+
+    def device_tensor(self) -> torch.Tensor:
+        if self.host_newer and self.host is not None:
+            with torch.no_grad():
+                self.tensor.copy_(torch.from_numpy(self.host))
+            self.host_newer = False
+        return self.tensor
+
+    def replace(self, tensor: torch.Tensor) -> None:
+        """Take new values: copied into the same memory when the shape allows, so arrays that
+        Python holds see them, as Caffe reuses a blob's memory."""
+        with torch.no_grad():
+            if tensor.shape == self.tensor.shape and tensor.device == self.tensor.device:
+                self.tensor.copy_(tensor)
+            else:
+                self.tensor = tensor.detach().clone()
+        self.host_newer = False
+
+
+class Blob:
+    """``data``, ``diff`` (numpy arrays), ``shape``, ``count``, ``num``, ``channels``, ``height``,
+    ``width`` and ``reshape(*dims)``, as pycaffe's Blob."""
+
+    def __init__(self, data: torch.Tensor, diff: torch.Tensor | None = None):
+        self._data = _Synced(data)
+        self._diff = _Synced(diff if diff is not None else torch.zeros_like(data))
+
+    # -- what pycaffe code uses ----------------------------------------------------------
+    @property
+    def data(self) -> np.ndarray:
+        return self._data.array()
+
+    @property
+    def diff(self) -> np.ndarray:
+        return self._diff_slot().array()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self._data.tensor.shape)
+
+    @property
+    def count(self) -> int:
+        return int(self._data.tensor.numel())
+
+    @property
+    def num(self) -> int:
+        return self._legacy(0)
+
+    @property
+    def channels(self) -> int:
+        return self._legacy(1)
+
+    @property
+    def height(self) -> int:
+        return self._legacy(2)
+
+    @property
+    def width(self) -> int:
+        return self._legacy(3)
+
+    def reshape(self, *dims) -> None:
+        """New dimensions (ints or one sequence); the values become zeros where the size
+        changes (Caffe leaves them undefined)."""
+        if len(dims) == 1 and not isinstance(dims[0], (int, np.integer)):
+            dims = tuple(dims[0])
+        shape = tuple(int(d) for d in dims)
+        if any(d < 0 for d in shape):
+            raise CaffeAlexError(f"blob dimensions must be >= 0, got {list(shape)}")
+        if shape == self.shape:
+            return
+        tensor = self._data.tensor
+        self._set_tensors(tensor.new_zeros(shape), tensor.new_zeros(shape))
+
+    def __repr__(self) -> str:
+        return f"Blob(shape={list(self.shape)})"
+
+    # -- for the net that owns the blob --------------------------------------------------
+    def data_tensor(self) -> torch.Tensor:
+        """The values as the net uses them (Python's writes copied in first)."""
+        return self._data.device_tensor()
+
+    def diff_tensor(self) -> torch.Tensor:
+        return self._diff_slot().device_tensor()
+
+    def set_data(self, tensor: torch.Tensor) -> None:
+        self._data.replace(tensor)
+        if self._diff.tensor.shape != tensor.shape:
+            self._diff = _Synced(torch.zeros_like(tensor.detach()))
+
+    def set_diff(self, tensor: torch.Tensor) -> None:
+        self._diff_slot().replace(tensor)
+
+    def _diff_slot(self) -> _Synced:
+        return self._diff
+
+    def _set_tensors(self, data: torch.Tensor, diff: torch.Tensor) -> None:
+        self._data, self._diff = _Synced(data), _Synced(diff)
+
+    def _legacy(self, index: int) -> int:
+        # Blob::LegacyShape: a missing axis counts as 1; more than 4 axes has no legacy view
+        shape = self.shape
+        if len(shape) > 4:
+            raise CaffeAlexError(
+                f"num/channels/height/width need a blob of at most 4 axes, got {list(shape)}"
+            )
+        return shape[index] if index < len(shape) else 1
+
+
+class ParamBlob(Blob):
+    """A learnable blob: ``data`` is the parameter itself, ``diff`` its ``.grad`` (zeros once
+    read while there is none, so Python can write it). ``param`` is a function giving the
+    parameter, looked up at each use (the builder may replace it by a shared one)."""
+
+    def __init__(self, param):
+        self._param = param if callable(param) else (lambda: param)
+        self._slots: dict[str, _Synced] = {}
+
+    @property
+    def param(self) -> torch.nn.Parameter:
+        return self._param()
+
+    @property
+    def _data(self) -> _Synced:  # type: ignore[override]
+        return self._slot("data", self.param)
+
+    def _diff_slot(self) -> _Synced:
+        param = self.param
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        return self._slot("diff", param.grad)
+
+    def _slot(self, kind: str, tensor: torch.Tensor) -> _Synced:
+        slot = self._slots.get(kind)
+        if slot is None or slot.tensor is not tensor:
+            slot = self._slots[kind] = _Synced(tensor)
+        return slot
+
+    def sync(self) -> None:
+        """Copy Python's writes (values and gradient) to the device now."""
+        for slot in self._slots.values():
+            slot.device_tensor()
+
+    def _set_tensors(self, data: torch.Tensor, diff: torch.Tensor) -> None:
+        param = self.param
+        with torch.no_grad():
+            param.data = data
+        param.grad = diff
+        self._slots.clear()
+
+
+class BlobVec(list):
+    """pycaffe's BlobVec: a list of Blobs with ``add_blob(*shape)`` (a Python layer's
+    learnable blobs; the layer hosting it registers each as a parameter)."""
+
+    def __init__(self, on_add=None):
+        super().__init__()
+        self._on_add = on_add
+
+    def add_blob(self, *dims) -> None:
+        if len(dims) == 1 and not isinstance(dims[0], (int, np.integer)):
+            dims = tuple(dims[0])
+        shape = tuple(int(d) for d in dims)
+        if any(d < 0 for d in shape):
+            raise CaffeAlexError(f"blob dimensions must be >= 0, got {list(shape)}")
+        tensor = torch.zeros(shape)
+        if self._on_add is not None:  # the owner keeps the parameter and says how to find it
+            self.append(ParamBlob(self._on_add(tensor)))
+        else:
+            self.append(ParamBlob(torch.nn.Parameter(tensor)))
