@@ -10,10 +10,39 @@ uses the blob: one copy each way per blob read from Python, none for blobs Pytho
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
 from .errors import CaffeAlexError
+
+# Caffe's Blob::Reshape limits: a blob's count is an int, and a blob has at most 32 axes.
+INT_MAX = 2**31 - 1
+MAX_BLOB_AXES = 32
+
+
+def blob_shape_problem(shape: Sequence) -> str | None:
+    """Why Caffe's Blob::Reshape would refuse ``shape`` (None when it would not): a dimension
+    that is not an integer, is negative or exceeds INT_MAX, a count above INT_MAX, or more
+    than 32 axes. Nothing is allocated: this runs before any tensor of that shape exists."""
+    if len(shape) > MAX_BLOB_AXES:
+        return f"{len(shape)} axes, more than Caffe's {MAX_BLOB_AXES}"
+    total = 1
+    for d in shape:
+        try:
+            d = operator.index(d)
+        except TypeError:
+            return f"dimension {d} is not an integer"
+        if d < 0:
+            return f"dimension {d} is negative"
+        if d > INT_MAX:
+            return f"dimension {d} exceeds INT_MAX ({INT_MAX}), Caffe's limit"
+        total *= d
+    if total > INT_MAX:
+        return f"{total} elements exceed INT_MAX ({INT_MAX}), Caffe's limit for a blob"
+    return None
 
 
 class _Synced:
@@ -99,9 +128,10 @@ class Blob:
         changes (Caffe leaves them undefined)."""
         if len(dims) == 1 and not isinstance(dims[0], (int, np.integer)):
             dims = tuple(dims[0])
+        problem = blob_shape_problem(dims)
+        if problem:
+            raise CaffeAlexError(f"cannot reshape a blob to {list(dims)}: {problem}")
         shape = tuple(int(d) for d in dims)
-        if any(d < 0 for d in shape):
-            raise CaffeAlexError(f"blob dimensions must be >= 0, got {list(shape)}")
         if shape == self.shape:
             return
         tensor = self._data.tensor
@@ -195,10 +225,10 @@ class BlobVec(list):
     def add_blob(self, *dims) -> None:
         if len(dims) == 1 and not isinstance(dims[0], (int, np.integer)):
             dims = tuple(dims[0])
-        shape = tuple(int(d) for d in dims)
-        if any(d < 0 for d in shape):
-            raise CaffeAlexError(f"blob dimensions must be >= 0, got {list(shape)}")
-        tensor = torch.zeros(shape)
+        problem = blob_shape_problem(dims)
+        if problem:
+            raise CaffeAlexError(f"cannot add a blob of shape {list(dims)}: {problem}")
+        tensor = torch.zeros(tuple(int(d) for d in dims))
         if self._on_add is not None:  # the owner keeps the parameter and says how to find it
             self.append(ParamBlob(self._on_add(tensor)))
         else:

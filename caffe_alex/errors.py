@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -11,7 +12,12 @@ class CaffeAlexError(Exception):
     """A user-facing error. ``str()`` gives one line: ``file:line:col: layer 'x' (Type): message``.
 
     The CLI prints that line and exits with code 1; Python callers can read the parts.
+    A bad value found in a batch also says where: ``item`` (its index along the batch axis)
+    and ``label`` (the value), so the caller that knows the feed can name the record.
     """
+
+    item: int | None = None
+    label: float | None = None
 
     def __init__(
         self,
@@ -95,3 +101,19 @@ def reading(path) -> Iterator[None]:
         raise CaffeAlexError(f"is a folder, not a file: {path}") from None
     except OSError as exc:
         raise CaffeAlexError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def describe(exc: BaseException) -> str:
+    """A library's exception as text for one of our one-line messages: the OS's reason for an
+    OSError, bytes messages decoded, no Python object reprs, newlines collapsed."""
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+    elif exc.args and isinstance(exc.args[0], (bytes, bytearray)):  # plyvel, lmdb
+        text = bytes(exc.args[0]).decode("utf-8", "backslashreplace")
+    else:
+        text = str(exc)
+    text = _OBJECT_REPR.sub("the data", text)
+    return " ".join(text.split()) or type(exc).__name__

@@ -4,15 +4,21 @@ Fan sizes follow Caffe, not PyTorch: fan_in = count / shape[0], fan_out = count 
 (for a 1-D blob, the count). For InnerProduct (N x K) that makes fan_in = K as expected;
 for a Deconvolution weight (C_in x C_out x kh x kw) Caffe's "fan_in" is really fan_out, and we
 keep that, because weights trained with Caffe were initialised that way.
+
+Before anything is allocated, a shape is held to Caffe's Blob::Reshape limits
+(``blob_shape_problem``: no negative dimension, at most INT_MAX elements, at most 32 axes); the
+builder holds every inferred top shape to the same limits.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
 
+from .blob import INT_MAX, MAX_BLOB_AXES, blob_shape_problem  # noqa: F401  (re-exported)
 from .errors import LayerConfigError
 
 FILLER_TYPES = (
@@ -26,14 +32,27 @@ FILLER_TYPES = (
 )
 
 
+def check_blob_shape(shape: Sequence, what: str) -> tuple[int, ...]:
+    """``shape`` as a tuple of ints, or LayerConfigError naming ``what`` (e.g. "learnable blob
+    0") and the shape when Caffe's Blob::Reshape would refuse it."""
+    problem = blob_shape_problem(shape)
+    if problem is not None:
+        raise LayerConfigError(f"{what} would have shape {list(shape)}: {problem}")
+    return tuple(operator.index(d) for d in shape)
+
+
 def fill(
-    shape: Sequence[int], filler=None, generator: torch.Generator | None = None
+    shape: Sequence[int],
+    filler=None,
+    generator: torch.Generator | None = None,
+    what: str = "blob",
 ) -> torch.Tensor:
     """A new float32 tensor of ``shape`` filled as ``filler`` (a FillerParameter) says.
 
-    ``filler`` None means Caffe's default FillerParameter: constant 0.
+    ``filler`` None means Caffe's default FillerParameter: constant 0. A shape Caffe's blobs
+    cannot have is refused before anything is allocated (``what`` names the blob then).
     """
-    shape = tuple(int(d) for d in shape)
+    shape = check_blob_shape(shape, what)
     kind = filler.type if filler is not None else "constant"
     if kind not in FILLER_TYPES:
         raise LayerConfigError(f"unknown filler type '{kind}'; known: {', '.join(FILLER_TYPES)}")
@@ -46,8 +65,19 @@ def fill(
     if kind == "constant":
         return out.fill_(filler.value if filler is not None else 0.0)
     if kind == "uniform":
+        # Caffe's caffe_rng_uniform CHECKs min <= max; torch also needs finite bounds
+        if not (math.isfinite(filler.min) and math.isfinite(filler.max)) or filler.min > filler.max:
+            raise LayerConfigError(
+                f"uniform filler needs finite min <= max, got min {filler.min}, max {filler.max}"
+            )
         return out.uniform_(filler.min, filler.max, generator=generator)
     if kind == "gaussian":
+        # Caffe's caffe_rng_gaussian CHECKs std > 0 (a std of 0 stops Caffe too)
+        if not (filler.std > 0 and math.isfinite(filler.std) and math.isfinite(filler.mean)):
+            raise LayerConfigError(
+                f"gaussian filler needs a finite std > 0 and a finite mean, got std "
+                f"{filler.std}, mean {filler.mean}"
+            )
         out.normal_(filler.mean, filler.std, generator=generator)
         if sparse >= 0:
             _sparsify(out, sparse, generator)

@@ -4,10 +4,16 @@ Wiring follows Caffe's Net::Init: layers run in prototxt order; a bottom is the 
 that name (so an in-place layer rebinds the name); a top may reuse a name only in place. A blob
 read by several layers needs no Split: autograd sums the gradients, as Caffe's implicit Split
 layers do. The net loss is the sum over tops of ``loss_weight * sum(top)``.
+
+Every shape the builder infers (each top, at build and at ``reshape``) and every learnable
+blob's shape (before it is filled) is held to Caffe's Blob::Reshape limits: no negative
+dimension, at most INT_MAX elements, at most 32 axes.
 """
 
 from __future__ import annotations
 
+import math
+import operator
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +23,7 @@ from torch import nn
 
 from . import layers  # noqa: F401  (importing the package registers the built-in layer types)
 from .errors import CaffeAlexError, LayerConfigError, SourceMap
+from .fillers import check_blob_shape
 from .formats.blobs import blob_proto_to_array
 from .formats.filtering import filter_net, included_indices, make_state
 from .formats.prototxt import read_net
@@ -102,7 +109,8 @@ class Net(nn.Module):
         self.blobs: dict[str, torch.Tensor] = {}
         self.loss: torch.Tensor | None = None
         self._steps: list[LayerStep] = []
-        self._overrides = {k: tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
+        self._overrides = {k: _input_dims(k, v) for k, v in (input_shapes or {}).items()}
+        self._anonymous: set[str] = set()  # automatic tops of loss layers: no layer reads them
         self._input_shapes: dict[str, Shape] = {}
         self._build(filtered)
 
@@ -139,15 +147,23 @@ class Net(nn.Module):
         self._check_fields(lp, cls)
         detach, loss_weights = self._detach_flags(lp), self._loss_weights(lp, cls, anonymous)
         for index, bottom in enumerate(lp.bottom):
-            if bottom not in self.blob_shapes:
+            if bottom not in self.blob_shapes or bottom in self._anonymous:
                 raise self._fail(lp, f"unknown bottom blob '{bottom}' (bottom index {index})")
+        self._check_tops(lp, producers, anonymous)
         bottom_shapes = [self.blob_shapes[b] for b in lp.bottom]
+        # Caffe's Net::Init gives a layer the net's phase only where its own is unset.
+        phase = caffe_pb2.Phase.Name(lp.phase) if lp.HasField("phase") else self.phase
         try:
-            layer = cls(lp, bottom_shapes, self.phase)
+            layer = cls(lp, bottom_shapes, phase)
             top_shapes = self._infer_top_shapes(layer, lp, bottom_shapes)
         except LayerConfigError as exc:
             raise self._fail(lp, str(exc)) from None
-        self._check_tops(lp, producers)
+        if len(lp.param) > len(layer.blobs):  # Caffe: "Too many params specified"
+            raise self._fail(
+                lp,
+                f"{len(lp.param)} param specs given for {len(layer.blobs)} learnable blob(s)",
+            )
+        self._anonymous.update(anonymous)
         key = self._module_key(lp.name)
         self.layers[key] = layer
         self.layer_names.append(lp.name)
@@ -158,9 +174,9 @@ class Net(nn.Module):
             if bottom in available:
                 available.remove(bottom)
         for top, shape in zip(lp.top, top_shapes):
-            self.blob_shapes[top] = tuple(shape)
+            self.blob_shapes[top] = shape
             producers[top] = lp.name
-            if top not in anonymous:
+            if top not in anonymous and top not in available:  # a top repeated in place
                 available.append(top)
         self._load_embedded_blobs(lp, layer)
         self._register_params(lp, layer, shares)
@@ -198,28 +214,34 @@ class Net(nn.Module):
             for top in step.tops:
                 writer[top], readers[top] = layer, 0
 
-    @staticmethod
-    def _add_automatic_tops(lp, cls) -> tuple[caffe_pb2.LayerParameter, set[str]]:
+    def _add_automatic_tops(self, lp, cls) -> tuple[caffe_pb2.LayerParameter, set[str]]:
         # Caffe gives a loss layer declared without a top an anonymous one: its loss still
-        # counts, but it is not a net output and no layer can read it.
+        # counts, but it is not a net output and no layer can read it. Two such layers may
+        # share a name, so a repeated name gets a number.
         missing = cls.tops[0] - len(lp.top)
         if not cls.is_loss or missing <= 0:
             return lp, set()
         completed = caffe_pb2.LayerParameter()
         completed.CopyFrom(lp)
-        names = [f"({lp.name} automatic top {len(lp.top) + i})" for i in range(missing)]
+        names = []
+        for i in range(len(lp.top), len(lp.top) + missing):
+            name, n = f"({lp.name} automatic top {i})", 1
+            while name in self.blob_shapes:
+                n += 1
+                name = f"({lp.name} automatic top {i}, {n})"
+            names.append(name)
         completed.top.extend(names)
         return completed, set(names)
 
     def _infer_top_shapes(self, layer: CaffeLayer, lp, bottom_shapes) -> list[Shape]:
         if layer.is_source and lp.top and all(t in self._overrides for t in lp.top):
-            return [self._overrides[t] for t in lp.top]
+            return _checked_tops(lp.top, [self._overrides[t] for t in lp.top])
         shapes = [tuple(s) for s in layer.top_shapes(bottom_shapes)]
         if layer.is_source:
             shapes = [self._overrides.get(t, s) for t, s in zip(lp.top, shapes)]
         if len(shapes) < len(lp.top):
             raise LayerConfigError(f"produces {len(shapes)} tops but {len(lp.top)} are named")
-        return shapes
+        return _checked_tops(lp.top, shapes)
 
     def _check_counts(self, lp, cls) -> None:
         for what, names, (low, high) in (
@@ -244,15 +266,27 @@ class Net(nn.Module):
                         lp, f"{field_desc.name}.{sub_desc.name} is not supported by this layer"
                     )
 
-    def _check_tops(self, lp, producers) -> None:
+    def _check_tops(self, lp, producers, anonymous) -> None:
+        # Caffe's AppendTop: a top may name an existing blob only in place (as the bottom at
+        # the same index); any other repeat, earlier in the net or among this layer's own
+        # tops, is a second producer.
+        named_here: set[str] = set()
         for index, top in enumerate(lp.top):
-            in_place = index < len(lp.bottom) and lp.bottom[index] == top
-            if top in self.blob_shapes and not in_place:
+            if top in anonymous or (index < len(lp.bottom) and lp.bottom[index] == top):
+                continue
+            if top in named_here:
+                raise self._fail(
+                    lp,
+                    f"top blob '{top}' produced by multiple sources (named twice among this "
+                    "layer's tops)",
+                )
+            if top in self.blob_shapes:
                 raise self._fail(
                     lp,
                     f"top blob '{top}' produced by multiple sources "
                     f"(already by layer '{producers[top]}')",
                 )
+            named_here.add(top)
 
     def _module_key(self, name: str) -> str:
         # nn.Module names may not contain '.' (Caffe layer names often do) nor shadow a method
@@ -299,7 +333,7 @@ class Net(nn.Module):
         if len(lp.blobs) != len(layer.blobs):
             raise self._fail(lp, f"has {len(lp.blobs)} embedded blobs, expected {len(layer.blobs)}")
         for index, (proto, param) in enumerate(zip(lp.blobs, layer.blobs)):
-            array = blob_proto_to_array(proto)
+            array = self._embedded_array(lp, index, proto)
             if array.size != param.numel():
                 raise self._fail(
                     lp,
@@ -308,6 +342,22 @@ class Net(nn.Module):
                 )
             with torch.no_grad():
                 param.copy_(torch.from_numpy(array.reshape(tuple(param.shape))))
+
+    def _embedded_array(self, lp, index: int, proto):
+        # Caffe's Blob::FromProto: the shape within Blob::Reshape's limits, then one value per
+        # element (double_data when it has any, else data).
+        legacy = (proto.num, proto.channels, proto.height, proto.width)
+        shape = tuple(proto.shape.dim) if proto.HasField("shape") else legacy
+        try:
+            shape = check_blob_shape(shape, f"embedded blob {index}")
+        except LayerConfigError as exc:
+            raise self._fail(lp, str(exc)) from None
+        values = len(proto.double_data) or len(proto.data)
+        if values != math.prod(shape):
+            raise self._fail(
+                lp, f"embedded blob {index} holds {values} values for shape {list(shape)}"
+            )
+        return blob_proto_to_array(proto)
 
     def _register_params(self, lp, layer: CaffeLayer, shares: dict[str, ParamInfo]) -> None:
         for index, param in enumerate(layer.blobs):
@@ -422,18 +472,20 @@ class Net(nn.Module):
                 raise CaffeAlexError(
                     f"'{name}' is not an input of the net; inputs: {self.input_names}"
                 )
-            shapes[name] = tuple(int(d) for d in shape)
+            shapes[name] = _input_dims(name, shape)
         for position, step in enumerate(self._steps):
             layer = self.layers[step.key]
-            if layer.is_source:
-                continue
             try:
+                if layer.is_source:  # the given shapes, held to the limits at their layer
+                    _checked_tops(step.tops, [shapes[t] for t in step.tops])
+                    continue
                 tops = layer.top_shapes([shapes[b] for b in step.bottoms])
+                tops = _checked_tops(step.tops, [tuple(t) for t in tops])
             except LayerConfigError as exc:
                 lp = self.net_param.layer[position]
                 raise self._fail(lp, str(exc), position) from None
             for top, shape in zip(step.tops, tops):
-                shapes[top] = tuple(shape)
+                shapes[top] = shape
         self.blob_shapes = shapes
         self._input_shapes = {n: shapes[n] for n in self.input_names}
 
@@ -483,3 +535,22 @@ class Net(nn.Module):
         self.blobs = blobs
         self.loss = loss
         return {name: blobs[name] for name in self.output_names}
+
+
+def _input_dims(name: str, shape) -> Shape:
+    """A declared input shape as ints; anything else (1.5, "3") is refused, not truncated."""
+    try:
+        return tuple(operator.index(d) for d in shape)
+    except TypeError:
+        given = list(shape) if isinstance(shape, (list, tuple)) else type(shape).__name__
+        raise CaffeAlexError(
+            f"the shape given for input '{name}' must be a sequence of integers, got {given}"
+        ) from None
+
+
+def _checked_tops(names: Sequence[str], shapes: Sequence[Sequence[int]]) -> list[Shape]:
+    """The shape of each named top as ints, or LayerConfigError naming the top where Caffe's
+    Blob::Reshape would refuse it (the caller adds the layer)."""
+    return [
+        check_blob_shape(s, f"top '{n}' (top {i})") for i, (n, s) in enumerate(zip(names, shapes))
+    ]

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import LayerConfigError
+from .fillers import check_blob_shape, fill
 
 Shape = tuple[int, ...]
 
@@ -64,8 +65,10 @@ class CaffeLayer(nn.Module):
       ``is_source``: the layer's tops are net inputs fed from outside (Input and data layers).
 
     ``__init__(layer_param, bottom_shapes, phase)`` creates the learnable blobs in Caffe's order
-    and layout in ``self.blobs`` (an ``nn.ParameterList``); ``top_shapes(bottom_shapes)`` is the
-    shape inference (Caffe's Reshape); ``forward(*bottoms)`` returns a tensor or a tuple of them.
+    and layout in ``self.blobs`` (an ``nn.ParameterList``) with ``new_blob(shape, filler)``,
+    which refuses a shape Caffe's blobs cannot have before filling; ``top_shapes(bottom_shapes)``
+    is the shape inference (Caffe's Reshape; the builder checks the shapes it returns);
+    ``forward(*bottoms)`` returns a tensor or a tuple of them.
     Configuration problems raise ``LayerConfigError``; the builder adds file, line and layer name.
     """
 
@@ -99,7 +102,17 @@ class CaffeLayer(nn.Module):
         return f"name={self.name!r}, type={self.type_name!r}"
 
     # -- helpers for subclasses ---------------------------------------------------------
+    def new_blob(
+        self, shape: Sequence[int], filler=None, *, requires_grad: bool = True
+    ) -> nn.Parameter:
+        """The next learnable blob, of ``shape``, filled as ``filler`` (None: zeros). A shape
+        past Caffe's limits is refused, naming the blob's index, before anything is allocated."""
+        what = f"learnable blob {len(self.blobs)}"
+        return self.add_blob(fill(shape, filler, what=what), requires_grad=requires_grad)
+
     def add_blob(self, tensor: torch.Tensor, requires_grad: bool = True) -> nn.Parameter:
+        """Register an existing tensor as the next learnable blob (held to the same limits)."""
+        check_blob_shape(tensor.shape, f"learnable blob {len(self.blobs)}")
         param = nn.Parameter(tensor, requires_grad=requires_grad)
         self.blobs.append(param)
         return param

@@ -1,5 +1,6 @@
-"""models/bvlc_alexnet: our definitions are layer-for-layer BVLC's, have the documented shapes,
-and the deploy net gives OpenCV's numbers end to end (every blob of the forward)."""
+"""models/bvlc_alexnet: our definitions are layer-for-layer BVLC's (the deploy net also against
+BVLC's definition written here as facts, so it holds without the corpus), have the documented
+shapes, and the deploy net gives OpenCV's numbers end to end (every blob of the forward)."""
 
 from __future__ import annotations
 
@@ -25,15 +26,89 @@ def read(path: Path, message):
     return text_format.Parse(path.read_text(), message)
 
 
-def without_fillers(net: caffe_pb2.NetParameter) -> caffe_pb2.NetParameter:
-    copy = caffe_pb2.NetParameter()
-    copy.CopyFrom(net)
-    for layer in copy.layer:
+def _layer(name: str, kind: str, bottom: str | None, top: str, **params):
+    layer = caffe_pb2.LayerParameter(name=name, type=kind, top=[top])
+    if bottom is not None:
+        layer.bottom.append(bottom)
+    for field, values in params.items():
+        getattr(layer, field).MergeFrom(type(getattr(layer, field))(**values))
+    return layer
+
+
+def _learned(name, kind, bottom, field, **values):
+    layer = _layer(name, kind, bottom, name, **{field: values})
+    layer.param.add(lr_mult=1, decay_mult=1)  # weights
+    layer.param.add(lr_mult=2, decay_mult=0)  # biases
+    return layer
+
+
+def _conv(name, bottom, n, kernel, stride=None, pad=None, group=None):
+    values = {"num_output": n, "kernel_size": [kernel], "stride": [stride] if stride else []}
+    values |= {"pad": [pad] if pad else []} | ({"group": group} if group else {})
+    return _learned(name, "Convolution", bottom, "convolution_param", **values)
+
+
+def _relu(name, blob):
+    return _layer(name, "ReLU", blob, blob)
+
+
+def _lrn(name, bottom):
+    lrn = {"local_size": 5, "alpha": 1e-4, "beta": 0.75}
+    return _layer(name, "LRN", bottom, name, lrn_param=lrn)
+
+
+def _pool(name, bottom):
+    pool = {"pool": caffe_pb2.PoolingParameter.MAX, "kernel_size": 3, "stride": 2}
+    return _layer(name, "Pooling", bottom, name, pooling_param=pool)
+
+
+def _fc(name, bottom, n):
+    return _learned(name, "InnerProduct", bottom, "inner_product_param", num_output=n)
+
+
+def _drop(name, blob):
+    return _layer(name, "Dropout", blob, blob, dropout_param={"dropout_ratio": 0.5})
+
+
+def bvlc_deploy() -> caffe_pb2.NetParameter:
+    """BVLC's models/bvlc_alexnet/deploy.prototxt, message for message: no fillers (its weights
+    come from the trained .caffemodel), 10 x 3 x 227 x 227 input, softmax output."""
+    shape = {"shape": [{"dim": [10, 3, 227, 227]}]}
+    data = _layer("data", "Input", None, "data", input_param=shape)
+    layers = [
+        data,
+        _conv("conv1", "data", 96, 11, stride=4), _relu("relu1", "conv1"), _lrn("norm1", "conv1"),
+        _pool("pool1", "norm1"),
+        _conv("conv2", "pool1", 256, 5, pad=2, group=2), _relu("relu2", "conv2"),
+        _lrn("norm2", "conv2"), _pool("pool2", "norm2"),
+        _conv("conv3", "pool2", 384, 3, pad=1), _relu("relu3", "conv3"),
+        _conv("conv4", "conv3", 384, 3, pad=1, group=2), _relu("relu4", "conv4"),
+        _conv("conv5", "conv4", 256, 3, pad=1, group=2), _relu("relu5", "conv5"),
+        _pool("pool5", "conv5"),
+        _fc("fc6", "pool5", 4096), _relu("relu6", "fc6"), _drop("drop6", "fc6"),
+        _fc("fc7", "fc6", 4096), _relu("relu7", "fc7"), _drop("drop7", "fc7"),
+        _fc("fc8", "fc7", 1000),
+        _layer("prob", "Softmax", "fc8", "prob"),
+    ]  # fmt: skip
+    return caffe_pb2.NetParameter(name="AlexNet", layer=layers)
+
+
+def test_deploy_is_bvlcs_message_field_for_field():
+    ours = read(OURS / "deploy.prototxt", caffe_pb2.NetParameter())
+    expected = bvlc_deploy()
+    assert [layer.name for layer in ours.layer] == [layer.name for layer in expected.layer]
+    for mine, theirs in zip(ours.layer, expected.layer):
+        assert mine == theirs, mine.name
+    assert ours == expected
+    for layer in ours.layer:  # the fillers BVLC's deploy file does not have
         for field in ("convolution_param", "inner_product_param"):
-            if layer.HasField(field):
-                getattr(layer, field).ClearField("weight_filler")
-                getattr(layer, field).ClearField("bias_filler")
-    return copy
+            params = getattr(layer, field)
+            assert not params.HasField("weight_filler") and not params.HasField("bias_filler")
+
+
+def test_deploy_built_without_weights_has_zero_blobs():
+    net = Net.from_prototxt(str(OURS / "deploy.prototxt"))
+    assert all(not blob.any() for blobs in net.params.values() for blob in blobs)
 
 
 @pytest.mark.skipif(not BVLC.is_dir(), reason="../shared/corpus not present")
@@ -44,9 +119,10 @@ def test_same_definitions_as_bvlc():
     assert read(OURS / "solver.prototxt", caffe_pb2.SolverParameter()) == read(
         BVLC / "solver.prototxt", caffe_pb2.SolverParameter()
     )
-    # BVLC's deploy file has no fillers (its weights come from a .caffemodel); ours keeps them
-    ours = without_fillers(read(OURS / "deploy.prototxt", caffe_pb2.NetParameter()))
-    assert ours == read(BVLC / "deploy.prototxt", caffe_pb2.NetParameter())
+    ours = read(OURS / "deploy.prototxt", caffe_pb2.NetParameter())
+    theirs = read(BVLC / "deploy.prototxt", caffe_pb2.NetParameter())
+    assert ours == theirs
+    assert theirs == bvlc_deploy()  # the facts above are BVLC's file
 
 
 def test_deploy_shapes_and_parameter_count():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from caffe_alex.errors import LayerConfigError
-from caffe_alex.fillers import fill
+from caffe_alex.fillers import INT_MAX, blob_shape_problem, check_blob_shape, fill
 from caffe_alex.proto import caffe_pb2
 
 
@@ -77,3 +77,56 @@ def test_bad_fillers_are_rejected():
         fill((2, 2), filler(type="xavier", sparse=3))
     with pytest.raises(LayerConfigError, match="bilinear filler needs a 4-D blob"):
         fill((2, 3), filler(type="bilinear"))
+
+
+@pytest.mark.parametrize(
+    "shape,problem",
+    [
+        ((2, -1), "dimension -1 is negative"),
+        ((INT_MAX + 1,), "dimension 2147483648 exceeds INT_MAX (2147483647), Caffe's limit"),
+        (
+            (1 << 16, 1 << 15),
+            "2147483648 elements exceed INT_MAX (2147483647), Caffe's limit for a blob",
+        ),
+        (
+            (96, 3, 4294967295, 4294967295),
+            "dimension 4294967295 exceeds INT_MAX (2147483647), Caffe's limit",
+        ),
+        ((1,) * 33, "33 axes, more than Caffe's 32"),
+        ((2, 1.5), "dimension 1.5 is not an integer"),
+    ],
+)
+def test_shapes_past_caffes_blob_limits_are_refused_before_allocating(shape, problem, monkeypatch):
+    assert blob_shape_problem(shape) == problem
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: pytest.fail("allocated"))
+    with pytest.raises(LayerConfigError) as info:
+        fill(shape, filler(type="gaussian"), what="learnable blob 3")
+    assert str(info.value) == f"learnable blob 3 would have shape {list(shape)}: {problem}"
+
+
+def test_shapes_at_caffes_limits_are_allowed():
+    assert blob_shape_problem((INT_MAX,)) is None
+    assert blob_shape_problem((1,) * 32) is None
+    assert blob_shape_problem((0, INT_MAX, INT_MAX)) is None  # count 0: Caffe checks no more
+    assert blob_shape_problem(()) is None
+    assert check_blob_shape((torch.tensor(2).item(), True + 2), "b") == (2, 3)
+    assert fill((0, INT_MAX, INT_MAX)).shape == (0, INT_MAX, INT_MAX)
+
+
+@pytest.mark.parametrize(
+    "params,message",
+    [
+        ("type: 'gaussian' std: -2147483648", "gaussian filler needs a finite std > 0"),
+        ("type: 'gaussian' std: 0", "gaussian filler needs a finite std > 0"),
+        ("type: 'gaussian' std: inf", "gaussian filler needs a finite std > 0"),
+        ("type: 'gaussian' mean: nan", "gaussian filler needs a finite std > 0"),
+        ("type: 'uniform' min: 1 max: 0", "uniform filler needs finite min <= max"),
+        ("type: 'uniform' min: -inf max: 0", "uniform filler needs finite min <= max"),
+    ],
+)
+def test_fillers_refuse_what_caffes_random_generators_check(params, message):
+    from google.protobuf import text_format
+
+    filler = text_format.Parse(params, caffe_pb2.FillerParameter())
+    with pytest.raises(LayerConfigError, match=message):
+        fill((2, 3), filler)

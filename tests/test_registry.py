@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from caffe_alex.errors import LayerConfigError
 from caffe_alex.layers import layer_types
+from caffe_alex.proto import caffe_pb2
 from caffe_alex.registry import CaffeLayer, get_layer_class, register
 
 LAYER_TESTS = Path(__file__).parent / "layers"
@@ -28,6 +30,19 @@ def test_every_registered_type_has_a_layer_test():
 def test_registering_a_type_twice_is_an_error():
     with pytest.raises(ValueError, match="layer type 'ReLU' registered twice"):
         register("ReLU")(type("Again", (CaffeLayer,), {}))
+
+
+def test_learnable_blobs_are_checked_before_they_are_filled():
+    layer = CaffeLayer(caffe_pb2.LayerParameter(name="x", type="T"), [], "TEST")
+    layer.new_blob((2, 3), caffe_pb2.FillerParameter(type="constant", value=2))
+    assert torch.equal(layer.blobs[0], torch.full((2, 3), 2.0))
+    with pytest.raises(LayerConfigError, match=r"^learnable blob 1 would have shape \[4, -1\]"):
+        layer.new_blob((4, -1))
+    with pytest.raises(LayerConfigError, match=r"blob 1 would have shape \[1, 65536, 32768\]"):
+        layer.add_blob(torch.empty(1, 1 << 16, 1 << 15, device="meta"))
+    assert len(layer.blobs) == 1
+    layer.new_blob((0,), requires_grad=False)
+    assert not layer.blobs[1].requires_grad
 
 
 def test_unknown_type_lists_the_known_ones():

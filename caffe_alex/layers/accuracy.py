@@ -6,7 +6,7 @@ import torch
 
 from ..errors import LayerConfigError
 from ..registry import CaffeLayer, canonical_axis, count, register
-from .losses import check_label_count
+from .losses import DEBUG_ONLY, check_label_count, check_labels, class_targets, whole
 
 
 @register("Accuracy")
@@ -16,6 +16,8 @@ class AccuracyLayer(CaffeLayer):
     Top 0 is a 0-axis scalar; the optional top 1 holds the accuracy of each class (0 for a class
     with no sample). The true class ranks by how many scores are >= its own, itself included,
     so a tie with another class counts as a miss, as in Caffe. No backward: outputs are detached.
+    A label that names no class raises CaffeAlexError (``losses.check_labels``); where that is
+    not checked (off the CPU, or compiling) it counts as a miss of no class.
     """
 
     bottoms = (2, 2)
@@ -45,21 +47,22 @@ class AccuracyLayer(CaffeLayer):
         outer, inner = count(scores.shape, 0, axis), count(scores.shape, axis + 1)
         classes = scores.shape[axis]
         x = scores.detach().reshape(outer, classes, inner)
-        target = label.detach().reshape(outer, inner).long()  # truncates, like static_cast<int>
+        label = label.detach()
+        check_labels(self, label, classes, self.ignore_label, caffe_checks=DEBUG_ONLY)
+        target, inside = class_targets(label.reshape(outer, inner), classes)
         if self.ignore_label is None:
             valid = torch.ones_like(target, dtype=torch.bool)
         else:
-            valid = target != self.ignore_label
-            target = torch.where(valid, target, 0)
+            valid = (whole(label) != self.ignore_label).reshape(outer, inner)
         true_score = x.gather(1, target.unsqueeze(1))
         better = (x >= true_score).sum(dim=1) - 1  # the true class counts itself once
-        hit = (better < self.top_k) & valid
+        hit = (better < self.top_k) & valid & inside
         dtype = torch.promote_types(scores.dtype, torch.float32)
         n_valid = valid.sum().to(dtype)
         accuracy = hit.sum().to(dtype) / n_valid.clamp(min=1)  # no labelled position gives 0
         if self.n_top == 1:
             return accuracy
-        return accuracy, self._per_class(target, valid, hit, classes, dtype)
+        return accuracy, self._per_class(target, valid & inside, hit, classes, dtype)
 
     @staticmethod
     def _per_class(target, valid, hit, classes: int, dtype) -> torch.Tensor:

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LayerConfigError
-from ..fillers import fill
 from ..proto import caffe_pb2
 from ..registry import CaffeLayer, register
 
@@ -54,7 +53,7 @@ class PReLULayer(CaffeLayer):
         self.channel_shared = bool(param.channel_shared)
         blob_shape = () if self.channel_shared else (shape[1],)
         filler = param.filler if param.HasField("filler") else _constant_filler(0.25)
-        self.add_blob(fill(blob_shape, filler))
+        self.new_blob(blob_shape, filler)
 
     def top_shapes(self, bottom_shapes):
         shape = tuple(bottom_shapes[0])

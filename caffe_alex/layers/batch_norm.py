@@ -42,7 +42,7 @@ class BatchNormLayer(CaffeLayer):
         shape = bottom_shapes[0]
         self.channels = 1 if len(shape) == 1 else shape[1]
         for size in (self.channels, self.channels, 1):
-            self.add_blob(torch.zeros(size), requires_grad=False)
+            self.new_blob((size,), requires_grad=False)
 
     def top_shapes(self, bottom_shapes):
         shape = tuple(bottom_shapes[0])

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from ..errors import LayerConfigError
-from ..fillers import fill
 from ..registry import CaffeLayer, canonical_axis, register
 
 _FIELDS = frozenset(
@@ -86,10 +85,10 @@ class _BaseConvolution(CaffeLayer):
         out_c, in_c = self.num_output, self.channels
         if self.transposed:  # Caffe keeps the weight in the forward convolution's layout
             out_c, in_c = in_c, out_c
-        self.add_blob(fill((out_c, in_c // self.group, *self.kernel), cp.weight_filler))
+        self.new_blob((out_c, in_c // self.group, *self.kernel), cp.weight_filler)
         self.bias_term = cp.bias_term
         if self.bias_term:
-            self.add_blob(fill((self.num_output,), cp.bias_filler))
+            self.new_blob((self.num_output,), cp.bias_filler)
         self.n_top = len(layer_param.top)
 
     def _extent(self, i: int) -> int:

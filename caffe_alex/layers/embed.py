@@ -19,12 +19,8 @@ import math
 import torch
 
 from ..errors import CaffeAlexError, LayerConfigError
-from ..fillers import fill
 from ..registry import CaffeLayer, register
 from .indexing import GatherRows, first_bad, tracing
-
-_MAX_AXES = 32  # Caffe's kMaxBlobAxes
-_INT_MAX = 2**31 - 1
 
 
 @register("Parameter")
@@ -36,20 +32,8 @@ class ParameterLayer(CaffeLayer):
 
     def __init__(self, layer_param, bottom_shapes, phase):
         super().__init__(layer_param, bottom_shapes, phase)
-        dims = tuple(int(d) for d in layer_param.parameter_param.shape.dim)
-        if len(dims) > _MAX_AXES:
-            raise LayerConfigError(
-                f"parameter_param.shape has {len(dims)} axes; a blob has at most {_MAX_AXES}"
-            )
-        if any(d < 0 for d in dims):
-            raise LayerConfigError(f"parameter_param.shape {list(dims)} has a negative dimension")
-        count = 1
-        for d in dims:
-            count *= d
-        if count > _INT_MAX:
-            raise LayerConfigError(f"parameter_param.shape {list(dims)} is too large for a blob")
-        self.shape = dims
-        self.add_blob(torch.zeros(dims))
+        self.shape = tuple(int(d) for d in layer_param.parameter_param.shape.dim)
+        self.new_blob(self.shape)  # zeros; refused (with the shape) past Caffe's blob limits
 
     def top_shapes(self, bottom_shapes):
         return [self.shape]
@@ -77,9 +61,9 @@ class EmbedLayer(CaffeLayer):
         if ep.input_dim <= 0:
             raise LayerConfigError("embed_param.input_dim must be positive")
         self.num_output, self.input_dim, self.bias_term = ep.num_output, ep.input_dim, ep.bias_term
-        self.add_blob(fill((self.input_dim, self.num_output), ep.weight_filler))
+        self.new_blob((self.input_dim, self.num_output), ep.weight_filler)
         if self.bias_term:
-            self.add_blob(fill((self.num_output,), ep.bias_filler))
+            self.new_blob((self.num_output,), ep.bias_filler)
         self.refusal = (
             "cannot backpropagate to the input (the indices)",
             self.name,

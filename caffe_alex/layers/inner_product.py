@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from ..errors import LayerConfigError
-from ..fillers import fill
 from ..registry import CaffeLayer, canonical_axis, count, register
 
 
@@ -35,10 +34,10 @@ class InnerProductLayer(CaffeLayer):
         shape = bottom_shapes[0]
         self.k = count(shape, self._axis(shape))
         weight_shape = (self.k, self.num_output) if self.transpose else (self.num_output, self.k)
-        self.add_blob(fill(weight_shape, ip.weight_filler))
+        self.new_blob(weight_shape, ip.weight_filler)
         self.bias_term = ip.bias_term
         if self.bias_term:
-            self.add_blob(fill((self.num_output,), ip.bias_filler))
+            self.new_blob((self.num_output,), ip.bias_filler)
 
     def _axis(self, shape) -> int:
         return canonical_axis(self.axis_param, len(shape), "inner_product_param.axis")

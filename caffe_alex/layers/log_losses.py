@@ -14,28 +14,21 @@ import torch
 
 from ..errors import CaffeAlexError, LayerConfigError
 from ..formats.caffemodel import read_binaryproto
-from ..registry import CaffeLayer, canonical_axis, count, exporting, register
-from .losses import _check_batch, _LossLayer, _normalizer, _wide, check_label_count
+from ..registry import canonical_axis, count, register
+from .losses import (
+    DEBUG_ONLY,
+    UNCHECKED,
+    _check_batch,
+    _LossLayer,
+    _normalizer,
+    _wide,
+    check_label_count,
+    check_labels,
+    class_targets,
+    whole,
+)
 
 LOG_THRESHOLD = float(np.float32(1e-20))  # Caffe's kLOG_THRESHOLD is a float constant
-
-
-def check_label_range(layer: CaffeLayer, labels: torch.Tensor, classes: int, ignore=None):
-    """Labels must index a class. Caffe does not check (it reads out of the row), so we refuse
-    them; only for CPU tensors outside compilation, where the test costs no device sync.
-    Elsewhere an out-of-range label selects no class."""
-    compiling = getattr(torch.compiler, "is_compiling", lambda: False)() or exporting()
-    if labels.device.type != "cpu" or compiling or labels.numel() == 0:
-        return
-    bad = (labels < 0) | (labels >= classes)
-    if ignore is not None:
-        bad &= labels != ignore
-    if bool(bad.any()):
-        raise CaffeAlexError(
-            f"label {int(labels[bad][0])} out of range: expected an integer in [0, {classes - 1}]",
-            layer=layer.name,
-            layer_type=layer.type_name,
-        )
 
 
 def legacy_axes(shape, what: str) -> None:
@@ -71,9 +64,12 @@ class MultinomialLogisticLossLayer(_LossLayer):
     def forward(self, prob, label):
         num = prob.shape[0]
         rows = _wide(prob).reshape(num, count(prob.shape, 1))
-        target = label.detach().reshape(num).long()  # truncates, like static_cast<int>
-        check_label_range(self, target, rows.shape[1])
-        pick = torch.arange(rows.shape[1], device=rows.device) == target.unsqueeze(1)
+        label = label.detach().reshape(num)
+        check_labels(self, label, rows.shape[1], caffe_checks=UNCHECKED)
+        target, inside = class_targets(label, rows.shape[1])
+        pick = (torch.arange(rows.shape[1], device=rows.device) == target.unsqueeze(1)) & (
+            inside.unsqueeze(1)
+        )
         picked = torch.where(pick, rows, 0.0).sum(dim=1)  # exact: one value plus zeros
         return -clamped_log(picked).sum() / num
 
@@ -141,12 +137,14 @@ class InfogainLossLayer(_LossLayer):
         x = _wide(scores).reshape(outer, k, inner)
         h = self.infogain if infogain is None else infogain.detach()
         h = h.reshape(k, k).to(device=x.device, dtype=x.dtype)
-        target = label.detach().reshape(outer, inner).long()  # truncates, like static_cast<int>
-        check_label_range(self, target, k, self.ignore_label)
-        valid = None if self.ignore_label is None else target != self.ignore_label
-        keep = (target >= 0) & (target < k)
-        keep = keep if valid is None else keep & valid
-        weights = h[torch.where(keep, target, 0)].movedim(-1, 1)  # H[label, l] at (i, l, j)
+        label = label.detach()
+        check_labels(self, label, k, self.ignore_label, caffe_checks=DEBUG_ONLY)
+        target, keep = class_targets(label.reshape(outer, inner), k)
+        valid = None
+        if self.ignore_label is not None:
+            valid = (whole(label) != self.ignore_label).reshape(outer, inner)
+            keep = keep & valid
+        weights = h[target].movedim(-1, 1)  # H[label, l] at (i, l, j)
         weights = torch.where(keep.unsqueeze(1), weights, 0.0)
         prob = torch.softmax(x, dim=1)
         lsm = torch.log_softmax(x, dim=1)

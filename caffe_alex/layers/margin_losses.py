@@ -10,8 +10,8 @@ from torch.autograd.function import once_differentiable
 from ..errors import LayerConfigError
 from ..proto import caffe_pb2
 from ..registry import CaffeLayer, count, register
-from .log_losses import check_label_range, legacy_axes
-from .losses import _check_batch, _LossLayer, _wide
+from .log_losses import legacy_axes
+from .losses import UNCHECKED, _check_batch, _LossLayer, _wide, check_labels, class_targets
 
 _Norm = caffe_pb2.HingeLossParameter
 
@@ -38,9 +38,12 @@ class HingeLossLayer(_LossLayer):
     def forward(self, scores, label):
         num = scores.shape[0]
         x = _wide(scores).reshape(num, count(scores.shape, 1))
-        target = label.detach().reshape(-1)[:num].long()  # truncates, like static_cast<int>
-        check_label_range(self, target, x.shape[1])
-        own = torch.arange(x.shape[1], device=x.device) == target.unsqueeze(1)
+        label = label.detach().reshape(-1)[:num]  # label n is value n, whatever its shape
+        check_labels(self, label, x.shape[1], caffe_checks=UNCHECKED)
+        target, inside = class_targets(label, x.shape[1])
+        own = (torch.arange(x.shape[1], device=x.device) == target.unsqueeze(1)) & (
+            inside.unsqueeze(1)
+        )
         margin = torch.relu(1 + torch.where(own, -x, x))
         if self.norm == _Norm.L1:
             return margin.sum() / num

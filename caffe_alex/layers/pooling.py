@@ -100,10 +100,19 @@ class PoolingLayer(CaffeLayer):
             raise LayerConfigError(f"pooled size {list(out)} is empty for bottom {list(shape)}")
         return [(*shape[:2], *out)] * self.n_top
 
-    def _padded(self, x, kernel, out, value: float):
+    def _window_stride(self, size, out) -> tuple[int, ...]:
+        """The stride to pool the padded bottom with. A stride of at least size + pad puts every
+        window after the first past the image, where Caffe's windows are empty; size + pad
+        does the same without padding the bottom to the real stride (up to INT_MAX)."""
+        return tuple(
+            min(s, n + p) if o > 1 else s
+            for n, s, p, o in zip(size, self.stride, self.pad, out, strict=True)
+        )
+
+    def _padded(self, x, kernel, out, stride, value: float):
         # Pad (or crop) so that a plain floor-mode pooling gives exactly Caffe's windows.
         pads = []
-        for n, k, s, p, o in zip(x.shape[2:], kernel, self.stride, self.pad, out, strict=True):
+        for n, k, s, p, o in zip(x.shape[2:], kernel, stride, self.pad, out, strict=True):
             pads = [p, (o - 1) * s + k - n - p, *pads]  # F.pad lists the last axis first
         return F.pad(x, pads, value=value)
 
@@ -124,20 +133,20 @@ class PoolingLayer(CaffeLayer):
             return y if self.n_top == 1 else (y, idx.to(_mask_dtype(y)))
         if native:  # its count_include_pad divisor is Caffe's window clipped to [-pad, n + pad)
             return F.avg_pool2d(x, kernel, self.stride, self.pad, self.ceil, True)
+        stride = self._window_stride(x.shape[2:], out)
         if self.method == "MAX":
-            return self._max(x, kernel, out)
+            return self._max(x, kernel, out, stride)
         if self.method == "AVE":
-            total = F.avg_pool2d(
-                self._padded(x, kernel, out, 0.0), kernel, self.stride, divisor_override=1
-            )
+            padded = self._padded(x, kernel, out, stride, 0.0)
+            total = F.avg_pool2d(padded, kernel, stride, divisor_override=1)
             return (total / self._divisor(kernel, out, x)).to(x.dtype)
-        return self._stochastic(x, kernel, out)
+        return self._stochastic(x, kernel, out, stride)
 
-    def _max(self, x, kernel, out):
+    def _max(self, x, kernel, out, stride):
         low = -_FLT_MAX if x.element_size() >= 4 else torch.finfo(x.dtype).min
-        padded = self._padded(x, kernel, out, low)
+        padded = self._padded(x, kernel, out, stride, low)
         # PyTorch's max pooling also keeps the first maximum in scan order, as Caffe does.
-        y, idx = F.max_pool2d(padded, kernel, self.stride, return_indices=True)
+        y, idx = F.max_pool2d(padded, kernel, stride, return_indices=True)
         if self.n_top == 1:
             return y
         h = torch.div(idx, padded.shape[3], rounding_mode="floor") - self.pad[0]
@@ -158,10 +167,10 @@ class PoolingLayer(CaffeLayer):
             torch.promote_types(x.dtype, torch.float32)
         )
 
-    def _stochastic(self, x, kernel, out):
+    def _stochastic(self, x, kernel, out, stride):
         # Windows of x without padding: (N, C, oh, ow, kh * kw), in Caffe's scan order.
-        padded = self._padded(x, kernel, out, 0.0)
-        win = padded.unfold(2, kernel[0], self.stride[0]).unfold(3, kernel[1], self.stride[1])
+        padded = self._padded(x, kernel, out, stride, 0.0)
+        win = padded.unfold(2, kernel[0], stride[0]).unfold(3, kernel[1], stride[1])
         win = win.flatten(-2)
         if self.phase != "TRAIN":  # TEST: the average weighted by each value's probability
             return (win * win).sum(-1) / (win.sum(-1) + torch.finfo(torch.float32).tiny)

@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LayerConfigError
-from ..fillers import fill
 from ..registry import CaffeLayer, count, register
 from .lstm_unit import lstm_unit
 
@@ -82,7 +81,7 @@ class _RecurrentLayer(CaffeLayer):
         raise NotImplementedError
 
     def _add_weight(self, rows, cols, rp):
-        self.add_blob(fill((rows, cols), rp.weight_filler))
+        self.new_blob((rows, cols), rp.weight_filler)
 
     def top_shapes(self, bottom_shapes):
         x, cont = (tuple(s) for s in bottom_shapes[:2])
@@ -176,12 +175,12 @@ class RNNLayer(_RecurrentLayer):
     def _make_blobs(self, rp):
         d = self.num_output
         self._add_weight(d, self.k, rp)
-        self.add_blob(fill((d,), rp.bias_filler))
+        self.new_blob((d,), rp.bias_filler)
         if self.static_input:
             self._add_weight(d, self.k_static, rp)
         self._add_weight(d, d, rp)
         self._add_weight(d, d, rp)
-        self.add_blob(fill((d,), rp.bias_filler))
+        self.new_blob((d,), rp.bias_filler)
 
     def _run(self, x, cont, static, state):
         w_xh, b_h, *_, w_hh, w_ho, b_o = self.blobs
@@ -207,7 +206,7 @@ class LSTMLayer(_RecurrentLayer):
     def _make_blobs(self, rp):
         d4 = 4 * self.num_output
         self._add_weight(d4, self.k, rp)
-        self.add_blob(fill((d4,), rp.bias_filler))
+        self.new_blob((d4,), rp.bias_filler)
         if self.static_input:
             self._add_weight(d4, self.k_static, rp)
         self._add_weight(d4, self.num_output, rp)

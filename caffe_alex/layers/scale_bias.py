@@ -8,7 +8,6 @@ The operand is a learned blob (one bottom) or ``bottom[1]`` (two bottoms).
 from __future__ import annotations
 
 from ..errors import LayerConfigError
-from ..fillers import fill
 from ..proto import caffe_pb2
 from ..registry import CaffeLayer, canonical_axis, register
 
@@ -74,7 +73,7 @@ class BiasLayer(_BroadcastLayer):
         self.axis = param.axis
         if len(bottom_shapes) == 1:
             shape = operand_shape(bottom_shapes[0], param.axis, param.num_axes)
-            self.add_blob(fill(shape, param.filler))
+            self.new_blob(shape, param.filler)
 
     def top_shapes(self, bottom_shapes):
         return self._check(bottom_shapes, self.blobs[0] if len(self.blobs) else None)
@@ -101,13 +100,13 @@ class ScaleLayer(_BroadcastLayer):
         if len(bottom_shapes) == 1:
             shape = operand_shape(bottom_shapes[0], param.axis, param.num_axes)
             filler = param.filler if param.HasField("filler") else _constant(1.0)
-            self.add_blob(fill(shape, filler))
+            self.new_blob(shape, filler)
             bias_axes = param.num_axes
         else:
             bias_axes = len(bottom_shapes[1])
         if self.bias_term:
             shape = operand_shape(bottom_shapes[0], param.axis, bias_axes)
-            self.add_blob(fill(shape, param.bias_filler))
+            self.new_blob(shape, param.bias_filler)
         self.two_bottoms = len(bottom_shapes) == 2
 
     def top_shapes(self, bottom_shapes):

@@ -18,7 +18,7 @@ from caffe_alex.formats.weights import convert
 from caffe_alex.net import Net
 from caffe_alex.proto import caffe_pb2
 from tests.paths import ROOT
-from tests.reference import parse_net
+from tests.reference import parse_net, randomize
 
 ALEXNET = str(ROOT / "models" / "bvlc_alexnet" / "deploy.prototxt")
 
@@ -29,7 +29,7 @@ def digest(path) -> bytes:
 
 @pytest.fixture(scope="module")
 def alexnet(tmp_path_factory):
-    """AlexNet with its fillers saved once, and a second net to load files into. The files
+    """AlexNet with random weights saved once, and a second net to load files into. The files
     (~233 MB each) go to memory where the machine has /dev/shm: fsync to disk is the slow part."""
     shm = Path("/dev/shm")
     if shm.is_dir() and os.access(shm, os.W_OK):
@@ -37,8 +37,8 @@ def alexnet(tmp_path_factory):
         folder = Path(holder.name)
     else:
         holder, folder = None, tmp_path_factory.mktemp("alexnet")
-    torch.manual_seed(0)
     net = Net.from_prototxt(ALEXNET)
+    randomize(net)  # the deploy file has no fillers: without this every blob would be 0
     net.save_weights(folder / "a.caffemodel")
     yield net, Net.from_prototxt(ALEXNET), folder
     if holder is not None:

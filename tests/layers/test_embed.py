@@ -72,8 +72,9 @@ def test_parameter_shapes():
 @pytest.mark.parametrize(
     "shape_text,message",
     [
-        ("shape { dim: 2 dim: -1 }", r"parameter_param.shape \[2, -1\] has a negative dimension"),
-        ("shape { " + "dim: 1 " * 33 + "}", "has 33 axes; a blob has at most 32"),
+        ("shape { dim: 2 dim: -1 }", r"shape \[2, -1\]: dimension -1 is negative"),
+        ("shape { " + "dim: 1 " * 33 + "}", "33 axes, more than Caffe's 32"),
+        ("shape { dim: 65536 dim: 32768 }", "2147483648 elements exceed INT_MAX"),
     ],
 )
 def test_parameter_setup_errors(shape_text, message):

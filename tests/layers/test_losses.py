@@ -296,3 +296,120 @@ def test_losses_on_cuda_match_cpu(kind, params):
         loss.backward()
         results.append((loss.detach().cpu(), s.grad.cpu()))
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
+
+
+# -- labels that name no class (every layer that indexes by a label) -------------------------
+def label_net(kind: str, params: str = "") -> Net:
+    """Scores "s" (3 x 4), labels "l" (3) and, for InfogainLoss, H (4 x 4) into one layer."""
+    h_input = 'top: "H"' if kind == "InfogainLoss" else ""
+    h_shape = "shape { dim: 4 dim: 4 }" if kind == "InfogainLoss" else ""
+    h_bottom = 'bottom: "H"' if kind == "InfogainLoss" else ""
+    return Net(parse_net(f"""
+layer {{ name: "in" type: "Input" top: "s" top: "l" {h_input}
+  input_param {{ shape {{ dim: 3 dim: 4 }} shape {{ dim: 3 }} {h_shape} }} }}
+layer {{ name: "L" type: "{kind}" bottom: "s" bottom: "l" {h_bottom} top: "out" {params} }}
+"""))  # fmt: skip
+
+
+def label_inputs(net: Net, labels) -> dict[str, torch.Tensor]:
+    scores = torch.rand(3, 4, generator=torch.Generator().manual_seed(0)) + 0.1
+    inputs = {"s": scores, "l": torch.tensor(labels, dtype=torch.float32)}
+    if "H" in net.input_names:
+        inputs["H"] = torch.eye(4)
+    return inputs
+
+
+LABEL_LAYERS = {  # type -> the ignore_label field it takes ("" for none)
+    "SoftmaxWithLoss": "loss_param",
+    "Accuracy": "accuracy_param",
+    "InfogainLoss": "loss_param",
+    "MultinomialLogisticLoss": "",
+    "HingeLoss": "",
+}
+BAD_LABELS = [2147483647.0, -3.0, float("nan"), float("inf"), 1e30, 4.0, -1.5]
+
+
+@pytest.mark.parametrize("kind", list(LABEL_LAYERS))
+@pytest.mark.parametrize("bad", BAD_LABELS)
+def test_a_label_naming_no_class_is_one_error_with_its_item(kind, bad):
+    net = label_net(kind)
+    with pytest.raises(CaffeAlexError) as info:
+        net(**label_inputs(net, [0.0, bad, 3.0]))
+    error = info.value
+    shown = "2147483648" if bad == 2147483647.0 else {4.0: "4", -3.0: "-3"}.get(bad, str(bad))
+    assert f"layer 'L' ({kind}): label {shown} out of range (item 1 of the batch)" in str(error)
+    assert "expected an integer in [0, 3]" in str(error)
+    assert error.item == 1 and error.layer == "L"
+    assert "\n" not in str(error)
+    caffe = "only in debug builds" if LABEL_LAYERS[kind] else "does not check"
+    assert caffe in str(error)
+
+
+@pytest.mark.parametrize("kind", list(LABEL_LAYERS))
+def test_labels_are_truncated_like_caffes_static_cast(kind):
+    net = label_net(kind)
+    truncated = net(**label_inputs(net, [0.9, 1.5, 3.99]))["out"]  # classes 0, 1, 3
+    whole = net(**label_inputs(net, [0.0, 1.0, 3.0]))["out"]
+    torch.testing.assert_close(truncated, whole)
+
+
+@pytest.mark.parametrize("kind", [k for k, field in LABEL_LAYERS.items() if field])
+def test_ignore_label_is_honoured_also_outside_the_classes(kind):
+    field = LABEL_LAYERS[kind]
+    net = label_net(kind, f"{field} {{ ignore_label: -1 }}")
+    out = net(**label_inputs(net, [0.0, -1.0, -1.5]))["out"]  # -1.5 truncates to -1
+    assert torch.isfinite(out).all()
+    with pytest.raises(
+        CaffeAlexError, match=r"label -2 out of range \(item 2.*or the ignore_label"
+    ):
+        net(**label_inputs(net, [0.0, -1.0, -2.0]))
+
+
+def test_the_label_item_is_the_index_along_the_batch_axis():
+    text = loss_net("SoftmaxWithLoss", (2, 3, 2, 2), (2, 1, 2, 2))
+    net = Net(parse_net(text))
+    label = torch.zeros(2, 1, 2, 2)
+    label[1, 0, 1, 0] = 7
+    with pytest.raises(CaffeAlexError) as info:
+        net(s=torch.randn(2, 3, 2, 2), l=label)
+    assert info.value.item == 1 and info.value.label == 7
+
+
+@pytest.mark.parametrize("kind", list(LABEL_LAYERS))
+def test_an_unchecked_bad_label_selects_no_class(kind, monkeypatch):
+    """Where labels are not checked (on a GPU, or compiling: no device sync), a bad label
+    indexes nothing out of bounds: it selects no class."""
+    monkeypatch.setattr("caffe_alex.layers.losses.tracing", lambda: True)
+    net = label_net(kind)
+    good = net(**label_inputs(net, [0.0, 1.0, 2.0]))["out"]
+    for bad in (2147483647.0, -3.0, float("nan")):
+        out = net(**label_inputs(net, [0.0, 1.0, bad]))["out"]
+        assert torch.isfinite(out).all(), (kind, bad)
+        if kind == "Accuracy":  # the sample with the bad label is a miss
+            assert float(out) <= float(good)
+    if kind == "SoftmaxWithLoss":  # it costs what the clamp allows: -log(FLT_MIN)
+        inputs = label_inputs(net, [0.0, 1.0, -3.0])
+        s = inputs["s"]
+        expected = -torch.log_softmax(s, 1)[[0, 1], [0, 1]].sum() - np.log(FLT_MIN)
+        torch.testing.assert_close(net(**inputs)["out"], expected / 3)
+
+
+def test_bad_labels_compile_without_graph_breaks_or_bounds_errors():
+    net = Net(parse_net(loss_net("SoftmaxWithLoss", (2, 3), (2,))))
+    layer = net.layer("loss")
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    out = compiled(torch.randn(2, 3), torch.tensor([1.0, 2147483647.0]))
+    assert torch.isfinite(out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", list(LABEL_LAYERS))
+def test_bad_labels_on_cuda_select_no_class_without_a_device_assert(kind):
+    net = label_net(kind)
+    cpu = label_inputs(net, [0.0, 1.0, 2.0])
+    net.to("cuda")
+    good = net(**{k: v.cuda() for k, v in cpu.items()})["out"]
+    bad = dict(cpu, l=torch.tensor([0.0, 2147483647.0, -3.0]))
+    out = net(**{k: v.cuda() for k, v in bad.items()})["out"]
+    torch.cuda.synchronize()  # a device-side assert would surface here
+    assert torch.isfinite(out).all() and torch.isfinite(good).all()

@@ -175,6 +175,22 @@ def test_empty_windows_follow_caffe():
     np.testing.assert_array_equal(out["pool"].numpy(), expected)  # NaN where Caffe has NaN
 
 
+@pytest.mark.parametrize("method", ["MAX", "AVE"])
+@pytest.mark.parametrize("stride,pad", [(2147483647, 0), (2147483647, 1), (1000, 1)])
+def test_a_stride_past_the_image_pools_without_padding_to_it(method, stride, pad):
+    # ceil rounding adds a window at the stride (past the image) or pad drops it: Caffe's
+    # windows, computed without padding the bottom out to the stride
+    x = np.random.default_rng(5).standard_normal((1, 2, 5, 4))
+    tops = ("p", "m") if method == "MAX" else ("p",)
+    params = f"pool: {method} kernel_size: 2 stride: {stride} pad: {pad}"
+    _, out = run_net(pool_net(params, x.shape, tops), x)
+    expected, mask = caffe_pool(x, method, 2, 2, stride, stride, pad, pad)
+    assert out["p"].shape == expected.shape == ((1, 2, 1, 1) if pad else (1, 2, 2, 2))
+    np.testing.assert_allclose(out["p"].numpy(), expected, rtol=1e-6)
+    if method == "MAX":
+        np.testing.assert_array_equal(out["m"].numpy(), mask)
+
+
 def test_reshape_recomputes_ceil_size():
     net = Net(parse_net(pool_net("pool: MAX kernel_size: 3 stride: 2", (1, 1, 7, 7))), "TEST")
     out = net(data=torch.randn(1, 1, 8, 10))

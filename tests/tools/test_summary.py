@@ -3,10 +3,15 @@ the per-row shapes, in-place and shared blobs, and the command line."""
 
 from __future__ import annotations
 
+import random
+import re
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 
 from caffe_alex.cli import main
+from caffe_alex.errors import CaffeAlexError
 from caffe_alex.formats.prototxt import parse_net_text, read_net
 from caffe_alex.tools.summary import build_for_shapes, summarize
 from tests.corpus import CORPUS
@@ -105,3 +110,61 @@ def test_cli_batch_and_input_shape():
     assert "4x96x55x55" in result.output
     result = runner.invoke(main, ["summary", str(ROOT / "models/bvlc_alexnet/train_val.prototxt")])
     assert result.exit_code == 1 and "--input-shape" in result.output
+
+
+def _small_net(tmp_path, dims, conv: str = "num_output: 4 kernel_size: 3") -> str:
+    path = tmp_path / "net.prototxt"
+    shape = " ".join(f"dim: {d}" for d in dims)
+    path.write_text(
+        f'layer {{ name: "in" type: "Input" top: "x" input_param {{ shape {{ {shape} }} }} }}\n'
+        f'layer {{ name: "c" type: "Convolution" bottom: "x" top: "c"\n'
+        f"  convolution_param {{ {conv} }} }}\n"
+        'layer { name: "fc" type: "InnerProduct" bottom: "c" top: "fc"\n'
+        "  inner_product_param { num_output: 3 } }\n"
+    )
+    return str(path)
+
+
+NEGATIVE = re.compile(r"(?<![\w.])-\d")  # a minus sign before a number (not in a name)
+
+
+@pytest.mark.parametrize(
+    "dims,conv,options,message",
+    [
+        ((1, 3, -5, 8), "num_output: 4 kernel_size: 3", (), "dimension -5 is negative"),
+        ((1, 3, 2147483649, 8), "num_output: 4 kernel_size: 3", (), "2147483649 exceeds INT_MAX"),
+        ((1, 3, 8, 8), "num_output: 4 kernel_size: 4294967295", (), "learnable blob 0"),
+        ((1, 3, 8, 8), "num_output: 2000000000 kernel_size: 3", (), "exceed INT_MAX"),
+        ((1, 3, 8, 8), "num_output: 4 kernel_size: 3 pad: 4294967295", (), "top 'c' (top 0)"),
+        ((1, 3, 8, 8), "num_output: 4 kernel_size: 3", ("--input-shape", "x=1,3,-8,8"), "-8"),
+    ],
+)
+def test_cli_refuses_sizes_past_caffes_limits_in_one_line(tmp_path, dims, conv, options, message):
+    result = CliRunner().invoke(main, ["summary", _small_net(tmp_path, dims, conv), *options])
+    assert result.exit_code == 1
+    assert result.output.startswith("caffe-alex: error: ") and result.output.count("\n") == 1
+    assert "net.prototxt:" in result.output and message in result.output
+
+
+def test_summary_never_shows_a_negative_shape_or_count(tmp_path):
+    """Generated input shapes around the limits (seeded): each summary is either refused in
+    one line or a table without a negative number."""
+    rng = random.Random(13)
+    edges = [-(2**31), -1, 0, 2**15, 2**31 - 1, 2**31, 2**32 - 1, 2**40]
+    outcomes = set()
+    for _ in range(40):
+        dims = [
+            rng.choice(edges) if rng.random() < 0.2 else rng.choice([1, 3, 8]) for _ in range(4)
+        ]
+        kernel = rng.choice([1, 3, 3, 2**31 - 1, 2**32 - 1])
+        net = _small_net(tmp_path, dims, f"num_output: 4 kernel_size: {kernel}")
+        result = CliRunner().invoke(main, ["summary", net])
+        assert result.exit_code in (0, 1), (dims, kernel, result.output)
+        outcomes.add(result.exit_code)
+        if result.exit_code == 1:
+            assert result.output.count("\n") == 1, (dims, kernel, result.output)
+        else:
+            assert not NEGATIVE.search(result.output), (dims, kernel, result.output)
+    assert outcomes == {0, 1}
+    with pytest.raises(CaffeAlexError, match="dimension -1 is negative"):
+        build_for_shapes(parse_net_text(Path(_small_net(tmp_path, (1, 3, -1, 4))).read_text())[0])
