@@ -8,6 +8,7 @@ import click
 
 from ..formats import weights
 from ..formats.caffemodel import read_binaryproto
+from ..formats.weightset import shown
 from ..net import Net
 from .options import input_shape_option, option, parse_input_shapes, phase_option, user_errors
 
@@ -46,22 +47,21 @@ def inspect(path) -> None:
 
 def inspect_lines(ws, size: int) -> list[str]:
     version = f", format version {ws.version}" if ws.format == "caffemodel" else ""
-    name = f', net "{ws.net_name}"' if ws.net_name else ""
+    name = f', net "{shown(ws.net_name)}"' if ws.net_name else ""
     lines = [f"{ws.path}: {ws.format}{version}{name}, {size:,} bytes"]
     rows = [("layer", "type", "blob", "shape", "dtype", "count")]
     total = blobs = 0
     for lw in ws.layers:
+        layer, kind = shown(lw.name), shown(lw.type)  # bytes that are not UTF-8 as escapes
         if not lw.blobs:
-            rows.append((lw.name, lw.type, "-", "", "", ""))
+            rows.append((layer, kind, "-", "", "", ""))
         for j, blob in enumerate(lw.blobs):
             if blob is None:
-                rows.append((lw.name, lw.type, str(j), "(shared, not stored)", "", ""))
+                rows.append((layer, kind, str(j), "(shared, not stored)", "", ""))
                 continue
             shape = "x".join(map(str, blob.shape)) or "scalar"
             shape += " (legacy 4-D)" if blob.legacy else ""
-            rows.append(
-                (lw.name, lw.type, str(j), shape, str(blob.data.dtype), f"{blob.data.size:,}")
-            )
+            rows.append((layer, kind, str(j), shape, str(blob.data.dtype), f"{blob.data.size:,}"))
             total += blob.data.size
             blobs += 1
     widths = [max(len(r[i]) for r in rows) for i in range(6)]

@@ -17,7 +17,7 @@ from ..log import get_logger
 from ..proto import caffe_pb2
 from .files import atomic_path
 from .upgrade import upgrade_net
-from .weightset import LayerWeights, WeightSet, note_doubles
+from .weightset import LayerWeights, WeightSet, note_doubles, shown, text_of
 from .wire import (
     WireError,
     blob_pieces,
@@ -110,6 +110,9 @@ def read_caffemodel(path) -> WeightSet:
     if not records:
         raise CaffeAlexError(f"{path}: not a caffemodel: the NetParameter has no layers")
     version = _version(raw)
+    if len(raw.layers) and _escape_strings(raw):
+        log.warning("%s: bytes that are not UTF-8 in the legacy layers' text fields are read "
+                    "as \\xNN escapes", path)  # fmt: skip
     names = [(v1.layer.name if v1.HasField("layer") else v1.name) for v1 in raw.layers]
     names += [lp.name for lp in raw.layer]  # Caffe refuses files with both; upgrade says so
     net = upgrade_net(raw, path)
@@ -119,9 +122,29 @@ def read_caffemodel(path) -> WeightSet:
         k = next((i for i in range(j, len(names)) if names[i] == lp.name), None)
         blobs = [] if k is None else records[k]
         j = j if k is None else k + 1
-        layers.append(LayerWeights(lp.name, lp.type, list(blobs), lp))
+        layers.append(LayerWeights(text_of(lp.name), text_of(lp.type), list(blobs), lp))
     note_doubles(path, layers)
-    return WeightSet(layers, path, "caffemodel", version, net.name)
+    return WeightSet(layers, path, "caffemodel", version, text_of(net.name))
+
+
+def _escape_strings(message) -> bool:
+    """Replace the text fields that are not UTF-8 (Python's protobuf gives them as bytes) by
+    their \\xNN-escaped form, in place; whether any was. The legacy upgrade needs str fields;
+    current-format records keep their bytes instead (see text_of)."""
+    changed = False
+    for fd, value in message.ListFields():
+        if fd.type == fd.TYPE_MESSAGE:
+            for item in value if fd.is_repeated else [value]:
+                changed |= _escape_strings(item)
+        elif fd.type == fd.TYPE_STRING and fd.is_repeated:
+            for i, item in enumerate(value):
+                if isinstance(item, bytes):
+                    value[i] = shown(text_of(item))
+                    changed = True
+        elif fd.type == fd.TYPE_STRING and isinstance(value, bytes):
+            setattr(message, fd.name, shown(text_of(value)))
+            changed = True
+    return changed
 
 
 # ---- writing a caffemodel ------------------------------------------------------------------
@@ -145,7 +168,8 @@ def _layer_pieces(lp: caffe_pb2.LayerParameter, blobs) -> list:
 def write_caffemodel(path, net_name: str, layers) -> None:
     """Write ``layers`` — (LayerParameter, [(data, diff or None), ...]) pairs — as a binary
     NetParameter (Net::ToProto's layout), streaming blob data from the arrays."""
-    head = caffe_pb2.NetParameter(name=net_name).SerializeToString() if net_name else b""
+    # the name as bytes: one read from a caffemodel may hold bytes that are not UTF-8 (text_of)
+    head = length_delimited(1, net_name.encode("utf-8", "surrogateescape")) if net_name else b""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(head)
         for lp, blobs in layers:

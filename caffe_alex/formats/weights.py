@@ -9,12 +9,13 @@ module does not import the builder.
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from ..errors import CaffeAlexError
+from ..errors import CaffeAlexError, reading
 from ..log import get_logger
 from .caffemodel import (
     net_layer_params,
@@ -24,10 +25,11 @@ from .caffemodel import (
     write_binaryproto,
     write_caffemodel,
 )
-from .files import atomic_path
+from .files import atomic_path, describe, regular_file
 from .hdf5 import is_hdf5, read_h5, write_h5
 from .torch_weights import read_torch_weights, save_net_torch, weightset_to_torch
-from .weightset import Blob, LayerWeights, WeightSet, format_of, spec_owners
+from .weightset import Blob, LayerWeights, WeightSet, format_of, shown, spec_owners
+from .wire import WireError, blob_count
 
 log = get_logger()
 
@@ -45,7 +47,7 @@ class LoadReport:
 
 def read_weights(path) -> WeightSet:
     """Any weights file, by content (HDF5) or extension (.pt/.pth, .safetensors)."""
-    path = os.fspath(path)
+    path = regular_file(path)
     lower = path.lower()
     if lower.endswith((".pt", ".pth", ".safetensors")):
         return read_torch_weights(path)
@@ -78,7 +80,7 @@ def _plan_copies(net, ws: WeightSet, plan: dict, report: LoadReport) -> None:
     for lw in ws.layers:
         name = by_key.get(lw.name, lw.name) if by_key else lw.name
         if name not in first:
-            log.info("Ignoring source layer %s", name)
+            log.info("Ignoring source layer %s", shown(name))
             report.ignored.append(name)
             continue
         targets = list(net.layer(name).blobs)
@@ -240,11 +242,29 @@ def _convert_mean(src, dst, kinds) -> str:
         with atomic_path(dst) as tmp, open(tmp, "wb") as f:
             np.save(f, array)
     elif kinds == ("npy", "binaryproto"):
-        try:
-            array = np.load(src, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise CaffeAlexError(f"{src}: not a readable .npy file: {exc}") from None
+        array = _read_npy(src)
         write_binaryproto(dst, array)
     else:
         raise CaffeAlexError("mean files convert between .binaryproto and .npy only")
     return f"{dst}: array of shape {list(array.shape)} from {src}"
+
+
+def _read_npy(path) -> np.ndarray:
+    """A .npy file of numbers that fits a BlobProto; mapped first, so that a header declaring
+    a huge array is refused before anything is allocated."""
+    with reading(regular_file(path)):
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise CaffeAlexError(f"{path}: not a readable .npy file: {describe(exc)}") from None
+    if not isinstance(array, np.ndarray):  # an .npz archive
+        raise CaffeAlexError(f"{path}: not a .npy file (an archive of several arrays?)")
+    if array.dtype.kind not in "fiub":
+        raise CaffeAlexError(f"{path}: holds {array.dtype} values, not numbers")
+    try:
+        blob_count(array.shape)
+    except WireError as exc:
+        raise CaffeAlexError(f"{path}: {exc.reason}") from None
+    if array.size == 0:
+        raise CaffeAlexError(f"{path}: the array of shape {list(array.shape)} holds no values")
+    return np.array(array)

@@ -13,6 +13,7 @@ from google.protobuf import message as pb_message
 
 from ..errors import reading
 from ..proto import caffe_pb2
+from .files import regular_file
 from .weightset import Blob
 
 # ---- the protobuf wire format --------------------------------------------------------------
@@ -120,12 +121,35 @@ def parse_blob(buf, start: int, end: int) -> Blob:
     shape = (
         (proto.num, proto.channels, proto.height, proto.width) if legacy else tuple(proto.shape.dim)
     )
-    data = _join(parts.get("double_data")) if "double_data" in parts else _join(parts.get("data"))
-    diff = _join(parts.get("double_diff") or parts.get("diff"))
-    count = int(np.prod(shape, dtype=np.int64))
+    count = blob_count(shape, start)
+    doubles = _join(parts.get("double_data"))
+    data = doubles if doubles.size else _join(parts.get("data"))  # as Blob::FromProto picks
+    double_diff = _join(parts.get("double_diff"))
+    diff = double_diff if double_diff.size else _join(parts.get("diff"))
     if data.size != count:
         raise WireError(f"blob of shape {list(shape)} holds {data.size} values", start)
+    if diff.size and diff.size != count:
+        raise WireError(f"blob of shape {list(shape)} holds {diff.size} diff values", start)
     return Blob(data, tuple(int(d) for d in shape), legacy, diff if diff.size else None)
+
+
+MAX_AXES = 32  # Caffe's kMaxBlobAxes
+INT_MAX = 2**31 - 1  # Caffe's limit on a blob's count and on each dimension
+
+
+def blob_count(shape, pos: int = 0) -> int:
+    """The count of a blob of ``shape``, with Caffe's Blob::Reshape checks: at most 32 axes, no
+    negative dimension, a count within INT_MAX."""
+    if len(shape) > MAX_AXES:
+        raise WireError(f"blob of {len(shape)} axes (at most {MAX_AXES})", pos)
+    count = 1
+    for d in shape:
+        if d < 0 or d > INT_MAX:
+            raise WireError(f"blob of shape {list(shape)}: dimension {d} out of range", pos)
+        count *= d
+    if count > INT_MAX:
+        raise WireError(f"blob of shape {list(shape)} exceeds {INT_MAX} values", pos)
+    return count
 
 
 def _join(arrays: list[np.ndarray] | None) -> np.ndarray:
@@ -134,7 +158,7 @@ def _join(arrays: list[np.ndarray] | None) -> np.ndarray:
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
 def map_file(path: str):
-    with reading(path), open(path, "rb") as f:
+    with reading(path), open(regular_file(path), "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             return b"", 0

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import LayerConfigError
+from ..errors import LayerConfigError, describe
 from ..registry import CaffeLayer, register
 
 _NAMES = ("data", "label")  # Caffe's HDF5_DATA_DATASET_NAME and HDF5_DATA_LABEL_NAME
@@ -59,7 +59,7 @@ class HDF5OutputLayer(CaffeLayer):
                 for name, array in zip(_NAMES, arrays):
                     _append(h5, name, array.reshape(legacy_shape(array.shape)))
         except OSError as exc:
-            raise OSError(f"cannot write HDF5 file '{self.file_name}': {exc}") from None
+            raise OSError(f"cannot write HDF5 file '{self.file_name}': {describe(exc)}") from None
         self._written = True
         return ()
 

@@ -20,7 +20,7 @@ import importlib
 import torch
 
 from ..blob import Blob, BlobVec
-from ..errors import CaffeAlexError, LayerConfigError
+from ..errors import CaffeAlexError, LayerConfigError, describe
 from ..registry import CaffeLayer, register
 
 
@@ -54,7 +54,7 @@ def _import_class(module: str, name: str):
         loaded = importlib.import_module(module)
     except Exception as exc:  # ImportError, or whatever the module raises while loading
         raise LayerConfigError(
-            f"cannot import python_param.module '{module}': {type(exc).__name__}: {exc} "
+            f"cannot import python_param.module '{module}': {type(exc).__name__}: {describe(exc)} "
             "(Python layers are imported from sys.path: set PYTHONPATH)"
         ) from exc
     cls = getattr(loaded, name, None)
@@ -120,7 +120,7 @@ class PythonLayer(CaffeLayer):
         try:
             impl = cls(layer_param)
         except Exception as exc:
-            raise LayerConfigError(f"{self.where}({type(exc).__name__}): {exc}") from exc
+            raise LayerConfigError(f"{self.where}({type(exc).__name__}): {describe(exc)}") from exc
         # Caffe sets these on the object whatever its __init__ did
         impl.param_str = layer_param.python_param.param_str
         impl.phase = 0 if phase == "TRAIN" else 1

@@ -20,6 +20,7 @@ import torch
 from ..data.db import open_db
 from ..data.loader import make_feed
 from ..errors import CaffeAlexError
+from ..formats.files import atomic_path
 from ..log import get_logger
 from ..net import Net
 from ..proto import caffe_pb2
@@ -145,14 +146,18 @@ def write_features(features: dict[str, np.ndarray], plan) -> None:
         plan = output_plan(plan, list(features))
     log = get_logger().info
     for path, (kind, names) in plan.items():
-        if kind == "npy":
-            np.save(path, features[names[0]])
-        elif kind == "npz":
-            np.savez(path, **{n: features[n] for n in names})
-        elif kind == "h5":
-            _write_h5(path, {n: features[n] for n in names})
-        else:
-            _write_db(path, kind, features[names[0]])
+        if kind in ("lmdb", "leveldb"):
+            _write_db(path, kind, features[names[0]])  # a new database: written beside, moved
+        else:  # written beside the path and renamed: never a partial file under the name
+            with atomic_path(path) as tmp:
+                if kind == "h5":
+                    _write_h5(tmp, {n: features[n] for n in names})
+                else:
+                    with open(tmp, "wb") as f:  # a file object: numpy adds no extension
+                        if kind == "npy":
+                            np.save(f, features[names[0]])
+                        else:
+                            np.savez(f, **{n: features[n] for n in names})
         log("Extracted features of %d items for blob(s) %s into %s", len(features[names[0]]),
             ", ".join(names), path)  # fmt: skip
 

@@ -1,14 +1,19 @@
 """caffe_alex.data.db: LMDB and LevelDB behind one interface, as Caffe's db::DB uses them."""
 
+import contextlib
 import multiprocessing
 import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 
 from caffe_alex.data import db as dbmod
 from caffe_alex.data.db import detect_backend, open_db
 from caffe_alex.errors import CaffeAlexError
+from tests.data.full_disk import entries, small_file_system
+from tests.paths import ROOT
 
 BACKENDS = ["lmdb", "leveldb"]
 
@@ -160,3 +165,120 @@ def test_lmdb_single_file(tmp_path):
     with open_db(path) as db:
         assert list(db) == [(b"k", b"v")]
     assert os.path.isfile(path)
+
+
+# ---- damaged databases, full disks, interrupted writes ----------------------------------------
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    """The command line in a fresh process: a crash (SIGBUS) shows as a negative return code."""
+    return subprocess.run([sys.executable, "-m", "caffe_alex", *args], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+
+
+def _big_lmdb(path, n=200) -> None:
+    with open_db(path, "lmdb", mode="new") as db:
+        txn = db.transaction()
+        for i in range(n):
+            txn.put(f"{i:08d}", bytes([i % 256]) * 3000)  # a page or so each
+        txn.commit()
+
+
+@pytest.mark.parametrize(
+    "keep",
+    [lambda size: size // 2, lambda size: size - 1, lambda size: 5000, lambda size: 100,
+     lambda size: 0],
+    ids=["half", "all but a byte", "a meta page", "part of a meta page", "empty"],
+)  # fmt: skip
+def test_truncated_lmdb_is_an_error_not_a_crash(tmp_path, keep):
+    path = tmp_path / "db"
+    _big_lmdb(str(path))
+    data = path / "data.mdb"
+    os.truncate(data, keep(data.stat().st_size))
+    result = _cli("db-info", str(path))
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    assert result.stderr.startswith(f"caffe-alex: error: LMDB '{path}' is damaged: {data} is ")
+    assert result.stderr.count("\n") == 1
+    with pytest.raises(CaffeAlexError, match="is damaged"):
+        open_db(str(path))
+
+
+def test_a_damaged_lmdb_page_is_an_error(tmp_path):
+    path = tmp_path / "db"
+    _big_lmdb(str(path))
+    with open(path / "data.mdb", "r+b") as f:
+        f.seek(2 * 4096)  # the first page after the two meta pages: a tree page
+        f.write(b"\xff" * 64)
+    result = _cli("db-info", str(path))
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    assert result.stderr.startswith(f"caffe-alex: error: LMDB '{path}' is damaged: ")
+
+
+def test_lmdb_header_layout_matches_lmdb(tmp_path):
+    # the size check reads LMDB's meta pages itself: its fields agree with LMDB's own figures
+    path = tmp_path / "db"
+    _big_lmdb(str(path))
+    with open(path / "data.mdb", "rb") as f:
+        metas = [dbmod._META.unpack(f.read(dbmod._META.size))]
+        f.seek(metas[0][2])
+        metas.append(dbmod._META.unpack(f.read(dbmod._META.size)))
+    with open_db(str(path)) as db:
+        info, stat = db.env.info(), db.env.stat()
+    newest = max(metas, key=lambda m: m[4])
+    assert [m[0] for m in metas] == [dbmod._LMDB_MAGIC] * 2
+    assert (newest[2], newest[3], newest[4]) == (stat["psize"], info["last_pgno"],
+                                                  info["last_txnid"])  # fmt: skip
+    assert (newest[3] + 1) * newest[2] == (path / "data.mdb").stat().st_size
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_failed_new_database_leaves_nothing(tmp_path, backend):
+    if backend == "leveldb" and not dbmod.leveldb_available():
+        pytest.skip("plyvel is not installed")
+    path = str(tmp_path / "db")
+    with pytest.raises(KeyboardInterrupt), open_db(path, backend, mode="new") as db:
+        txn = db.transaction()
+        txn.put("a", b"1")
+        txn.commit()
+        raise KeyboardInterrupt
+    assert os.listdir(tmp_path) == []
+    _fill(path, backend)  # and the name is free for the next run
+    assert os.listdir(tmp_path) == ["db"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_full_disk_is_an_error_naming_the_database(tmp_path, backend):
+    if backend == "leveldb" and not dbmod.leveldb_available():
+        pytest.skip("plyvel is not installed")
+    with small_file_system(tmp_path / "full") as folder:
+        path = str(folder / "db")
+        with pytest.raises(CaffeAlexError) as info, open_db(path, backend, mode="new") as db:
+            for start in range(0, 4000, 100):  # ~4 MB: twice the file system
+                txn = db.transaction()
+                for i in range(start, start + 100):
+                    txn.put(f"{i:08d}", os.urandom(1000))
+                txn.commit()
+        assert str(info.value) == f"cannot write {path}: No space left on device"
+        assert entries(folder) == []
+
+
+def test_full_disk_before_the_lock_file_is_an_error_not_a_crash(tmp_path):
+    # LMDB maps its lock file and writes through the map: unallocated, that was a SIGBUS
+    with small_file_system(tmp_path / "full") as folder:
+        _big_lmdb(str(folder / "old"), n=20)
+        code = ("import sys; from caffe_alex.data.db import open_db\n"
+                "with open_db(sys.argv[1], 'lmdb', sys.argv[2]) as db:\n"
+                "    t = db.transaction(); t.put('k', bytes(10000)); t.commit()\n")  # fmt: skip
+        os.remove(folder / "old" / "lock.mdb")
+        with open(folder / "filler", "wb") as f, contextlib.suppress(OSError):
+            while True:
+                f.write(bytes(1 << 16))
+                f.flush()
+        for target, mode in ((folder / "new", "new"), (folder / "old", "w")):
+            result = subprocess.run([sys.executable, "-c", code, str(target), mode],
+                                    capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+            assert result.returncode == 1, (result.returncode, result.stderr)
+            assert f"cannot write {target}: No space left on device" in result.stderr
+        assert entries(folder) == ["old"]
+        with open_db(str(folder / "old")) as db:
+            assert len(db) == 20  # the existing database is intact

@@ -17,7 +17,13 @@ from caffe_alex.data.datum import array_to_datum, datum_to_array, parse_datum
 from caffe_alex.data.db import open_db
 from caffe_alex.errors import CaffeAlexError
 from caffe_alex.net import Net
-from caffe_alex.tools.features import extract_features, legacy_chw, output_plan
+from caffe_alex.tools.features import (
+    extract_features,
+    legacy_chw,
+    output_plan,
+    write_features,
+)
+from tests.data.full_disk import entries, small_file_system
 from tests.reference import parse_net
 
 NET = """
@@ -90,6 +96,18 @@ def test_lmdb_and_npy_round_trip(setup):
     np.testing.assert_allclose(back, want["conv"], rtol=1e-4, atol=1e-5)
     with pytest.raises(CaffeAlexError, match="already exists"):
         extract_features(net, ["conv"], str(folder / "conv.lmdb"))
+
+
+@pytest.mark.parametrize("name", ["f.lmdb", "f.npy", "f.npz", "f.h5"])
+def test_outputs_onto_a_full_disk(tmp_path, name):
+    features = {"ip": np.ones((3000, 200), np.float32)}  # 2.4 MB for a 2 MB file system
+    with small_file_system(tmp_path / "full") as folder:
+        (folder / "old.npy").write_bytes(b"kept")
+        with pytest.raises(CaffeAlexError) as info:
+            write_features(features, str(folder / name))
+        assert str(info.value) == f"cannot write {folder / name}: No space left on device"
+        assert entries(folder) == ["old.npy"]  # no partial output left behind
+        assert (folder / "old.npy").read_bytes() == b"kept"
 
 
 def test_output_plans_and_legacy_shapes(tmp_path):
