@@ -1,13 +1,25 @@
 """Feeds a net's data layers: ``for batch in make_feed(net): net(**batch)``.
 
-Each data layer (Data, ImageData, HDF5Data, MemoryData) gets its source and transformer; batches
-are made in torch.utils.data worker processes and arrive as float32 tensors by top name (labels
-as floats, as Caffe's blobs hold them), pinned and copied ahead to a CUDA device when one is
-given. Batch b of a layer holds this rank's stream positions (b*B + i)*world_size + rank, so
-ranks share records as Caffe's DataLayer::Skip does; worker k makes batches k, k+K, ... and the
-DataLoader hands them out round robin, so the output is the same for any worker count. Random
-draws for a record come from a generator seeded with (seed, layer, position): a run repeats
-exactly for a seed, and ``skip``/``state`` resume it at any batch.
+Each data layer (Data, ImageData, HDF5Data, MemoryData, WindowData) gets its source and
+transformer; batches arrive as float32 tensors by top name (labels as floats, as Caffe's blobs
+hold them) on the feed's device. Batch b of a layer holds this rank's stream positions
+(b*B + i)*world_size + rank, so ranks share records as Caffe's DataLayer::Skip does. Random draws
+for a record come from a generator seeded with (seed, layer, position): a run repeats exactly
+for a seed, whichever process makes the record and however many workers there are, and
+``skip``/``state`` resume it at any batch.
+
+How records travel (Caffe's prefetch ring, ring.py): uint8 images (raw or decoded Datums,
+ImageData) are cropped and mirrored where they are read, and travel as uint8 with their draws;
+the transformer's mean and scale then run on the device (device_transform.py) with the CPU
+transformer's float32 operations, so the numbers are the same. Float records (float_data
+Datums, HDF5Data, MemoryData) and WindowData (zero padding, a mean indexed by the output) are
+transformed on the CPU and travel as float32. Batches are made in the calling process
+(``workers=0``) or by worker processes into a ring of ``prefetch`` shared batch buffers made once
+and reused; on a CUDA device each batch is copied into pinned memory and sent with a
+non-blocking copy on a side stream, so the copy overlaps the work queued before it. With
+``decode="gpu"`` encoded (JPEG) Datums are read in the calling process and decoded on the device
+by torchvision. ``transport="float32"`` keeps the former path (the whole transform on the CPU,
+float32 batches through torch.utils.data workers), for benchmarks/data_throughput.py.
 """
 
 from __future__ import annotations
@@ -20,7 +32,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..errors import CaffeAlexError
 from .array_sources import HDF5Source, MemorySource
+from .datum import color_flag
+from .device_transform import DeviceTransform, crop_on_device, decode_jpegs, torchvision_io
+from .ring import Layout, Ring, WorkerPool
 from .sources import DataError, DBSource, ImageListSource
 from .window_source import WindowSource
 
@@ -31,23 +47,120 @@ _MAKERS = {
     "MemoryData": lambda lp, phase, seed, layer, shuffle: MemorySource(lp, phase, seed, layer),
     "WindowData": lambda lp, phase, seed, layer, shuffle: WindowSource(lp, phase, seed),
 }
-_BATCH = {"Data": "data_param", "ImageData": "image_data_param", "HDF5Data": "hdf5_data_param"}
+DECODES = ("cpu", "gpu")
+TRANSPORTS = ("uint8", "float32")
 
 
 class _Plan:
-    """One data layer: its source, batch size and the shapes the net declared for its tops."""
+    """One data layer: its source, batch size, the shapes the net declared for its tops, and
+    how its records travel: "pixels" (uint8 crops, transformed on the device), "arrays"
+    (float32, transformed on the CPU) or "decode" (encoded bytes, decoded on the device)."""
 
-    def __init__(self, index, source, tops, shapes):
-        self.index, self.source, self.tops = index, source, tops
+    def __init__(self, index, source, tops, shapes, kind="arrays"):
+        self.index, self.source, self.tops, self.kind = index, source, tops, kind
         self.batch = shapes[0][0]
         self.shapes = [tuple(s[1:]) for s in shapes]
 
+    def _rng(self, seed: int, position: int):
+        if not self.source.needs_rng:
+            return None
+        return np.random.default_rng((seed, self.index, position))
+
+    def _positions(self, b: int, rank: int, world: int) -> range:
+        start = b * self.batch * world + rank
+        return range(start, start + self.batch * world, world)
+
+    # -- the ring's arrays -------------------------------------------------------------
+    def arrays(self) -> dict:
+        """This layer's arrays in a batch buffer: key -> (dtype, shape)."""
+        n, key = self.batch, f"{self.index}/"
+        if self.kind == "pixels":
+            out = {key + "pixels": (np.uint8, (n, *self.shapes[0]))}
+            out[key + "draws"] = (np.int32, (n, 3))
+            if len(self.tops) > 1:
+                out[key + "label"] = (np.float32, (n,))
+            return out
+        return {f"{key}{k}": (np.float32, (n, *s)) for k, s in enumerate(self.shapes)}
+
+    def fill(self, views: dict, b: int, seed: int, rank: int, world: int) -> None:
+        key = f"{self.index}/"
+        for i, position in enumerate(self._positions(b, rank, world)):
+            rng = self._rng(seed, position)
+            if self.kind == "pixels":
+                self._fill_pixels(views, key, i, position, rng)
+                continue
+            for k, value in enumerate(self.source.sample(position, rng)[: len(self.shapes)]):
+                if np.shape(value) != self.shapes[k]:
+                    raise self._mismatch(position, k, np.shape(value))
+                views[f"{key}{k}"][i] = value
+
+    def _fill_pixels(self, views, key, i, position, rng) -> None:
+        image, label = self.source.read(position)
+        if image.dtype != np.uint8:
+            raise self.source.fail(
+                f"{self.source.where(position)} holds float_data, but the first record holds "
+                "uint8 pixels; a source must keep to one kind"
+            )
+        region, draws = self._crop(image, rng, position)
+        if draws[0]:
+            region = region[:, :, ::-1]
+        if region.shape != self.shapes[0]:
+            raise self._mismatch(position, 0, region.shape)
+        views[key + "pixels"][i] = region
+        views[key + "draws"][i] = draws
+        if len(self.tops) > 1:
+            views[key + "label"][i] = label
+
+    def _crop(self, image, rng, position):
+        try:
+            return self.source.transformer.crop_region(image, rng)
+        except (CaffeAlexError, ValueError) as exc:
+            message = exc.message if isinstance(exc, CaffeAlexError) else str(exc)
+            raise self.source.fail(f"{self.source.where(position)}: {message}") from None
+
+    # -- decoding on the device ------------------------------------------------------------
+    def decode_batch(self, b, seed, rank, world, device) -> tuple:
+        """(uint8 crops (N, C, h, w), draws (N, 3), labels (N,)) with the images decoded on
+        ``device``; records that are not encoded are read as usual."""
+        source, t = self.source, self.source.transformer
+        positions = list(self._positions(b, rank, world))
+        records = [source.datum(p) for p in positions]
+        labels = np.array([datum.label for _, datum in records], np.float32)
+        encoded = [i for i, (_, datum) in enumerate(records) if datum.encoded]
+        images = [None] * len(records)
+        try:
+            decoded = decode_jpegs(
+                [records[i][1].data for i in encoded],
+                color_flag(t.force_color, t.force_gray),
+                device,
+                lambda k: source.where(positions[encoded[k]]),
+            )
+        except CaffeAlexError as exc:
+            raise source.fail(exc.message) from None
+        for i, image in zip(encoded, decoded):
+            images[i] = image
+        crops, draws = [], np.empty((len(records), 3), np.int32)
+        for i, position in enumerate(positions):
+            if images[i] is None:
+                image, _ = source.read(position)
+                images[i] = torch.from_numpy(image).to(device)
+            try:
+                crop, draws[i] = crop_on_device(images[i], t, self._rng(seed, position))
+            except (CaffeAlexError, ValueError) as exc:
+                message = exc.message if isinstance(exc, CaffeAlexError) else str(exc)
+                raise source.fail(f"{source.where(position)}: {message}") from None
+            if tuple(crop.shape) != self.shapes[0]:
+                raise self._mismatch(position, 0, tuple(crop.shape))
+            crops.append(crop)
+        return torch.stack(crops), draws, labels
+
+    # -- the former float32 path -----------------------------------------------------------
     def make_batch(self, b: int, seed: int, rank: int, world: int) -> dict[str, np.ndarray]:
         out = [_batch_array((self.batch, *s)) for s in self.shapes]
-        for i in range(self.batch):
-            position = (b * self.batch + i) * world + rank
-            rng = np.random.default_rng((seed, self.index, position))
-            for k, value in enumerate(self.source.sample(position, rng)[: len(out)]):
+        for i, position in enumerate(self._positions(b, rank, world)):
+            for k, value in enumerate(self.source.sample(position, self._rng(seed, position))):
+                if k >= len(out):
+                    break
                 if np.shape(value) != self.shapes[k]:
                     raise self._mismatch(position, k, np.shape(value))
                 out[k][i] = value
@@ -61,48 +174,102 @@ class _Plan:
         )
 
 
-class _Batches(IterableDataset):
-    def __init__(self, plans, seed, rank, world, start):
-        self.plans, self.seed, self.rank, self.world, self.start = plans, seed, rank, world, start
+class _Filler:
+    """What a worker (or the calling process) runs: batch b of every ring layer into a slot."""
 
-    def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        for b in itertools.count(self.start + worker, workers):
-            batch = {}
-            for plan in self.plans:
-                batch.update(plan.make_batch(b, self.seed, self.rank, self.world))
-            yield {name: torch.from_numpy(array) for name, array in batch.items()}
+    def __init__(self, plans, seed, rank, world):
+        self.plans, self.seed, self.rank, self.world = plans, seed, rank, world
+
+    def __call__(self, views: dict, b: int) -> None:
+        for plan in self.plans:
+            plan.fill(views, b, self.seed, self.rank, self.world)
 
 
-def _batch_array(shape) -> np.ndarray:
-    """A float32 array to fill; in a worker process it lives in shared memory from the start,
-    so handing the batch to the main process copies nothing."""
-    if get_worker_info() is None:
-        return np.empty(shape, np.float32)
-    return torch.empty(shape, dtype=torch.float32).share_memory_().numpy()
+class _InProcess:
+    """Batches made in the calling process, into one buffer made once."""
+
+    def __init__(self, fill, layout: Layout):
+        self.fill, self.ring = fill, Ring(layout, 1, shared=False)
+
+    def take(self, b: int) -> dict:
+        self.fill(self.ring.views[0], b)
+        return self.ring.views[0]
+
+    def give_back(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _ToCuda:
+    """Batch buffers -> tensors on a CUDA device: each batch is copied into one of two pinned
+    buffers (used in turn, the older one reused once its copy is done) and sent with a
+    non-blocking copy on a side stream, which the current stream waits for; so the copy runs
+    while the GPU is still busy with the work queued before it."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self.pinned: list[dict | None] = [None, None]
+        self.events: list = [None, None]
+        self.turn = 0
+
+    def __call__(self, views: dict) -> dict[str, torch.Tensor]:
+        k, self.turn = self.turn, 1 - self.turn
+        if self.events[k] is not None:
+            self.events[k].synchronize()
+        if self.pinned[k] is None:
+            self.pinned[k] = {
+                key: torch.empty(a.shape, dtype=torch.from_numpy(a[:0]).dtype, pin_memory=True)
+                for key, a in views.items()
+            }
+        pinned = self.pinned[k]
+        for key, array in views.items():
+            pinned[key].copy_(torch.from_numpy(array))
+        with torch.cuda.stream(self.stream):
+            moved = {key: t.to(self.device, non_blocking=True) for key, t in pinned.items()}
+            self.events[k] = torch.cuda.Event()
+            self.events[k].record(self.stream)
+        current = torch.cuda.current_stream(self.device)
+        current.wait_stream(self.stream)
+        for tensor in moved.values():
+            tensor.record_stream(current)
+        return moved
 
 
 def _default_workers(device) -> int:
     """Workers pay off when a GPU computes while the CPU decodes; on a CPU-only run they compete
-    with the net for the same cores and add a shared-memory copy per batch (measured slower on
-    2 cores), so the batches are made in the calling process there."""
+    with the net for the same cores, so the batches are made in the calling process there."""
     if device is None or device.type == "cpu":
         return 0
     return max(1, min(4, (os.cpu_count() or 2) // 4))
 
 
 class DataFeed:
-    """An endless iterator of {top name: tensor} batches for a net's data layers."""
+    """An endless iterator of {top name: tensor} batches for a net's data layers.
+
+    ``workers``: processes making batches (None: none on a CPU run, up to 4 beside a GPU);
+    ``prefetch``: batches in the ring (default data_param.prefetch, 4); ``decode``: "cpu"
+    (OpenCV, where the records are read) or "gpu" (torchvision's decoder on ``device`` for
+    JPEG Datums); ``transport``: "uint8" (the ring, transform on the device) or "float32" (the
+    former path, for comparison)."""
 
     def __init__(self, net, *, seed=None, rank=0, world_size=1, workers=None, device=None,
-                 prefetch=None, shuffle_db=False):  # fmt: skip
+                 prefetch=None, shuffle_db=False, decode="cpu", transport="uint8"):  # fmt: skip
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if decode not in DECODES:
+            raise CaffeAlexError(f"decode must be one of {', '.join(DECODES)}, got '{decode}'")
+        if transport not in TRANSPORTS:
+            raise CaffeAlexError(f"transport must be one of {', '.join(TRANSPORTS)}")
+        if decode == "gpu":
+            torchvision_io()  # a one-line error now rather than at the first batch
         self.seed = secrets.randbits(63) if seed is None or seed < 0 else int(seed)
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device) if device is not None else None
-        self.plans = _plans(net, self.seed, shuffle_db)
+        self.decode, self.transport = decode, transport
+        self.plans = _plans(net, self.seed, shuffle_db, transport, decode)
         for plan in self.plans:  # WindowData finds an item's place in its batch from it
             plan.source.world_size = world_size
         in_process = any(p.source.in_process for p in self.plans)
@@ -111,7 +278,16 @@ class DataFeed:
         self.workers = 0 if in_process else workers
         self.prefetch = prefetch or _prefetch(net) or 4
         self.position = 0  # batches handed out so far
-        self._iterator = None
+        self._transforms = {p.index: self._device_half(p) for p in self.plans if p.kind != "arrays"}
+        self._to_cuda = None
+        self._producer = None
+        self._iterator = None  # the float32 transport's DataLoader iterator
+
+    def _device_half(self, plan: _Plan) -> DeviceTransform:
+        try:
+            return DeviceTransform(plan.source.transformer, plan.shapes[0][0], self.device)
+        except ValueError as exc:  # LayerConfigError: mean_value against the channels
+            raise plan.source.fail(str(exc)) from None
 
     @property
     def tops(self) -> list[str]:
@@ -121,6 +297,17 @@ class DataFeed:
         """What a solver snapshot needs to resume the data where it stopped."""
         return {"position": self.position, "seed": self.seed, "rank": self.rank,
                 "world_size": self.world_size}  # fmt: skip
+
+    def where(self, item: int) -> str | None:
+        """The record(s) behind item ``item`` of the last batch handed out, for messages."""
+        if self.position == 0:
+            return None
+        places = []
+        for plan in self.plans:
+            positions = plan._positions(self.position - 1, self.rank, self.world_size)
+            if 0 <= item < len(positions):
+                places.append(plan.source.where(positions[item]))
+        return "; ".join(places) or None
 
     def load_state(self, state: dict) -> None:
         if (state["seed"], state["world_size"]) != (self.seed, self.world_size):
@@ -133,16 +320,97 @@ class DataFeed:
         self.close()
 
     def close(self) -> None:
+        """Stop the workers (the next batch starts them again at the feed's position)."""
         self._iterator = None  # dropping the DataLoader iterator stops its workers
+        producer, self._producer = getattr(self, "_producer", None), None
+        if producer is not None:
+            producer.close()
+
+    def __del__(self):
+        self.close()
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
+        if self.transport == "float32":
+            batch = self._next_float32()
+        else:
+            try:
+                batch = self._next_batch()
+            except BaseException:
+                self.close()  # a failed or interrupted batch leaves no worker behind
+                raise
+        self.position += 1
+        return batch
+
+    # -- the uint8 ring ----------------------------------------------------------------------
+    def _ring_plans(self) -> list[_Plan]:
+        return [p for p in self.plans if p.kind != "decode"]
+
+    def _start(self):
+        plans = self._ring_plans()
+        layout = Layout({k: v for p in plans for k, v in p.arrays().items()})
+        fill = _Filler(plans, self.seed, self.rank, self.world_size)
+        if self.workers and plans:
+            depth = max(self.prefetch, self.workers)
+            return WorkerPool(fill, layout, self.workers, depth, self.position)
+        return _InProcess(fill, layout)
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        if self._producer is None:
+            self._producer = self._start()
+        views = self._producer.take(self.position)
+        tensors = self._move(views)
+        batch = {}
+        for plan in self._ring_plans():
+            key = f"{plan.index}/"
+            if plan.kind == "pixels":
+                pixels, draws = tensors[key + "pixels"], tensors[key + "draws"]
+                batch[plan.tops[0]] = self._transforms[plan.index](pixels, draws)
+                if len(plan.tops) > 1:
+                    batch[plan.tops[1]] = self._own(tensors[key + "label"])
+            else:
+                for k, top in enumerate(plan.tops):
+                    batch[top] = self._own(tensors[f"{key}{k}"])
+        self._producer.give_back()  # everything is copied out of the buffer now
+        for plan in self.plans:
+            if plan.kind == "decode":
+                batch.update(self._decoded(plan))
+        return batch
+
+    def _move(self, views: dict) -> dict[str, torch.Tensor]:
+        """The buffer's arrays on the feed's device (on a CPU: views of the buffer itself)."""
+        device = self.device
+        if device is None or device.type == "cpu":
+            return {key: torch.from_numpy(array) for key, array in views.items()}
+        if device.type == "cuda":
+            if self._to_cuda is None:
+                self._to_cuda = _ToCuda(device)
+            return self._to_cuda(views)
+        return {key: torch.from_numpy(array).to(device) for key, array in views.items()}
+
+    def _own(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A tensor the caller may keep: buffer views are copied, moved tensors are new."""
+        if self.device is None or self.device.type == "cpu":
+            return tensor.clone()
+        return tensor
+
+    def _decoded(self, plan: _Plan) -> dict[str, torch.Tensor]:
+        device = self.device or torch.device("cpu")
+        crops, draws, labels = plan.decode_batch(
+            self.position, self.seed, self.rank, self.world_size, device
+        )
+        out = {plan.tops[0]: self._transforms[plan.index](crops, torch.from_numpy(draws))}
+        if len(plan.tops) > 1:
+            out[plan.tops[1]] = torch.from_numpy(labels).to(device)
+        return out
+
+    # -- the former float32 path -------------------------------------------------------------
+    def _next_float32(self) -> dict[str, torch.Tensor]:
         if self._iterator is None:
             self._iterator = iter(self._loader())
         batch = next(self._iterator)
-        self.position += 1
         if self.device is not None:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         return batch
@@ -159,12 +427,41 @@ class DataFeed:
         )
 
 
+class _Batches(IterableDataset):
+    """The float32 transport: worker k makes batches k, k+K, ... (DataLoader's round robin)."""
+
+    def __init__(self, plans, seed, rank, world, start):
+        self.plans, self.seed, self.rank, self.world, self.start = plans, seed, rank, world, start
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for b in itertools.count(self.start + worker, workers):
+            batch = {}
+            for plan in self.plans:
+                batch.update(plan.make_batch(b, self.seed, self.rank, self.world))
+            yield {name: torch.from_numpy(array) for name, array in batch.items()}
+
+
+def _batch_array(shape) -> np.ndarray:
+    """The float32 transport's batch: in a worker, fresh shared memory (what the ring avoids)."""
+    if get_worker_info() is None:
+        return np.empty(shape, np.float32)
+    return torch.empty(shape, dtype=torch.float32).share_memory_().numpy()
+
+
 def _prefetch(net) -> int:
     values = [lp.data_param.prefetch for lp in net.net_param.layer if lp.type == "Data"]
     return max(values, default=0)
 
 
-def _plans(net, seed: int, shuffle_db: bool) -> list[_Plan]:
+def _kind(source, transport: str, decode: str) -> str:
+    if transport == "float32" or source.transformer is None or source.storage == "float":
+        return "arrays"
+    return "decode" if source.storage == "encoded" and decode == "gpu" else "pixels"
+
+
+def _plans(net, seed: int, shuffle_db: bool, transport: str, decode: str) -> list[_Plan]:
     plans = []
     for index, (name, kind) in enumerate(zip(net.layer_names, net.layer_types)):
         layer = net.layer(name)
@@ -175,10 +472,11 @@ def _plans(net, seed: int, shuffle_db: bool) -> list[_Plan]:
             raise DataError(f"the loader cannot read {kind} layers", layer=name, layer_type=kind)
         source = _MAKERS[kind](lp, net.phase, seed, layer, shuffle_db)
         shapes = [net.blob_shapes[t] for t in lp.top]
-        plans.append(_Plan(index, source, list(lp.top), shapes))
+        plans.append(_Plan(index, source, list(lp.top), shapes, _kind(source, transport, decode)))
     return plans
 
 
 def make_feed(net, **kwargs) -> DataFeed:
-    """A DataFeed for ``net`` (see DataFeed for seed, rank, world_size, workers, device)."""
+    """A DataFeed for ``net`` (see DataFeed for seed, rank, world_size, workers, device,
+    prefetch, shuffle_db, decode and transport)."""
     return DataFeed(net, **kwargs)

@@ -7,6 +7,10 @@ of records in; ``shuffle`` permutes each pass anew. Position p of the stream is 
 of (seed, p), so loader workers can each produce their own batches, a rank can take every
 world_size-th record (Caffe's DataLayer::Skip rule), and a run can resume anywhere.
 ``sample(p, rng)`` returns one array per top: the transformed image (C, H, W) and the label.
+Sources with a DataTransformer (Data, ImageData) also give ``read(p)``: the image before the
+transform (uint8 for raw and encoded records, float32 for float_data) and the label, which the
+feed crops where it reads and transforms on the device (loader.py). ``storage`` says what their
+records hold: "uint8", "encoded" or "float" (a Data source tells from its first record).
 """
 
 from __future__ import annotations
@@ -63,6 +67,8 @@ class Source:
 
     needs_rng = False
     in_process = False  # True: must run in the feeding process (arrays given from Python)
+    transformer = None  # a DataTransformer where the layer transforms its images
+    storage = "float"
 
     def __init__(self, lp, phase: str, seed: int):
         self.lp, self.phase, self.seed = lp, phase, seed
@@ -100,22 +106,42 @@ class DBSource(Source):
         self.order = Order(len(self.keys), seed, shuffle, p.rand_skip)
         self.transformer = DataTransformer(transform_param(lp), phase)
         self.needs_rng = self.transformer.needs_rng
+        self.storage = self._storage(self.keys[0])
 
     def __len__(self):
         return len(self.keys)
+
+    def _storage(self, key: bytes) -> str:
+        try:
+            datum = parse_datum(self.db.get(key), key)
+        except CaffeAlexError as exc:
+            raise self.fail(f"{exc.message} (in '{self.path}')") from None
+        return "encoded" if datum.encoded else ("uint8" if datum.data else "float")
 
     def where(self, position: int) -> str:
         key = self.keys[self.order.epoch_and_index(position)[1]]
         return f"record '{key.decode(errors='replace')}' of '{self.path}'"
 
-    def sample(self, position: int, rng) -> list[np.ndarray]:
+    def datum(self, position: int) -> tuple[bytes, caffe_pb2.Datum]:
+        """The key and parsed Datum at a stream position."""
         key = self.keys[self.order.epoch_and_index(position)[1]]
-        value = self.db.get(key)
         try:
-            datum = parse_datum(value, key)
-            t = self.transformer
-            image = datum_to_array(datum, key, t.force_color, t.force_gray)
-            return [t(image, rng), np.float32(datum.label)]
+            return key, parse_datum(self.db.get(key), key)
+        except CaffeAlexError as exc:
+            raise self.fail(f"{exc.message} (in '{self.path}')") from None
+
+    def read(self, position: int) -> tuple[np.ndarray, np.float32]:
+        key, datum = self.datum(position)
+        t = self.transformer
+        try:
+            return datum_to_array(datum, key, t.force_color, t.force_gray), np.float32(datum.label)
+        except (CaffeAlexError, ValueError) as exc:
+            raise self.fail(f"{_message(exc)} (in '{self.path}')") from None
+
+    def sample(self, position: int, rng) -> list[np.ndarray]:
+        image, label = self.read(position)
+        try:
+            return [self.transformer(image, rng), label]
         except (CaffeAlexError, ValueError) as exc:
             raise self.fail(f"{_message(exc)} (in '{self.path}')") from None
 
@@ -150,6 +176,8 @@ class ImageListSource(Source):
     """ImageData: image_data_param source, root_folder, new_height/new_width, is_color,
     shuffle (a new order each pass), rand_skip."""
 
+    storage = "uint8"
+
     def __init__(self, lp, phase, seed):
         super().__init__(lp, phase, seed)
         p = self.param = lp.image_data_param
@@ -169,11 +197,18 @@ class ImageListSource(Source):
         name = self.entries[self.order.epoch_and_index(position)[1]][0]
         return f"image '{self.param.root_folder + name}'"
 
-    def sample(self, position: int, rng) -> list[np.ndarray]:
+    def read(self, position: int) -> tuple[np.ndarray, np.float32]:
         name, label = self.entries[self.order.epoch_and_index(position)[1]]
         p = self.param
         try:
             image = load_image(p.root_folder + name, p.is_color, p.new_height, p.new_width)
-            return [self.transformer(image, rng), np.float32(label)]
+        except (CaffeAlexError, ValueError) as exc:
+            raise self.fail(_message(exc)) from None
+        return image, np.float32(label)
+
+    def sample(self, position: int, rng) -> list[np.ndarray]:
+        image, label = self.read(position)
+        try:
+            return [self.transformer(image, rng), label]
         except (CaffeAlexError, ValueError) as exc:
             raise self.fail(_message(exc)) from None

@@ -12,13 +12,14 @@ import gzip
 import io
 import random
 import struct
+import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
 
-from ..errors import CaffeAlexError
+from ..errors import CaffeAlexError, describe
 from ..formats.caffemodel import write_binaryproto
 from ..log import get_logger
 from .datum import (
@@ -218,7 +219,10 @@ def read_idx(path: str, magic: int) -> np.ndarray:
     except OSError as exc:
         raise CaffeAlexError(f"cannot read '{path}': {exc.strerror}") from None
     if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
+            raise CaffeAlexError(f"'{path}' is not a readable gzip file: {describe(exc)}") from None
     if len(raw) < 8 or struct.unpack(">I", raw[:4])[0] != magic:
         kind = "image" if magic == 2051 else "label"
         raise CaffeAlexError(f"'{path}' is not an IDX {kind} file (magic number {magic})")
@@ -227,6 +231,8 @@ def read_idx(path: str, magic: int) -> np.ndarray:
         raise CaffeAlexError(
             f"'{path}' has {dims} dimensions; expected {3 if magic == 2051 else 1}"
         )
+    if len(raw) < 4 + 4 * dims:
+        raise CaffeAlexError(f"'{path}' is truncated inside its IDX header")
     shape = struct.unpack(f">{dims}I", raw[4 : 4 + 4 * dims])
     body = np.frombuffer(raw, np.uint8, offset=4 + 4 * dims)
     if body.size < int(np.prod(shape)):
@@ -299,11 +305,21 @@ def db_info(db_path: str, backend: str | None = None, progress=_nothing) -> dict
     return info
 
 
+def _unchanged_channels(image) -> int:
+    """The channels cv::imdecode(IMREAD_UNCHANGED) gives, from the header Pillow reads: alpha
+    (a palette's transparency included) adds a fourth, grey with alpha decodes as BGRA."""
+    if image.mode == "P":
+        return 4 if "transparency" in image.info else 3
+    if image.mode in ("LA", "La", "PA", "RGBA", "RGBa"):
+        return 4
+    return 1 if image.mode in ("1", "L", "I", "I;16", "I;16B", "F") else 3
+
+
 def _encoded_shape(data, key):
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            channels = 1 if image.mode in ("L", "1") else (4 if "A" in image.mode else 3)
-            return (channels, image.height, image.width), f"encoded {image.format}"
+        with Image.open(io.BytesIO(data)) as image:  # the header only: no decoding
+            shape = (_unchanged_channels(image), image.height, image.width)
+            return shape, f"encoded {image.format}"
     except Exception:
         raise CaffeAlexError(
             f"record '{key.decode(errors='replace')}': the encoded image cannot be decoded"

@@ -1,5 +1,10 @@
 """Caffe's DataTransformer: crop, mirror, mean subtraction and scale of one image.
 
+``DataTransformer(param, phase)(image, rng)`` does it all on the CPU (float records, and the
+reference). For uint8 images the feed splits it: ``crop_region`` cuts the uint8 pixels
+where the record is read, and device_transform.py subtracts the mean and scales on the device,
+with the same float32 operations, so both give the same numbers.
+
 Honours ``transform_param``: crop_size, mirror, mean_file, mean_value, scale, force_color,
 force_gray. The order of operations is Caffe's: ``(pixel - mean) * scale``, where the mean is
 indexed at the pixel's position in the *uncropped* image (so a mean_file contributes its crop
@@ -11,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import LayerConfigError
+from ..errors import LayerConfigError, describe
 from ..formats.blobs import blob_proto_to_array
 from ..proto import caffe_pb2
 
@@ -24,7 +29,7 @@ def load_mean_file(path: str) -> np.ndarray:
     except OSError as exc:
         raise LayerConfigError(f"cannot read mean_file '{path}': {exc.strerror}") from None
     except Exception as exc:  # protobuf's DecodeError
-        raise LayerConfigError(f"mean_file '{path}' is not a BlobProto: {exc}") from None
+        raise LayerConfigError(f"mean_file '{path}' is not a BlobProto: {describe(exc)}") from None
     array = blob_proto_to_array(proto)
     if array.ndim == 4:
         array = array[0]
@@ -95,6 +100,25 @@ class DataTransformer:
         if self.scale != 1:
             out *= self.scale
         return out[:, :, ::-1] if do_mirror else out
+
+    def crop_region(self, image, rng=None) -> tuple[object, tuple[int, int, int]]:
+        """The host half for a uint8 (C, H, W) image (numpy, or a tensor on the device): the
+        crop region (a view, not yet mirrored) and the draws (mirror, row offset, column offset)
+        with which the device half finds the mean at each pixel's uncropped position. Checks
+        what ``__call__`` checks."""
+        c, h, w = image.shape
+        _, out_h, out_w = self.output_shape((c, h, w))
+        do_mirror, h_off, w_off = self.offsets(h, w, rng)
+        if self.mean is not None:
+            self._check_mean(image.shape)
+        elif self.mean_values.size:
+            self._channel_means(c)
+        view = image[:, h_off : h_off + out_h, w_off : w_off + out_w]
+        return view, (int(do_mirror), h_off, w_off)
+
+    def channel_means(self, channels: int) -> np.ndarray | None:
+        """mean_value as one float32 per channel (None without mean_value)."""
+        return self._channel_means(channels) if self.mean_values.size else None
 
     def _check_mean(self, shape) -> None:
         if tuple(self.mean.shape) != tuple(shape):

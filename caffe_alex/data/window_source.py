@@ -6,6 +6,9 @@ number of windows, then ``class overlap x1 y1 x2 y2`` per window. Windows with o
 fg_threshold are foreground (their class), those below bg_threshold background (label 0).
 Each batch holds ``int(batch * fg_fraction)`` foreground windows after the background ones
 (Caffe fills background first); each item draws a window from its list, then a mirror coin.
+Images are read with OpenCV's imread in colour and windows warped with its resize (INTER_LINEAR),
+through datum.py, so the pixels are Caffe's (with cache_images Caffe decodes the file's bytes
+with imdecode instead, which gives the same pixels).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..errors import CaffeAlexError
+from ..errors import CaffeAlexError, describe
 from ..formats.blobs import blob_proto_to_array
 from ..log import get_logger
 from ..proto import caffe_pb2
@@ -229,7 +232,7 @@ def mean_crop(path: str, crop: int, channels: int = 3) -> np.ndarray:
     except OSError as exc:
         raise CaffeAlexError(f"cannot read mean_file '{path}': {exc.strerror}") from None
     except Exception as exc:  # protobuf's DecodeError
-        raise CaffeAlexError(f"mean_file '{path}' is not a BlobProto: {exc}") from None
+        raise CaffeAlexError(f"mean_file '{path}' is not a BlobProto: {describe(exc)}") from None
     legacy = any(proto.HasField(f) for f in ("num", "channels", "height", "width"))
     if legacy:
         proto.ClearField("shape")
@@ -268,7 +271,7 @@ class WindowSource(Source):
         try:
             self.file = read_window_file(p.source, p.root_folder, p.fg_threshold, p.bg_threshold)
         except (CaffeAlexError, OSError) as exc:
-            message = getattr(exc, "message", None) or f"cannot read '{p.source}': {exc}"
+            message = getattr(exc, "message", None) or f"cannot read '{p.source}': {describe(exc)}"
             raise self.fail(message) from None
         self.batch, self.crop = int(p.batch_size), int(t.crop_size)
         self.num_fg = int(f32(self.batch) * f32(p.fg_fraction))

@@ -11,14 +11,13 @@ transform_param.crop_size (the prototxt upgrade moves it there).
 
 from __future__ import annotations
 
-import io
 import os
 
 import numpy as np
-from PIL import Image
 
+from ..data.datum import ImageError, color_flag, decode_image, load_image
 from ..data.db import leveldb_available, open_db
-from ..errors import CaffeAlexError, LayerConfigError
+from ..errors import CaffeAlexError, LayerConfigError, describe
 from ..proto import caffe_pb2
 from ..registry import CaffeLayer, register
 
@@ -32,15 +31,11 @@ def _all_fields(message) -> frozenset[str]:
 
 
 
-def _channels(image, transform) -> int:
-    """The channel count OpenCV would decode: forced colour/grey, else the file's own."""
+def _color(transform) -> bool | None:
+    """How the transformer decodes encoded images (force_color / force_gray, else as stored)."""
     if transform.force_color and transform.force_gray:
         raise LayerConfigError("transform_param: cannot set both force_color and force_gray")
-    if transform.force_color or transform.force_gray:
-        return 3 if transform.force_color else 1
-    if image.mode == "P":  # a palette expands to BGR (BGRA with transparency)
-        return 4 if "transparency" in image.info else 3
-    return 3 if image.mode in ("CMYK", "YCbCr") else len(image.getbands())
+    return color_flag(transform.force_color, transform.force_gray)
 
 
 class _Source(CaffeLayer):
@@ -115,11 +110,12 @@ class DataLayer(_Source):
             if datum.channels <= 0:
                 raise LayerConfigError(f"the first Datum in '{source}' has no channels")
             return self._cropped(datum.channels, datum.height, datum.width)
+        # decoded as the feed will decode it (OpenCV, Caffe's flags, EXIF applied)
         try:
-            image = Image.open(io.BytesIO(datum.data))
-        except OSError as exc:
-            raise LayerConfigError(f"cannot decode the first Datum in '{source}': {exc}") from None
-        return self._cropped(_channels(image, self.transform), image.height, image.width)
+            c, h, w = decode_image(datum.data, _color(self.transform), "the first Datum").shape
+        except ImageError as exc:
+            raise LayerConfigError(f"in '{source}': {exc}") from None
+        return self._cropped(c, h, w)
 
     def _first_datum(self, source: str):
         backend = caffe_pb2.DataParameter.DB.Name(self.param.backend)
@@ -131,7 +127,9 @@ class DataLayer(_Source):
         except CaffeAlexError as exc:  # from db.py
             raise LayerConfigError(f"cannot read {backend} source: {exc.message}") from None
         except Exception as exc:  # lmdb.Error, plyvel.Error, protobuf's DecodeError
-            raise LayerConfigError(f"cannot read {backend} source '{source}': {exc}") from None
+            raise LayerConfigError(
+                f"cannot read {backend} source '{source}': {describe(exc)}"
+            ) from None
         if datum is None:
             raise LayerConfigError(f"data_param.source '{source}' holds no record")
         return datum
@@ -153,7 +151,7 @@ def _first_value(path: str, backend: str) -> bytes | None:
 class ImageDataLayer(_Source):
     """``image_data_param``: source (a list of '<path> <label>' lines), root_folder, batch_size,
     new_height/new_width (both or neither), is_color (C = 3 or 1). H/W = crop_size, else
-    new_height/new_width, else the size of the first listed image (read with Pillow)."""
+    new_height/new_width, else the size of the first listed image (read with OpenCV)."""
 
     tops = (2, 2)
     own_param = "image_data_param"
@@ -178,8 +176,11 @@ class ImageDataLayer(_Source):
         path = p.root_folder + first.rsplit(" ", 1)[0]  # the label follows the last space
         if not os.path.exists(path):
             raise self._cannot_infer(f"image '{path}' (first in '{p.source}') does not exist")
-        with Image.open(path) as image:
-            return (c, image.height, image.width)
+        try:  # read as the feed will read it (OpenCV, Caffe's flags, EXIF applied)
+            _, h, w = load_image(path, bool(p.is_color)).shape
+        except ImageError as exc:
+            raise LayerConfigError(str(exc)) from None
+        return (c, h, w)
 
 
 @register("HDF5Data")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -137,8 +138,6 @@ def image_list(tmp_path):
 
 
 def test_image_data_reads_resizes_and_shuffles(image_list):
-    from caffe_alex.data.datum import resize_linear
-
     listing, root = image_list
     net = image_net(listing, "TEST", f"root_folder: '{root}'")
     batch = next(make_feed(net, seed=0, workers=0))
@@ -146,7 +145,9 @@ def test_image_data_reads_resizes_and_shuffles(image_list):
     np.testing.assert_array_equal(batch["data"].numpy(), IMAGES[:3].astype(np.float32))
     resized = image_net(listing, "TEST", f"root_folder: '{root}' new_height: 5 new_width: 4")
     batch = next(make_feed(resized, seed=0, workers=0))
-    want = np.stack([resize_linear(a, 5, 4) for a in IMAGES[:3]]).astype(np.float32)
+    # Caffe's ReadImageToCVMat: cv::imread, then cv::resize (bilinear) to new_width x new_height
+    read = [cv2.imread(f"{root}image {i}.png", cv2.IMREAD_COLOR) for i in range(3)]
+    want = np.stack([cv2.resize(a, (4, 5)).transpose(2, 0, 1) for a in read]).astype(np.float32)
     np.testing.assert_array_equal(batch["data"].numpy(), want)
     shuffled = image_net(listing, "TRAIN", f"root_folder: '{root}' shuffle: true", batch=6)
     feed = make_feed(shuffled, seed=4, workers=2)

@@ -4,6 +4,8 @@
 import gzip
 import logging
 import struct
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -22,6 +24,8 @@ from caffe_alex.data.tools import (
 )
 from caffe_alex.errors import CaffeAlexError
 from caffe_alex.formats.caffemodel import read_binaryproto
+from tests.data.full_disk import entries, kill_midway, small_file_system
+from tests.paths import ROOT
 
 RNG = np.random.default_rng(0)
 BACKENDS = ["lmdb", "leveldb"]
@@ -209,6 +213,12 @@ def test_convert_mnist_bad_files(tmp_path):
     (tmp_path / "short.idx").write_bytes(short)
     with pytest.raises(CaffeAlexError, match="30 images.*but 4 labels"):
         convert_mnist(img2, str(tmp_path / "short.idx"), str(tmp_path / "db"))
+    (tmp_path / "bad.gz").write_bytes(b"\x1f\x8b" + b"garbage" * 10)
+    with pytest.raises(CaffeAlexError, match="bad.gz' is not a readable gzip file"):
+        convert_mnist(str(tmp_path / "bad.gz"), lab, str(tmp_path / "db"))
+    (tmp_path / "cut.idx").write_bytes(struct.pack(">II", 2051, 5))
+    with pytest.raises(CaffeAlexError, match="truncated inside its IDX header"):
+        convert_mnist(str(tmp_path / "cut.idx"), lab, str(tmp_path / "db"))
 
 
 def test_db_info_and_cli(images, tmp_path):
@@ -238,3 +248,66 @@ def test_db_info_and_cli(images, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert db_info(str(tmp_path / "m"))["shapes"] == {(3, 32, 32): 4}
+
+
+# ---- full disks and interrupted conversions ---------------------------------------------------
+
+
+def _cli_process(*args) -> subprocess.CompletedProcess:
+    """The command line in a fresh process: a crash (SIGBUS) shows as a negative return code."""
+    return subprocess.run([sys.executable, "-m", "caffe_alex", *args], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)  # fmt: skip
+
+
+@pytest.mark.parametrize("fill", [True, False], ids=["full before", "full part-way"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_convert_mnist_onto_a_full_disk(tmp_path, backend, fill):
+    img, lab, *_ = _idx(tmp_path, n=4000, gz=False)  # 3 MB of records for a 2 MB file system
+    with small_file_system(tmp_path / "full", fill=fill) as folder:
+        out = folder / "mnist_db"
+        result = _cli_process("convert-mnist", "--backend", backend, img, lab, str(out))
+        assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
+        assert result.stderr.splitlines()[-1] == (
+            f"caffe-alex: error: cannot write {out}: No space left on device"
+        )
+        assert entries(folder) == []  # the partial database is gone
+
+
+def test_convert_imageset_and_image_mean_onto_a_full_disk(images, tmp_path):
+    root, listing, _ = images
+    convert_imageset(root, listing, str(tmp_path / "db"))
+    with small_file_system(tmp_path / "full", fill=True) as folder:
+        with pytest.raises(CaffeAlexError, match=r"cannot write .*/imgs_db: No space left"):
+            convert_imageset(root, listing, str(folder / "imgs_db"))
+        mean = folder / "mean.binaryproto"
+        with pytest.raises(CaffeAlexError, match=f"^cannot write {mean}: No space left"):
+            compute_image_mean(str(tmp_path / "db"), str(mean))
+        assert entries(folder) == []
+
+
+STALL_AFTER_ONE_COMMIT = """
+import sys, time
+from caffe_alex.data import db
+commit = db.Transaction.commit
+def stall(self):
+    commit(self)
+    print("writing", flush=True)
+    time.sleep(300)
+db.Transaction.commit = stall
+from caffe_alex.data.tools import convert_mnist
+convert_mnist(*sys.argv[1:])
+"""
+
+
+def test_kill_during_convert_mnist_leaves_no_database_and_the_next_run_cleans_up(tmp_path):
+    img, lab, images, labels = _idx(tmp_path, n=2500)
+    out = tmp_path / "mnist_db"
+    args = ", ".join(repr(str(p)) for p in (img, lab, out))
+    pid = kill_midway(STALL_AFTER_ONE_COMMIT.replace("*sys.argv[1:]", args))
+    (left,) = [p for p in tmp_path.iterdir() if p.name.startswith(".mnist_db")]
+    assert left.name.startswith(f".mnist_db.caffe-alex-{pid}-") and left.is_dir()
+    assert not out.exists()  # never a partial database under the name
+    assert convert_mnist(img, lab, str(out)) == 2500  # the same command again
+    assert not left.exists()
+    records = _records(str(out))
+    assert len(records) == 2500 and records[-1][1].label == labels[-1]

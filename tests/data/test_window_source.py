@@ -1,19 +1,19 @@
 """WindowData through the feed, against a loop-by-loop NumPy transcription of Caffe's
 WindowDataLayer::load_batch (its window arithmetic in float32, the pixel copy, the mean
 indexing), with the window choice forced by files holding one foreground and one background
-window. The warp uses the project's cv::resize rule (resize_linear); one case is also checked
-against OpenCV itself, within its one grey level of rounding."""
+window. The warp is cv2.resize, what Caffe calls (resize_linear calls it too); one case is also
+checked end to end against OpenCV's own imread and resize, exactly."""
 
 from __future__ import annotations
 
 import logging
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from caffe_alex.data.datum import resize_linear
 from caffe_alex.data.loader import make_feed
 from caffe_alex.data.window_source import caffe_round, read_window_file, window_geometry
 from caffe_alex.errors import CaffeAlexError
@@ -40,6 +40,12 @@ def log(caplog):
     logger.removeHandler(caplog.handler)
     logger.setLevel(old[0])
     logger.propagate = old[1]
+
+
+def cv_resize(chw, height, width):
+    """cv::resize(INTER_LINEAR) of a C x H x W window, as Caffe warps it."""
+    hwc = np.ascontiguousarray(chw.transpose(1, 2, 0))
+    return cv2.resize(hwc, (width, height), interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1)
 
 
 # -- the transcription ---------------------------------------------------------------------
@@ -102,7 +108,7 @@ def caffe_window(
     scale=1.0,
     mean=None,
     mean_values=None,
-    resize=resize_linear,
+    resize=cv_resize,
 ):
     """One item of Caffe's batch; ``mean`` is the mean blob as Caffe holds it (4-D)."""
     channels, rows, cols = image.shape
@@ -241,18 +247,12 @@ def test_items_are_caffes_windows(tmp_path, case):
 
 
 def test_warp_matches_opencv(tmp_path):
-    cv2 = pytest.importorskip("cv2")
-
-    def cv_resize(chw, height, width):
-        hwc = np.ascontiguousarray(chw.transpose(1, 2, 0))
-        return cv2.resize(hwc, (width, height), interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1)
-
     path = write_windows(tmp_path, [(0, [(1, 0.9, 1, 2, 9, 16)]), (1, [(0, 0.0, *BG_BOX)])])
     net = window_net(path, 2, "fg_fraction: 0.5 context_pad: 2")
     item = next(make_feed(net, seed=0, workers=0))["data"][1].numpy()
     decoded = cv2.imread(str(tmp_path / "im0.png"), cv2.IMREAD_COLOR).transpose(2, 0, 1)
     want, _ = caffe_window(decoded, (1, 2, 9, 16), CROP, pad=2, resize=cv_resize)
-    assert np.abs(item - want).max() <= 1
+    np.testing.assert_array_equal(item, want)
 
 
 def test_geometry_matches_the_transcription_on_random_boxes():
