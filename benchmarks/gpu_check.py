@@ -5,20 +5,29 @@
 1. AlexNet deploy on the GPU against the CPU (same weights, same batch): max relative error.
 2. AlexNet forward+backward at batch 32 (train_val, TRAIN) on the GPU, fp32 and bf16 autocast,
    against the hand-written nn.Module of benchmarks/alexnet_cpu.py, alternating in one run.
-3. AlexNet training iterations at batch 256 (benchmarks/train_alexnet.py on the GPU): the
-   Solver against a hand-written PyTorch loop with the same SGD update.
-4. The test-suite's CUDA tests (``pytest -k cuda``).
+3. AlexNet training iterations at batch 256 (benchmarks/train_alexnet.py on the GPU), fp32 and
+   bf16, each in NCHW and channels_last: the Solver against a hand-written PyTorch loop with the
+   same SGD update, images/s side by side.
+4. Two ranks through ``caffe-alex train`` on the tiny HDF5 problem of the tests: NCCL on GPUs 0
+   and 1 (``--gpu 0,1``) when there are two, else two ranks sharing GPU 0 over gloo under
+   torchrun; their weights after 20 iterations against one process with iter_size 2 (Caffe's
+   equivalence; reference: 1e-5 relative).
+5. The test-suite's CUDA tests (``pytest -k cuda``).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +35,10 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import train_alexnet  # noqa: E402
 from benchmarks.alexnet_cpu import build_pair, step_caffe_alex, step_reference, timed  # noqa: E402
+from caffe_alex.formats.weights import read_weights  # noqa: E402
 from caffe_alex.net import Net  # noqa: E402
+from caffe_alex.solvers import Solver  # noqa: E402
+from tests.commands.test_train import write_tiny_problem  # noqa: E402
 
 
 def parity(device: torch.device) -> float:
@@ -66,6 +78,48 @@ def speed(device: torch.device, autocast: bool, repeats: int = 20) -> tuple[floa
     return statistics.median(times["ours"]), statistics.median(times["reference"])
 
 
+def _weights(path) -> list[np.ndarray]:
+    return [b.data for lw in read_weights(str(path)).layers for b in lw.blobs if b is not None]
+
+
+def two_ranks(gpus: int) -> float:
+    """2 ranks against 1 process with iter_size 2; ``gpus`` 0 runs them on the CPU (gloo)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        files = write_tiny_problem(root, max_iter=20, snapshot=0)
+        text = files["solver"].read_text()
+        single = root / "single.prototxt"
+        single.write_text(text.replace(f'"{files["prefix"]}"', f'"{root / "single"}"')
+                          + "iter_size: 2\n")  # fmt: skip
+        train = ["-m", "caffe_alex", "train", "--solver", str(files["solver"])]
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc-per-node", "2"]  # fmt: skip
+        if gpus >= 2:
+            how, command = "NCCL, --gpu 0,1", [sys.executable, *train, "--gpu", "0,1"]
+        elif gpus == 1:
+            how = "gloo, 2 ranks on GPU 0 under torchrun"
+            command = [*torchrun, *train, "--gpu", "0,0", "--dist-backend", "gloo"]
+        else:
+            how, command = "gloo, 2 CPU ranks under torchrun", [*torchrun, *train, "--gpu", "none"]
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        start = time.perf_counter()
+        result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        if result.returncode:
+            print(f"2-rank run ({how}) failed:\n{result.stderr[-3000:]}")
+            return float("inf")
+        device = torch.device("cuda", 0) if gpus else torch.device("cpu")
+        reference = Solver.from_file(str(single), device=device)
+        reference.solve()
+        reference.close()
+        ours = _weights(f"{files['prefix']}_iter_20.caffemodel")
+        theirs = _weights(root / "single_iter_20.caffemodel")
+        error = max(float(np.abs(x - y).max() / np.abs(y).max()) for x, y in zip(ours, theirs))
+    print(f"2-rank training ({how}): {seconds:.1f} s for 20 iterations; weights against 1 "
+          f"process with iter_size 2: max relative difference {error:.2g} (reference 1e-5)")
+    return error
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda:0")
@@ -85,9 +139,13 @@ def main() -> int:
             f"hand-written {ref * 1000:.2f} ms, ratio {ours / ref:.3f}, "
             f"{32 / ours:.0f} images/s"
         )
-    train_alexnet.main(["--batch", "256", "--rounds", "5", "--iters", "2", "--device", str(device)])
+    for precision in ("fp32", "bf16"):
+        for layout in ([], ["--channels-last"]):
+            train_alexnet.main(["--batch", "256", "--rounds", "5", "--iters", "2",
+                                "--device", str(device), "--precision", precision, *layout])
+    ranks_error = two_ranks(torch.cuda.device_count())
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-k", "cuda", "tests"], cwd=ROOT)
-    return int(error > 1e-4 or tests.returncode != 0)
+    return int(error > 1e-4 or ranks_error > 1e-5 or tests.returncode != 0)
 
 
 if __name__ == "__main__":

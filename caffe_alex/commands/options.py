@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 import click
 
-from ..errors import CaffeAlexError
+from ..errors import CaffeAlexError, describe
 from ..log import get_logger
 
 
@@ -25,8 +26,16 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         try:
             return fn(*args, **kwargs)
-        except (CaffeAlexError, OSError) as exc:
+        except BrokenPipeError:  # the reader went away (e.g. `caffe-alex layers | head -1`):
+            # point stdout at /dev/null so the final flush at exit cannot fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
+        except CaffeAlexError as exc:
             click.echo(f"caffe-alex: error: {exc}", err=True)
+            sys.exit(1)
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"caffe-alex: error: {where}{describe(exc)}", err=True)
             sys.exit(1)
 
     return wrapper
@@ -69,3 +78,39 @@ def resolve_device(gpu: str | None):
         return torch.device("cpu")
     index = 0 if gpu == "all" else int(gpu.split(",")[0])
     return torch.device("cuda", index)
+
+
+def gpu_ids(spec: str | None) -> list[int]:
+    """The GPUs a ``--gpu`` value names (Caffe's get_gpus), checked against this machine: [] for
+    the CPU ('none', or no value), every device for 'all', else the listed ids. Without CUDA a
+    single id falls back to the CPU with a warning (as resolve_device); 'all' or a list stops."""
+    import torch  # imported on use: the options are loaded by light commands too (~1.5 s)
+
+    spec = (spec or "").strip()
+    if spec in ("", "none", "cpu"):
+        return []
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if spec == "all":
+        if not count:
+            raise CaffeAlexError("--gpu all: no CUDA device is available (--gpu none trains on "
+                                 "the CPU)")  # fmt: skip
+        return list(range(count))
+    try:
+        ids = [int(part) for part in spec.split(",")]
+    except ValueError:
+        ids = [-1]
+    if min(ids) < 0:
+        raise CaffeAlexError(f"--gpu {spec}: expected GPU ids (0, or 0,1), 'all' or 'none'")
+    if not count:
+        if len(ids) == 1:
+            get_logger().warning("no CUDA device available; using the CPU")
+            return []
+        raise CaffeAlexError(f"--gpu {spec}: no CUDA device is available (--gpu none trains on "
+                             "the CPU)")  # fmt: skip
+    missing = [i for i in ids if i >= count]
+    if missing:
+        raise CaffeAlexError(
+            f"--gpu {spec}: there is no GPU {missing[0]}; this machine has {count} "
+            f"(ids {', '.join(map(str, range(count)))})"
+        )
+    return ids

@@ -1,9 +1,15 @@
 """``caffe-alex train`` and ``caffe-alex test``: Caffe's ``caffe train`` / ``caffe test`` flags,
-log lines and signal effects, over caffe_alex.solvers.Solver and caffe_alex.net.Net."""
+log lines and signal effects, over caffe_alex.solvers.Solver and caffe_alex.net.Net.
+
+``train`` on several GPUs (``--gpu 0,1``, ``--gpu all``) starts one process per GPU itself
+(caffe_alex.solvers.distributed.launch); under torchrun (RANK, WORLD_SIZE... set) each process
+is one rank. Either way every process runs ``_train``, the same code as a single process.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import signal
@@ -15,15 +21,20 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..data.loader import make_feed
+from ..errors import CaffeAlexError
 from ..formats.prototxt import read_solver
-from ..log import GlogFormatter, get_logger
+from ..log import GlogFormatter, get_logger, setup_logging
 from ..net import Net
-from ..solvers import Solver
+from ..solvers import Solver, distributed
+from ..solvers.feeds import name_the_record
 from ..tools.plot_log import parse_log, plot
 from ..tools.plot_log import write_csv as write_table
-from .options import option, resolve_device, user_errors
+from .options import gpu_ids, option, resolve_device, user_errors
 
 _EFFECTS = click.Choice(["stop", "snapshot", "none"])
+# what every rank must be given alike (compared across ranks at the start)
+_SHARED_OPTIONS = ("weights", "snapshot", "level", "stage", "precision", "channels_last",
+                   "compile_net")  # fmt: skip
 
 
 def _split(value: str) -> list[str]:
@@ -39,19 +50,57 @@ def gpu_from_solver(gpu: str | None, solver_param) -> str | None:
     return None
 
 
-def _device_for(gpu: str | None):
-    """The torch device for a --gpu value, logged the way caffe.cpp logs its choice."""
+def _gpus(opts: dict, solver_param) -> tuple[list[int], str, bool]:
+    """(GPU ids, the --gpu value they come from, whether --gpu gave it) for this machine."""
+    spec = opts["gpu"] or gpu_from_solver(None, solver_param)
+    ids = gpu_ids(spec)
+    if len(set(ids)) != len(ids) and opts["dist_backend"] != "gloo":
+        raise CaffeAlexError(f"--gpu {spec}: a GPU is listed twice (NCCL needs one process per "
+                             "GPU; --dist-backend gloo lets processes share one)")  # fmt: skip
+    return ids, spec or "", bool(opts["gpu"])
+
+
+def _device_for(opts: dict, solver_param, ranks) -> tuple[torch.device, list[int]]:
+    """This process's device: the GPU of its local rank (torchrun or --gpu 0,1), else the
+    single GPU named, else the CPU; and the GPU ids named."""
+    ids, spec, given = _gpus(opts, solver_param)
+    return _pick(ids, spec, given, ranks), ids
+
+
+def _pick(ids: list[int], spec: str, given: bool, ranks) -> torch.device:
+    if not ids:
+        return torch.device("cpu")
+    if ranks is None:
+        return torch.device("cuda", ids[0])
+    if len(ids) == ranks.local_size:
+        return torch.device("cuda", ids[ranks.local_rank])
+    if spec == "all" or not given:  # the solver's GPU mode, or all: one GPU per local rank
+        if ranks.local_rank >= torch.cuda.device_count():
+            raise CaffeAlexError(
+                f"{ranks.local_size} processes run on this node but it has "
+                f"{torch.cuda.device_count()} GPU(s)"
+            )
+        return torch.device("cuda", ranks.local_rank)
+    raise CaffeAlexError(
+        f"--gpu {spec} names {len(ids)} GPU(s) but {ranks.local_size} processes run on this node: "
+        "give one id per process (e.g. --gpu 0,1) or --gpu all"
+    )
+
+
+def _log_devices(device: torch.device, world, ids: list[int]) -> None:
+    """Caffe's lines for the device choice, and the shape of a multi-process run."""
     log = get_logger()
-    device = resolve_device(gpu)
     if device.type == "cpu":
         log.info("Use CPU.")
-        return device
-    ids = list(range(torch.cuda.device_count())) if gpu == "all" else [int(g) for g in _split(gpu)]
-    log.info("Using GPUs %s", ", ".join(map(str, ids)))
-    log.info("GPU %d: %s", device.index, torch.cuda.get_device_name(device))
-    if len(ids) > 1:
-        log.warning("multi-GPU training is not implemented: training on GPU %d only", ids[0])
-    return device
+    else:
+        shown = ids if world is not None and len(ids) == world.size else [device.index]
+        log.info("Using GPUs %s", ", ".join(map(str, shown)))
+        for index in shown:
+            log.info("GPU %d: %s", index, torch.cuda.get_device_name(index))
+    if world is not None:
+        log.info("Training on %d ranks (%s; each runs the solver's batch_size, so the effective "
+                 "batch is ranks x batch_size x iter_size); collectives time out after %g s",
+                 world.size, world.backend, world.timeout)  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -120,19 +169,50 @@ def progress_bar(solver, enabled: bool):
               help="Progress bar (default: when stderr is a terminal).")  # fmt: skip
 @click.option("--log", "-log", "log_file", default=None, metavar="FILE",
               help="Also write the log to FILE (for plot-log, Caffe's parse_log.py).")  # fmt: skip
+@option("precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+        show_default=True, help="Forward passes under bf16/fp16 autocast (fp16 with loss "
+        "scaling); Caffe's numbers are fp32.")  # fmt: skip
+@option("channels-last", is_flag=True, help="NHWC memory order for convolutions (faster on "
+        "tensor cores; not Caffe's summation order).")  # fmt: skip
+@click.option("--compile", "-compile", "compile_net", is_flag=True,
+              help="torch.compile the nets (the first iterations compile).")  # fmt: skip
+@option("dist-timeout", type=click.FloatRange(0, min_open=True),
+        default=distributed.DEFAULT_TIMEOUT, show_default=True,
+        help="Seconds a rank waits for the others (several GPUs, torchrun) before it stops with "
+        "an error; longer than a test pass, during which the other ranks wait.")  # fmt: skip
+@option("dist-backend", type=click.Choice(["nccl", "gloo"]), default=None,
+        help="torch.distributed backend (default: nccl for GPUs, gloo for CPUs).")  # fmt: skip
 @user_errors
-def train(solver, weights, snapshot, gpu, level, stage, sigint_effect, sighup_effect, progress,
-          log_file):  # fmt: skip
-    """Train (or fine-tune, or resume) from a solver file, like ``caffe train``."""
-    if not solver:
+def train(**opts):
+    """Train (or fine-tune, or resume) from a solver file, like ``caffe train``; on several GPUs
+    (--gpu 0,1 or all) one process per GPU; under torchrun, one rank per process."""
+    if not opts["solver"]:
         raise click.UsageError("Need a solver definition to train (--solver).")
-    if snapshot and weights:
+    if opts["snapshot"] and opts["weights"]:
         raise click.UsageError(
             "Give a snapshot to resume training or weights to finetune but not both."
         )
-    with log_to_file(log_file):
-        _train(solver, weights, snapshot, gpu, level, stage, sigint_effect, sighup_effect,
-               progress)  # fmt: skip
+    opts["debug"] = bool(click.get_current_context().find_root().params.get("debug"))
+    if distributed.ranks_from_env() is None:
+        ids, _, _ = _gpus(opts, read_solver(opts["solver"]))
+        if len(ids) > 1:  # Caffe's multi-GPU training: one process (rank) per GPU
+            distributed.launch(_rank_main, (opts,), nprocs=len(ids), timeout=opts["dist_timeout"],
+                               names=[f"GPU {i}" for i in ids])  # fmt: skip
+            return
+    _train(opts)
+
+
+def _rank_main(opts: dict) -> None:
+    """One process started by ``launch``: the command's body with its one-line errors."""
+    setup_logging()
+    if opts["debug"]:
+        _train(opts)
+        return
+    try:
+        _train(opts)
+    except (CaffeAlexError, OSError) as exc:
+        click.echo(f"caffe-alex: error: {exc}", err=True)
+        sys.exit(1)
 
 
 @contextlib.contextmanager
@@ -151,25 +231,57 @@ def log_to_file(path: str | None):
         handler.close()
 
 
-def _train(solver, weights, snapshot, gpu, level, stage, sigint_effect, sighup_effect, progress):
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _train(opts: dict) -> None:
+    """Train in this process: alone, or as one rank of several (torchrun or ``launch``)."""
+    param = read_solver(opts["solver"])
+    param.train_state.level = opts["level"]  # caffe.cpp always sets it from --level
+    param.train_state.stage.extend(_split(opts["stage"]))
+    ranks = distributed.ranks_from_env()
+    device, ids = _device_for(opts, param, ranks)
+    world = None
+    if ranks is not None:
+        world = distributed.World.start(ranks, device, backend=opts["dist_backend"],
+                                        timeout=opts["dist_timeout"])  # fmt: skip
+    try:
+        if world is not None:
+            if not world.is_root:
+                get_logger().setLevel(logging.WARNING)  # Caffe logs from the first solver only
+            with open(opts["solver"], "rb") as f:
+                solver_digest = _digest(f.read())
+            shared = repr([opts[k] for k in _SHARED_OPTIONS]).encode()
+            world.check_same({"the solver file": solver_digest, "the options": _digest(shared)})
+        root = world is None or world.is_root
+        with log_to_file(opts["log_file"] if root else None):
+            _log_devices(device, world, ids)
+            _solve(opts, param, device, world)
+    finally:
+        if world is not None:
+            world.close()
+
+
+def _solve(opts: dict, param, device, world) -> None:
     log = get_logger()
-    param = read_solver(solver)
-    param.train_state.level = level  # caffe.cpp always sets it from --level
-    param.train_state.stage.extend(_split(stage))
-    device = _device_for(gpu_from_solver(gpu, param))
     if device.type == "cuda":
         param.device_id = device.index
-    if snapshot or weights:
+    if opts["snapshot"] or opts["weights"]:
         del param.weights[:]
-        if weights:
-            param.weights.append(weights)
-    runner = Solver(param, source_path=solver, device=device)
-    if snapshot:
-        log.info("Resuming from %s", snapshot)
-        runner.restore(snapshot)
-    show = sys.stderr.isatty() if progress is None else progress
+        if opts["weights"]:
+            param.weights.append(opts["weights"])
+    runner = Solver(param, source_path=opts["solver"], device=device, world=world,
+                    precision=opts["precision"], channels_last=opts["channels_last"],
+                    compile=opts["compile_net"])  # fmt: skip
     try:
-        with signal_effects(runner, sigint_effect, sighup_effect), progress_bar(runner, show):
+        if opts["snapshot"]:
+            log.info("Resuming from %s", opts["snapshot"])
+            runner.restore(opts["snapshot"])
+        show = sys.stderr.isatty() if opts["progress"] is None else opts["progress"]
+        show = show and runner.is_root
+        effects = signal_effects(runner, opts["sigint_effect"], opts["sighup_effect"])
+        with effects, progress_bar(runner, show):
             log.info("Starting Optimization")
             runner.solve()
     finally:
@@ -192,7 +304,11 @@ def score(net, feed, iterations: int, log) -> list[str]:
     loss = 0.0
     with torch.no_grad():
         for i in range(iterations):
-            outputs = net(**next(feed))
+            try:
+                outputs = net(**next(feed))
+            except CaffeAlexError as exc:  # a bad label: say which record it came from
+                name_the_record(exc, feed)
+                raise
             loss += float(net.loss) if net.loss is not None else 0.0
             values = [(n, v) for n in names for v in outputs[n].detach().float().cpu().flatten()]
             for idx, (name, value) in enumerate(values):

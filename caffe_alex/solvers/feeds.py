@@ -31,6 +31,17 @@ class TrackedFeed:
             _check_inputs(self.net, self.feed, self.name)
         return self.feed
 
+    def open(self) -> None:
+        """Make the feed now (it is otherwise made at the first batch): a bad source fails here."""
+        self._open()
+
+    def discard(self) -> None:
+        """Forget the feed before its first batch (to be made again, e.g. with another seed)."""
+        if self.batches:
+            raise CaffeAlexError(f"the {self.name} feed has already handed out batches")
+        self.close()
+        self.feed = None
+
     def __next__(self) -> dict:
         # a DataLoader draws its base seed from torch's global RNG whenever it (re)starts: keep
         # that draw away from the RNG that dropout uses, or a resumed run would drift
@@ -38,6 +49,11 @@ class TrackedFeed:
             batch = next(self._open())
         self.batches += 1
         return batch
+
+    def where(self, item: int) -> str | None:
+        """The record behind item ``item`` of the last batch (None for a feed given by hand)."""
+        where = getattr(self.feed, "where", None)
+        return where(item) if where is not None else None
 
     def state(self) -> dict:
         inner = self._open()
@@ -83,3 +99,13 @@ def _check_inputs(net, feed, name: str) -> None:
             "training needs data layers (Data, ImageData, HDF5Data, MemoryData) or feeds given "
             "to the Solver"
         )
+
+
+def name_the_record(exc: CaffeAlexError, feed) -> None:
+    """Add to an error about one item of a batch (``exc.item``: a bad label) the record that
+    item came from, which only the feed knows."""
+    where = getattr(feed, "where", None)
+    place = where(exc.item) if where is not None and exc.item is not None else None
+    if place:
+        exc.message = f"{exc.message} ({place})"
+        exc.args = (exc.message,)

@@ -5,9 +5,13 @@ from test_net_param, then test_net, then as many copies of the generic net (net/
 test_iter has entries left. Each net's state is {phase} merged with the net file's own state,
 then with train_state / test_state[i]. Inline nets in the old V0/V1 format are upgraded here
 (Caffe leaves them as they are and would fail to build them); net files are upgraded when read.
+``apply_speed_options`` converts built nets to channels_last and compiles them (off by default:
+both may change the last bits of Caffe's float32 numbers).
 """
 
 from __future__ import annotations
+
+import torch
 
 from ..errors import CaffeAlexError, SourceMap
 from ..formats.prototxt import read_net
@@ -116,3 +120,15 @@ def share_trained_layers(test_net: Net, train_net: Net) -> None:
             target[i] = blob
     for info in test_net.param_infos:
         info.param = test_net.layer(info.layer).blobs[info.index]
+
+
+def apply_speed_options(nets, channels_last: bool = False, compile=False) -> None:
+    """channels_last: 4-D parameters (convolution kernels) in NHWC memory order, which cuDNN's
+    tensor-core kernels prefer (the solver converts 4-D inputs to match); shared parameters
+    stay shared, since Module.to replaces their data in place. compile: torch.compile each
+    net's forward (True: the default backend, inductor; or a backend name)."""
+    for net in nets:
+        if channels_last:
+            net.to(memory_format=torch.channels_last)
+        if compile:
+            net.compile(**({} if compile is True else {"backend": compile}))

@@ -5,6 +5,17 @@ times, the gradients accumulating; smooth the loss over ``average_loss`` iterati
 display (display.py); then the parameter update (update.py: Caffe's ApplyUpdate); iter += 1;
 snapshot when due or asked. Log lines keep Caffe's wording so tools/extra/parse_log.py reads
 our logs.
+
+With a ``world`` (distributed.py) the solver is one rank of several, as in Caffe's multi-GPU
+training: seeds are random_seed + rank; only rank 0 builds the test nets, tests, shows the display
+lines and writes snapshots; rank 0's parameters are broadcast at the start; the train feed deals
+records round robin (make_feed's rank and world_size); the gradients are summed over the ranks
+and scaled by 1/ranks before the update; requests are agreed every iteration, so every rank stops
+or snapshots at the same iteration.
+
+``precision`` ("bf16" or "fp16") runs the nets' forward passes under torch.autocast, fp16 with
+torch.amp.GradScaler's loss scaling (an overflowed iteration skips its update); the parameters,
+gradients and update stay float32. ``channels_last`` and ``compile`` are in nets.py.
 """
 
 from __future__ import annotations
@@ -18,22 +29,24 @@ import torch
 
 from ..data.loader import make_feed
 from ..errors import CaffeAlexError
+from ..formats.files import temporary_path
 from ..formats.prototxt import read_solver, resolve_snapshot_prefix
 from ..formats.upgrade import upgrade_solver
 from ..log import get_logger
 from ..proto import caffe_pb2
-from . import snapshot
+from . import distributed, snapshot
 from .debug import backward_info, forward_info
 from .display import SmoothedLoss, log_outputs
-from .feeds import TrackedFeed
-from .lr_policy import check_policy
-from .nets import build_test_nets, build_train_net, share_trained_layers
+from .feeds import TrackedFeed, name_the_record
+from .lr_policy import check_policy, learning_rate
+from .nets import apply_speed_options, build_test_nets, build_train_net, share_trained_layers
 from .rules import RULES
 from .update import ParameterUpdate
 
 log = get_logger()
 f32 = np.float32
 SP = caffe_pb2.SolverParameter
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def pick_device(param, device) -> torch.device:
@@ -81,10 +94,14 @@ class Solver:
     ``callbacks`` are called after each update with (iteration, smoothed loss, rate, images per
     second); ``start_hooks`` and ``gradient_hooks`` (no arguments) where Caffe calls its
     callbacks' on_start (before the forward passes) and on_gradients_ready (before the update).
+    ``world`` (distributed.World): this solver is one rank of several (see the module's notes);
+    ``precision`` ("fp32", "bf16", "fp16"), ``channels_last`` and ``compile`` (True or a
+    torch.compile backend name) trade Caffe's exact float32 numbers for speed.
     """
 
     def __init__(self, solver_param, *, source_path=None, device=None, weights=None,
-                 feeds=None, seed=None, feed_options=None, insert_splits=False):  # fmt: skip
+                 feeds=None, seed=None, feed_options=None, insert_splits=False, world=None,
+                 precision=None, channels_last=False, compile=False):  # fmt: skip
         param = self.param = SP()
         param.CopyFrom(solver_param)
         if param.HasField("solver_type"):
@@ -95,35 +112,71 @@ class Solver:
         if self.source_path and not param.HasField("snapshot_prefix"):
             resolve_snapshot_prefix(param, self.source_path)
         check_param(param)
+        if (precision or "fp32") not in PRECISIONS:
+            raise CaffeAlexError(f"unknown precision '{precision}' ({', '.join(PRECISIONS)})")
+        self.world = world
+        self.rank = world.rank if world is not None else 0
+        self.is_root = self.rank == 0
         log.info("Initializing solver from parameters: \n%s", param)
-        self._check_snapshot_prefix()
-        if param.random_seed >= 0:
-            torch.manual_seed(param.random_seed)  # fillers and dropout masks
         self.device = pick_device(param, device)
-        self.train_net = build_train_net(param, self.source_path, self.device, insert_splits)
-        self.test_nets = build_test_nets(param, self.source_path, self.device, insert_splits)
-        for net in self.test_nets:
-            share_trained_layers(net, self.train_net)
-        self._load_initial_weights(list(param.weights) + list(weights or []))
+        with distributed.together(world):
+            self._build(weights, insert_splits, feeds, feed_options)
+        apply_speed_options([self.train_net, *self.test_nets], channels_last, compile)
         self.learnable = self.train_net.learnable_params()
         for info in self.learnable:  # Caffe computes no diff for a parameter with lr_mult 0
             if info.lr_mult == 0:
                 info.param.requires_grad_(False)
         self.rule = RULES[param.type](self.learnable, param)
         self.update = ParameterUpdate(param, self.learnable, self.rule)
+        self._reducer = None
+        if world is not None:
+            world.broadcast_tensors([info.param for info in self.learnable])
+            # one dealing of the records for all ranks, even when the seed is drawn at random
+            seed, self._feed_seed = self._feed_seed, world.broadcast_object(self._feed_seed)
+            if seed != self._feed_seed:
+                self._feeds["train"].discard()
+            self._reducer = distributed.GradientReducer(
+                world, [info.param for info in self.learnable], param.layer_wise_reduce
+            )
+        self._autocast = PRECISIONS[precision or "fp32"]
+        self._channels_last = bool(channels_last)
+        self._scaler = self._amp_step = None
+        if self._autocast == torch.float16 and self.learnable:
+            self._scaler = torch.amp.GradScaler(self.device.type)
+            self._amp_step = _UpdateStep([info.param for info in self.learnable])
         self.iter = self.current_step = 0
         self.callbacks: list = []
         self.start_hooks: list = []
         self.gradient_hooks: list = []
         self._requested: str | None = None
         self._early_exit = False
+        self._deferred_snapshot = False
         self._loss = SmoothedLoss(param.average_loss)
+        self._batch_size = None
+        log.info("Solver scaffolding done.")
+
+    def _build(self, weights, insert_splits, feeds, feed_options) -> None:
+        """The nets, weights and feeds: what a rank may fail at before the ranks first talk."""
+        param = self.param
+        if self.is_root:  # Caffe checks the snapshot folder on the first rank only
+            self._check_snapshot_prefix()
+        if param.random_seed >= 0:
+            # fillers and dropout masks; Caffe seeds each rank apart (random_seed + rank)
+            torch.manual_seed(param.random_seed + self.rank)
+        self.train_net = build_train_net(param, self.source_path, self.device, insert_splits)
+        # Only rank 0 tests (as Caffe), so the other ranks need neither test nets nor test data
+        self.test_nets = (build_test_nets(param, self.source_path, self.device, insert_splits)
+                          if self.is_root else [])  # fmt: skip
+        for net in self.test_nets:
+            share_trained_layers(net, self.train_net)
+        if self.is_root:  # the other ranks receive rank 0's weights
+            self._load_initial_weights(list(param.weights) + list(weights or []))
         self._feed_seed = (param.random_seed if param.random_seed >= 0
                            else secrets.randbits(62))  # fmt: skip
         self._feed_options = dict(feed_options or {})
         self._feeds = self._make_feeds(feeds)
-        self._batch_size = None
-        log.info("Solver scaffolding done.")
+        if self.world is not None:
+            self._feeds["train"].open()  # a missing train source stops every rank now
 
     @classmethod
     def from_file(cls, path, **kwargs) -> Solver:
@@ -135,7 +188,8 @@ class Solver:
             return
         if not self.param.HasField("snapshot_prefix"):
             raise CaffeAlexError("snapshot is specified but snapshot_prefix is not")
-        probe = self._filename(".tempfile", 0)
+        # a temporary named as our writers name theirs, so a killed run's probe is cleaned up
+        probe = temporary_path(self._filename(".tempfile", 0))
         try:
             with open(probe, "w"):
                 pass
@@ -178,7 +232,10 @@ class Solver:
     def _default_feed(self, net, index, seed):
         if seed is None:
             seed = self._feed_seed + (0 if index is None else 1 + index)
-        return make_feed(net, seed=seed, device=self.device, **self._feed_options)
+        options = dict(self._feed_options)
+        if self.world is not None and index is None:  # the test nets run on rank 0 alone
+            options.update(rank=self.rank, world_size=self.world.size)
+        return make_feed(net, seed=seed, device=self.device, **options)
 
     def _remaker(self, key):
         net = self.train_net if key == "train" else self.test_nets[key]
@@ -212,12 +269,15 @@ class Solver:
             for info in self.train_net.param_infos:  # ClearParamDiffs
                 info.param.grad = None
             if self._test_due():
-                self.test_all()
+                if self.is_root:
+                    self.test_all()
+                if self.world is not None:
+                    self._agree_after_test()
                 if self._early_exit:
                     break
             for hook in self.start_hooks:
                 hook()
-            display = param.display and self.iter % param.display == 0
+            display = param.display and self.iter % param.display == 0 and self.is_root
             loss = self._forward_backward(display and param.debug_info)
             self._loss.add_lazily(self.iter, loss)
             if display:
@@ -229,16 +289,37 @@ class Solver:
                 log_outputs(self.train_net, "Train")
             for hook in self.gradient_hooks:
                 hook()
+            if self._reducer is not None:
+                self._reducer.finish()
             rate = self.apply_update(display)
             if self.callbacks:
                 self._notify(rate, time.perf_counter() - began)
-            action = self._take_request()
-            if (param.snapshot and self.iter % param.snapshot == 0) or action == "snapshot":
+            snap, stop = self._requests()
+            if (param.snapshot and self.iter % param.snapshot == 0) or snap:
                 self.snapshot()
-            if action == "stop":
+            if stop:
                 self._early_exit = True
                 break
         self._loss.flush()
+
+    def _requests(self) -> tuple[bool, bool]:
+        """(snapshot, stop) asked for by a signal, on this rank or (with a world) on any."""
+        action = self._take_request()
+        snap, stop = action == "snapshot", action == "stop"
+        if self.world is not None:
+            snap, stop = self.world.agree(snap, stop)
+        return snap, stop
+
+    def _agree_after_test(self) -> None:
+        """Rank 0 has tested while the others waited here: share what was asked meanwhile (a
+        snapshot asked during the test is taken now, when every rank can join it)."""
+        action = self._take_request()
+        snap = action == "snapshot" or self._deferred_snapshot
+        snap, stop = self.world.agree(snap, action == "stop" or self._early_exit)
+        self._deferred_snapshot = False
+        if snap:
+            self.snapshot()
+        self._early_exit = stop
 
     def _test_due(self) -> bool:
         interval = self.param.test_interval
@@ -249,17 +330,19 @@ class Solver:
         )
 
     def _forward_backward(self, debug: bool) -> torch.Tensor:
-        net, total = self.train_net, None
-        for _ in range(self.param.iter_size):
+        net, total, passes = self.train_net, None, self.param.iter_size
+        for index in range(passes):
             batch = next(self._feeds["train"])
             if self._batch_size is None:
                 self._batch_size = next((int(v.shape[0]) for v in batch.values()), 1)
-            net(**batch)
+            if self._reducer is not None:  # the last pass's gradients are final
+                self._reducer.armed = index == passes - 1
+            self._forward(net, batch, "train")
             loss = net.loss
             if loss is None:
                 loss = torch.zeros((), device=self.device)
             elif loss.requires_grad:
-                loss.backward()
+                (loss if self._scaler is None else self._scaler.scale(loss)).backward()
             if debug:
                 forward_info(net)
                 backward_info(net)
@@ -267,16 +350,56 @@ class Solver:
             total = loss if total is None else total + loss
         return total / self.param.iter_size
 
+    def _forward(self, net, batch: dict, feed=None) -> dict:
+        """Run ``net`` on ``batch``; an error about one item of the batch (a bad label) also
+        names the record it came from, which only the feed knows."""
+        try:
+            return self._run(net, batch)
+        except CaffeAlexError as exc:
+            if feed is not None:
+                name_the_record(exc, self._feeds[feed])
+            raise
+
+    def _run(self, net, batch: dict) -> dict:
+        if self._channels_last:
+            batch = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
+                     for k, v in batch.items()}  # fmt: skip
+        if self._autocast is None:
+            return net(**batch)
+        with torch.autocast(self.device.type, dtype=self._autocast):
+            return net(**batch)
+
     def _notify(self, rate: float, seconds: float) -> None:
         loss = self._loss.value
-        images = (self._batch_size or 1) * self.param.iter_size / max(seconds, 1e-9)
+        ranks = self.world.size if self.world is not None else 1
+        images = (self._batch_size or 1) * self.param.iter_size * ranks / max(seconds, 1e-9)
         for callback in self.callbacks:
             callback(self.iter, loss, rate, images)
 
     def apply_update(self, display: bool = False) -> float:
         """Caffe's ApplyUpdate (update.py), then iter += 1; returns the learning rate used."""
-        rate, self.current_step = self.update.apply(self.iter, self.current_step, display)
+        if self._scaler is None:
+            rate, self.current_step = self.update.apply(self.iter, self.current_step, display)
+        else:
+            rate = self._apply_scaled_update(display)
         self.iter += 1
+        return rate
+
+    def _apply_scaled_update(self, display: bool) -> float:
+        """fp16: unscale the gradients, update unless they overflowed, adapt the loss scale."""
+        done = []
+        self._amp_step.apply = lambda: done.append(
+            self.update.apply(self.iter, self.current_step, display)
+        )
+        self._scaler.unscale_(self._amp_step)
+        self._scaler.step(self._amp_step)
+        self._scaler.update()
+        if done:
+            rate, self.current_step = done[0]
+            return rate
+        rate, self.current_step = learning_rate(self.param, self.iter, self.current_step)
+        log.warning("Iteration %d: fp16 gradients overflowed; update skipped, loss scale now %g",
+                    self.iter, self._scaler.get_scale())  # fmt: skip
         return rate
 
     # -- testing --------------------------------------------------------------------------
@@ -296,7 +419,7 @@ class Solver:
                 if self._handle_requests_in_test():
                     log.info("Test interrupted.")
                     return {}
-                outputs = net(**next(self._feeds[index]))
+                outputs = self._forward(net, next(self._feeds[index]), index)
                 if self.param.test_compute_loss and net.loss is not None:
                     loss += f32(net.loss.item())
                 flat = torch.cat([outputs[n].detach().float().reshape(-1)
@@ -309,7 +432,9 @@ class Solver:
 
     def _handle_requests_in_test(self) -> bool:
         while (action := self._take_request()) is not None:
-            if action == "snapshot":
+            if action == "snapshot" and self.world is not None:
+                self._deferred_snapshot = True  # the other ranks join it after the test
+            elif action == "snapshot":
                 self.snapshot()
             elif action == "stop":
                 self._early_exit = True
@@ -330,9 +455,11 @@ class Solver:
         if self._early_exit:
             log.info("Optimization stopped early.")
             return
+        if not self.is_root:  # Caffe's final display and test run on the first rank only
+            return
         if param.display and self.iter % param.display == 0:
             with torch.no_grad():
-                self.train_net(**next(self._feeds["train"]))
+                self._forward(self.train_net, next(self._feeds["train"]), "train")
             loss = self.train_net.loss
             value = f32(loss.item()) if loss is not None else f32(0)
             self._loss.add(value, self.iter)
@@ -346,8 +473,16 @@ class Solver:
         iteration = self.iter if iteration is None else iteration
         return f"{self.param.snapshot_prefix}_iter_{iteration}{extension}"
 
-    def snapshot(self) -> tuple[str, str]:
-        """Write <prefix>_iter_N.caffemodel[.h5] and .solverstate[.h5] (and the data position)."""
+    def snapshot(self) -> tuple[str, str] | None:
+        """Write <prefix>_iter_N.caffemodel[.h5] and .solverstate[.h5] (and the data position).
+        With a world every rank calls it: rank 0 gathers each rank's train-feed position and
+        random state into the data file and writes; the other ranks return None."""
+        ranks = None
+        if self.world is not None:
+            mine = {"train": self._feeds["train"].state(), **distributed.rng_state(self.device)}
+            ranks = self.world.gather(mine)
+            if not self.is_root:
+                return None
         hdf5 = self.param.snapshot_format == SP.HDF5
         model = self._filename(".caffemodel.h5" if hdf5 else ".caffemodel")
         log.info("Snapshotting to %s file %s", "HDF5" if hdf5 else "binary proto", model)
@@ -360,12 +495,30 @@ class Solver:
         (snapshot.write_hdf5 if hdf5 else snapshot.write_binary)(state_path, state)
         feeds = {"train": self._feeds["train"].state(),
                  "test": [self._feeds[i].state() for i in range(len(self.test_nets))]}  # fmt: skip
+        if ranks is not None:
+            feeds["ranks"] = ranks  # by rank: {"train": feed state, "torch_rng": ...}
         snapshot.write_data_state(snapshot.data_state_path(state_path), feeds, self.device)
         return model, state_path
 
     def restore(self, path: str) -> None:
         """Resume from a .solverstate or .solverstate.h5: weights (learned_net), iteration,
-        lr schedule position, history, and the data position and RNG state when saved."""
+        lr schedule position, history, and the data position and RNG state when saved.
+        With a world, rank 0 reads the files and sends the state to the other ranks (which
+        need not see them), each of which takes its own train-feed position and RNG state."""
+        counters = doc = None
+        with distributed.together(self.world):
+            if self.is_root:
+                counters, doc = self._read_state(path)
+        if self.world is not None:
+            self.world.broadcast_tensors([info.param for info in self.learnable]
+                                         + list(self.rule.history))  # fmt: skip
+            counters, doc = self.world.broadcast_object((counters, doc))
+        log.info("SGDSolver: restoring history")
+        self.iter, self.current_step = counters
+        with distributed.together(self.world):  # a rank whose feed cannot resume stops them all
+            self._restore_data(path, doc)
+
+    def _read_state(self, path: str) -> tuple[tuple[int, int], dict | None]:
         state = snapshot.read_state(path)
         if state.learned_net:
             self.train_net.load_weights([self._learned_net(state.learned_net, path)])
@@ -381,9 +534,8 @@ class Solver:
                     f"{list(target.shape)}"
                 )
             target.copy_(torch.from_numpy(array.reshape(tuple(target.shape))))
-        log.info("SGDSolver: restoring history")
-        self.iter, self.current_step = state.iter, state.current_step
-        self._restore_data(path, state)
+        doc = snapshot.read_data_state(snapshot.data_state_path(path))
+        return (state.iter, state.current_step), doc
 
     @staticmethod
     def _learned_net(stored: str, state_path: str) -> str:
@@ -397,20 +549,45 @@ class Solver:
             return beside
         raise CaffeAlexError(f"{state_path}: its weights file {stored} does not exist")
 
-    def _restore_data(self, path: str, state) -> None:
-        doc = snapshot.read_data_state(snapshot.data_state_path(path))
+    def _restore_data(self, path: str, doc: dict | None) -> None:
+        skip = self.iter * self.param.iter_size
         if doc is None:
-            skip = state.iter * self.param.iter_size
             log.info("%s has no saved data position; the train data skips %d batches "
                      "(iter x iter_size)", path, skip)  # fmt: skip
             self._feeds["train"].skip_to(skip)
             return
-        snapshot.restore_rng(doc, self.device)
-        self._feeds["train"].load_state(doc["feeds"]["train"], self._remaker("train"))
+        saved = doc["feeds"]
+        ranks = saved.get("ranks")
+        size = self.world.size if self.world is not None else 1
+        if (len(ranks) if ranks else 1) != size:
+            log.warning("%s was written by %d rank(s) and this run has %d: each rank's train data "
+                        "skips %d batches (iter x iter_size) instead", path,
+                        len(ranks) if ranks else 1, size, skip)  # fmt: skip
+            self._feeds["train"].skip_to(skip)
+        else:
+            snapshot.restore_rng(doc, self.device)
+            mine = ranks[self.rank] if ranks else {"train": saved["train"]}
+            if ranks:
+                distributed.set_rng_state(mine, self.device)
+            self._feeds["train"].load_state(mine["train"], self._remaker("train"))
         for i, saved in enumerate(doc["feeds"].get("test", [])[: len(self.test_nets)]):
             self._feeds[i].load_state(saved, self._remaker(i))
 
     def close(self) -> None:
-        """Stop the feeds' worker processes."""
+        """Stop the feeds' worker processes (and remove the gradient hooks of a world)."""
         for feed in self._feeds.values():
             feed.close()
+        if self._reducer is not None:
+            self._reducer.close()
+
+
+class _UpdateStep(torch.optim.Optimizer):
+    """The solver's update seen as an Optimizer, so that torch.amp.GradScaler can unscale the
+    gradients and skip the update of an iteration whose fp16 gradients overflowed."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+        self.apply = lambda: None
+
+    def step(self, closure=None):
+        self.apply()

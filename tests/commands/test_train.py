@@ -15,9 +15,12 @@ import torch
 from click.testing import CliRunner
 
 from caffe_alex.cli import main
+from caffe_alex.commands import train as train_command
 from caffe_alex.commands.train import gpu_from_solver, progress_bar, score, signal_effects
+from caffe_alex.errors import CaffeAlexError
 from caffe_alex.net import Net
 from caffe_alex.proto import caffe_pb2
+from caffe_alex.solvers import distributed
 
 HAVE_SOLVER = importlib.util.find_spec("caffe_alex.solvers.solver") is not None
 needs_solver = pytest.mark.skipif(not HAVE_SOLVER, reason="caffe_alex.solvers.solver not here")
@@ -259,3 +262,60 @@ def test_gpu_solver_mode_falls_back_to_cpu(tmp_path):
     result = run("train", "-solver", files["solver"])
     assert result.exit_code == 0, result.output
     assert "no CUDA device available" in result.stderr and "Use CPU." in result.stderr
+
+
+# -- several GPUs ---------------------------------------------------------------------------
+@pytest.fixture
+def two_gpus(monkeypatch):
+    """A machine with GPUs 0 and 1, as far as the checks of --gpu can tell."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+
+def _error(result) -> str:
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("caffe-alex: error: ") and "Traceback" not in result.stderr
+    return lines[-1]
+
+
+def test_gpu_lists_are_checked_against_the_machine(tmp_path, two_gpus, monkeypatch):
+    solver = write_tiny_problem(tmp_path)["solver"]
+    assert _error(run("train", "--solver", solver, "--gpu", "3")).endswith(
+        "--gpu 3: there is no GPU 3; this machine has 2 (ids 0, 1)"
+    )
+    assert "a GPU is listed twice" in _error(run("train", "--solver", solver, "--gpu", "0,0"))
+    assert "expected GPU ids" in _error(run("train", "--solver", solver, "--gpu", "0,x"))
+    launched = []
+    monkeypatch.setattr(train_command.distributed, "launch",
+                        lambda fn, args, nprocs, **kw: launched.append((nprocs, kw["names"])))
+    for spec in ("0,1", "all"):
+        assert run("train", "--solver", solver, "--gpu", spec).exit_code == 0
+    assert launched == [(2, ["GPU 0", "GPU 1"])] * 2  # one process per GPU
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
+def test_gpu_all_or_a_list_without_cuda(tmp_path):
+    solver = write_tiny_problem(tmp_path)["solver"]
+    assert _error(run("train", "--solver", solver, "--gpu", "all")).endswith(
+        "--gpu all: no CUDA device is available (--gpu none trains on the CPU)"
+    )
+    assert "no CUDA device is available" in _error(run("train", "-solver", solver, "-gpu", "0,1"))
+
+
+def test_gpus_of_the_local_ranks_under_torchrun(two_gpus):
+    ranks = distributed.Ranks(rank=3, size=4, local_rank=1, local_size=2)
+    assert train_command._pick([0, 1], "0,1", True, ranks) == torch.device("cuda", 1)
+    assert train_command._pick([0, 1], "all", True, ranks) == torch.device("cuda", 1)
+    assert train_command._pick([0], "0", False, ranks) == torch.device("cuda", 1)  # solver's GPU
+    assert train_command._pick([], "", False, ranks) == torch.device("cpu")
+    with pytest.raises(CaffeAlexError, match="give one id per process"):
+        train_command._pick([1], "1", True, ranks)
+
+
+def test_speed_options_are_checked(tmp_path):
+    solver = write_tiny_problem(tmp_path)["solver"]
+    result = run("train", "--solver", solver, "--precision", "fp8")
+    assert result.exit_code == 2 and "fp8" in result.output
+    result = run("train", "--solver", solver, "--dist-timeout", "0")
+    assert result.exit_code == 2 and "dist-timeout" in result.output
