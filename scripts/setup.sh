@@ -34,8 +34,8 @@ setup_system_packages() {
 # The modules that show an extra is installed (besides the project itself).
 _setup_probe() {
     case "$1" in
-        test) echo "caffe_alex, torch, pytest, cv2, onnxruntime, plyvel, ruff" ;;
-        "") echo "caffe_alex, torch, matplotlib, lmdb" ;;
+        test) echo "caffe_alex, torch, pytest, pytest_timeout, cv2, graphviz, onnxruntime, plyvel, ruff" ;;
+        "") echo "caffe_alex, torch, matplotlib, lmdb, cv2, graphviz" ;;
         *) echo "caffe_alex, torch" ;;
     esac
 }

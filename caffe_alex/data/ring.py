@@ -24,7 +24,6 @@ import signal
 import traceback
 from collections import deque
 
-import cv2
 import numpy as np
 import torch
 import torch.multiprocessing as mp
@@ -177,7 +176,8 @@ def _work(fill, ring: Ring, tasks, results, stop, parent: int) -> None:
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
     torch.set_num_threads(1)  # one core per worker: the workers share the machine
-    cv2.setNumThreads(1)
+    # (OpenCV's thread count is left alone: cv2.setNumThreads in a forked child whose parent
+    # already ran OpenCV's thread pool hangs; OpenCV re-creates its pool after a fork itself)
     while True:
         try:
             task = tasks.get(timeout=_POLL_S)

@@ -16,20 +16,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import LayerConfigError, describe
-from ..formats.blobs import blob_proto_to_array
+from ..errors import CaffeAlexError, LayerConfigError
+from ..formats.blobs import blob_proto_to_array, read_blob_proto
 from ..proto import caffe_pb2
 
 
 def load_mean_file(path: str) -> np.ndarray:
     """A mean .binaryproto as a float32 (C, H, W) array (Caffe keeps its first image)."""
     try:
-        with open(path, "rb") as f:
-            proto = caffe_pb2.BlobProto.FromString(f.read())
-    except OSError as exc:
-        raise LayerConfigError(f"cannot read mean_file '{path}': {exc.strerror}") from None
-    except Exception as exc:  # protobuf's DecodeError
-        raise LayerConfigError(f"mean_file '{path}' is not a BlobProto: {describe(exc)}") from None
+        proto = read_blob_proto(path)
+    except CaffeAlexError as exc:  # the builder adds the layer and line
+        raise LayerConfigError(exc.message) from None
     array = blob_proto_to_array(proto)
     if array.ndim == 4:
         array = array[0]

@@ -24,9 +24,8 @@ from typing import NamedTuple
 import numpy as np
 
 from ..errors import CaffeAlexError, describe
-from ..formats.blobs import blob_proto_to_array
+from ..formats.blobs import blob_proto_to_array, read_blob_proto
 from ..log import get_logger
-from ..proto import caffe_pb2
 from .datum import load_image, resize_linear
 from .sources import Source, _check_source_path
 
@@ -226,13 +225,7 @@ def mean_crop(path: str, crop: int, channels: int = 3) -> np.ndarray:
     """The (channels, crop, crop) part of a mean_file that Caffe subtracts at each output pixel:
     it starts (W - crop) / 2 in along both axes (the width's offset for the rows too) and is
     read through the blob's flat data with the legacy height and width."""
-    try:
-        with open(path, "rb") as f:
-            proto = caffe_pb2.BlobProto.FromString(f.read())
-    except OSError as exc:
-        raise CaffeAlexError(f"cannot read mean_file '{path}': {exc.strerror}") from None
-    except Exception as exc:  # protobuf's DecodeError
-        raise CaffeAlexError(f"mean_file '{path}' is not a BlobProto: {describe(exc)}") from None
+    proto = read_blob_proto(path)
     legacy = any(proto.HasField(f) for f in ("num", "channels", "height", "width"))
     if legacy:
         proto.ClearField("shape")

@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import CaffeAlexError, describe
 from ..proto import caffe_pb2
+
+
+def read_blob_proto(path: str, what: str = "mean_file") -> caffe_pb2.BlobProto:
+    """A small BlobProto file (a mean image) parsed whole; ``what`` names it in errors."""
+    try:
+        with open(path, "rb") as f:
+            return caffe_pb2.BlobProto.FromString(f.read())
+    except OSError as exc:
+        raise CaffeAlexError(f"cannot read {what} '{path}': {describe(exc)}") from None
+    except Exception as exc:  # protobuf's DecodeError
+        raise CaffeAlexError(f"{what} '{path}' is not a BlobProto: {describe(exc)}") from None
 
 
 def blob_proto_to_array(proto: caffe_pb2.BlobProto) -> np.ndarray:

@@ -21,6 +21,12 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _DECONV = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
+def window_params(cp, n: int) -> tuple[tuple[int, ...], ...]:
+    """kernel, stride, pad and dilation of ``convolution_param`` for ``n`` spatial axes."""
+    return (per_axis(cp, "kernel_size", n, None), per_axis(cp, "stride", n, 1),
+            per_axis(cp, "pad", n, 0), per_axis(cp, "dilation", n, 1, hw=False))  # fmt: skip
+
+
 def per_axis(cp, name: str, n: int, default: int | None, hw: bool = True) -> tuple[int, ...]:
     """``name`` given once, once per spatial axis, or (2-D only) as ``name_h``/``name_w``."""
     if hw:
@@ -63,10 +69,7 @@ class _BaseConvolution(CaffeLayer):
                 f"needs 1 to 3 spatial axes after the channel axis "
                 f"{self.axis}; bottom shape {list(shape)} has {n}"
             )
-        self.kernel = per_axis(cp, "kernel_size", n, None)
-        self.stride = per_axis(cp, "stride", n, 1)
-        self.pad = per_axis(cp, "pad", n, 0)
-        self.dilation = per_axis(cp, "dilation", n, 1, hw=False)
+        self.kernel, self.stride, self.pad, self.dilation = window_params(cp, n)
         for what, values in (
             ("kernel", self.kernel),
             ("stride", self.stride),

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..errors import LayerConfigError
 from ..proto import caffe_pb2
 from ..registry import CaffeLayer, canonical_axis, register
-from .conv import per_axis
+from .conv import window_params
 from .pooling import PoolingLayer
 
 
@@ -92,10 +92,7 @@ class Im2colLayer(CaffeLayer):
                 f"needs a spatial axis after the channel axis {self.axis}; bottom shape "
                 f"{list(shape)} has none"
             )
-        self.kernel = per_axis(cp, "kernel_size", n, None)
-        self.stride = per_axis(cp, "stride", n, 1)
-        self.pad = per_axis(cp, "pad", n, 0)
-        self.dilation = per_axis(cp, "dilation", n, 1, hw=False)
+        self.kernel, self.stride, self.pad, self.dilation = window_params(cp, n)
         for what, values in (("kernel", self.kernel), ("stride", self.stride)):
             if min(values) <= 0:
                 raise LayerConfigError(f"{what} sizes must be positive, got {list(values)}")

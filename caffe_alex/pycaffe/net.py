@@ -202,15 +202,21 @@ class Net:
         start_ind = self._index(start, 0)
         end_ind = self._index(end, len(self.layers) - 1)
         outputs = set((self.top_names[end] if end is not None else self.outputs) + blobs)
-        if kwargs:
-            if set(kwargs) != set(self.inputs):
-                raise CaffeAlexError("Input blob arguments do not match net inputs.")
-            for name, value in kwargs.items():
-                if np.shape(value)[0] != self._blobs[name].shape[0]:
-                    raise CaffeAlexError("Input is not batch sized")
-                self._blobs[name].data[...] = value
+        self._write(kwargs, self.inputs, "data", "Input blob arguments do not match net "
+                    "inputs.", "Input is not batch sized")  # fmt: skip
         self._forward(start_ind, end_ind)
         return {name: self._blobs[name].data for name in outputs}
+
+    def _write(self, arrays: dict, names: list[str], kind: str, mismatch: str, size: str):
+        """Arrays given by name into the blobs' ``data`` or ``diff`` (pycaffe's messages)."""
+        if not arrays:
+            return
+        if set(arrays) != set(names):
+            raise CaffeAlexError(mismatch)
+        for name, value in arrays.items():
+            if np.shape(value)[0] != self._blobs[name].shape[0]:
+                raise CaffeAlexError(size)
+            getattr(self._blobs[name], kind)[...] = value
 
     def _forward(self, start: int, end: int) -> float:
         """Caffe's ForwardFromTo: layers ``start``..``end`` (indices); returns their loss."""
@@ -261,13 +267,8 @@ class Net:
         start_ind = self._index(start, len(self.layers) - 1)
         end_ind = self._index(end, 0)
         outputs = set((self.bottom_names[end] if end is not None else self.inputs) + diffs)
-        if kwargs:
-            if set(kwargs) != set(self.outputs):
-                raise CaffeAlexError("Top diff arguments do not match net outputs.")
-            for name, value in kwargs.items():
-                if np.shape(value)[0] != self._blobs[name].shape[0]:
-                    raise CaffeAlexError("Diff is not batch sized")
-                self._blobs[name].diff[...] = value
+        self._write(kwargs, self.outputs, "diff", "Top diff arguments do not match net "
+                    "outputs.", "Diff is not batch sized")  # fmt: skip
         self._backward(start_ind, end_ind)
         return {name: self._blobs[name].diff for name in outputs}
 
