@@ -23,11 +23,25 @@ def is_hdf5(path) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def reading_h5(path: str, missing: str, what: str):
+    """h5py's many exception types while reading ``path`` as one line: ``missing`` when there
+    is no such file, else ``{path}: {what}: {reason}``; our own errors pass through."""
+    try:
+        yield
+    except CaffeAlexError:
+        raise
+    except FileNotFoundError:
+        raise CaffeAlexError(missing) from None
+    except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:  # h5py's errors
+        raise CaffeAlexError(f"{path}: {what}: {describe(exc)}") from None
+
+
 def read_h5(path) -> WeightSet:
     import h5py  # imported on use: a heavy import (~0.1 s) most commands never need
 
     path = regular_file(path)
-    try:
+    with reading_h5(path, f"no such file: {path}", "cannot read HDF5 weights"):
         with h5py.File(path, "r") as f:
             data = f.get("data")
             if not isinstance(data, h5py.Group):
@@ -35,12 +49,6 @@ def read_h5(path) -> WeightSet:
             found: dict[str, dict[int, Blob]] = {}
             for key in data:  # h5py gives a name that is not UTF-8 as bytes
                 _h5_layer(path, text_of(key), data.get(key), h5py, found, 1)
-    except CaffeAlexError:
-        raise
-    except FileNotFoundError:
-        raise CaffeAlexError(f"no such file: {path}") from None
-    except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:  # h5py's errors
-        raise CaffeAlexError(f"{path}: cannot read HDF5 weights: {describe(exc)}") from None
     layers = [LayerWeights(name, blobs=blobs) for name, blobs in blob_lists(path, found).items()]
     note_doubles(path, layers)
     return WeightSet(layers, path, "h5")

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import CaffeAlexError
 from ..formats.files import atomic_path, describe
-from ..formats.hdf5 import is_hdf5
+from ..formats.hdf5 import is_hdf5, reading_h5
 from ..formats.weightset import text_of
 from ..formats.wire import (
     WireError,
@@ -135,7 +135,8 @@ def read_hdf5(path) -> SolverState:
     import h5py  # imported on use: only HDF5 snapshots need it
 
     path = os.fspath(path)
-    try:
+    missing = f"no such solver state file: {path}"
+    with reading_h5(path, missing, "not a solver state (HDF5)"):
         with h5py.File(path, "r") as f:
             state = SolverState(_h5_int(path, f, "iter", h5py),
                                 _h5_int(path, f, "current_step", h5py))  # fmt: skip
@@ -151,12 +152,6 @@ def read_hdf5(path) -> SolverState:
                                      "not 0, 1, ...")  # fmt: skip
             state.history = [_h5_array(path, history.get(str(i)), f"history/{i}", h5py)
                              for i in range(len(names))]  # fmt: skip
-    except CaffeAlexError:
-        raise
-    except FileNotFoundError:
-        raise CaffeAlexError(f"no such solver state file: {path}") from None
-    except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:  # h5py's errors
-        raise CaffeAlexError(f"{path}: not a solver state (HDF5): {describe(exc)}") from None
     _check_counters(path, state)
     return state
 
