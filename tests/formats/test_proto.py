@@ -56,11 +56,34 @@ TOP_LEVEL = ["V0LayerParameter", "V1LayerParameter", "SolverParameter", "SolverS
 def test_top_level_messages():
     fd = _shipped_file_proto()
     names = {m.name for m in fd.message_type}
-    assert len(names) == 63
+    assert len(names) == 63 + len(FORK_MESSAGES)
     assert set(TOP_LEVEL) <= names
     assert fd.package == "caffe"
     assert fd.syntax in ("", "proto2")
     assert [e.name for e in fd.enum_type] == ["Phase"]
+
+
+# Messages added for the forks (docs/forks.md), and where their fields start in BVLC messages.
+FORK_MESSAGES = {
+    "LabelMapItem", "LabelMap", "Sampler", "SampleConstraint", "BatchSampler", "EmitConstraint",
+    "NormalizedBBox", "Annotation", "AnnotationGroup", "AnnotatedDatum", "ResizeParameter",
+    "SaltPepperParameter", "NoiseParameter", "DistortionParameter", "ExpansionParameter",
+    "AnnotatedDataParameter", "NonMaximumSuppressionParameter", "SaveOutputParameter",
+    "PriorBoxParameter", "DetectionOutputParameter", "DetectionEvaluateParameter",
+    "MultiBoxLossParameter", "NormalizeParameter", "PermuteParameter", "VideoDataParameter",
+    "InterpParameter", "ROIPoolingParameter", "SmoothL1LossParameter", "PSROIPoolingParameter",
+    "ProposalParameter", "BNParameter", "UpsampleParameter", "ShuffleChannelParameter",
+    "ReLU6Parameter", "ReorgParameter", "RegionParameter",
+}  # fmt: skip
+FORK_FIELD_BASE = 3001
+
+
+def test_fork_messages_have_no_required_fields():
+    """A fork's `required` must never make a read fail: every field we declare is optional."""
+    fd = _shipped_file_proto()
+    for m in fd.message_type:
+        if m.name in FORK_MESSAGES:
+            assert all(f.label != f.LABEL_REQUIRED for f in m.field), m.name
 
 
 def _field(path: str):
@@ -181,9 +204,13 @@ def test_schema_matches_bvlc_fingerprint():
     expected = json.loads(FINGERPRINT.read_text())
     enums, messages = _our_schema()
     assert expected["package"] == "caffe"
-    assert set(messages) == set(expected["messages"])
+    assert set(messages) == set(expected["messages"]) | FORK_MESSAGES
     for name, want in expected["messages"].items():
-        assert messages[name]["fields"] == want["fields"], name
+        ours = messages[name]["fields"]
+        added = {k: v for k, v in ours.items() if k not in want["fields"]}
+        assert {k: v for k, v in ours.items() if k in want["fields"]} == want["fields"], name
+        # fork fields in a BVLC message sit at 3001 and up, clear of every BVLC and fork number
+        assert all(v[0] >= FORK_FIELD_BASE for v in added.values()), (name, added)
         got_enums = messages[name]["enums"]
         assert set(got_enums) == set(want["enums"]), name
         for enum_name, values in want["enums"].items():
