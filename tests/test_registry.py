@@ -62,7 +62,19 @@ Pooling Power Python RNN ReLU Reduction Reshape SPP Scale Sigmoid SigmoidCrossEn
 Slice Softmax SoftmaxWithLoss Split Swish TanH Threshold Tile WindowData""".split()
 
 
-def test_every_bvlc_master_type_is_registered_and_no_other():
+FORKS_DOC = Path(__file__).parents[1] / "docs" / "forks.md"
+
+
+def _fork_types_in_docs() -> set[str]:
+    """Type names in the first column of docs/forks.md's tables (`| `Type` | fork | ...`)."""
+    import re
+
+    return set(re.findall(r"^\| `([A-Za-z0-9_]+)` \|", FORKS_DOC.read_text(), re.MULTILINE))
+
+
+def test_every_bvlc_master_type_is_registered_and_others_are_documented_forks():
     ours = set(layer_types())
     assert sorted(set(BVLC_MASTER_TYPES) - ours) == []
-    assert sorted(ours - set(BVLC_MASTER_TYPES)) == []
+    forks = _fork_types_in_docs()
+    assert sorted(ours - set(BVLC_MASTER_TYPES) - forks) == [], "fork types not in docs/forks.md"
+    assert sorted(forks - ours) == [], "docs/forks.md names types that are not registered"
