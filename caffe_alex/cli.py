@@ -10,6 +10,7 @@ Errors print one line and exit with code 1; ``--debug`` shows the traceback inst
 from __future__ import annotations
 
 import importlib
+import sys
 
 import click
 
@@ -55,10 +56,31 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.option(
+    "--proto",
+    metavar="CAFFE_PROTO",
+    envvar="CAFFE_ALEX_PROTO",
+    help="Your fork's caffe.proto: net and solver files are read with its field numbers.",
+)
 @click.version_option(package_name="caffe-alex")
-def main(debug: bool) -> None:
+def main(debug: bool, proto: str | None) -> None:
     """Read, run and train BVLC Caffe nets on PyTorch with Caffe's numbers."""
     setup_logging()
+    if proto:
+        _use_proto(proto, debug)
+
+
+def _use_proto(path: str, debug: bool) -> None:
+    from .errors import CaffeAlexError
+    from .formats.user_proto import use_proto
+
+    try:
+        use_proto(path)
+    except CaffeAlexError as exc:  # the one-line form of every command's errors
+        if debug:
+            raise
+        click.echo(f"caffe-alex: error: {exc}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

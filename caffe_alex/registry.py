@@ -50,7 +50,9 @@ def get_layer_class(type_name: str) -> type[CaffeLayer]:
         return _LAYER_TYPES[type_name]
     except KeyError:
         raise LayerConfigError(
-            f"unknown layer type '{type_name}'; known types: {', '.join(sorted(_LAYER_TYPES))}"
+            f"unknown layer type '{type_name}': neither BVLC Caffe's nor a fork's that caffe-alex "
+            "implements (docs/forks.md); add it in a few lines with caffe_alex.register "
+            f"(docs/forks.md, 'Your own fork'); known types: {', '.join(sorted(_LAYER_TYPES))}"
         ) from None
 
 

@@ -43,9 +43,11 @@ def test_unknown_type(tmp_path):
         tmp_path, HEAD + '\nlayer { name: "m" type: "Mystery" bottom: "data" top: "m" }\n'
     )
     assert message.startswith(
-        "net.prototxt:7: layer 'm' (Mystery): unknown layer type 'Mystery'; "
-        "known types: AbsVal, Accuracy, "
+        "net.prototxt:7: layer 'm' (Mystery): unknown layer type 'Mystery': neither BVLC "
+        "Caffe's nor a fork's that caffe-alex implements (docs/forks.md); add it in a few lines "
+        "with caffe_alex.register (docs/forks.md, 'Your own fork'); known types: AbsVal, Accuracy, "
     )
+    assert "\n" not in message
 
 
 def test_unknown_bottom(tmp_path):

@@ -47,7 +47,8 @@ def test_learnable_blobs_are_checked_before_they_are_filled():
 
 def test_unknown_type_lists_the_known_ones():
     with pytest.raises(
-        LayerConfigError, match=r"unknown layer type 'Nope'; known types: .*Convolution"
+        LayerConfigError,
+        match=r"unknown layer type 'Nope': .* caffe_alex.register .*; known types: .*Convolution",
     ):
         get_layer_class("Nope")
 

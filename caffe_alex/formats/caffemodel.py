@@ -66,8 +66,26 @@ def _parse_layer(buf, s: int, e: int, number: int):
     try:
         cls.FromString(rest)
     except pb_message.DecodeError:
-        raise WireError(f"not a {cls.DESCRIPTOR.name}", s) from None
+        # A fork's parameter at a number that means another message here (DeepLab's
+        # interp_param at BVLC's input_param, ...): keep the fields every fork shares.
+        rest = _shared_fields(rest, cls, _SHARED[number], s)
     return rest, blobs
+
+
+# The fields of a layer record every fork agrees on: name, type, bottom, top (LayerParameter
+# 1-4; V1LayerParameter: bottom 2, top 3, name 4, type 5, and the nested V0 layer 1).
+_SHARED = {_LAYER: {1, 2, 3, 4}, _V1_LAYERS: {1, 2, 3, 4, 5}}
+
+
+def _shared_fields(record: bytes, cls, keep: set[int], pos: int) -> bytes:
+    kept = b"".join(
+        record[fs:e] for n, _, _, e, fs in fields(record, 0, len(record)) if n in keep
+    )
+    try:
+        cls.FromString(kept)
+    except pb_message.DecodeError:
+        raise WireError(f"not a {cls.DESCRIPTOR.name}", pos) from None
+    return kept
 
 
 def _parse_net(buf, size: int):

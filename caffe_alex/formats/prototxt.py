@@ -23,6 +23,7 @@ from ..log import get_logger
 from ..proto import caffe_pb2
 from .files import atomic_path
 from .upgrade import net_needs_upgrade, solver_needs_upgrade, upgrade_net, upgrade_solver
+from .user_proto import active_proto, to_ours
 
 # ---- token scanning (for the layer->line map and for naming the token of a parse error) ------
 
@@ -149,8 +150,8 @@ def _describe(reason: str, found: str) -> str:
     m = re.match(r'Message type "caffe\.(\w+)" has no field named "(\w+)"', reason)
     if m:
         return (
-            f'unknown field "{m[2]}" in {m[1]} (BVLC Caffe\'s caffe.proto has no such '
-            "field; is this file for a Caffe fork?)"
+            f'unknown field "{m[2]}" in {m[1]} (neither BVLC Caffe nor a fork caffe-alex reads '
+            "has it; for another fork, give its caffe.proto: caffe-alex --proto FILE)"
         )
     m = re.match(r'Message type "caffe\.(\w+)" should not have multiple "(\w+)" fields', reason)
     if m:
@@ -231,15 +232,34 @@ def _as_text(data: bytes) -> str | None:
     return text[1:] if text.startswith("\ufeff") else text  # editors hide a BOM; so do we
 
 
+def _fork_class(message):
+    """The user's own fork's class for ``message`` (``use_proto``), or None."""
+    schema = active_proto()
+    if schema is None or message.DESCRIPTOR.file is not caffe_pb2.DESCRIPTOR:
+        return None
+    return {"NetParameter": schema.net, "SolverParameter": schema.solver}.get(
+        message.DESCRIPTOR.name
+    )
+
+
 def _parse_text(text: str, message, path):
+    fork = _fork_class(message)
+    target = message if fork is None else fork()
     try:
-        text_format.Parse(text, message)
+        text_format.Parse(text, target)
     except text_format.ParseError as exc:
         raise _parse_error(exc, text, path) from None
+    if fork is not None:  # read by their schema, handed over by field name
+        message.CopyFrom(to_ours(target, type(message), _name(path), active_proto()))
     return message
 
 
 def _parse_binary(data: bytes, message, path):
+    fork = _fork_class(message)
+    if fork is not None:
+        theirs = _parse_binary(data, fork(), path)
+        message.CopyFrom(to_ours(theirs, type(message), _name(path), active_proto()))
+        return message
     try:
         message.ParseFromString(data)
     except pb_message.DecodeError:

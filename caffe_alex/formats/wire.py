@@ -104,13 +104,38 @@ def _floats(buf, wire: int, s: int, e: int, dtype: str):
     raise WireError(f"wire type {wire} for a float field", s)
 
 
+# NVIDIA/caffe stores fp16 (and other) weights as BlobProto raw_data (12) typed by
+# raw_data_type (10), values of its Type enum: DOUBLE 0, FLOAT 1, FLOAT16 2 (INT 3, UINT 4 hold
+# no weights). Neither number is used by BVLC or another fork's BlobProto.
+_RAW_TYPE, _RAW_DATA = 10, 12
+_RAW_DTYPES = {0: "<f8", 1: "<f4", 2: "<f2"}
+
+
+def _raw_data(buf, raw_type: int | None, raw: tuple[int, int] | None, pos: int) -> np.ndarray:
+    if raw is None:
+        return np.zeros(0, np.float32)
+    if raw_type not in _RAW_DTYPES:
+        what = "no raw_data_type" if raw_type is None else f"raw_data_type {raw_type}"
+        raise WireError(f"raw_data with {what} (NVIDIA/caffe's DOUBLE, FLOAT or FLOAT16)", pos)
+    dtype = np.dtype(_RAW_DTYPES[raw_type])
+    s, e = raw
+    if (e - s) % dtype.itemsize:
+        raise WireError(f"raw_data of {e - s} bytes is not whole {dtype.name} values", s)
+    return np.frombuffer(buf, dtype=dtype, count=(e - s) // dtype.itemsize, offset=s)
+
+
 def parse_blob(buf, start: int, end: int) -> Blob:
     parts: dict[str, list[np.ndarray]] = {}
     rest = bytearray()
+    raw_type = raw = None
     for number, wire, s, e, fs in fields(buf, start, end):
         if number in _FLOAT_FIELDS:
             name, dtype = _FLOAT_FIELDS[number]
             parts.setdefault(name, []).append(_floats(buf, wire, s, e, dtype))
+        elif number == _RAW_TYPE and wire == 0:
+            raw_type = varint(buf, s, e)[0]
+        elif number == _RAW_DATA and wire == 2:
+            raw = (s, e)
         else:
             rest += buf[fs:e]
     try:
@@ -124,6 +149,8 @@ def parse_blob(buf, start: int, end: int) -> Blob:
     count = blob_count(shape, start)
     doubles = _join(parts.get("double_data"))
     data = doubles if doubles.size else _join(parts.get("data"))  # as Blob::FromProto picks
+    if not data.size:
+        data = _raw_data(buf, raw_type, raw, start).astype(np.float32)
     double_diff = _join(parts.get("double_diff"))
     diff = double_diff if double_diff.size else _join(parts.get("diff"))
     if data.size != count:
