@@ -59,8 +59,9 @@ SYNTAX_ERRORS = [
     ),
     (
         "layer {\n    bogus: 3\n}",
-        'net.prototxt:2:5: unknown field "bogus" in LayerParameter (BVLC Caffe\'s caffe.proto '
-        "has no such field; is this file for a Caffe fork?)",
+        'net.prototxt:2:5: unknown field "bogus" in LayerParameter (neither BVLC Caffe nor a '
+        "fork caffe-alex reads has it; for another fork, give its caffe.proto: caffe-alex "
+        "--proto FILE)",
     ),
     (
         "layer {\n\tpooling_param { pool: MAXX } }",  # a tab counts as one column
