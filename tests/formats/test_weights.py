@@ -381,3 +381,34 @@ def test_cli_inspect_convert_and_time_with_weights(tmp_path):
             str(tmp_path / "s.caffemodel"), "-iterations", "1", "-phase", "TEST"]  # fmt: skip
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.output
+
+
+DUPLICATE_NAMES = """
+layer { name: "input" type: "Input" top: "data"
+        input_param { shape { dim: 1 dim: 2 dim: 3 dim: 3 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "a"
+        convolution_param { num_output: 2 kernel_size: 1 weight_filler { type: "constant" } } }
+layer { name: "conv" type: "Convolution" bottom: "a" top: "b"
+        convolution_param { num_output: 2 kernel_size: 1
+                            weight_filler { type: "constant" value: 2 } } }
+"""
+
+
+def test_a_reused_layer_name_builds_and_loads_as_caffe_does(tmp_path):
+    """Published SSDLite files name two layers alike. Caffe builds them; CopyTrainedLayersFrom
+    copies each record of that name into the FIRST layer so named (its search starts at 0), and
+    pycaffe's net.params, a dict built in layer order, shows the last."""
+    net = small(DUPLICATE_NAMES)
+    assert net.layer_names == ["input", "conv", "conv"]
+    record = caffe_pb2.NetParameter(name="dup")
+    layer = record.layer.add(name="conv", type="Convolution")
+    for values in (np.full((2, 2, 1, 1), 7.0), np.arange(2.0)):
+        blob = layer.blobs.add(shape=caffe_pb2.BlobShape(dim=values.shape))
+        blob.data.extend(values.ravel())
+    path = tmp_path / "dup.caffemodel"
+    path.write_bytes(record.SerializeToString())
+    net.load_weights(str(path))
+    first, second = (net.layers[key] for key in list(net.layers.keys())[1:])
+    assert torch.equal(first.blobs[0], torch.full((2, 2, 1, 1), 7.0))
+    assert torch.equal(second.blobs[0], torch.full((2, 2, 1, 1), 2.0))  # its filler
+    assert net.params["conv"][0] is second.blobs[0]
