@@ -137,7 +137,8 @@ class PriorBoxLayer(CaffeLayer):
     def top_shapes(self, bottom_shapes):
         h = legacy_dim(bottom_shapes[0], 2, "bottom 0")
         w = legacy_dim(bottom_shapes[0], 3, "bottom 0")
-        legacy_dim(bottom_shapes[1], 3, "bottom 1")
+        if self.img_h == 0 or self.img_w == 0:  # the image is read for its size
+            legacy_dim(bottom_shapes[1], 3, "bottom 1")
         size = h * w * len(self.sizes) * 4
         if size <= 0:
             raise LayerConfigError(f"bottom 0 {list(bottom_shapes[0])} has no cell to put a prior")
