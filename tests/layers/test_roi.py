@@ -146,6 +146,7 @@ def test_roipooling_forward_and_backward_match_the_fork(scale, budget, monkeypat
     rois = random_rois(rng, 16, 2, -10.0 / scale, 12.0 / scale)
     rois[0, 1:] = [3 / scale, 2 / scale, 1 / scale, 5 / scale]  # x2 < x1: one cell, no gradient
     rois[1, 1:] = [-9 / scale, -9 / scale, -2 / scale, -3 / scale]  # wholly outside: zeros
+    rois[2, 1:] = np.array([0.5, 2.5, 4.5, 6.5]) / scale  # halves: C's round goes up, not even
     params = f"roi_pooling_param {{ pooled_h: 2 pooled_w: 3 spatial_scale: {scale} }}"
     net = Net(parse_net(pooling_net("ROIPooling", x.shape, len(rois), params)), "TRAIN")
     xt = torch.from_numpy(x).requires_grad_()
@@ -283,6 +284,7 @@ def test_psroipooling_forward_and_backward_match_the_fork():
     rois = random_rois(rng, 20, 2, -30.0, 180.0)
     rois[0, 1:] = [50, 50, 20, 10]  # x2 < x1: a 0.1-cell roi
     rois[1, 1:] = [-90, -80, -40, -30]  # wholly outside: every bin empty
+    rois[2, 1:] = [8.5, 24.5, 72.5, 88.5]  # halves: C's round goes up, not to even
     params = psroi_params(scale=0.0625, output_dim=3, group=2)
     net = Net(parse_net(pooling_net("PSROIPooling", x.shape, len(rois), params)), "TRAIN")
     xt = torch.from_numpy(x).requires_grad_()
