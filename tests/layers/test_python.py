@@ -95,6 +95,9 @@ class FasterRcnnStyle(caffe.Layer):
     def reshape(self, bottom, top):
         pass
 
+    def set_offset(self, value):  # called through pycaffe's net.layers, as set_roidb is
+        self.offset = value
+
     def forward(self, bottom, top):
         rows = bottom[0].data.shape[0] + (1 if str(self.phase) == "TRAIN" else 0)
         top[0].reshape(rows, 5)
@@ -181,6 +184,23 @@ def test_py_faster_rcnn_conventions_param_str_underscore_phase_names_and_lasting
         assert (out["b"] == len(phase)).all()
         impl = net.layer("p").impl
         assert impl.phase == (0 if phase == "TRAIN" else 1) and str(impl.phase) == phase
+
+
+def test_pycaffe_net_layers_reach_the_python_layers_own_methods(tmp_path):
+    import caffe_alex.pycaffe as caffe
+
+    path = tmp_path / "net.prototxt"
+    path.write_text(
+        input_layer((3, 2)) + python_layer("p", "FasterRcnnStyle", ["x"], ["a", "b"], "1.5")
+    )
+    net = caffe.Net(str(path), caffe.TEST)
+    layer = net.layers[list(net._layer_names).index("p")]
+    assert layer.type == "Python" and layer.offset == 1.5
+    layer.set_offset(4.0)
+    net.forward()
+    assert (net.blobs["a"].data == 4.0).all() and net.blobs["a"].data.shape == (3, 5)
+    with pytest.raises(AttributeError):
+        net.layers[0].set_offset(1.0)  # the Input layer is no Python layer
 
 
 def test_python_loss_trains_like_the_builtin_euclidean_loss(tmp_path):

@@ -524,6 +524,29 @@ def test_faster_rcnn_python_proposal_layer_equals_builtin_proposal(monkeypatch, 
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
 
 
+def test_py_faster_rcnn_im_detect_calls_through_pycaffe(monkeypatch):
+    """What py-faster-rcnn's lib/fast_rcnn/test.py does with `import caffe`: reshape the inputs,
+    forward with keyword blobs, read rois, cls_prob and bbox_pred, whose row counts follow the
+    proposals of this image."""
+    import caffe
+
+    monkeypatch.syspath_prepend(str(CORPUS_LAYERS))
+    net = caffe.Net(str(ZF_TEST), caffe.TEST)
+    scaled_random_weights(net._module, seed=13)
+    blobs = zf_inputs(1.0)
+    net.blobs["data"].reshape(*(blobs["data"].shape))
+    net.blobs["im_info"].reshape(*(blobs["im_info"].shape))
+    out = net.forward(data=blobs["data"], im_info=blobs["im_info"])
+    rois = net.blobs["rois"].data.copy()
+    assert rois.ndim == 2 and rois.shape[1] == 5 and 1 < rois.shape[0] <= 300
+    assert out["cls_prob"].shape == (rois.shape[0], 21)
+    assert net.blobs["bbox_pred"].data.shape == (rois.shape[0], 84)
+    expected, _ = reference_proposals(
+        net.blobs["rpn_cls_prob_reshape"].data, net.blobs["rpn_bbox_pred"].data, blobs["im_info"]
+    )
+    np.testing.assert_array_equal(rois, expected)
+
+
 def test_faster_rcnn_with_builtin_proposal_matches_opencv(tmp_path):
     """ZF Faster R-CNN with the built-in Proposal, random weights, against OpenCV: the rois as
     box lists (OpenCV pads them to post_nms_topn rows of zeros), and each roi's class
