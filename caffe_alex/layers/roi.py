@@ -250,8 +250,6 @@ def psroi_average(x, batch, hs, he, ws, we, output_dim: int, group: int) -> torc
     integral image in float64 (exact sums; autograd then spreads each output's gradient evenly
     over its bin, as the fork's backward does). Empty bins give 0."""
     n, c, h, w = x.shape
-    if batch.shape[0] == 0:
-        return x.new_zeros(0, output_dim, group, group)
     integral = torch.zeros(n, c, h + 1, w + 1, dtype=torch.float64, device=x.device)
     integral[:, :, 1:, 1:] = x.to(torch.float64).cumsum(2).cumsum(3)
     flat = integral.reshape(-1)

@@ -607,3 +607,17 @@ def test_region_detector_nets_build(path, phase, monkeypatch):
     assert kinds & {"ROIPooling", "PSROIPooling"}
     for shape in net.blob_shapes.values():
         assert all(d >= 0 for d in shape)
+
+
+@pytest.mark.parametrize(
+    ("kind", "params", "channels"),
+    [("ROIPooling", ROI_PARAMS, 3), ("PSROIPooling", psroi_params(), 18)],
+)
+def test_no_rois_give_an_empty_top_and_a_zero_gradient(kind, params, channels):
+    # a proposal layer may keep no box: the pooled blob is then empty, and backward still runs
+    net = Net(parse_net(pooling_net(kind, (1, channels, 5, 5), 1, params)), "TRAIN")
+    x = torch.randn(1, channels, 5, 5, requires_grad=True)
+    out = net(x=x, rois=torch.zeros(0, 5))["out"]
+    assert out.shape[0] == 0 and out.shape[1:] == net.blob_shapes["out"][1:]
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
