@@ -5,7 +5,9 @@
 weights file) and builds ``layer`` with the LayerParameter. The class subclasses ``caffe.Layer``
 (``Layer`` here) and defines ``setup(bottom, top)``, ``reshape(bottom, top)``,
 ``forward(bottom, top)`` and ``backward(top, propagate_down, bottom)`` over pycaffe Blobs
-(numpy ``data``/``diff``); it has ``self.param_str``, ``self.phase``, ``self.type`` and
+(numpy ``data``/``diff``); it has ``self.param_str`` (also as ``self.param_str_``, the name
+caffe-fast-rcnn's pycaffe and so py-faster-rcnn's layers use), ``self.phase`` (0 for TRAIN,
+1 for TEST, whose ``str()`` is "TRAIN" or "TEST" as that fork's phase enum gives), ``self.type`` and
 ``self.blobs`` (``add_blob``: learnable blobs, which this layer registers as its parameters so
 solvers update them and .caffemodel files keep them).
 
@@ -24,6 +26,19 @@ from ..errors import CaffeAlexError, LayerConfigError, describe
 from ..registry import CaffeLayer, register
 
 
+class Phase(int):
+    """A layer's phase: the int BVLC's pycaffe gives (0 TRAIN, 1 TEST) whose text is the
+    name, as caffe-fast-rcnn's enum prints it (py-faster-rcnn reads ``str(self.phase)``)."""
+
+    def __new__(cls, value: int):
+        return super().__new__(cls, value)
+
+    def __str__(self) -> str:
+        return "TRAIN" if self == 0 else "TEST"
+
+    __repr__ = __str__
+
+
 class Layer:
     """The base class of Python layers (pycaffe's ``caffe.Layer``)."""
 
@@ -31,8 +46,17 @@ class Layer:
 
     def __init__(self, param=None):
         self.param_str = param.python_param.param_str if param is not None else ""
-        self.phase = 0
+        self.phase = Phase(0)
         self.blobs = BlobVec()
+
+    @property
+    def param_str_(self) -> str:
+        # caffe-fast-rcnn's pycaffe name for param_str (py-faster-rcnn's layers read it)
+        return self.param_str
+
+    @param_str_.setter
+    def param_str_(self, value: str) -> None:
+        self.param_str = value
 
     def setup(self, bottom, top) -> None:
         pass
@@ -74,9 +98,10 @@ class _PythonFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, host, n_bottom: int, *tensors):
         bottom = _blobs(tensors[:n_bottom])
-        top = [Blob(torch.zeros(0)) for _ in range(host.n_top)]
+        top = host.fresh_tops()
         host.call("reshape", bottom, top)
         host.call("forward", bottom, top)
+        host.top_dims = [t.shape for t in top]
         ctx.host, ctx.bottom, ctx.top = host, bottom, top
         device = tensors[0].device if tensors else host.device()
         return tuple(t.data_tensor().to(device, copy=True) for t in top)
@@ -111,6 +136,10 @@ class PythonLayer(CaffeLayer):
         self.where = f"{p.module}.{p.layer}"
         cls = _import_class(p.module, p.layer)
         self.n_top = len(layer_param.top)
+        # Caffe's top blobs outlive each call: a reshape that does nothing (py-faster-rcnn's
+        # layers reshape in forward) leaves them as they were. Here each call gets new blobs of
+        # the shapes the last call left.
+        self.top_dims: list[tuple[int, ...]] = [(0,)] * self.n_top
         self.bottom_devices = [torch.device("cpu")] * len(bottom_shapes)
         self.impl = self._construct(cls, layer_param, phase)
         self._built_for = [tuple(s) for s in bottom_shapes]
@@ -123,7 +152,7 @@ class PythonLayer(CaffeLayer):
             raise LayerConfigError(f"{self.where}({type(exc).__name__}): {describe(exc)}") from exc
         # Caffe sets these on the object whatever its __init__ did
         impl.param_str = layer_param.python_param.param_str
-        impl.phase = 0 if phase == "TRAIN" else 1
+        impl.phase = Phase(0 if phase == "TRAIN" else 1)
         impl.blobs = BlobVec(on_add=self._add_learnable)
         return impl
 
@@ -134,14 +163,18 @@ class PythonLayer(CaffeLayer):
 
     def _shapes_for(self, bottom_shapes, first: str):
         bottom = [Blob(torch.zeros(tuple(s))) for s in bottom_shapes]
-        top = [Blob(torch.zeros(0)) for _ in range(self.n_top)]
+        top = self.fresh_tops()
         try:
             if first == "setup":
                 self.call("setup", bottom, top)
             self.call("reshape", bottom, top)
         except CaffeAlexError as exc:
             raise LayerConfigError(exc.message) from exc.__cause__
-        return [t.shape for t in top]
+        self.top_dims = [t.shape for t in top]
+        return list(self.top_dims)
+
+    def fresh_tops(self) -> list[Blob]:
+        return [Blob(torch.zeros(shape)) for shape in self.top_dims]
 
     def top_shapes(self, bottom_shapes):
         if [tuple(s) for s in bottom_shapes] == self._built_for:
