@@ -74,8 +74,7 @@ class ReorgLayer(CaffeLayer):
         if self.reverse:
             if c % (s * s):
                 raise LayerConfigError(
-                    f"reverse reorg with stride {s} needs channels divisible by {s * s}, "
-                    f"got {c}"
+                    f"reverse reorg with stride {s} needs channels divisible by {s * s}, got {c}"
                 )
             return [(n, c // (s * s), h * s, w * s)]
         if c % (s * s) or h % s or w % s:
