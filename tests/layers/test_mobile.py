@@ -12,6 +12,7 @@ import torch
 from caffe_alex.errors import CaffeAlexError
 from caffe_alex.net import Net
 from tests.reference import (
+    check_runtime_variants,
     compare_with_opencv,
     gradcheck_net,
     opencv_forward,
@@ -414,3 +415,17 @@ def test_axpy_shape_mismatch_names_file_line_layer_value(tmp_path):
 def test_axpy_shape_errors(a_shape, x_shape, message):
     with pytest.raises(CaffeAlexError, match=message):
         Net(parse_net(axpy_net(a_shape, x_shape)), "TEST")
+
+
+@pytest.mark.parametrize(
+    "kind,params,shape",
+    [
+        ("ShuffleChannel", "shuffle_channel_param { group: 2 }", (2, 4, 3, 3)),
+        ("ReLU6", "", (2, 4, 5, 5)),
+    ],
+)
+def test_channels_last_bf16_compile_and_meta(kind, params, shape):
+    net = Net(parse_net(one_layer(kind, params, shape)), "TEST")
+    check_runtime_variants(net, torch.randn(shape) * 4)
+    top = net.to("meta")(data=torch.empty(shape, device="meta"))["out"]
+    assert top.device.type == "meta" and tuple(top.shape) == net.blob_shapes["out"]

@@ -12,6 +12,7 @@ from caffe_alex.errors import CaffeAlexError
 from caffe_alex.net import Net
 from tests.reference import (
     caffemodel_bytes,
+    check_runtime_variants,
     compare_with_opencv,
     opencv_forward,
     parse_net,
@@ -248,3 +249,18 @@ def test_region_in_place_is_refused(tmp_path):
     error = error_of(tmp_path, text)
     assert (error.line, error.layer) == (3, "region")
     assert "does not allow in-place computation" in error.message
+
+
+@pytest.mark.parametrize(
+    "kind,params,shape",
+    [
+        ("Reorg", "reorg_param { stride: 2 }", (2, 8, 4, 4)),
+        ("Reorg", "reorg_param { stride: 2 reverse: true }", (2, 8, 4, 4)),
+        ("Region", region_params(2, 3), (2, 16, 3, 3)),
+    ],
+)
+def test_channels_last_bf16_compile_and_meta(kind, params, shape):
+    net = Net(parse_net(one_layer(kind, params, shape)), "TEST")
+    check_runtime_variants(net, torch.randn(shape) * 4)
+    top = net.to("meta")(data=torch.empty(shape, device="meta"))["out"]
+    assert top.device.type == "meta" and tuple(top.shape) == net.blob_shapes["out"]
