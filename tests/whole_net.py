@@ -24,8 +24,8 @@ _FILTERS = {"Convolution", "ConvolutionDepthwise", "DepthwiseConvolution", "Inne
 
 
 def randomize_scaled(net: Net, seed: int = 0) -> None:
-    """He-scaled filters, small biases, BatchNorm statistics with variance near 1 (and a unit
-    moving-average factor), Scale near 1: a 50-layer net neither explodes nor vanishes."""
+    """He-scaled filters, Scale near 1, small other blobs (BatchNorm statistics are set by
+    ``calibrate_batch_norms``)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, blobs in net.params.items():
@@ -35,9 +35,6 @@ def randomize_scaled(net: Net, seed: int = 0) -> None:
                 if kind in _FILTERS and index == 0:
                     fan_in = max(1, blob[0].numel())
                     blob.copy_(noise * (2.0 / fan_in) ** 0.5)
-                elif kind == "BatchNorm":
-                    values = [noise * 0.1, noise.abs() * 0.5 + 0.5, torch.ones(blob.shape)]
-                    blob.copy_(values[index])
                 elif kind == "Scale" and index == 0:
                     blob.copy_(1 + 0.1 * noise)
                 else:
@@ -77,13 +74,14 @@ def calibrate_batch_norms(net: Net, inputs: dict[str, torch.Tensor], seed: int =
 
 
 def last_writers(net: Net) -> dict[str, str]:
-    """Each blob's final writer: the layer whose output OpenCV reports under that layer's name
-    (in-place chains end at the last layer; only first tops, which is what OpenCV returns)."""
+    """Each computed blob's final writer: the layer whose output OpenCV reports under that
+    layer's name (in-place chains end at the last layer; only first tops, which is what OpenCV
+    returns)."""
     writers = {}
     for step in net.steps:
-        if step.tops and step.layer not in net.input_names:
+        if step.tops and not net.layer(step.layer).is_source:
             writers[step.tops[0]] = step.layer
-    return {blob: layer for blob, layer in writers.items() if blob not in net.input_names}
+    return writers
 
 
 def opencv_outputs(text: str, model: bytes, inputs: dict[str, np.ndarray], writers: dict):
@@ -116,13 +114,12 @@ def compare_net_with_opencv(
     opencv_text: str | None = None,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     extra_model: bytes = b"",
-    skip: set[str] = frozenset(),
     expect: dict[str, Callable[[np.ndarray], np.ndarray]] | None = None,
     tol: float = 1e-3,
     seed: int = 0,
 ) -> tuple[Net, dict[str, np.ndarray], dict[str, np.ndarray], dict[str, float]]:
     """Build ``path`` (TEST), run it here and in OpenCV on the same random weights and input,
-    and assert every blob (but ``skip``) agrees to ``tol`` of its largest |value|; for a blob in
+    and assert every blob agrees to ``tol`` of its largest |value|; for a blob in
     ``expect``, OpenCV's value is compared with ``expect[blob](our value)`` (a layer OpenCV
     implements with another output). Returns the net, our blobs, OpenCV's outputs by blob name
     and the relative errors."""
@@ -137,7 +134,7 @@ def compare_net_with_opencv(
     with torch.no_grad():
         net(**feed)
     ours = {k: v.numpy() for k, v in net.blobs.items()}
-    writers = {b: layer for b, layer in last_writers(net).items() if b not in skip}
+    writers = last_writers(net)
     if opencv_text is None:
         with open(path) as f:
             opencv_text = f.read()

@@ -11,7 +11,9 @@ import torch
 from caffe_alex.errors import CaffeAlexError
 from caffe_alex.layers.pooling import PoolingLayer
 from caffe_alex.net import Net
+from tests.corpus import CORPUS
 from tests.reference import compare_with_opencv, gradcheck_net, parse_net
+from tests.whole_net import compare_net_with_opencv
 
 FLT_MAX = float(np.finfo(np.float32).max)
 
@@ -321,9 +323,6 @@ def test_ceil_mode_with_round_mode_names_file_line_layer_and_both_values(tmp_pat
 
 
 def test_densenet_121_with_ceil_mode_false_builds_and_matches_opencv():
-    from tests.corpus import CORPUS
-    from tests.whole_net import compare_net_with_opencv
-
     path = CORPUS / "shicai__DenseNet-Caffe" / "DenseNet_121.prototxt"
     if not path.is_file():
         pytest.skip("../shared/corpus is not present")
