@@ -114,3 +114,22 @@ def test_bf16_channels_last_and_compile():
     y.sum().backward()
     assert torch.all((y == 0) | (y == x * 2))
     assert torch.equal(xc.grad, (y != 0).float() * 2)
+
+
+def test_segnet_sample_weights_test_drops_in_test_phase_too():
+    # caffe-segnet's Bayesian SegNet: sample_weights_test keeps dropping in TEST (and in eval()),
+    # with the same mask in backward.
+    text = dropout_net(None, (4, 8, 20, 20)).replace(
+        'type: "Dropout" bottom: "data" top: "out"',
+        'type: "Dropout" bottom: "data" top: "out" '
+        "dropout_param { dropout_ratio: 0.3 sample_weights_test: true }",
+    )
+    net = Net(parse_net(text), "TEST").eval()
+    x = (torch.rand(4, 8, 20, 20) + 0.5).requires_grad_()
+    torch.manual_seed(0)
+    y = net(data=x)["out"]
+    kept = y != 0
+    assert 0.6 < kept.float().mean() < 0.8
+    torch.testing.assert_close(y[kept], x[kept] * caffe_scale(0.3))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() * caffe_scale(0.3))
