@@ -1,6 +1,8 @@
 """The segmentation forks' public nets (tests/fork_nets/: SegNet-Tutorial, PSPNet, DeepLab v2
-ResNet-101) build in both phases; small forwards of DeepLab v2 (against OpenCV 4) and SegNet
-(each BN, Upsample and mask-making Pooling against NumPy transcriptions of the forks).
+ResNet-101) build in both phases. Small forwards: DeepLab v2 single scale against OpenCV 4;
+DeepLab v2 multi-scale, SegNet-basic (inference and train) and PSPNet's pyramid pooling module
+layer by layer, each BN, Interp, Upsample and mask-making Pooling against NumPy transcriptions
+of the forks (OpenCV has no BN or Upsample, nor Interp's shrink_factor).
 
 What the files need that these forks' layers do not give, replaced before building (see
 tests/fork_nets/SOURCES.md): caffe-segnet's DenseImageData and the HDF5Data of a path that is
@@ -22,7 +24,7 @@ import torch
 from caffe_alex.formats.prototxt import parse_net_text
 from caffe_alex.net import Net
 from tests.layers.test_segmentation import caffe_interp2, caffe_max_pool, caffe_unpool
-from tests.layers.test_segmentation_bn import segnet_learn
+from tests.layers.test_segmentation_bn import pspnet_forward, segnet_learn
 from tests.reference import opencv_forward, relative_error
 
 FORK_NETS = Path(__file__).parent / "fork_nets"
@@ -266,3 +268,53 @@ def test_bayesian_segnet_samples_at_test_time():
     with torch.no_grad():
         first, second = net(**feed)["prob"].clone(), net(**feed)["prob"]
     assert not torch.equal(first, second)  # sample_weights_test: dropout in TEST
+
+
+# ---- PSPNet ---------------------------------------------------------------------------
+
+PSPNET = FORK_NETS / "hszhao__PSPNet" / "evaluation" / "prototxt"
+
+
+def test_pspnet_pyramid_pooling_module_layer_by_layer():
+    # The whole net runs at 473 x 473 only (its pooling kernels and Interp sizes are fixed):
+    # here its pyramid pooling module, cut from the file as it stands, fed a 60 x 60 conv5_3.
+    text = (PSPNET / "pspnet50_ADE20K_473.prototxt").read_text()
+    blocks = layer_blocks(text)
+    names = [re.search(r'name:\s*"([^"]+)"', text[s:e]).group(1) for s, e, _ in blocks]
+    first, last = names.index("conv5_3_pool1"), names.index("conv5_3_concat")
+    module = "".join(text[s:e] + "\n" for s, e, _ in blocks[first : last + 1])
+    head = 'name: "ppm"\nlayer { name: "conv5_3" type: "Input" top: "conv5_3" '
+    head += "input_param { shape { dim: 1 dim: 2048 dim: 60 dim: 60 } } }\n"
+    net_param, source = parse_net_text(head + module)
+    net = Net(net_param, "TEST", source=source)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, blobs in net.params.items():
+            for i, blob in enumerate(blobs):
+                noise = torch.randn(blob.shape, generator=gen)
+                if net.layer(name).type_name == "Convolution":
+                    blob.copy_(noise / np.sqrt(blob[0].numel()))
+                else:  # BN: slope, bias, running mean, running variance (positive)
+                    blob.copy_(noise.abs() + 0.5 if i == 3 else noise * 0.5)
+    seen = record(net, {"BN", "Interp"})
+    with torch.no_grad():
+        out = net(conv5_3=torch.randn(1, 2048, 60, 60, generator=gen))
+    assert tuple(out["conv5_3_concat"].shape) == (1, 4096, 60, 60)
+    assert sorted(seen) == sorted(
+        [f"conv5_3_pool{k}_conv/bn" for k in (1, 2, 3, 6)]
+        + [f"conv5_3_pool{k}_interp" for k in (1, 2, 3, 6)]
+    )
+    for name, ((bottom,), (top,)) in seen.items():
+        kind = net.layer(name).type_name
+        if kind == "BN":  # frozen: the running statistics
+            assert net.layer(name).frozen
+            blobs = [b.detach().numpy().astype(np.float64).reshape(-1) for b in net.params[name]]
+            layer = net.layer(name)
+            ref = pspnet_forward(
+                bottom.numpy().astype(np.float64), *blobs, layer.eps, layer.momentum, False
+            )[0]
+            np.testing.assert_allclose(top.numpy(), ref, rtol=1e-5, atol=1e-5)
+        elif kind == "Interp":  # 1, 2, 3 and 6 pixels up to 60 x 60
+            flat = bottom.numpy().reshape(-1, *bottom.shape[2:])
+            ref = caffe_interp2(flat, 0, *bottom.shape[2:], 60, 60)
+            assert np.array_equal(top.numpy(), ref.reshape(top.shape)), name
