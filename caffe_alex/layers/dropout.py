@@ -1,9 +1,10 @@
 """Dropout: in TRAIN keep each element with probability 1 - p and scale it by 1/(1 - p);
 identity in TEST.
 
-Honours ``dropout_param.dropout_ratio`` and caffe-fast-rcnn's ``scale_train`` (default true):
+Honours ``dropout_param.dropout_ratio``, caffe-fast-rcnn's ``scale_train`` (default true:
 false leaves the kept values unscaled in TRAIN and multiplies by 1 - p in TEST instead, as the
-MSRA-trained ZF nets of Faster R-CNN expect.
+MSRA-trained ZF nets of Faster R-CNN expect) and caffe-segnet's ``sample_weights_test``
+(Bayesian SegNet: drop in every phase, so repeated TEST passes sample the net).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ class DropoutLayer(CaffeLayer):
     ``eval()`` mode also passes its input through, as ``nn.Dropout`` would (times 1 - p when
     ``scale_train`` is false: a TEST pass)."""
 
-    params = {"dropout_param": frozenset({"dropout_ratio", "scale_train"})}
+    params = {"dropout_param": frozenset({"dropout_ratio", "scale_train", "sample_weights_test"})}
 
     def __init__(self, layer_param, bottom_shapes, phase):
         super().__init__(layer_param, bottom_shapes, phase)
@@ -36,9 +37,11 @@ class DropoutLayer(CaffeLayer):
         # caffe-fast-rcnn's TEST factor: 1 / scale_ in double, passed to caffe_scal as a float
         stored = float(torch.tensor(self.scale, dtype=torch.float32))
         self.test_factor = float(torch.tensor(1.0 / stored, dtype=torch.float32))
+        self.sample_test = layer_param.dropout_param.sample_weights_test
 
     def forward(self, x):
-        if self.phase != "TRAIN" or not self.training:
+        sampling = self.sample_test or (self.phase == "TRAIN" and self.training)
+        if not sampling:
             return x if self.scale_train else x * self.test_factor
         keep = torch.empty_like(x).bernoulli_(1.0 - self.ratio)
         return x * (keep.mul_(self.scale) if self.scale_train else keep)
