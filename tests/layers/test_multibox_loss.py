@@ -11,6 +11,7 @@ gradcheck checks that autograd's gradient is the one of the forward value.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ import torch
 
 from caffe_alex.errors import CaffeAlexError
 from caffe_alex.net import Net
+from tests.paths import ROOT
 from tests.reference import gradcheck_net, parse_net
 
 f32 = np.float32
@@ -675,3 +677,58 @@ def test_solver_steps_lower_the_loss_of_a_tiny_detector():
     last = float(net(**batch)["mbox_loss"].detach())
     assert last < 0.5 * first
     assert not torch.equal(before, net.params["loc"][0])
+
+
+# ---- the published MobileNet-SSD train net -----------------------------------------------------
+
+TRAIN_NETS = [ROOT / "tests" / "fork_nets" / "chuanqi305__MobileNet-SSD" / "train.prototxt"]
+
+
+@pytest.mark.parametrize("path", TRAIN_NETS, ids=lambda p: p.parent.name)
+def test_fork_train_nets_build_in_every_phase_they_define(path):
+    for phase in sorted(set(re.findall(r"phase:\s*(TRAIN|TEST)", path.read_text()))):
+        shapes = {"data": (2, 3, 300, 300), "label": (1, 1, 1, 8)}  # the source is not here
+        net = Net.from_prototxt(str(path), phase, input_shapes=shapes)
+        assert "MultiBoxLoss" in net.layer_types
+        priors = net.blob_shapes["mbox_priorbox"][2] // 4
+        assert net.blob_shapes["mbox_loc"] == (2, priors * 4)
+        assert net.blob_shapes["mbox_conf"] == (2, priors * 21)
+
+
+def test_fork_train_nets_are_all_listed_here():
+    nets = (ROOT / "tests" / "fork_nets").glob("*/**/*.prototxt")
+    assert {p for p in nets if "MultiBoxLoss" in p.read_text()} <= set(TRAIN_NETS)
+
+
+def test_mobilenet_ssd_trains_from_convert_annoset_at_a_reduced_size(tmp_path):
+    """MobileNet-SSD's train.prototxt as published (AnnotatedData with SSD's augmentation,
+    PriorBox, Permute, MultiBoxLoss), reading a small LMDB made by convert-annoset, at 96 x 96
+    and a batch of 2 instead of 300 x 300 and 24: Caffe's SGD takes its steps."""
+    from caffe_alex.data.annoset import convert_annoset
+    from caffe_alex.solvers import Solver
+    from tests.data.voc import write_voc
+
+    voc = write_voc(tmp_path / "voc", ext="jpg")
+    db = str(tmp_path / "trainval_lmdb")
+    convert_annoset(voc["root"], voc["list"], db, anno_type="detection",
+                    label_map_file=voc["labelmap"], encoded=True, encode_type="jpg")  # fmt: skip
+    text = TRAIN_NETS[0].read_text()
+    changes = [('source: "trainval_lmdb/"', f'source: "{db}"'), ("batch_size: 24", "batch_size: 2"),
+               ("height: 300", "height: 96"), ("width: 300", "width: 96")]  # fmt: skip
+    for old, new in changes:
+        assert old in text
+        text = text.replace(old, new)
+    (tmp_path / "train.prototxt").write_text(text)
+    (tmp_path / "solver.prototxt").write_text(
+        f'net: "{tmp_path / "train.prototxt"}" base_lr: 0.001 lr_policy: "fixed" momentum: 0.9 '
+        "weight_decay: 0.00005 max_iter: 3 display: 1 random_seed: 5 solver_mode: CPU"
+    )
+    solver = Solver.from_file(str(tmp_path / "solver.prototxt"))
+    net = solver.train_net
+    assert net.blob_shapes["data"] == (2, 3, 96, 96)
+    before = net.params["conv11_mbox_loc"][0].detach().clone()
+    losses = []
+    solver.callbacks.append(lambda it, loss, *_: losses.append(float(loss)))
+    solver.step(3)
+    assert len(losses) == 3 and all(math.isfinite(v) and v > 0 for v in losses)
+    assert not torch.equal(before, net.params["conv11_mbox_loc"][0])
