@@ -31,6 +31,7 @@ COMMANDS = {
     "convert-mnist": "data:convert_mnist",
     "compute-image-mean": "data:compute_image_mean",
     "db-info": "data:db_info",
+    "convert-annoset": "data:convert_annoset",
     "draw": "view:draw",
     "summary": "view:summary",
     "deploy": "deploy:deploy",

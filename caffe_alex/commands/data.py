@@ -1,5 +1,6 @@
-"""The dataset tools: ``convert-imageset``, ``compute-image-mean``, ``convert-mnist`` and
-``db-info``, with the flags of Caffe's tools (``--resize_height`` or ``-resize_height``)."""
+"""The dataset tools: ``convert-imageset``, ``compute-image-mean``, ``convert-mnist``,
+``db-info`` and SSD's ``convert-annoset``, with the flags of Caffe's tools (``--resize_height``
+or ``-resize_height``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import contextlib
 import click
 from tqdm import tqdm
 
-from ..data import tools
+from ..data import annoset, tools
 from ..data.db import open_db
 from .options import option, user_errors
 
@@ -105,3 +106,44 @@ def db_info(db, backend) -> None:
         report = tools.db_info(db, backend, progress=progress)
     for line in tools.info_lines(report):
         click.echo(line)
+
+
+@click.command("convert-annoset")
+@option(
+    "anno_type",
+    type=click.Choice(annoset.ANNO_TYPES),
+    default="classification",
+    show_default=True,
+    help="'<image> <label>' lines, or '<image> <annotation>' lines.",
+)
+@option(
+    "label_type",
+    type=click.Choice(annoset.LABEL_TYPES),
+    default="xml",
+    show_default=True,
+    help="Annotation files: PASCAL VOC XML, SSD's JSON, or 'label x1 y1 x2 y2' text.",
+)
+@option("label_map_file", default="", help="LabelMap prototxt naming the classes (detection).")
+@option("check_label", is_flag=True, help="Refuse a label map that names a class twice.")
+@option("min_dim", type=int, default=0, help="Scale images up so the short side is this long.")
+@option("max_dim", type=int, default=0, help="Scale images down so the long side fits this.")
+@option("resize_height", type=int, default=0, help="Height images are resized to.")
+@option("resize_width", type=int, default=0, help="Width images are resized to.")
+@option("gray", is_flag=True, help="Treat images as grayscale ones.")
+@option("shuffle", is_flag=True, help="Randomly shuffle the order of the images.")
+@option("seed", type=int, default=None, help="Seed of --shuffle (default: random).")
+@option("backend", type=_BACKEND, default="lmdb", show_default=True, help="Database kind.")
+@option("check_size", is_flag=True, help="Check that all the images have the same size.")
+@option("encoded", is_flag=True, help="Store encoded images (the file's bytes when possible).")
+@option("encode_type", default="", help="Encode images as this type (png, jpg, ...).")
+@click.argument("root")
+@click.argument("listfile")
+@click.argument("db_name")
+@user_errors
+def convert_annoset(root, listfile, db_name, **flags) -> None:
+    """Convert the images of LISTFILE and their box annotations ('<image> <annotation>' lines
+    with --anno_type detection; paths relative to ROOT, which is prefixed as written, so end it
+    with '/') into AnnotatedDatum records in the new database DB_NAME, like SSD's
+    convert_annoset. The AnnotatedData layer reads them."""
+    with _bar(_count_lines(listfile), "img") as progress:
+        annoset.convert_annoset(root, listfile, db_name, progress=progress, **flags)

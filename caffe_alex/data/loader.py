@@ -1,21 +1,22 @@
 """Feeds a net's data layers: ``for batch in make_feed(net): net(**batch)``.
 
-Each data layer (Data, ImageData, HDF5Data, MemoryData, WindowData) gets its source and
-transformer; batches arrive as float32 tensors by top name (labels as floats, as Caffe's blobs
-hold them) on the feed's device. Batch b of a layer holds this rank's stream positions
-(b*B + i)*world_size + rank, so ranks share records as Caffe's DataLayer::Skip does. Random draws
-for a record come from a generator seeded with (seed, layer, position): a run repeats exactly
-for a seed, whichever process makes the record and however many workers there are, and
-``skip``/``state`` resume it at any batch.
+Each data layer (Data, ImageData, HDF5Data, MemoryData, WindowData, AnnotatedData) gets its
+source and transformer; batches arrive as float32 tensors by top name (labels as floats, as
+Caffe's blobs hold them) on the feed's device. Batch b of a layer holds this rank's stream
+positions (b*B + i)*world_size + rank, so ranks share records as Caffe's DataLayer::Skip does.
+Random draws for a record come from a generator seeded with (seed, layer, position): a run
+repeats exactly for a seed, whichever process makes the record and however many workers there
+are, and ``skip``/``state`` resume it at any batch.
 
 How records travel (Caffe's prefetch ring, ring.py): uint8 images (raw or decoded Datums,
 ImageData) are cropped and mirrored where they are read, and travel as uint8 with their draws;
 the transformer's mean and scale then run on the device (device_transform.py) with the CPU
 transformer's float32 operations, so the numbers are the same. Float records (float_data
-Datums, HDF5Data, MemoryData) and WindowData (zero padding, a mean indexed by the output) are
-transformed on the CPU and travel as float32. Batches are made in the calling process
-(``workers=0``) or by worker processes into a ring of ``prefetch`` shared batch buffers made once
-and reused; on a CUDA device each batch is copied into pinned memory and sent with a
+Datums, HDF5Data, MemoryData), WindowData (zero padding, a mean indexed by the output) and
+AnnotatedData are transformed on the CPU and travel as float32; AnnotatedData's label top (as
+many box rows as the batch has) travels beside the buffer. Batches are made in the calling
+process (``workers=0``) or by worker processes into a ring of ``prefetch`` shared batch buffers
+made once and reused; on a CUDA device each batch is copied into pinned memory and sent with a
 non-blocking copy on a side stream, so the copy overlaps the work queued before it. With
 ``decode="gpu"`` encoded (JPEG) Datums are read in the calling process and decoded on the device
 by torchvision. ``transport="float32"`` keeps the former path (the whole transform on the CPU,
@@ -33,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import CaffeAlexError
+from .annotated import AnnotatedSource, stack_box_rows
 from .array_sources import HDF5Source, MemorySource
 from .datum import color_flag
 from .device_transform import DeviceTransform, crop_on_device, decode_jpegs, torchvision_io
@@ -46,6 +48,9 @@ _MAKERS = {
     "HDF5Data": lambda lp, phase, seed, layer, shuffle: HDF5Source(lp, phase, seed),
     "MemoryData": lambda lp, phase, seed, layer, shuffle: MemorySource(lp, phase, seed, layer),
     "WindowData": lambda lp, phase, seed, layer, shuffle: WindowSource(lp, phase, seed),
+    "AnnotatedData": lambda lp, phase, seed, layer, shuffle: AnnotatedSource(
+        lp, phase, seed, shuffle
+    ),
 }
 DECODES = ("cpu", "gpu")
 TRANSPORTS = ("uint8", "float32")
@@ -54,7 +59,9 @@ TRANSPORTS = ("uint8", "float32")
 class _Plan:
     """One data layer: its source, batch size, the shapes the net declared for its tops, and
     how its records travel: "pixels" (uint8 crops, transformed on the device), "arrays"
-    (float32, transformed on the CPU) or "decode" (encoded bytes, decoded on the device)."""
+    (float32, transformed on the CPU), "decode" (encoded bytes, decoded on the device) or
+    "boxes" (float32 images in the ring, and each image's box rows, of no fixed number, beside
+    it: AnnotatedData's label top)."""
 
     def __init__(self, index, source, tops, shapes, kind="arrays"):
         self.index, self.source, self.tops, self.kind = index, source, tops, kind
@@ -74,6 +81,8 @@ class _Plan:
     def arrays(self) -> dict:
         """This layer's arrays in a batch buffer: key -> (dtype, shape)."""
         n, key = self.batch, f"{self.index}/"
+        if self.kind == "boxes":
+            return {key + "0": (np.float32, (n, *self.shapes[0]))}
         if self.kind == "pixels":
             out = {key + "pixels": (np.uint8, (n, *self.shapes[0]))}
             out[key + "draws"] = (np.int32, (n, 3))
@@ -82,8 +91,12 @@ class _Plan:
             return out
         return {f"{key}{k}": (np.float32, (n, *s)) for k, s in enumerate(self.shapes)}
 
-    def fill(self, views: dict, b: int, seed: int, rank: int, world: int) -> None:
+    def fill(self, views: dict, b: int, seed: int, rank: int, world: int):
+        """Batch b into the buffer; for "boxes", returns the batch's label top (which has
+        no fixed size, so it travels beside the buffer)."""
         key = f"{self.index}/"
+        if self.kind == "boxes":
+            return self._fill_boxes(views[key + "0"], b, seed, rank, world)
         for i, position in enumerate(self._positions(b, rank, world)):
             rng = self._rng(seed, position)
             if self.kind == "pixels":
@@ -93,6 +106,16 @@ class _Plan:
                 if np.shape(value) != self.shapes[k]:
                     raise self._mismatch(position, k, np.shape(value))
                 views[f"{key}{k}"][i] = value
+
+    def _fill_boxes(self, images, b, seed, rank, world) -> np.ndarray:
+        rows = []
+        for i, position in enumerate(self._positions(b, rank, world)):
+            image, boxes = self.source.sample(position, self._rng(seed, position))
+            if image.shape != self.shapes[0]:
+                raise self._mismatch(position, 0, image.shape)
+            images[i] = image
+            rows.append(boxes)
+        return stack_box_rows(rows)
 
     def _fill_pixels(self, views, key, i, position, rng) -> None:
         image, label = self.source.read(position)
@@ -156,6 +179,10 @@ class _Plan:
 
     # -- the former float32 path -----------------------------------------------------------
     def make_batch(self, b: int, seed: int, rank: int, world: int) -> dict[str, np.ndarray]:
+        if self.kind == "boxes":
+            images = _batch_array((self.batch, *self.shapes[0]))
+            label = self._fill_boxes(images, b, seed, rank, world)
+            return dict(zip(self.tops, (images, label)))
         out = [_batch_array((self.batch, *s)) for s in self.shapes]
         for i, position in enumerate(self._positions(b, rank, world)):
             for k, value in enumerate(self.source.sample(position, self._rng(seed, position))):
@@ -180,9 +207,14 @@ class _Filler:
     def __init__(self, plans, seed, rank, world):
         self.plans, self.seed, self.rank, self.world = plans, seed, rank, world
 
-    def __call__(self, views: dict, b: int) -> None:
+    def __call__(self, views: dict, b: int) -> dict:
+        """Fills the buffer; returns what travels beside it (plan index -> label top)."""
+        extra = {}
         for plan in self.plans:
-            plan.fill(views, b, self.seed, self.rank, self.world)
+            made = plan.fill(views, b, self.seed, self.rank, self.world)
+            if made is not None:
+                extra[plan.index] = made
+        return extra
 
 
 class _InProcess:
@@ -190,9 +222,10 @@ class _InProcess:
 
     def __init__(self, fill, layout: Layout):
         self.fill, self.ring = fill, Ring(layout, 1, shared=False)
+        self.extra = None
 
     def take(self, b: int) -> dict:
-        self.fill(self.ring.views[0], b)
+        self.extra = self.fill(self.ring.views[0], b)
         return self.ring.views[0]
 
     def give_back(self) -> None:
@@ -278,7 +311,9 @@ class DataFeed:
         self.workers = 0 if in_process else workers
         self.prefetch = prefetch or _prefetch(net) or 4
         self.position = 0  # batches handed out so far
-        self._transforms = {p.index: self._device_half(p) for p in self.plans if p.kind != "arrays"}
+        self._transforms = {
+            p.index: self._device_half(p) for p in self.plans if p.kind in ("pixels", "decode")
+        }
         self._to_cuda = None
         self._producer = None
         self._iterator = None  # the float32 transport's DataLoader iterator
@@ -365,7 +400,12 @@ class DataFeed:
         batch = {}
         for plan in self._ring_plans():
             key = f"{plan.index}/"
-            if plan.kind == "pixels":
+            if plan.kind == "boxes":
+                batch[plan.tops[0]] = self._own(tensors[key + "0"])
+                if len(plan.tops) > 1:
+                    label = torch.from_numpy(self._producer.extra[plan.index])
+                    batch[plan.tops[1]] = label.to(self.device) if self.device else label
+            elif plan.kind == "pixels":
                 pixels, draws = tensors[key + "pixels"], tensors[key + "draws"]
                 batch[plan.tops[0]] = self._transforms[plan.index](pixels, draws)
                 if len(plan.tops) > 1:
@@ -451,11 +491,14 @@ def _batch_array(shape) -> np.ndarray:
 
 
 def _prefetch(net) -> int:
-    values = [lp.data_param.prefetch for lp in net.net_param.layer if lp.type == "Data"]
+    values = [lp.data_param.prefetch for lp in net.net_param.layer
+              if lp.type in ("Data", "AnnotatedData")]  # fmt: skip
     return max(values, default=0)
 
 
 def _kind(source, transport: str, decode: str) -> str:
+    if getattr(source, "box_rows", False):
+        return "boxes"
     if transport == "float32" or source.transformer is None or source.storage == "float":
         return "arrays"
     return "decode" if source.storage == "encoded" and decode == "gpu" else "pixels"

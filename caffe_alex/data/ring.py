@@ -7,7 +7,9 @@ of shared memory with numpy views over it; a batch never crosses freshly allocat
 page faults cost more than the copy itself on small machines). ``WorkerPool`` runs worker
 processes that take (batch number, slot) tasks, fill the slot with ``fill(views, batch)`` and
 report it; ``take(b)`` waits for batch b (batches may finish out of order), and ``give_back()``
-hands its slot to the next task, so at most ``depth`` batches are being made or waiting.
+hands its slot to the next task, so at most ``depth`` batches are being made or waiting. What
+``fill`` returns (small values of no fixed size, such as a batch's box rows) comes back with the
+report, as ``extra`` of the batch taken.
 
 Workers ignore SIGINT and SIGHUP (the feeding process decides what a signal means, as in
 ``caffe train``), leave when the feeding process is gone, and report errors, which ``take``
@@ -99,8 +101,9 @@ class WorkerPool:
             process.start()
         self.free = deque(range(len(self.ring)))
         self.next_task, self.expected = start, start
-        self.done: dict[int, tuple] = {}  # batch -> (slot, error)
+        self.done: dict[int, tuple] = {}  # batch -> (slot, error, extra)
         self.held = None
+        self.extra = None  # what fill returned for the batch last taken
         self._hand_out()
 
     def _hand_out(self) -> None:
@@ -114,12 +117,12 @@ class WorkerPool:
             raise RuntimeError(f"batch {b} taken out of turn (expected {self.expected})")
         while b not in self.done:
             try:
-                number, slot, error = self.results.get(timeout=_POLL_S)
+                number, slot, error, extra = self.results.get(timeout=_POLL_S)
             except queue.Empty:
                 self._check_alive()
                 continue
-            self.done[number] = slot, error  # an error waits for its batch's turn
-        slot, error = self.done.pop(b)
+            self.done[number] = slot, error, extra  # an error waits for its batch's turn
+        slot, error, self.extra = self.done.pop(b)
         if error is not None:
             raise error
         self.held = slot
@@ -189,10 +192,10 @@ def _work(fill, ring: Ring, tasks, results, stop, parent: int) -> None:
             return
         number, slot = task
         try:
-            fill(ring.views[slot], number)
-            results.put((number, slot, None))
+            extra = fill(ring.views[slot], number)
+            results.put((number, slot, None, extra))
         except Exception as exc:  # reported to the feeding process, which raises it
-            results.put((number, slot, _pack(exc)))
+            results.put((number, slot, _pack(exc), None))
 
 
 def _pack(exc: Exception):
