@@ -47,7 +47,8 @@ def _bvlc_stop_field(entry: Entry) -> str:
 
 
 def _we_know(field: str) -> bool:
-    return any(field in m.fields_by_name for m in caffe_pb2.DESCRIPTOR.message_types_by_name.values())
+    messages = caffe_pb2.DESCRIPTOR.message_types_by_name.values()
+    return any(field in m.fields_by_name for m in messages)
 
 
 # Fork files whose fork field we read (docs/forks.md), and those of forks we do not know (the
