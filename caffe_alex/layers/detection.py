@@ -33,6 +33,7 @@ from ..errors import CaffeAlexError, LayerConfigError
 from ..log import get_logger
 from ..proto import caffe_pb2
 from ..registry import CaffeLayer, register
+from . import bbox
 
 _CODE = caffe_pb2.PriorBoxParameter
 _FLT_MAX = 3.4028234663852886e38
@@ -189,31 +190,6 @@ class _NoBackward(torch.autograd.Function):
         )
 
 
-def decode_boxes(loc, prior, variance, code_type: int, encoded: bool) -> torch.Tensor:
-    """bbox_util's DecodeBBox on tensors: ``loc`` [..., P, 4] against priors and variances [P, 4]
-    (variances unused when ``encoded``, i.e. variance_encoded_in_target)."""
-    scaled = loc if encoded else variance * loc
-    if code_type == _CODE.CORNER:
-        return prior + scaled
-    pw = (prior[:, 2] - prior[:, 0]).unsqueeze(-1)
-    ph = (prior[:, 3] - prior[:, 1]).unsqueeze(-1)
-    if code_type == _CODE.CORNER_SIZE:
-        return prior + scaled * torch.cat((pw, ph, pw, ph), dim=-1)
-    pcx = ((prior[:, 0] + prior[:, 2]) / 2).unsqueeze(-1)
-    pcy = ((prior[:, 1] + prior[:, 3]) / 2).unsqueeze(-1)
-    cx = scaled[..., 0:1] * pw + pcx
-    cy = scaled[..., 1:2] * ph + pcy
-    w = torch.exp(scaled[..., 2:3]) * pw
-    h = torch.exp(scaled[..., 3:4]) * ph
-    return torch.cat((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), dim=-1)
-
-
-def box_sizes(boxes: torch.Tensor) -> torch.Tensor:
-    """BBoxSize (normalized): width * height, 0 for a box with xmax < xmin or ymax < ymin."""
-    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    return torch.where((w < 0) | (h < 0), torch.zeros_like(w), w * h)
-
-
 def nms_fast(boxes, sizes, scores, score_threshold, nms_threshold, eta, top_k) -> torch.Tensor:
     """ApplyNMSFast: the indices above ``score_threshold``, by score descending (ties in index
     order) and cut to ``top_k``, kept greedily while their Jaccard overlap with every box kept
@@ -336,13 +312,13 @@ class DetectionOutputLayer(CaffeLayer):
         loc_h = host(loc, num * priors * self.loc_classes * 4).view(num, priors, -1, 4)
         conf_h = host(conf, num * priors * self.num_classes).view(num, priors, -1)
         prior_h = host(prior, 2 * priors * 4).view(2, priors, 4)
-        boxes = decode_boxes(
-            loc_h.transpose(1, 2), prior_h[0], prior_h[1], self.code_type, self.encoded
-        )  # [num, loc classes, priors, 4]
+        boxes = bbox.decode(
+            prior_h[0], prior_h[1], loc_h.transpose(1, 2), self.code_type, self.encoded
+        ).to(work)  # [num, loc classes, priors, 4]
         threshold = -_FLT_MAX if self.confidence is None else self.confidence
         rows = []
         for i in range(num):
-            sizes = [box_sizes(b) for b in boxes[i]]
+            sizes = [bbox.box_sizes(b) for b in boxes[i]]
             labels, picks = [], []
             for c in range(self.num_classes):
                 if c == self.background:
