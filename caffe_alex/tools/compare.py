@@ -26,12 +26,11 @@ import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
-from google.protobuf import text_format
 
 from ..errors import CaffeAlexError
 from ..formats.filtering import filter_net, make_state
 from ..formats.hdf5 import is_hdf5
-from ..formats.prototxt import read_net
+from ..formats.prototxt import read_net, to_text
 from ..formats.weights import save_weights
 from ..proto import caffe_pb2
 
@@ -141,7 +140,7 @@ class OpenCVNet:
         net_param.layer.extend(self.layers[:count])
         path = os.path.join(self.workdir, f"prefix{count}.prototxt")
         with open(path, "w", encoding="utf-8") as f:
-            f.write(text_format.MessageToString(net_param))
+            f.write(to_text(net_param))
         return path
 
     def _index_of(self, cv_name: str) -> int | None:
