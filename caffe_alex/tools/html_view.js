@@ -24,8 +24,9 @@
       const ids = byName.get(node.name) || [];
       if (node.kind === "layer") ids.unshift(id); else ids.push(id);
       byName.set(node.name, ids);
-      const title = document.getElementById(id).querySelector("title");
-      if (title) title.textContent = node.kind === "layer" ? `${node.name} (${node.type})` : node.name;
+      const title = document.getElementById(id).querySelector("title"); // the hover text
+      if (title) title.textContent = node.kind === "layer" ? `${node.name} (${node.type})`
+        : node.name;
     }
     svg.querySelectorAll("g.edge > title").forEach((t) => { t.textContent = ""; });
     const option = document.createElement("option");
@@ -163,7 +164,8 @@
     if (e.key === "Enter") find(search.value);
   });
   search.addEventListener("change", function () { // a name picked from the list
-    if (search.value.trim() !== lastQuery && view.byName.has(search.value.trim())) find(search.value);
+    const name = search.value.trim();
+    if (name !== lastQuery && view.byName.has(name)) find(name);
   });
   select.addEventListener("change", () => show(Number(select.value)));
   document.getElementById("zoom-in").addEventListener("click", () => centreZoom(1.5));
@@ -178,12 +180,19 @@
   });
 
   // ---- the panel -----------------------------------------------------------------------------
+  // Built from elements with textContent: names come from the prototxt and are never markup.
   function el(tag, props, ...children) {
     const node = document.createElement(tag);
     Object.assign(node, props || {});
     node.append(...children.filter((c) => c !== null && c !== undefined));
     return node;
   }
+  const text = (tag, className, content) => el(tag, { className, textContent: content });
+  const heading = (content) => text("h3", "", content);
+  const note = (content) => text("p", "note", content);
+  const count = (n) => n.toLocaleString("en-US");
+  const number = (x) => (x !== 0 && (Math.abs(x) >= 1e4 || Math.abs(x) < 1e-3)
+    ? x.toExponential(3) : x.toPrecision(4));
 
   function link(name, id) {
     const a = el("a", { textContent: name, href: "#" });
@@ -191,68 +200,77 @@
     return a;
   }
 
+  // header: [[text, class]]; rows: [[[content, class], ...], ...]
   function table(className, header, rows) {
-    const head = el("tr", {}, ...header.map(([text, cls]) => el("th", { textContent: text, className: cls || "" })));
-    return el("table", { className }, head, ...rows.map((cells) =>
-      el("tr", {}, ...cells.map(([content, cls]) =>
-        el("td", { className: cls || "" }, content)))));
+    const cell = (tag) => ([content, cls]) => el(tag, { className: cls || "" }, content);
+    return el("table", { className },
+      el("tr", {}, ...header.map(cell("th"))),
+      ...rows.map((cells) => el("tr", {}, ...cells.map(cell("td")))));
   }
 
-  const count = (n) => n.toLocaleString("en-US");
-  const number = (x) => (Math.abs(x) >= 1e4 || (x !== 0 && Math.abs(x) < 1e-3) ? x.toExponential(3) : x.toPrecision(4));
+  const STATS = [["mean", "mean"], ["std", "std"], ["min", "min"], ["max", "max"],
+                 ["abs_mean", "|x| mean"]];
 
   function blobTable(blobs) {
     const withStats = data.weights !== null;
     const header = [["#"], ["shape"], ["count", "num"]];
-    if (withStats) header.push(["mean", "num"], ["std", "num"], ["min", "num"], ["max", "num"], ["|x| mean", "num"]);
+    if (withStats) header.push(...STATS.map(([, label]) => [label, "num"]));
     return table("blobs", header, blobs.map(function (b, i) {
-      const cells = [[String(i)], [b.shape + (b.shared ? ` (shared: ${b.shared})` : ""), "shape"], [count(b.count), "num"]];
+      const shape = b.shape + (b.shared ? ` (shared: ${b.shared})` : "");
+      const cells = [[String(i)], [shape, "shape"], [count(b.count), "num"]];
       if (withStats) {
         const s = b.stats || {};
-        for (const key of ["mean", "std", "min", "max", "abs_mean"]) cells.push([key in s ? number(s[key]) : "", "num"]);
+        cells.push(...STATS.map(([key]) => [key in s ? number(s[key]) : "", "num"]));
       }
       return cells;
     }));
   }
 
   function wiring(className, list) {
-    return table(className, [["blob"], ["shape"]],
-      list.map(([name, shape, id]) => [[link(name, id), "name"], [shape || "?", "shape"]]));
+    return table(className, [["blob"], ["shape"]], list.map(([name, shape, id]) =>
+      [[link(name, id), "name"], [shape || "?", "shape"]]));
   }
 
   function layerLinks(ids) {
-    if (!ids.length) return el("p", { className: "note", textContent: "none" });
+    if (!ids.length) return note("none");
     return el("p", {}, ...ids.flatMap((id, i) => [i ? ", " : "", link(view.nodes[id].name, id)]));
   }
 
-  function describe(node) {
-    const notes = data.notes.map((n) => el("p", { className: "note", textContent: n }));
-    if (!node) {
-      info.replaceChildren(el("p", { className: "hint", textContent: "Click a layer or a blob. Drag to pan, wheel to zoom; + / \u2212 / 0 keys, / to search." }), ...notes);
-      return;
-    }
-    if (node.kind === "blob") {
-      info.replaceChildren(
-        el("h2", { textContent: node.name }), el("p", { className: "type", textContent: "blob" }),
-        el("h3", { textContent: "shape" }), el("p", { className: "shape", textContent: node.shape || "unknown" }),
-        el("h3", { textContent: "written by" }), layerLinks(node.producers),
-        el("h3", { textContent: "read by" }), layerLinks(node.readers), ...notes);
-      return;
-    }
-    const parts = [el("h2", { textContent: node.name }), el("p", { className: "type", textContent: node.type }),
-      el("h3", { textContent: "parameters" }),
-      node.parameters ? el("pre", { className: "parameters", textContent: node.parameters })
-        : el("p", { className: "note", textContent: "none set" }),
-      el("h3", { textContent: "bottoms" }), wiring("bottoms", node.bottoms),
-      el("h3", { textContent: "tops" }), wiring("tops", node.tops)];
+  function describeLayer(node) {
+    const parts = [
+      text("h2", "", node.name), text("p", "type", node.type),
+      heading("parameters"),
+      node.parameters ? text("pre", "parameters", node.parameters) : note("none set"),
+      heading("bottoms"), wiring("bottoms", node.bottoms),
+      heading("tops"), wiring("tops", node.tops),
+    ];
     if (node.blobs.length) {
-      parts.push(el("h3", { textContent: `parameter blobs (${count(node.count)} values)` }), blobTable(node.blobs));
-      if (data.weights !== null && !node.stored) parts.push(el("p", { className: "note", textContent: "not in the weights file: the fillers' values" }));
+      parts.push(heading(`parameter blobs (${count(node.count)} values)`), blobTable(node.blobs));
+      if (data.weights !== null && !node.stored) {
+        parts.push(note("not in the weights file: the fillers' values"));
+      }
     }
     if (node.macs !== null && node.macs !== undefined) {
-      parts.push(el("h3", { textContent: "multiply-adds" }), el("p", { className: "macs", textContent: count(node.macs) }));
+      parts.push(heading("multiply-adds"), text("p", "macs", count(node.macs)));
     }
-    info.replaceChildren(...parts, ...notes);
+    return parts;
+  }
+
+  function describeBlob(node) {
+    return [
+      text("h2", "", node.name), text("p", "type", "blob"),
+      heading("shape"), text("p", "shape", node.shape || "unknown"),
+      heading("written by"), layerLinks(node.producers),
+      heading("read by"), layerLinks(node.readers),
+    ];
+  }
+
+  function describe(node) {
+    const hint = "Click a layer or a blob. Drag to pan, wheel to zoom; + / \u2212 / 0 keys, "
+      + "/ to search.";
+    const parts = !node ? [text("p", "hint", hint)]
+      : node.kind === "blob" ? describeBlob(node) : describeLayer(node);
+    info.replaceChildren(...parts, ...data.notes.map(note));
   }
 
   show(0);

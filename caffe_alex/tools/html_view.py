@@ -9,7 +9,7 @@ per-blob statistics of the stored values; a blob's shape, producers and readers.
 script (html_view.js) and style (html_view.css) are inlined: no network, nothing to install,
 it works opened from disk.
 
-Pan and zoom are written by hand (html_view.js, about 40 lines over the SVG's viewBox): the
+Pan and zoom are written by hand (html_view.js, about 50 lines over the SVG's viewBox): the
 libraries that do it (svg-pan-zoom, panzoom, d3-zoom) would each add more code than the whole
 page's script, for the two gestures we need.
 """
@@ -209,7 +209,8 @@ def _fill(view: View, number: int, built: Mapping, stats, display_lrm: bool, ran
             "bottoms": wired(b for layer in group for b in layer.bottom),
             "tops": wired(t for layer in group for t in layer.top),
             "blobs": blobs, "count": sum(b["count"] for b in blobs if not b["shared"]),
-            "macs": macs.get(name), "stored": name in stats,
+            # summary counts the multiply-adds of the weight layers only: no 0 for the others
+            "macs": macs.get(name) or None, "stored": name in stats,
         }  # fmt: skip
     svg = render(graph, "svg").decode("utf-8")
     view.svg = svg[svg.index("<svg") :]

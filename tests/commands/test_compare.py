@@ -3,8 +3,8 @@ OpenCV's dnn module within 1e-4 blob by blob; one changed weight is found and na
 OpenCV cannot run cut the comparison short; bad input is one line.
 
 The open_nsfw net is Yahoo's real deploy prototxt (a ResNet-50 at half width, stored under
-tests/fork_nets) with random weights: its trained .caffemodel is not in the repository's
-history we can fetch. One 300 x 400 image, resized to 256 x 256 and centre cropped, as deploy
+tests/fork_nets) with random weights: its trained .caffemodel is not in the snapshot the
+tests can use. One 300 x 400 image, resized to 256 x 256 and centre cropped, as deploy
 does."""
 
 from __future__ import annotations

@@ -93,6 +93,7 @@ def test_page_is_self_contained_and_describes_each_layer(tmp_path):
     assert conv2["blobs"][0]["shape"] == "256 x 48 x 5 x 5"
     assert conv2["macs"] == 10 * 256 * 27 * 27 * 48 * 5 * 5
     assert nodes[("layer", "fc6")]["macs"] == 10 * 4096 * 9216
+    assert nodes[("layer", "pool1")]["macs"] is None  # not counted, rather than 0
     blob = nodes[("blob", "conv1")]
     names = {i: n["name"] for i, n in data["views"][0]["nodes"].items()}
     assert [names[i] for i in blob["producers"]] == ["conv1", "relu1"]
