@@ -36,6 +36,7 @@ COMMANDS = {
     "summary": "view:summary",
     "deploy": "deploy:deploy",
     "extract-features": "deploy:extract_features",
+    "compare": "compare:compare",
 }
 
 

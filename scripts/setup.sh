@@ -1,7 +1,9 @@
 # Sourced by examples/fashion_mnist/quickstart.sh and scripts/test.sh (not run on its own):
 # installs what is missing, once, on a Debian/Ubuntu machine.
 #
-#   setup_system_packages        Graphviz (caffe-alex draw) and dataset-fashion-mnist, via apt-get
+#   setup_system_packages [test] Graphviz (caffe-alex draw) and dataset-fashion-mnist, via apt-get;
+#                                with `test`, also chromium and chromium-driver (the browser tests
+#                                of draw's HTML page)
 #   setup_python [EXTRAS]        this interpreter when it already has the project (or a virtual
 #                                environment is active), else .venv at the repository root, which
 #                                it activates; torch==2.13.0 (CPU) first unless torch is there,
@@ -16,25 +18,31 @@ _setup_say() {
 }
 
 setup_system_packages() {
-    if [ -f "$FASHION_MNIST_DIR/train-images-idx3-ubyte.gz" ] && command -v dot >/dev/null; then
+    local packages="graphviz dataset-fashion-mnist" have_browser=yes
+    if [ "${1:-}" = test ]; then
+        packages="$packages chromium chromium-driver"
+        command -v chromedriver >/dev/null || have_browser=""
+    fi
+    if [ -f "$FASHION_MNIST_DIR/train-images-idx3-ubyte.gz" ] && command -v dot >/dev/null \
+        && [ -n "$have_browser" ]; then
         return 0
     fi
     if ! command -v apt-get >/dev/null; then
-        echo "setup: install Graphviz and Fashion-MNIST yourself (no apt-get here)" >&2
+        echo "setup: install $packages yourself (no apt-get here)" >&2
         return 0
     fi
-    _setup_say "apt-get install graphviz dataset-fashion-mnist"
+    _setup_say "apt-get install $packages"
     local sudo=""
     [ "$(id -u)" -ne 0 ] && sudo=sudo
     $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq graphviz dataset-fashion-mnist \
-        >/dev/null
+    # shellcheck disable=SC2086  # the package names are separate words
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq $packages >/dev/null
 }
 
 # The modules that show an extra is installed (besides the project itself).
 _setup_probe() {
     case "$1" in
-        test) echo "caffe_alex, torch, pytest, pytest_timeout, cv2, graphviz, onnxruntime, plyvel, ruff, yaml" ;;
+        test) echo "caffe_alex, torch, pytest, pytest_timeout, cv2, graphviz, onnxruntime, plyvel, ruff, tensorboard, selenium, yaml" ;;
         "") echo "caffe_alex, torch, matplotlib, lmdb, cv2, graphviz" ;;
         *) echo "caffe_alex, torch" ;;
     esac

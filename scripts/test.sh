@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/setup.sh
 source scripts/setup.sh
-setup_system_packages
+setup_system_packages test
 setup_python test
 ruff check .
 python -m pytest "$@"

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+# CAFFE_ALEX_CORPUS points elsewhere (a git worktree whose ../shared is not the corpus's)
+CORPUS = Path(
+    os.environ.get("CAFFE_ALEX_CORPUS")
+    or Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+)
 
 
 @dataclass

@@ -6,6 +6,7 @@ protobuf classes) to a temporary folder and runs ``cv2.dnn.readNetFromCaffe`` on
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 
@@ -30,6 +31,27 @@ def randomize(net: Net, seed: int = 0, scale: float = 0.5) -> None:
                 values = torch.randn(blob.shape, generator=gen) * scale
                 if net.layer(name).type_name == "BatchNorm":
                     values = values.abs() + 0.5
+                blob.copy_(values)
+
+
+def fan_in_weights(net: Net, seed: int = 0) -> None:
+    """Random weights that keep a deep net's activations of order one (randomize's unit scale
+    grows them by orders of magnitude per layer): weights N(0, 1/fan_in), small biases,
+    BatchNorm statistics near (0, 1) with scale factor 1, Scale factors near 1."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, blobs in net.params.items():
+            kind = net.layer(name).type_name
+            for index, blob in enumerate(blobs):
+                noise = torch.randn(blob.shape, generator=gen)
+                if kind == "BatchNorm":
+                    values = [noise * 0.1, noise.abs() * 0.2 + 0.8, torch.ones(blob.shape)][index]
+                elif kind == "Scale":
+                    values = 1 + 0.1 * noise if index == 0 else 0.1 * noise
+                elif index == 0 and blob.dim() > 1:
+                    values = noise / math.sqrt(blob[0].numel())
+                else:
+                    values = 0.1 * noise
                 blob.copy_(values)
 
 

@@ -32,9 +32,11 @@ STAGES = [
 ]
 
 # Imported inside functions on purpose: optional extras, or heavy and rarely needed; and the
-# optional packages pycaffe code may reach for (pydot, Selective Search).
+# optional packages pycaffe code may reach for (pydot, Selective Search); cv2 where compare
+# reports a missing OpenCV in one line.
 LAZY_ALLOWED = {"h5py", "plyvel", "matplotlib", "onnx", "onnxscript", "torch", "pydot",
-                "pydotplus", "selective_search_ijcv_with_python", "torchvision"}  # fmt: skip
+                "pydotplus", "selective_search_ijcv_with_python", "torchvision",
+                "cv2"}  # fmt: skip
 # What may sit at the package root: entry points and the lowest shared modules.
 ROOT_MODULES = {
     "__init__", "__main__", "cli", "net", "registry", "fillers", "errors", "log", "blob",

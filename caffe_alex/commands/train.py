@@ -29,6 +29,7 @@ from ..solvers import Solver, distributed
 from ..solvers.feeds import name_the_record
 from ..tools.plot_log import parse_log, plot
 from ..tools.plot_log import write_csv as write_table
+from ..tools.tensorboard import check_folder, convert_log, summary_writer, training_events
 from .options import gpu_ids, option, resolve_device, user_errors
 
 _EFFECTS = click.Choice(["stop", "snapshot", "none"])
@@ -182,6 +183,8 @@ def progress_bar(solver, enabled: bool):
         "an error; longer than a test pass, during which the other ranks wait.")  # fmt: skip
 @option("dist-backend", type=click.Choice(["nccl", "gloo"]), default=None,
         help="torch.distributed backend (default: nccl for GPUs, gloo for CPUs).")  # fmt: skip
+@click.option("--tensorboard", default=None, metavar="DIR", help="Also write the loss, test "
+              "outputs, learning rate and images/s as TensorBoard events into DIR.")  # fmt: skip
 @user_errors
 def train(**opts):
     """Train (or fine-tune, or resume) from a solver file, like ``caffe train``; on several GPUs
@@ -193,6 +196,9 @@ def train(**opts):
             "Give a snapshot to resume training or weights to finetune but not both."
         )
     opts["debug"] = bool(click.get_current_context().find_root().params.get("debug"))
+    if opts["tensorboard"]:  # an unusable folder or a missing package stops before any work
+        summary_writer()
+        check_folder(opts["tensorboard"])
     if distributed.ranks_from_env() is None:
         ids, _, _ = _gpus(opts, read_solver(opts["solver"]))
         if len(ids) > 1:  # Caffe's multi-GPU training: one process (rank) per GPU
@@ -281,12 +287,24 @@ def _solve(opts: dict, param, device, world) -> None:
         show = sys.stderr.isatty() if opts["progress"] is None else opts["progress"]
         show = show and runner.is_root
         effects = signal_effects(runner, opts["sigint_effect"], opts["sighup_effect"])
-        with effects, progress_bar(runner, show):
+        events = training_events(opts["tensorboard"] if runner.is_root else None, log,
+                                 _images_per_iteration(runner, world))  # fmt: skip
+        with effects, progress_bar(runner, show), events:
             log.info("Starting Optimization")
             runner.solve()
     finally:
         runner.close()
     log.info("Optimization Done.")
+
+
+def _images_per_iteration(runner, world) -> int | None:
+    """Images one iteration takes over all ranks (batch x iter_size x ranks), where the train
+    net's first input says its batch size."""
+    net = runner.train_net
+    shape = net.blob_shapes[net.input_names[0]] if net.input_names else ()
+    if not shape:
+        return None
+    return shape[0] * runner.param.iter_size * (world.size if world is not None else 1)
 
 
 def fmt(value: float) -> str:
@@ -366,20 +384,32 @@ def test(model, weights, iterations, gpu, level, stage) -> None:
 
 @click.command("plot-log")
 @click.argument("log_file")
-@click.argument("output")
+@click.argument("output", required=False)
 @click.option(
     "--csv",
     "write_csv",
     is_flag=True,
     help="Also write OUTPUT's stem + .train / .test CSV tables (parse_log.py's rows).",
 )
+@click.option("--tensorboard", default=None, metavar="DIR",
+              help="Also (or only) write the log's numbers as TensorBoard events into "
+              "DIR.")  # fmt: skip
 @user_errors
-def plot_log(log_file, output, write_csv) -> None:
+def plot_log(log_file, output, write_csv, tensorboard) -> None:
     """Draw the loss, accuracy and learning-rate curves of a training LOG_FILE (ours or
-    Caffe's) into OUTPUT (.png, .svg, .pdf)."""
+    Caffe's) into OUTPUT (.png, .svg, .pdf), and/or convert it to TensorBoard events."""
+    if not output and not tensorboard:
+        raise click.UsageError("give an OUTPUT image, --tensorboard DIR, or both")
+    if write_csv and not output:
+        raise click.UsageError("--csv names its tables after OUTPUT: give one")
     log = parse_log(log_file)
     if not (log.train or log.test or log.loss):
         raise click.ClickException(f"{log_file}: no training iterations found in the log")
+    if tensorboard:
+        path, count = convert_log(log_file, tensorboard)
+        click.echo(f"{path}: {count} scalars")
+    if not output:
+        return
     plot(log, output, title=os.path.basename(log_file))
     click.echo(f"{output}: {len(log.train)} train rows, {len(log.test)} test rows")
     if write_csv:

@@ -149,6 +149,15 @@ def net_graph(
     return graph
 
 
+def state_net(net_param: caffe_pb2.NetParameter, phase: str, level: int = 0,
+              stages=()) -> caffe_pb2.NetParameter:  # fmt: skip
+    """The layers of ``net_param`` that the state (phase, level, stages) includes."""
+    try:
+        return filter_net(net_param, make_state(phase, level, stages))
+    except ValueError as exc:
+        raise CaffeAlexError(str(exc)) from None
+
+
 def _add_blob(graph: Graph, name: str, separator: str, notes) -> None:
     note = (notes or {}).get(name)
     label = f"{name}{separator}{note}" if note else name
@@ -199,12 +208,14 @@ def render(graph: Graph, fmt: str) -> bytes:
     if fmt in TEXT_FORMATS:
         return to_dot(graph).encode()
     try:
-        return to_digraph(graph).pipe(format=fmt)
+        return to_digraph(graph).pipe(format=fmt, quiet=True)  # its message is in ours
     except graphviz.ExecutableNotFound:
         raise CaffeAlexError(
             f"rendering .{fmt} needs Graphviz's 'dot' program: install graphviz "
             "(apt-get install graphviz), or draw to a .dot file"
         ) from None
+    except BrokenPipeError:  # dot exited before it read the whole graph
+        raise CaffeAlexError(f"Graphviz's dot stopped before reading the graph (.{fmt})") from None
     except graphviz.CalledProcessError as exc:
         stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
         reason = stderr.strip().splitlines() or ["no message"]
@@ -235,6 +246,13 @@ def shape_notes(
     built = {
         p: build_for_shapes(net_param, p, input_shapes=input_shapes, source=source) for p in phases
     }
+    return notes_of(built)
+
+
+def notes_of(built: Mapping) -> dict[str, str]:
+    """Each blob's shape as text from nets built per phase ({"TRAIN": net, ...}): one shape
+    where the phases agree, else the shape of each phase that has the blob."""
+    phases = list(built)
     notes = {}
     for name in dict.fromkeys(n for net in built.values() for n in net.blob_shapes):
         found = {p: net.blob_shapes[name] for p, net in built.items() if name in net.blob_shapes}

@@ -22,6 +22,7 @@ _NUMBER = r"[-+]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf)"
 # glog prefix: severity letter, MMDD, wall time with microseconds (no year)
 STAMP = re.compile(r"^[IWEF](\d\d)(\d\d) (\d\d):(\d\d):(\d\d)\.(\d{6})")
 ITERATION = re.compile(r"Iteration (\d+)")
+SPEED = re.compile(rf"Iteration \d+ \(({_NUMBER}) iter/s, ")  # Caffe's display line since 2017
 SMOOTHED_LOSS = re.compile(rf"Iteration \d+(?: \([^)]*\))?, loss = ({_NUMBER})")
 LEARNING_RATE = re.compile(rf"\blr = ({_NUMBER})")
 TESTING = re.compile(r"Testing net \(#(\d+)\)")
@@ -35,6 +36,7 @@ class TrainingLog:
     test: list[dict] = field(default_factory=list)  # the same plus TestNet
     loss: list[tuple[int, float]] = field(default_factory=list)  # smoothed display loss
     lr: list[tuple[int, float]] = field(default_factory=list)
+    speed: list[tuple[int, float]] = field(default_factory=list)  # iterations per second
 
 
 class _Clock:
@@ -67,38 +69,81 @@ def _add(rows: list[dict], iteration, seconds, rate, name, value, extra=None) ->
     row[name] = value
 
 
-def parse_lines(lines) -> TrainingLog:
-    log, clock = TrainingLog(), _Clock()
-    iteration, rate, seconds, test_net = None, math.nan, 0.0, 0
-    for line in lines:
+@dataclass
+class Point:
+    """One number a log line reports: ``kind`` is "loss" (the smoothed loss of a display
+    line), "lr", "speed" (iterations per second of a display line), "train" or "test" (a net
+    output, named ``name``; ``test_net`` says which test net)."""
+
+    kind: str
+    iteration: int
+    value: float
+    name: str = ""
+    test_net: int = 0
+    seconds: float = 0.0
+
+
+class LogParser:
+    """Reads a log line by line (``feed`` returns the Points each line reports), so that a
+    running training can be followed as well as a finished log read; ``finish`` returns the
+    TrainingLog."""
+
+    def __init__(self):
+        self.log, self._clock = TrainingLog(), _Clock()
+        self.iteration: int | None = None
+        self.rate, self.seconds, self.test_net = math.nan, 0.0, 0
+
+    def feed(self, line: str) -> list[Point]:
+        log, points = self.log, []
         stamp = STAMP.match(line)
         if stamp:
-            seconds = clock.seconds(stamp, "Solving" in line)
+            self.seconds = self._clock.seconds(stamp, "Solving" in line)
         found = ITERATION.search(line)
         if found:
-            iteration = int(found.group(1))
+            self.iteration = int(found.group(1))
+        iteration, seconds = self.iteration, self.seconds
         if iteration is None:  # nothing counts before the first iteration line
-            continue
+            return points
         if found := LEARNING_RATE.search(line):
-            rate = float(found.group(1))
-            log.lr.append((iteration, rate))
+            self.rate = float(found.group(1))
+            log.lr.append((iteration, self.rate))
+            points.append(Point("lr", iteration, self.rate, seconds=seconds))
+        if found := SPEED.search(line):
+            log.speed.append((iteration, float(found.group(1))))
+            points.append(Point("speed", iteration, float(found.group(1)), seconds=seconds))
         if found := SMOOTHED_LOSS.search(line):
             log.loss.append((iteration, float(found.group(1))))
+            points.append(Point("loss", iteration, float(found.group(1)), seconds=seconds))
         if found := TESTING.search(line):
-            test_net = int(found.group(1))
+            self.test_net = int(found.group(1))
         if found := TRAIN_OUTPUT.search(line):
-            _add(log.train, iteration, seconds, rate, found.group(2), float(found.group(3)))
+            name, value = found.group(2), float(found.group(3))
+            _add(log.train, iteration, seconds, self.rate, name, value)
+            points.append(Point("train", iteration, value, name, seconds=seconds))
         if found := TEST_OUTPUT.search(line):
-            extra = {"TestNet": test_net}
-            _add(log.test, iteration, seconds, rate, found.group(2), float(found.group(3)), extra)
-    first = log.lr[0][1] if log.lr else math.nan
-    for rows in (log.train, log.test):
-        if len(rows) > 1:  # parse_log's fix: the first row (before any "lr =") takes the second's
-            rows[0]["LearningRate"] = rows[1]["LearningRate"]
-        for row in rows:
-            if math.isnan(row["LearningRate"]):
-                row["LearningRate"] = first
-    return log
+            name, value = found.group(2), float(found.group(3))
+            _add(log.test, iteration, seconds, self.rate, name, value, {"TestNet": self.test_net})
+            points.append(Point("test", iteration, value, name, self.test_net, seconds))
+        return points
+
+    def finish(self) -> TrainingLog:
+        log = self.log
+        first = log.lr[0][1] if log.lr else math.nan
+        for rows in (log.train, log.test):
+            # parse_log's fix: the first row (before any "lr =") takes the second's rate
+            if len(rows) > 1:
+                rows[0]["LearningRate"] = rows[1]["LearningRate"]
+            for row in rows:
+                if math.isnan(row["LearningRate"]):
+                    row["LearningRate"] = first
+        return log
+
+
+def parse_lines(lines) -> TrainingLog:
+    parser = LogParser()
+    for line in lines:
+        parser.feed(line)
+    return parser.finish()
 
 
 def parse_log(path) -> TrainingLog:
