@@ -14,6 +14,8 @@ import sys
 
 import click
 
+from .errors import CaffeAlexError
+from .formats.user_proto import use_proto
 from .log import setup_logging
 
 # command name -> "module under caffe_alex.commands:function", in the order --help lists them
@@ -73,9 +75,6 @@ def main(debug: bool, proto: str | None) -> None:
 
 
 def _use_proto(path: str, debug: bool) -> None:
-    from .errors import CaffeAlexError
-    from .formats.user_proto import use_proto
-
     try:
         use_proto(path)
     except CaffeAlexError as exc:  # the one-line form of every command's errors

@@ -33,10 +33,10 @@ STAGES = [
 
 # Imported inside functions on purpose: optional extras, or heavy and rarely needed; and the
 # optional packages pycaffe code may reach for (pydot, Selective Search); cv2 where compare
-# reports a missing OpenCV in one line.
+# reports a missing OpenCV in one line; grpc_tools (protoc) for --proto, the 'proto' extra.
 LAZY_ALLOWED = {"h5py", "plyvel", "matplotlib", "onnx", "onnxscript", "torch", "pydot",
                 "pydotplus", "selective_search_ijcv_with_python", "torchvision",
-                "cv2"}  # fmt: skip
+                "cv2", "grpc_tools"}  # fmt: skip
 # What may sit at the package root: entry points and the lowest shared modules.
 ROOT_MODULES = {
     "__init__", "__main__", "cli", "net", "registry", "fillers", "errors", "log", "blob",
