@@ -73,7 +73,7 @@ FORK_MESSAGES = {
     "MultiBoxLossParameter", "NormalizeParameter", "PermuteParameter", "VideoDataParameter",
     "InterpParameter", "ROIPoolingParameter", "SmoothL1LossParameter", "PSROIPoolingParameter",
     "ProposalParameter", "BNParameter", "UpsampleParameter", "ShuffleChannelParameter",
-    "ReLU6Parameter", "ReorgParameter", "RegionParameter",
+    "ReLU6Parameter", "ReorgParameter", "RegionParameter", "DenseImageDataParameter",
 }  # fmt: skip
 FORK_FIELD_BASE = 3001
 
