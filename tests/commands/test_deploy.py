@@ -75,8 +75,9 @@ def run(*args):
 
 
 def run_seg(folder, *args):
-    return run("--model", folder / "seg.prototxt", "--weights", folder / "seg.caffemodel",
-               "--mean-values", "104,117,123", "--labels", folder / "labels.txt", *args)  # fmt: skip
+    model, weights = folder / "seg.prototxt", folder / "seg.caffemodel"
+    return run("--model", model, "--weights", weights, "--mean-values", "104,117,123",
+               "--labels", folder / "labels.txt", *args)  # fmt: skip
 
 
 def test_segment_writes_label_maps_and_overlays(seg_files):
