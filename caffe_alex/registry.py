@@ -103,6 +103,16 @@ class CaffeLayer(nn.Module):
     def extra_repr(self) -> str:
         return f"name={self.name!r}, type={self.type_name!r}"
 
+    # -- weights files of other forks -----------------------------------------------------
+    def accepts_blob_shape(self, index: int, shape: tuple[int, ...]) -> bool:
+        """Whether a weights file's blob ``index`` of ``shape`` (not this layer's own shape)
+        holds the same values in another fork's layout; it is then copied by count."""
+        return False
+
+    def blob_count_note(self) -> str:
+        """A hint added to the error when a weights file has another number of blobs."""
+        return ""
+
     # -- helpers for subclasses ---------------------------------------------------------
     def new_blob(
         self, shape: Sequence[int], filler=None, *, requires_grad: bool = True

@@ -64,6 +64,12 @@ def _legacy_match(target: tuple[int, ...], blob: Blob) -> bool:
     return len(target) <= 4 and (1,) * (4 - len(target)) + target == blob.shape
 
 
+def _fork_layout(module, index: int, blob: Blob) -> bool:
+    # A layer may read another fork's layout of the same values (yjxiong's [1, C] BN blobs).
+    accepts = getattr(module, "accepts_blob_shape", None)
+    return bool(accepts and accepts(index, blob.shape))
+
+
 def _net_file(net) -> str:
     return getattr(getattr(net, "source", None), "path", None) or "the net definition"
 
@@ -83,13 +89,14 @@ def _plan_copies(net, ws: WeightSet, plan: dict, report: LoadReport) -> None:
             log.info("Ignoring source layer %s", shown(name))
             report.ignored.append(name)
             continue
-        targets = list(net.layer(name).blobs)
-        _check_count(name, lw, targets, ws, net, shared)
+        module = net.layer(name)
+        targets = list(module.blobs)
+        _check_count(name, lw, targets, ws, net, shared, module)
         for j, (param, blob) in enumerate(zip(targets, lw.blobs)):
             if blob is None:
                 continue
             target = tuple(param.shape)
-            if not _legacy_match(target, blob):
+            if not _legacy_match(target, blob) and not _fork_layout(module, j, blob):
                 raise CaffeAlexError(
                     f"cannot copy blob {j} of layer '{name}': shape {list(blob.shape)} in "
                     f"{ws.path} but {list(target)} in the net ({_net_file(net)}); to learn "
@@ -100,7 +107,7 @@ def _plan_copies(net, ws: WeightSet, plan: dict, report: LoadReport) -> None:
             report.loaded.append(name)
 
 
-def _check_count(name, lw: LayerWeights, targets, ws, net, shared) -> None:
+def _check_count(name, lw: LayerWeights, targets, ws, net, shared, module) -> None:
     given = len(lw.blobs)
     # HDF5 files leave out blobs shared from another layer; every other blob must be there
     absent = [j for j, b in enumerate(lw.blobs) if b is None] + list(range(given, len(targets)))
@@ -108,9 +115,10 @@ def _check_count(name, lw: LayerWeights, targets, ws, net, shared) -> None:
     if ws.format == "h5":
         ok = given <= len(targets) and all((name, j) in shared for j in absent)
     if not ok:
+        note = module.blob_count_note() if hasattr(module, "blob_count_note") else ""
         raise CaffeAlexError(
             f"incompatible number of blobs for layer '{name}': {given} in {ws.path}, "
-            f"{len(targets)} in the net ({_net_file(net)})"
+            f"{len(targets)} in the net ({_net_file(net)})" + (f"; {note}" if note else "")
         )
 
 

@@ -1,7 +1,8 @@
 """Dropout: in TRAIN keep each element with probability 1 - p and scale it by 1/(1 - p);
 identity in TEST.
 
-Honours ``dropout_param.dropout_ratio``.
+Honours ``dropout_param.dropout_ratio`` and caffe-segnet's ``sample_weights_test`` (Bayesian
+SegNet: drop in every phase, so repeated TEST passes sample the net).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ class DropoutLayer(CaffeLayer):
     follows ``torch.manual_seed`` (not Caffe's random stream). A TRAIN-phase net put in
     ``eval()`` mode also passes its input through, as ``nn.Dropout`` would."""
 
-    params = {"dropout_param": frozenset({"dropout_ratio"})}
+    params = {"dropout_param": frozenset({"dropout_ratio", "sample_weights_test"})}
 
     def __init__(self, layer_param, bottom_shapes, phase):
         super().__init__(layer_param, bottom_shapes, phase)
@@ -29,9 +30,11 @@ class DropoutLayer(CaffeLayer):
         self.ratio = ratio
         # Caffe computes 1/(1-p) in double and stores it as the blob type (float).
         self.scale = 1.0 / (1.0 - ratio)
+        self.sample_test = layer_param.dropout_param.sample_weights_test
 
     def forward(self, x):
-        if self.phase != "TRAIN" or not self.training:
+        sampling = self.sample_test or (self.phase == "TRAIN" and self.training)
+        if not sampling:
             return x
         mask = torch.empty_like(x).bernoulli_(1.0 - self.ratio).mul_(self.scale)
         return x * mask
