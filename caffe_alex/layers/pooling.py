@@ -1,8 +1,10 @@
 """Pooling (pooling_param) with Caffe's output sizes, AVE divisors and MAX tie rule.
 
 Honoured fields: pool (MAX, AVE, STOCHASTIC), kernel_size or kernel_h/kernel_w, stride or
-stride_h/stride_w, pad or pad_h/pad_w, global_pooling, round_mode (CEIL, FLOOR). MAX may have a
-second top: the argmax as a float flat index h * W + w into the unpadded bottom.
+stride_h/stride_w, pad or pad_h/pad_w, global_pooling, round_mode (CEIL, FLOOR), and the forks'
+ceil_mode (caffe-fast-rcnn, DenseNet and SSD ports: true rounds up as CEIL, false down as FLOOR,
+with the same padding correction). MAX may have a second top: the argmax as a float flat index
+h * W + w into the unpadded bottom.
 """
 
 from __future__ import annotations
@@ -64,9 +66,22 @@ class PoolingLayer(CaffeLayer):
             raise LayerConfigError("give kernel_size or both kernel_h and kernel_w (not both)")
         self.kernel = _pair(pp, "kernel", 0)
         self.stride, self.pad = _pair(pp, "stride", 1), _pair(pp, "pad", 0)
-        self.ceil = pp.round_mode == _P.CEIL
+        self.ceil = self._rounds_up(pp)
         self.n_top = len(layer_param.top)
         self._check(pp)
+
+    @staticmethod
+    def _rounds_up(pp) -> bool:
+        # The forks' ceil_mode reuses round_mode's field number with the opposite sense, so a
+        # file giving both was written for two different Caffes: refuse it rather than guess.
+        if pp.HasField("ceil_mode") and pp.HasField("round_mode"):
+            raise LayerConfigError(
+                f"pooling_param sets both round_mode ({_P.RoundMode.Name(pp.round_mode)}) and "
+                f"the forks' ceil_mode ({str(pp.ceil_mode).lower()}); give only one of them"
+            )
+        if pp.HasField("ceil_mode"):
+            return pp.ceil_mode
+        return pp.round_mode == _P.CEIL
 
     def _check(self, pp) -> None:
         if self.global_pooling and (self.pad != (0, 0) or self.stride != (1, 1)):
