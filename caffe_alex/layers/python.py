@@ -5,7 +5,9 @@
 weights file) and builds ``layer`` with the LayerParameter. The class subclasses ``caffe.Layer``
 (``Layer`` here) and defines ``setup(bottom, top)``, ``reshape(bottom, top)``,
 ``forward(bottom, top)`` and ``backward(top, propagate_down, bottom)`` over pycaffe Blobs
-(numpy ``data``/``diff``); it has ``self.param_str``, ``self.phase``, ``self.type`` and
+(numpy ``data``/``diff``); it has ``self.param_str`` (also as ``self.param_str_``, the name
+caffe-fast-rcnn's pycaffe and so py-faster-rcnn's layers use), ``self.phase`` (0 for TRAIN,
+1 for TEST, whose ``str()`` is "TRAIN" or "TEST" as that fork's phase enum gives), ``self.type`` and
 ``self.blobs`` (``add_blob``: learnable blobs, which this layer registers as its parameters so
 solvers update them and .caffemodel files keep them).
 
@@ -24,6 +26,19 @@ from ..errors import CaffeAlexError, LayerConfigError, describe
 from ..registry import CaffeLayer, register
 
 
+class Phase(int):
+    """A layer's phase: the int BVLC's pycaffe gives (0 TRAIN, 1 TEST) whose text is the
+    name, as caffe-fast-rcnn's enum prints it (py-faster-rcnn reads ``str(self.phase)``)."""
+
+    def __new__(cls, value: int):
+        return super().__new__(cls, value)
+
+    def __str__(self) -> str:
+        return "TRAIN" if self == 0 else "TEST"
+
+    __repr__ = __str__
+
+
 class Layer:
     """The base class of Python layers (pycaffe's ``caffe.Layer``)."""
 
@@ -31,8 +46,17 @@ class Layer:
 
     def __init__(self, param=None):
         self.param_str = param.python_param.param_str if param is not None else ""
-        self.phase = 0
+        self.phase = Phase(0)
         self.blobs = BlobVec()
+
+    @property
+    def param_str_(self) -> str:
+        # caffe-fast-rcnn's pycaffe name for param_str (py-faster-rcnn's layers read it)
+        return self.param_str
+
+    @param_str_.setter
+    def param_str_(self, value: str) -> None:
+        self.param_str = value
 
     def setup(self, bottom, top) -> None:
         pass
@@ -123,7 +147,7 @@ class PythonLayer(CaffeLayer):
             raise LayerConfigError(f"{self.where}({type(exc).__name__}): {describe(exc)}") from exc
         # Caffe sets these on the object whatever its __init__ did
         impl.param_str = layer_param.python_param.param_str
-        impl.phase = 0 if phase == "TRAIN" else 1
+        impl.phase = Phase(0 if phase == "TRAIN" else 1)
         impl.blobs = BlobVec(on_add=self._add_learnable)
         return impl
 
