@@ -156,7 +156,10 @@ def output_task(net, task: str = "auto") -> tuple[str, str]:
     classifier's. A forced task is checked against the blob's shape."""
     made_by = {top: kind for step, kind in zip(net.steps, net.layer_types) for top in step.tops}
     detections = [n for n in net.output_names if made_by.get(n) == "DetectionOutput"]
-    blob = detections[0] if detections and task in ("auto", "detect") else net.output_names[0]
+    if detections and task in ("classify", "segment"):
+        raise CaffeAlexError(f"--task {task}: output '{detections[0]}' holds a DetectionOutput "
+                             "layer's boxes (--task detect)")  # fmt: skip
+    blob = detections[0] if detections else net.output_names[0]
     shape = tuple(net.blob_shapes[blob])
     if task == "auto":
         spatial = len(shape) == 4 and shape[2] > 1 and shape[3] > 1
