@@ -111,7 +111,7 @@ def run(name: str, repeats: int, folder: str) -> None:
     cv_net.setInput(x)
     cv_conf = cv_net.forward("mbox_conf_flatten")
     diff = float(np.abs(conf - cv_conf.reshape(conf.shape)).max() / np.abs(cv_conf).max())
-    kept = int((ours()[..., 0] >= 0).sum())
+    kept = int((ours()[..., 1] >= 0).sum())  # rows with a label (not the -1 placeholder)
     print(f"{name:<14} {ms_ours:>11.1f} {ms_cv:>11.1f} {ms_ours / ms_cv:>6.2f} {diff:>12.1e} "
           f"{kept:>6}")  # fmt: skip
 

@@ -4,9 +4,9 @@ boxes in each image's pixels, and the boxes drawn on the image.
 SSD's DetectionOutput writes a 1 x 1 x N x 7 blob, one row per kept box: (image id within the
 batch, class label, score, xmin, ymin, xmax, ymax) with the corners relative to the image
 (0..1), so they scale to any image size however it was resized for the net. When it keeps
-nothing in the whole batch it writes one row of -1 (OpenCV's version pads with rows of 0
-instead, which a score threshold drops). Corners are reported as the net gives them, not
-clipped to the image; only drawing clips them.
+nothing in the whole batch it writes one placeholder row per image, the image's index and six
+-1 (OpenCV's version pads with rows of 0 instead, which a score threshold drops). Corners are
+reported as the net gives them, not clipped to the image; only drawing clips them.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def boxes_per_image(rows, sizes: Sequence[tuple[int, int]], threshold: float = 0
         )
     found: list[list[Box]] = [[] for _ in sizes]
     for image_id, label, score, x0, y0, x1, y1 in rows.reshape(-1, ROW):
-        if image_id < 0:  # SSD's "nothing kept" row
+        if image_id < 0 or label < 0:  # SSD's "nothing kept" placeholder
             continue
         index = int(image_id)
         if index >= len(sizes):

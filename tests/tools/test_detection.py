@@ -30,8 +30,10 @@ def test_rows_become_boxes_in_each_images_pixels():
     assert len(boxes_per_image(rows, sizes)[0]) == 3
 
 
-def test_ssd_empty_row_and_bad_blobs():
-    assert boxes_per_image(np.full((1, 1, 1, 7), -1, np.float32), [(5, 5)]) == [[]]
+def test_ssd_placeholder_rows_and_bad_blobs():
+    placeholder = np.full((1, 1, 2, 7), -1, np.float32)  # one per image: its index, then -1
+    placeholder[0, 0, :, 0] = [0, 1]
+    assert boxes_per_image(placeholder, [(5, 5), (6, 6)], threshold=-2) == [[], []]
     with pytest.raises(CaffeAlexError, match="7 values per box"):
         boxes_per_image(np.zeros((1, 1, 2, 6)), [(5, 5)])
     with pytest.raises(CaffeAlexError, match="names image 2 of a batch of 2"):
