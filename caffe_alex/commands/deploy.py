@@ -58,6 +58,8 @@ def _preprocessing(fn):
         option("batch-size", type=click.IntRange(min=1), default=None,
                 help="Images (crops with --oversample) per forward (default: net batch)."),
         option("gpu", default=None, help="GPU id to run on (default: CPU)."),
+        option("channels-last", is_flag=True, help="NHWC memory order for convolutions "
+               "(often faster; results equal up to float rounding)."),
     ]  # fmt: skip
     for add_option in reversed(options):
         fn = add_option(fn)
@@ -74,7 +76,8 @@ def _classifier(opts: dict, net=None, image_dims=None):
         image_dims = [int(v) for v in _floats(opts["image_dims"] or "256,256", "--image-dims")]
     clf = Classifier(net or opts["model"], None if net else opts["weights"], image_dims=image_dims,
                      raw_scale=opts["raw_scale"], input_scale=opts["input_scale"],
-                     device=resolve_device(opts["gpu"]), batch_size=opts["batch_size"])  # fmt: skip
+                     device=resolve_device(opts["gpu"]), batch_size=opts["batch_size"],
+                     channels_last=opts["channels_last"])  # fmt: skip
     if mean is not None and mean.ndim == 1 and mean.size == 1:
         mean = mean.repeat(clf.channels)  # one value for all channels, as Caffe's mean_value
     if mean is not None:
