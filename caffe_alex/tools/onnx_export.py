@@ -180,12 +180,12 @@ def _check_net(net, outputs) -> None:
         raise CaffeAlexError(f"blob(s) {clash} are both input and output: nothing to export")
     for step, kind in zip(net.steps, net.layer_types):
         if kind in NOT_IN_ONNX:
-            raise CaffeAlexError(
+            raise net.source.error(
                 f"cannot export to ONNX: no ONNX operator does {NOT_IN_ONNX[kind]}; export the "
                 f"blobs it reads with --outputs {','.join(step.bottoms)} and run it after the "
                 "model",
-                layer=step.layer,
-                layer_type=kind,
+                step.layer,
+                kind,
             )
 
 
@@ -259,10 +259,10 @@ class _LayerTracker:
 def _quiet():
     """The exporter warns about things that do not concern the user (blobs kept on the net,
     optional torchvision ops, deprecations): keep those out of the command's output."""
-    # symbolic_shapes prints a whole graph when a layer's sizes depend on the data
-    loggers = [
-        logging.getLogger(n) for n in ("torch.onnx", "torch.fx.experimental.symbolic_shapes")
-    ]
+    # symbolic_shapes prints a whole graph when a layer's sizes depend on the data; onnx_ir's
+    # optimizer notes the constants (PriorBox) it leaves as they are
+    names = ("torch.onnx", "torch.fx.experimental.symbolic_shapes", "onnx_ir", "onnxscript")
+    loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
@@ -330,6 +330,26 @@ def _trace(net, inputs, dynamic_batch: bool, outputs):
         tracker.remove()
 
 
+def _name_io(model, inputs: list[str], outputs: list[str]) -> None:
+    """Name the graph's inputs and outputs after the blobs. The exporter names other values
+    after their torch operation ('permute', 'cat'), which a Caffe blob may be called too: such
+    a value is renamed first, or the graph would hold two values of one name."""
+    graph = model.graph
+    ends = {id(v) for v in (*graph.inputs, *graph.outputs)}
+    values = [*graph.inputs, *graph.initializers.values()]
+    values += [v for node in graph for v in node.outputs]
+    taken = {v.name for v in values} | set(inputs) | set(outputs)
+    for value in values:
+        if id(value) not in ends and value.name in set(inputs) | set(outputs):
+            n = 1
+            while f"{value.name}_{n}" in taken:
+                n += 1
+            value.name = f"{value.name}_{n}"
+            taken.add(value.name)
+    for value, name in (*zip(graph.inputs, inputs), *zip(graph.outputs, outputs)):
+        value.name = name
+
+
 def to_onnx_model(net, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, outputs=None):
     """The net as a checked ``onnx.ModelProto`` (inputs and outputs named after the blobs).
     ``outputs`` (blob names) exports only the layers those blobs need, with them as the
@@ -356,13 +376,12 @@ def to_onnx_model(net, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = Fals
             try:
                 onnx_program = torch.onnx.export(
                     program,
-                    input_names=list(net.input_names),
-                    output_names=outputs,
                     opset_version=opset,
                     custom_translation_table={_LRN_OP: _lrn_to_onnx, _ROI_OP: _roi_pool_to_onnx},
                     external_data=False,
                     verbose=False,
                 )
+                _name_io(onnx_program.model, list(net.input_names), outputs)
                 model = onnx_program.model_proto
                 onnx.checker.check_model(model)
             except Exception as exc:

@@ -14,6 +14,7 @@ from caffe_alex.cli import main
 from caffe_alex.errors import CaffeAlexError
 from caffe_alex.net import Net
 from caffe_alex.tools.onnx_export import to_onnx_model
+from tests.corpus import CORPUS
 from tests.paths import ROOT
 from tests.reference import caffemodel_bytes, parse_net, randomize, relative_error
 
@@ -219,7 +220,8 @@ def test_dynamic_batch_refused_where_the_net_fixes_it():
 
 # ---- fork layers ----------------------------------------------------------------------------
 # One net holding the fork types that trace to plain ONNX operators; each top is exported as
-# an output (``outputs``), compared with onnxruntime, and its ONNX operators checked.
+# an output (``outputs``), compared with onnxruntime, and its ONNX operators checked. (A blob
+# named "permute" also checks that blob names may equal the names the exporter gives values.)
 FORK_ZOO = """name: "fork_zoo"
 layer { name: "data" type: "Input" top: "data"
   input_param { shape { dim: 2 dim: 8 dim: 6 dim: 6 } } }
@@ -248,9 +250,18 @@ layer { name: "gap" type: "Pooling" bottom: "data" top: "gap"
 layer { name: "axpy" type: "Axpy" bottom: "gap" bottom: "data" bottom: "relu6" top: "axpy" }
 layer { name: "floor_pool" type: "Pooling" bottom: "data" top: "floor_pool"
   pooling_param { pool: MAX kernel_size: 3 stride: 2 ceil_mode: false } }
+layer { name: "permute" type: "Permute" bottom: "dw" top: "permute"
+  permute_param { order: 0 order: 2 order: 3 order: 1 } }
+layer { name: "norm" type: "Normalize" bottom: "data" top: "norm"
+  norm_param { across_spatial: false channel_shared: false } }
+layer { name: "norm_all" type: "Normalize" bottom: "relu6" top: "norm_all" }
+layer { name: "priors" type: "PriorBox" bottom: "dw2" bottom: "data" top: "priors"
+  prior_box_param { min_size: 2 max_size: 4 aspect_ratio: 2 flip: true
+                    variance: 0.1 variance: 0.1 variance: 0.2 variance: 0.2 } }
 """
 ZOO_OUTPUTS = ["relu6", "shuffle", "dw", "dw2", "interp", "bn_segnet", "bn_pspnet", "nearest",
-               "unpool", "reorg", "region", "axpy", "floor_pool"]  # fmt: skip
+               "unpool", "reorg", "region", "axpy", "floor_pool", "permute", "norm", "norm_all",
+               "priors"]  # fmt: skip
 
 
 def test_fork_layers_export_to_onnx_operators():
@@ -261,6 +272,9 @@ def test_fork_layers_export_to_onnx_operators():
         variance.copy_(variance.abs() + 0.5)
     model = to_onnx_model(net, outputs=ZOO_OUTPUTS)
     assert [o.name for o in model.graph.output] == ZOO_OUTPUTS
+    # PriorBox depends on shapes only: its output is stored, not computed
+    assert "priors" in {i.name for i in model.graph.initializer}
+    assert not [n for n in model.graph.node if "priors" in n.output]
     ops = {node.op_type for node in model.graph.node}
     assert {"Clip", "Transpose", "Conv", "MaxPool"} <= ops
     depthwise = [n for n in model.graph.node if n.op_type == "Conv"]
@@ -336,3 +350,51 @@ def test_layers_without_an_onnx_operator_are_named_and_outputs_export_around_the
         assert relative_error(value, net.blobs[name].numpy()) <= TOL
     with pytest.raises(CaffeAlexError, match="--outputs: the net has no blob named 'nope'"):
         to_onnx_model(net, outputs=["bbox", "nope"])
+
+
+MOBILENET_SSD = CORPUS / "chuanqi305__MobileNet-SSD" / "deploy.prototxt"
+SSD_HEADS = ["mbox_loc", "mbox_conf_flatten", "mbox_priorbox"]
+
+
+@pytest.mark.skipif(not MOBILENET_SSD.is_file(), reason="../shared/corpus not present")
+def test_mobilenet_ssd_exports_up_to_its_detection_output(tmp_path):
+    proto, weights, onnx_path = MOBILENET_SSD, tmp_path / "w.caffemodel", tmp_path / "ssd.onnx"
+    net = Net.from_prototxt(str(proto), "TEST")
+    randomize(net, 8, 0.1)
+    weights.write_bytes(caffemodel_bytes(net))
+    whole = run_cli("--model", str(proto), "--weights", str(weights), str(onnx_path))
+    assert whole.exit_code == 1 and not onnx_path.exists()
+    assert whole.output.splitlines()[-1] == (
+        f"caffe-alex: error: {proto}:3080: layer 'detection_out' (DetectionOutput): cannot "
+        "export to ONNX: no ONNX operator does SSD's box decoding, per-class NMS and "
+        "keep_top_k; export the blobs it reads with --outputs "
+        "mbox_loc,mbox_conf_flatten,mbox_priorbox and run it after the model"
+    )
+    heads = run_cli("--model", str(proto), "--weights", str(weights), "--outputs",
+                    ",".join(SSD_HEADS), str(onnx_path))  # fmt: skip
+    assert heads.exit_code == 0, heads.output
+    model = onnx.load(str(onnx_path))
+    assert [v.name for v in model.graph.output] == SSD_HEADS
+    assert "data" not in _ancestors(model, "mbox_priorbox")  # PriorBoxes as constants
+    assert "data" in _ancestors(model, "mbox_loc")
+    ops = {n.op_type for n in model.graph.node}
+    assert "Transpose" in ops and "DetectionOutput" not in ops  # Permute as Transpose
+    x = np.random.default_rng(9).standard_normal((1, 3, 300, 300)).astype(np.float32)
+    theirs = session(str(onnx_path)).run(SSD_HEADS, {"data": x})
+    with torch.no_grad():
+        net(torch.from_numpy(x))
+    for name, value in zip(SSD_HEADS, theirs):
+        assert relative_error(value, net.blobs[name].numpy()) <= TOL, name
+
+
+def _ancestors(model, name: str) -> set[str]:
+    """Every value the graph computes ``name`` from."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    found, todo = set(), [name]
+    while todo:
+        node = producer.get(todo.pop())
+        for value in node.input if node is not None else ():
+            if value not in found:
+                found.add(value)
+                todo.append(value)
+    return found
