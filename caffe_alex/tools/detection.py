@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 from ..errors import CaffeAlexError
@@ -84,8 +85,6 @@ def draw_boxes(image: np.ndarray, boxes: Sequence[Box], names: dict[int, str],
     """The image (H x W x 3 RGB float in [0, 1], as loaded) as 8-bit RGB with each box drawn
     in its class's colour, labelled with its name and score. Pixels away from the boxes and
     their labels keep their values."""
-    import cv2  # imported on use: only drawing needs it
-
     canvas = np.ascontiguousarray(
         np.round(np.clip(image[..., :3], 0, 1) * 255)[..., ::-1].astype(np.uint8)
     )
