@@ -98,9 +98,10 @@ class _PythonFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, host, n_bottom: int, *tensors):
         bottom = _blobs(tensors[:n_bottom])
-        top = [Blob(torch.zeros(0)) for _ in range(host.n_top)]
+        top = host.fresh_tops()
         host.call("reshape", bottom, top)
         host.call("forward", bottom, top)
+        host.top_dims = [t.shape for t in top]
         ctx.host, ctx.bottom, ctx.top = host, bottom, top
         device = tensors[0].device if tensors else host.device()
         return tuple(t.data_tensor().to(device, copy=True) for t in top)
@@ -135,6 +136,10 @@ class PythonLayer(CaffeLayer):
         self.where = f"{p.module}.{p.layer}"
         cls = _import_class(p.module, p.layer)
         self.n_top = len(layer_param.top)
+        # Caffe's top blobs outlive each call: a reshape that does nothing (py-faster-rcnn's
+        # layers reshape in forward) leaves them as they were. Here each call gets new blobs of
+        # the shapes the last call left.
+        self.top_dims: list[tuple[int, ...]] = [(0,)] * self.n_top
         self.bottom_devices = [torch.device("cpu")] * len(bottom_shapes)
         self.impl = self._construct(cls, layer_param, phase)
         self._built_for = [tuple(s) for s in bottom_shapes]
@@ -158,14 +163,18 @@ class PythonLayer(CaffeLayer):
 
     def _shapes_for(self, bottom_shapes, first: str):
         bottom = [Blob(torch.zeros(tuple(s))) for s in bottom_shapes]
-        top = [Blob(torch.zeros(0)) for _ in range(self.n_top)]
+        top = self.fresh_tops()
         try:
             if first == "setup":
                 self.call("setup", bottom, top)
             self.call("reshape", bottom, top)
         except CaffeAlexError as exc:
             raise LayerConfigError(exc.message) from exc.__cause__
-        return [t.shape for t in top]
+        self.top_dims = [t.shape for t in top]
+        return list(self.top_dims)
+
+    def fresh_tops(self) -> list[Blob]:
+        return [Blob(torch.zeros(shape)) for shape in self.top_dims]
 
     def top_shapes(self, bottom_shapes):
         if [tuple(s) for s in bottom_shapes] == self._built_for:

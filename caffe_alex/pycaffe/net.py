@@ -59,6 +59,17 @@ class LayerView:
 
     setup = reshape  # the layer was set up when the net was built
 
+    def __getattr__(self, name: str):
+        # pycaffe's net.layers holds a Python layer's own object: its methods and attributes
+        # are reachable (py-faster-rcnn's trainer calls net.layers[0].set_roidb(roidb))
+        net = self.__dict__.get("_net")
+        if net is None or name.startswith("__"):
+            raise AttributeError(name)
+        impl = getattr(net._module.layers[net._steps[self._index].key], "impl", None)
+        if impl is None:
+            raise AttributeError(f"{type(self).__name__} has no attribute '{name}'")
+        return getattr(impl, name)
+
     def __repr__(self) -> str:
         return f"<Layer {self._net._layer_names[self._index]!r} ({self.type})>"
 

@@ -114,3 +114,49 @@ def test_bf16_channels_last_and_compile():
     y.sum().backward()
     assert torch.all((y == 0) | (y == x * 2))
     assert torch.equal(xc.grad, (y != 0).float() * 2)
+
+
+# -- caffe-fast-rcnn's scale_train (OpenCV ignores it: NumPy transcriptions of the fork) ------
+
+
+def unscaled_net(ratio: float, shape=(3, 4, 5)) -> str:
+    return dropout_net(ratio, shape).replace(
+        f"dropout_ratio: {ratio} }}", f"dropout_ratio: {ratio} scale_train: false }}"
+    )
+
+
+def fork_test_factor(ratio: float) -> np.float32:
+    # dropout_layer.cpp: caffe_scal(count, 1. / scale_, top) with scale_ a float
+    return np.float32(1.0 / np.float64(caffe_scale(ratio)))
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.3])
+def test_scale_train_false_test_phase_multiplies_by_one_minus_ratio(ratio):
+    net = Net(parse_net(unscaled_net(ratio)), "TEST")
+    x = torch.randn(3, 4, 5, requires_grad=True)
+    y = net(data=x)["out"]
+    assert np.array_equal(y.detach().numpy(), x.detach().numpy() * fork_test_factor(ratio))
+    dy = torch.randn(3, 4, 5)
+    y.backward(dy)
+    assert np.array_equal(x.grad.numpy(), dy.numpy() * fork_test_factor(ratio))
+
+
+def test_scale_train_false_train_phase_keeps_values_unscaled():
+    net = Net(parse_net(unscaled_net(0.5, (4, 8, 40))), "TRAIN")
+    x = (torch.rand(4, 8, 40) + 0.5).requires_grad_()
+    torch.manual_seed(1)
+    y = net(data=x)["out"]
+    kept = (y != 0).numpy()
+    assert abs(kept.mean() - 0.5) < 0.03
+    assert np.array_equal(y.detach().numpy(), np.where(kept, x.detach().numpy(), 0))
+    dy = torch.randn(4, 8, 40)
+    y.backward(dy)
+    assert np.array_equal(x.grad.numpy(), np.where(kept, dy.numpy(), 0))
+
+
+def test_scale_train_true_is_bvlcs_dropout():
+    text = dropout_net(0.5).replace(
+        "dropout_ratio: 0.5 }", "dropout_ratio: 0.5 scale_train: true }"
+    )
+    x = torch.randn(2, 3, 4, 5)
+    assert torch.equal(Net(parse_net(text), "TEST")(data=x)["out"], x)

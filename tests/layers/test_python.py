@@ -83,6 +83,29 @@ class Counter(caffe.Layer):
         top[0].data[:, 1] = self.phase
 
 
+class FasterRcnnStyle(caffe.Layer):
+    """py-faster-rcnn's conventions: param_str_, str(self.phase), tops shaped in setup and in
+    forward only (reshape does nothing)."""
+
+    def setup(self, bottom, top):
+        self.offset = float(self.param_str_)
+        top[0].reshape(1, 5)
+        top[1].reshape(1, 1, 1, 1)
+
+    def reshape(self, bottom, top):
+        pass
+
+    def set_offset(self, value):  # called through pycaffe's net.layers, as set_roidb is
+        self.offset = value
+
+    def forward(self, bottom, top):
+        rows = bottom[0].data.shape[0] + (1 if str(self.phase) == "TRAIN" else 0)
+        top[0].reshape(rows, 5)
+        top[0].data[...] = self.offset
+        top[1].reshape(rows, 1)
+        top[1].data[...] = len(str(self.phase))
+
+
 class Broken(caffe.Layer):
     def setup(self, bottom, top):
         if self.param_str == "setup":
@@ -146,6 +169,38 @@ def test_param_str_phase_and_a_data_layer_without_bottoms():
         first, second = net()["batch"], net()["batch"]
         assert first[:, 0].tolist() == [1, 1, 1] and second[:, 0].tolist() == [2, 2, 2]
         assert second[:, 1].tolist() == [value] * 3
+
+
+def test_py_faster_rcnn_conventions_param_str_underscore_phase_names_and_lasting_tops():
+    text = input_layer((3, 2)) + python_layer("p", "FasterRcnnStyle", ["x"], ["a", "b"], "1.5")
+    for phase in ("TRAIN", "TEST"):
+        net = Net(parse_net(text), phase)
+        assert net.blob_shapes["a"] == (1, 5) and net.blob_shapes["b"] == (1, 1, 1, 1)
+        net.reshape(x=(4, 2))  # a reshape that does nothing keeps the tops as they were
+        assert net.blob_shapes["a"] == (1, 5)
+        out = net(x=torch.zeros(4, 2))
+        rows = 5 if phase == "TRAIN" else 4
+        assert out["a"].shape == (rows, 5) and (out["a"] == 1.5).all()
+        assert (out["b"] == len(phase)).all()
+        impl = net.layer("p").impl
+        assert impl.phase == (0 if phase == "TRAIN" else 1) and str(impl.phase) == phase
+
+
+def test_pycaffe_net_layers_reach_the_python_layers_own_methods(tmp_path):
+    import caffe_alex.pycaffe as caffe
+
+    path = tmp_path / "net.prototxt"
+    path.write_text(
+        input_layer((3, 2)) + python_layer("p", "FasterRcnnStyle", ["x"], ["a", "b"], "1.5")
+    )
+    net = caffe.Net(str(path), caffe.TEST)
+    layer = net.layers[list(net._layer_names).index("p")]
+    assert layer.type == "Python" and layer.offset == 1.5
+    layer.set_offset(4.0)
+    net.forward()
+    assert (net.blobs["a"].data == 4.0).all() and net.blobs["a"].data.shape == (3, 5)
+    with pytest.raises(AttributeError):
+        net.layers[0].set_offset(1.0)  # the Input layer is no Python layer
 
 
 def test_python_loss_trains_like_the_builtin_euclidean_loss(tmp_path):
