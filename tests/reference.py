@@ -57,13 +57,13 @@ def _blob_bytes(array: np.ndarray) -> bytes:
 
 def caffemodel_bytes(net: Net) -> bytes:
     """A .caffemodel (binary NetParameter) holding the net's blobs under their layer names."""
-    model = caffe_pb2.NetParameter(name=net.name).SerializeToString()
+    parts = [caffe_pb2.NetParameter(name=net.name).SerializeToString()]
     for name, blobs in net.params.items():
         layer = caffe_pb2.LayerParameter(name=name, type=net.layer(name).type_name)
         payload = layer.SerializeToString()
         payload += b"".join(_field(7, _blob_bytes(b.detach().cpu().numpy())) for b in blobs)
-        model += _field(100, payload)  # NetParameter.layer = 100
-    return model
+        parts.append(_field(100, payload))  # NetParameter.layer = 100
+    return b"".join(parts)  # one join: appending to a growing bytes copies it every time
 
 
 def opencv_forward(prototxt: str, net: Net, inputs: dict[str, np.ndarray], outputs: list[str]):

@@ -61,16 +61,34 @@ class InterpLayer(CaffeLayer):
 
     def __init__(self, layer_param, bottom_shapes, phase):
         super().__init__(layer_param, bottom_shapes, phase)
-        self.param = layer_param.interp_param
-        self.pad_beg, self.pad_end = self.param.pad_beg, self.param.pad_end
+        param = layer_param.interp_param
+        self.pad_beg, self.pad_end = param.pad_beg, param.pad_end
         for name, value in (("pad_beg", self.pad_beg), ("pad_end", self.pad_end)):
             if value > 0:
                 raise LayerConfigError(
                     f"interp_param.{name} is {value}: only values <= 0 (cropping) are supported"
                 )
+        # The fork's branch order, decided once (forward then reads plain ints).
+        has = param.HasField
+        self.shrink = self.zoom = self.size = None
+        if has("shrink_factor") and not has("zoom_factor"):
+            self.shrink = self._factor(param, "shrink_factor")
+        elif has("zoom_factor") and not has("shrink_factor"):
+            self.zoom = self._factor(param, "zoom_factor")
+        elif has("height") and has("width"):
+            self.size = (param.height, param.width)
+        elif has("shrink_factor") and has("zoom_factor"):
+            self.shrink = self._factor(param, "shrink_factor")
+            self.zoom = self._factor(param, "zoom_factor")
+        elif len(bottom_shapes) != 2:
+            raise LayerConfigError(
+                "no output size: interp_param sets neither height and width, zoom_factor nor "
+                "shrink_factor, and there is no second bottom to take the size from"
+            )
 
-    def _factor(self, name: str) -> int:
-        value = getattr(self.param, name)
+    @staticmethod
+    def _factor(param, name: str) -> int:
+        value = getattr(param, name)
         if value < 1:
             raise LayerConfigError(f"interp_param.{name} must be >= 1, got {value}")
         return value
@@ -85,26 +103,16 @@ class InterpLayer(CaffeLayer):
                 f"the bottom's {height}x{width} cropped by pad_beg {self.pad_beg} and pad_end "
                 f"{self.pad_end} leaves {size_in[0]}x{size_in[1]}: must be positive"
             )
-        has = self.param.HasField
-        if has("shrink_factor") and not has("zoom_factor"):
-            shrink = self._factor("shrink_factor")
-            size_out = tuple((n - 1) // shrink + 1 for n in size_in)
-        elif has("zoom_factor") and not has("shrink_factor"):
-            zoom = self._factor("zoom_factor")
-            size_out = tuple(n + (n - 1) * (zoom - 1) for n in size_in)
-        elif has("height") and has("width"):
-            size_out = (self.param.height, self.param.width)
-        elif has("shrink_factor") and has("zoom_factor"):
-            shrink, zoom = self._factor("shrink_factor"), self._factor("zoom_factor")
-            size_out = tuple((n - 1) // shrink + 1 for n in size_in)
-            size_out = tuple(n + (n - 1) * (zoom - 1) for n in size_out)
-        elif len(bottom_shapes) == 2:
+        if self.size is not None:
+            size_out = self.size
+        elif self.shrink is None and self.zoom is None:
             size_out = legacy_shape(bottom_shapes[1], "bottom 1")[2:]
         else:
-            raise LayerConfigError(
-                "no output size: interp_param sets neither height and width, zoom_factor nor "
-                "shrink_factor, and there is no second bottom to take the size from"
-            )
+            size_out = size_in
+            if self.shrink is not None:
+                size_out = tuple((n - 1) // self.shrink + 1 for n in size_out)
+            if self.zoom is not None:
+                size_out = tuple(n + (n - 1) * (self.zoom - 1) for n in size_out)
         if min(size_out) <= 0:
             raise LayerConfigError(f"output size {size_out[0]}x{size_out[1]} must be positive")
         return size_in, size_out

@@ -138,7 +138,7 @@ class BNLayer(CaffeLayer):
     def _segnet(self, x):
         scale, shift = self.blobs
         if not self.learn:
-            return x * scale + shift
+            return (x * scale + shift).to(x.dtype)
         low = x.dtype in (torch.float16, torch.bfloat16)
         work = x.float() if low else x  # batch statistics of half-precision values are too coarse
         mean = work.mean((2, 3), keepdim=True).mean(0, keepdim=True)  # spatial, then batch
@@ -159,7 +159,7 @@ class BNLayer(CaffeLayer):
                 x_norm = (x - running_mean) * inv_std
             else:
                 x_norm = _GlobalStatsNorm.apply(x, running_mean.detach(), inv_std.detach())
-            return x_norm * slope + bias
+            return (x_norm * slope + bias).to(x.dtype)
         low = x.dtype in (torch.float16, torch.bfloat16)
         work = x.float() if low else x
         mean = work.mean((2, 3), keepdim=True).mean(0, keepdim=True)

@@ -160,3 +160,22 @@ def test_scale_train_true_is_bvlcs_dropout():
     )
     x = torch.randn(2, 3, 4, 5)
     assert torch.equal(Net(parse_net(text), "TEST")(data=x)["out"], x)
+
+
+def test_segnet_sample_weights_test_drops_in_test_phase_too():
+    # caffe-segnet's Bayesian SegNet: sample_weights_test keeps dropping in TEST (and in eval()),
+    # with the same mask in backward.
+    text = dropout_net(None, (4, 8, 20, 20)).replace(
+        'type: "Dropout" bottom: "data" top: "out"',
+        'type: "Dropout" bottom: "data" top: "out" '
+        "dropout_param { dropout_ratio: 0.3 sample_weights_test: true }",
+    )
+    net = Net(parse_net(text), "TEST").eval()
+    x = (torch.rand(4, 8, 20, 20) + 0.5).requires_grad_()
+    torch.manual_seed(0)
+    y = net(data=x)["out"]
+    kept = y != 0
+    assert 0.6 < kept.float().mean() < 0.8
+    torch.testing.assert_close(y[kept], x[kept] * caffe_scale(0.3))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() * caffe_scale(0.3))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from caffe_alex.errors import CaffeAlexError
 from caffe_alex.formats.prototxt import parse_net_text
 from caffe_alex.net import Net
-from tests.reference import compare_with_opencv, parse_net
+from tests.reference import check_runtime_variants, compare_with_opencv, parse_net
 
 
 def dims(shape) -> str:
@@ -530,3 +530,24 @@ def test_nearest_upsample_bad_settings(up, message):
     error = build_error(nearest_net(up))
     assert error.layer == "up" and error.line == 3
     assert re.search(message, str(error)), str(error)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        interp_net("zoom_factor: 2 pad_beg: -1", (1, 3, 6, 7)),
+        f"""name: "u"
+layer {{ name: "data" type: "Input" top: "data"
+  input_param {{ shape {{ {dims((1, 3, 6, 7))} }} }} }}
+layer {{ name: "pool" type: "Pooling" bottom: "data" top: "pool" top: "mask"
+  pooling_param {{ pool: MAX kernel_size: 2 stride: 2 }} }}
+layer {{ name: "up" type: "Upsample" bottom: "pool" bottom: "mask" top: "out"
+  upsample_param {{ scale: 2 pad_out_w: true }} }}
+""",
+        nearest_net("scale: 2", (1, 3, 6, 7)),
+    ],
+    ids=["interp", "unpool", "nearest"],
+)
+def test_channels_last_bf16_and_compile(text):
+    net = Net(parse_net(text), "TEST")
+    check_runtime_variants(net, torch.randn(1, 3, 6, 7))
