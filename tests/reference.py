@@ -63,7 +63,7 @@ def caffemodel_bytes(net: Net) -> bytes:
         payload = layer.SerializeToString()
         payload += b"".join(_field(7, _blob_bytes(b.detach().cpu().numpy())) for b in blobs)
         parts.append(_field(100, payload))  # NetParameter.layer = 100
-    return b"".join(parts)  # one join: appending to a growing bytes copies it every time
+    return b"".join(parts)  # one join: appending to bytes is quadratic for large nets
 
 
 def opencv_forward(prototxt: str, net: Net, inputs: dict[str, np.ndarray], outputs: list[str]):

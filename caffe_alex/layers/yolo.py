@@ -5,7 +5,9 @@ region_param named as there.
 Reorg is Darknet's reorg, which is not a plain space_to_depth: the bottom's memory is read as
 [C / s^2, H * s, W * s], each s x s block is spread over s^2 channel groups, and the result,
 laid out [C, H, W], is given the top shape [C * s^2, H / s, W / s]. OpenCV's Reorg computes the
-same. reverse: true is the inverse reordering.
+same. reverse: true runs the port's loops the other way: bottom [C, H, W] written into a top
+[C / s^2, H * s, W * s]. Each direction indexes its own bottom's shape, so reverse applied to a
+reorged top is another reordering, not the way back (as in Darknet).
 
 Region is the port's inference-only head: the [N, C, H, W] bottom is transposed to
 [N, H * W, C] memory (one row of boxes_of_each_grid * (coords + 1 + classes) values per cell),

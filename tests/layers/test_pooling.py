@@ -11,7 +11,9 @@ import torch
 from caffe_alex.errors import CaffeAlexError
 from caffe_alex.layers.pooling import PoolingLayer
 from caffe_alex.net import Net
+from tests.corpus import CORPUS
 from tests.reference import compare_with_opencv, gradcheck_net, parse_net
+from tests.whole_net import compare_net_with_opencv
 
 FLT_MAX = float(np.finfo(np.float32).max)
 
@@ -267,3 +269,66 @@ def test_shape_errors():
         Net(parse_net(pool_net("pool: AVE kernel_size: 2", tops=("a", "b"))), "TEST")
     with pytest.raises(CaffeAlexError, match="4-D"):
         Net(parse_net(pool_net("pool: MAX kernel_size: 2", shape=(2, 3, 7))), "TEST")
+
+
+# ---- the forks' ceil_mode (caffe-fast-rcnn, DenseNet and SSD ports) ----------------------------
+
+CEIL_MODE = [  # each pooled size differs between the two roundings
+    ((1, 2, 8, 8), "kernel_size: 3 stride: 2"),
+    ((1, 2, 8, 8), "kernel_size: 3 stride: 2 pad: 1"),  # DenseNet's pool1 on an even map
+    ((1, 2, 7, 8), "kernel_size: 2 stride: 2"),
+    ((1, 2, 10, 8), "kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 3 pad_h: 1 pad_w: 0"),
+]
+
+
+@pytest.mark.parametrize("ceil", [False, True])
+@pytest.mark.parametrize("method", ["MAX", "AVE"])
+@pytest.mark.parametrize("shape,params", CEIL_MODE)
+def test_ceil_mode_matches_caffe_loops_and_round_mode(shape, params, method, ceil):
+    # The forks' rule: ceil or floor of (size + 2 pad - kernel) / stride, plus one, then the
+    # same drop of a last window starting in the padding as BVLC's round_mode.
+    x = np.random.default_rng(6).standard_normal(shape)
+    flag = str(ceil).lower()
+    _, out = run_net(pool_net(f"pool: {method} {params} ceil_mode: {flag}", shape), x)
+    expected, _ = caffe_pool(x, method, **{**_kwargs(params), "ceil": ceil})
+    np.testing.assert_allclose(out["pool"].numpy(), expected, rtol=1e-12, atol=1e-12)
+    mode = "CEIL" if ceil else "FLOOR"
+    _, same = run_net(pool_net(f"pool: {method} {params} round_mode: {mode}", shape), x)
+    np.testing.assert_array_equal(out["pool"].numpy(), same["pool"].numpy())
+
+
+@pytest.mark.parametrize("method", ["MAX", "AVE"])
+@pytest.mark.parametrize("shape,params", CEIL_MODE)
+def test_ceil_mode_false_matches_opencv(shape, params, method):
+    # OpenCV's caffe.proto has the forks' ceil_mode (not round_mode)
+    text = pool_net(f"pool: {method} {params} ceil_mode: false", shape)
+    compare_with_opencv(text, tol=1e-6)
+    assert (
+        Net(parse_net(text), "TEST").blob_shapes["pool"]
+        != (Net(parse_net(pool_net(f"pool: {method} {params}", shape)), "TEST").blob_shapes["pool"])
+    )
+
+
+def test_ceil_mode_with_round_mode_names_file_line_layer_and_both_values(tmp_path):
+    path = tmp_path / "net.prototxt"
+    path.write_text(
+        pool_net("pool: MAX kernel_size: 3 stride: 2 ceil_mode: true round_mode: FLOOR")
+    )
+    with pytest.raises(CaffeAlexError) as info:
+        Net.from_prototxt(str(path))
+    assert str(info.value) == (
+        f"{path}:3: layer 'pool' (Pooling): pooling_param sets both round_mode (FLOOR) and the "
+        "forks' ceil_mode (true); give only one of them"
+    )
+
+
+def test_densenet_121_with_ceil_mode_false_builds_and_matches_opencv():
+    path = CORPUS / "shicai__DenseNet-Caffe" / "DenseNet_121.prototxt"
+    if not path.is_file():
+        pytest.skip("../shared/corpus is not present")
+    for phase in ("TRAIN", "TEST"):
+        assert Net.from_prototxt(str(path), phase).blob_shapes["pool1"] == (1, 64, 56, 56)
+    # 64 x 64 keeps every layer (global pooling at the end); pool1 (ceil_mode: false) then gives
+    # 16 x 16 where CEIL would give 17 x 17.
+    net, *_ = compare_net_with_opencv(str(path), input_shapes={"data": (1, 3, 64, 64)})
+    assert net.blob_shapes["pool1"] == (1, 64, 16, 16)
