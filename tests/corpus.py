@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+# CAFFE_ALEX_CORPUS points a checkout that does not sit beside shared/ (a git worktree) at it
+CORPUS = Path(
+    os.environ.get("CAFFE_ALEX_CORPUS")
+    or Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+)
 
 
 @dataclass

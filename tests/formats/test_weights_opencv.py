@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from caffe_alex.net import Net
+from tests.corpus import CORPUS
 from tests.paths import ROOT
 from tests.reference import relative_error
 
-CORPUS = ROOT.parent / "shared" / "corpus"
 NETS = {
     "alexnet": (ROOT / "models/bvlc_alexnet/deploy.prototxt", 227, ["fc8", "prob"]),
     "caffenet": (
