@@ -22,7 +22,6 @@ from caffe_alex.proto import caffe_pb2
 from caffe_alex.solvers import distributed
 
 
-
 def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
