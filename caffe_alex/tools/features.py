@@ -122,11 +122,11 @@ def _from_data_layers(net, blobs, num_batches, device, workers) -> dict[str, np.
     device = torch.device(device)
     net.to(device).eval()
     feed = make_feed(net, device=device, workers=workers)
-    if not feed.plans:
+    if not feed.layers:
         raise CaffeAlexError("the net has no data layer to read; give images instead")
-    plan = feed.plans[0]
-    records = len(plan.source)
-    count = num_batches if num_batches is not None else math.ceil(records / plan.batch)
+    first = feed.layers[0]
+    records = len(first.source)
+    count = num_batches if num_batches is not None else math.ceil(records / first.batch)
     parts: dict[str, list[np.ndarray]] = {b: [] for b in blobs}
     try:
         for _ in range(count):
