@@ -1,8 +1,8 @@
 """Export a built Net (TEST phase) to ONNX, with inputs and outputs named after the Caffe blobs.
 
-Uses torch's torch.export-based ONNX exporter (``dynamo=True``). The TorchScript path
-(``dynamo=False``) was tried and dropped: its AlexNet gave wrong outputs (relative error 1), the
-trace of the LRN Function's in-place window sum being the likely culprit.
+Uses torch's torch.export-based ONNX exporter (``dynamo=True``), not the TorchScript one
+(``dynamo=False``): that one gives AlexNet wrong outputs (relative error 1; its trace of the LRN
+Function's in-place window sum is the likely culprit).
 
 Caffe's cross-channel LRN is emitted as ONNX's own ``LRN`` node, whose definition is Caffe's
 ACROSS_CHANNELS formula: y = x / (bias + alpha / size * window_sum(x^2))^beta with the
