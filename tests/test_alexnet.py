@@ -112,7 +112,7 @@ def test_deploy_built_without_weights_has_zero_blobs():
     assert all(not blob.any() for blobs in net.params.values() for blob in blobs)
 
 
-@pytest.mark.skipif(not BVLC.is_dir(), reason="../shared/corpus not present")
+@pytest.mark.corpus
 def test_same_definitions_as_bvlc():
     assert read(OURS / "train_val.prototxt", caffe_pb2.NetParameter()) == read(
         BVLC / "train_val.prototxt", caffe_pb2.NetParameter()

@@ -289,7 +289,7 @@ def test_gpu_decode_errors_name_the_layer(tmp_path, monkeypatch):
         next(feed)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 @pytest.mark.parametrize("workers", [0, 2])
 def test_cuda_batches_equal_the_cpu_batches(tmp_path, mean_file, workers):
     """Pinned staging, the side-stream copy and the batched kernels, against the CPU path."""

@@ -17,6 +17,7 @@ from caffe_alex.errors import CaffeAlexError
 from caffe_alex.formats.prototxt import read_any
 from tests.corpus import CORPUS, Entry, corpus_table
 
+pytestmark = pytest.mark.corpus
 if not (CORPUS / "SOURCES.md").is_file():
     pytest.skip("../shared/corpus (with SOURCES.md) is not present", allow_module_level=True)
 

@@ -268,7 +268,7 @@ def test_losses_compile_without_graph_breaks():
     torch.testing.assert_close(compiled(x, label), layer(x, label))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 @pytest.mark.parametrize(
     "kind,params",
     [
@@ -402,7 +402,7 @@ def test_bad_labels_compile_without_graph_breaks_or_bounds_errors():
     assert torch.isfinite(out)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 @pytest.mark.parametrize("kind", list(LABEL_LAYERS))
 def test_bad_labels_on_cuda_select_no_class_without_a_device_assert(kind):
     net = label_net(kind)

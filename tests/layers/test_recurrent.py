@@ -370,7 +370,7 @@ def test_rnn_output_layer():
     assert y.item() == pytest.approx(np.tanh(2.0 * np.tanh(0.4) - 0.1), abs=1e-15)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["RNN", "LSTM"])
 def test_cuda_matches_cpu(kind):
     text = recurrent_net(kind, static=(2,), expose=True)

@@ -135,10 +135,12 @@ def expected_graph(net_param):
     return nodes, edges
 
 
-@pytest.mark.parametrize("path", [ALEXNET, GOOGLENET], ids=["alexnet", "googlenet"])
+@pytest.mark.parametrize(
+    "path",
+    [ALEXNET, pytest.param(GOOGLENET, marks=pytest.mark.corpus)],
+    ids=["alexnet", "googlenet"],
+)
 def test_graph_follows_draw_net_conventions(path):
-    if not path.exists():
-        pytest.skip(f"{path} not present")
     net_param, _ = read_net(str(path))
     nodes, edges = drawn(draw.to_dot(draw.net_graph(net_param)))
     want_nodes, want_edges = expected_graph(net_param)
@@ -247,7 +249,7 @@ def test_bad_extension_and_missing_shapes(tmp_path):
 RENDERED = {"BVLC__caffe/examples/mnist/lenet_train_test.prototxt"}
 
 
-@pytest.mark.skipif(not CORPUS.is_dir(), reason="../shared/corpus not present")
+@pytest.mark.corpus
 @pytest.mark.parametrize("path", corpus_nets(), ids=lambda p: str(p.relative_to(CORPUS)))
 def test_corpus_net_draws(path, monkeypatch):
     monkeypatch.syspath_prepend(str(CORPUS_LAYERS))  # the Python layers' modules, as in a build
