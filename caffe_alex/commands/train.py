@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import signal
 import sys
 
@@ -27,8 +26,6 @@ from ..log import GlogFormatter, get_logger, setup_logging
 from ..net import Net
 from ..solvers import Solver, distributed
 from ..solvers.feeds import name_the_record
-from ..tools.plot_log import parse_log, plot
-from ..tools.plot_log import write_csv as write_table
 from .options import gpu_ids, option, resolve_device, user_errors
 
 _EFFECTS = click.Choice(["stop", "snapshot", "none"])
@@ -362,27 +359,3 @@ def test(model, weights, iterations, gpu, level, stage) -> None:
         feed.close()
     for line in lines:
         log.info(line)
-
-
-@click.command("plot-log")
-@click.argument("log_file")
-@click.argument("output")
-@click.option(
-    "--csv",
-    "write_csv",
-    is_flag=True,
-    help="Also write OUTPUT's stem + .train / .test CSV tables (parse_log.py's rows).",
-)
-@user_errors
-def plot_log(log_file, output, write_csv) -> None:
-    """Draw the loss, accuracy and learning-rate curves of a training LOG_FILE (ours or
-    Caffe's) into OUTPUT (.png, .svg, .pdf)."""
-    log = parse_log(log_file)
-    if not (log.train or log.test or log.loss):
-        raise click.ClickException(f"{log_file}: no training iterations found in the log")
-    plot(log, output, title=os.path.basename(log_file))
-    click.echo(f"{output}: {len(log.train)} train rows, {len(log.test)} test rows")
-    if write_csv:
-        stem = os.path.splitext(output)[0]
-        write_table(log.train, stem + ".train")
-        write_table(log.test, stem + ".test")
