@@ -29,7 +29,7 @@ import torch
 
 from ..data.loader import make_feed
 from ..errors import CaffeAlexError
-from ..formats.files import temporary_path
+from ..formats.atomic import temporary_path
 from ..formats.prototxt import read_solver, resolve_snapshot_prefix
 from ..formats.upgrade import upgrade_solver
 from ..log import get_logger

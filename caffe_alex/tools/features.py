@@ -20,7 +20,7 @@ import torch
 from ..data.db import open_db
 from ..data.loader import make_feed
 from ..errors import CaffeAlexError
-from ..formats.files import atomic_path
+from ..formats.atomic import atomic_path
 from ..log import get_logger
 from ..net import Net
 from ..proto import caffe_pb2

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import CaffeAlexError
-from ..formats.files import atomic_path
+from ..formats.atomic import atomic_path
 from ..layers.lrn import LRNLayer, cross_channel_lrn
 
 # 18 is the lowest opset the torch.export-based exporter writes natively; lower ones go
@@ -250,7 +250,7 @@ def to_onnx_model(net, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = Fals
 
 
 def write_model_atomic(model, path: str) -> int:
-    """Serialize ``model`` to ``path`` atomically (see formats.files.atomic_path)."""
+    """Serialize ``model`` to ``path`` atomically (see formats.atomic.atomic_path)."""
     data = model.SerializeToString()
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
