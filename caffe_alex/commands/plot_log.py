@@ -6,6 +6,7 @@ import os
 
 import click
 
+from ..errors import CaffeAlexError
 from ..tools.plot_log import parse_log, plot
 from ..tools.plot_log import write_csv as write_table
 from .options import user_errors
@@ -26,7 +27,7 @@ def plot_log(log_file, output, write_csv) -> None:
     Caffe's) into OUTPUT (.png, .svg, .pdf)."""
     log = parse_log(log_file)
     if not (log.train or log.test or log.loss):
-        raise click.ClickException(f"{log_file}: no training iterations found in the log")
+        raise CaffeAlexError(f"{log_file}: no training iterations found in the log")
     plot(log, output, title=os.path.basename(log_file))
     click.echo(f"{output}: {len(log.train)} train rows, {len(log.test)} test rows")
     if write_csv:

@@ -22,6 +22,8 @@ class _Plyvel(Exception):
          "IO error: db/000003.log: No space left on device"),
         (_Plyvel(b"bad \xff byte"), "bad \\xff byte"),
         (FileNotFoundError(2, "No such file or directory"), "No such file or directory"),
+        (FileNotFoundError(2, "Unable to synchronously create file (errno = 2, ...)"),
+         "No such file or directory"),  # h5py's OSError: the OS's reason, not h5py's diagnostic
         (KeyError(), "KeyError"),
     ],
 )  # fmt: skip
