@@ -6,16 +6,15 @@ display (display.py); then the parameter update (update.py: Caffe's ApplyUpdate)
 snapshot when due or asked. Log lines keep Caffe's wording so tools/extra/parse_log.py reads
 our logs.
 
-With a ``world`` (distributed.py) the solver is one rank of several, as in Caffe's multi-GPU
+The loop calls three pieces, each in its own module: the rank coordination (coordination.py:
+with a ``world``, distributed.py, the solver is one rank of several, as in Caffe's multi-GPU
 training: seeds are random_seed + rank; only rank 0 builds the test nets, tests, shows the display
 lines and writes snapshots; rank 0's parameters are broadcast at the start; the train feed deals
 records round robin (make_feed's rank and world_size); the gradients are summed over the ranks
 and scaled by 1/ranks before the update; requests are agreed every iteration, so every rank stops
-or snapshots at the same iteration.
-
-``precision`` ("bf16" or "fp16") runs the nets' forward passes under torch.autocast, fp16 with
-torch.amp.GradScaler's loss scaling (an overflowed iteration skips its update); the parameters,
-gradients and update stay float32. ``channels_last`` and ``compile`` are in nets.py.
+or snapshots at the same iteration); the precision policy (precision.py: ``precision`` "bf16" or
+"fp16" runs the forward passes under torch.autocast, fp16 with loss scaling); and snapshot and
+restore (checkpoint.py). ``channels_last`` and ``compile`` are in nets.py.
 """
 
 from __future__ import annotations
@@ -34,19 +33,20 @@ from ..formats.prototxt import read_solver, resolve_snapshot_prefix
 from ..formats.upgrade import upgrade_solver
 from ..log import get_logger
 from ..proto import caffe_pb2
-from . import distributed, snapshot
+from . import checkpoint
+from .coordination import coordination
 from .debug import backward_info, forward_info
 from .display import SmoothedLoss, log_outputs
 from .feeds import TrackedFeed, name_the_record
 from .lr_policy import check_policy, learning_rate
 from .nets import apply_speed_options, build_test_nets, build_train_net, share_trained_layers
+from .precision import Precision
 from .rules import RULES
 from .update import ParameterUpdate
 
 log = get_logger()
 f32 = np.float32
 SP = caffe_pb2.SolverParameter
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def pick_device(param, device) -> torch.device:
@@ -112,14 +112,12 @@ class Solver:
         if self.source_path and not param.HasField("snapshot_prefix"):
             resolve_snapshot_prefix(param, self.source_path)
         check_param(param)
-        if (precision or "fp32") not in PRECISIONS:
-            raise CaffeAlexError(f"unknown precision '{precision}' ({', '.join(PRECISIONS)})")
-        self.world = world
-        self.rank = world.rank if world is not None else 0
-        self.is_root = self.rank == 0
+        self.world, self.ranks = world, coordination(world)
+        self.rank, self.is_root = self.ranks.rank, self.ranks.is_root
         log.info("Initializing solver from parameters: \n%s", param)
         self.device = pick_device(param, device)
-        with distributed.together(world):
+        self.precision = Precision(precision, channels_last, self.device)
+        with self.ranks.together():
             self._build(weights, insert_splits, feeds, feed_options)
         apply_speed_options([self.train_net, *self.test_nets], channels_last, compile)
         self.learnable = self.train_net.learnable_params()
@@ -128,22 +126,11 @@ class Solver:
                 info.param.requires_grad_(False)
         self.rule = RULES[param.type](self.learnable, param)
         self.update = ParameterUpdate(param, self.learnable, self.rule)
-        self._reducer = None
-        if world is not None:
-            world.broadcast_tensors([info.param for info in self.learnable])
-            # one dealing of the records for all ranks, even when the seed is drawn at random
-            seed, self._feed_seed = self._feed_seed, world.broadcast_object(self._feed_seed)
-            if seed != self._feed_seed:
-                self._feeds["train"].discard()
-            self._reducer = distributed.GradientReducer(
-                world, [info.param for info in self.learnable], param.layer_wise_reduce
-            )
-        self._autocast = PRECISIONS[precision or "fp32"]
-        self._channels_last = bool(channels_last)
-        self._scaler = self._amp_step = None
-        if self._autocast == torch.float16 and self.learnable:
-            self._scaler = torch.amp.GradScaler(self.device.type)
-            self._amp_step = _UpdateStep([info.param for info in self.learnable])
+        params = [info.param for info in self.learnable]
+        self._feed_seed = self.ranks.start(
+            params, self._feed_seed, self._feeds["train"], param.layer_wise_reduce
+        )
+        self.precision.watch(params)
         self.iter = self.current_step = 0
         self.callbacks: list = []
         self.start_hooks: list = []
@@ -175,7 +162,7 @@ class Solver:
                            else secrets.randbits(62))  # fmt: skip
         self._feed_options = dict(feed_options or {})
         self._feeds = self._make_feeds(feeds)
-        if self.world is not None:
+        if self.ranks.size > 1:
             self._feeds["train"].open()  # a missing train source stops every rank now
 
     @classmethod
@@ -189,7 +176,7 @@ class Solver:
         if not self.param.HasField("snapshot_prefix"):
             raise CaffeAlexError("snapshot is specified but snapshot_prefix is not")
         # a temporary named as our writers name theirs, so a killed run's probe is cleaned up
-        probe = temporary_path(self._filename(".tempfile", 0))
+        probe = temporary_path(checkpoint.filename(self.param, 0, ".tempfile"))
         try:
             with open(probe, "w"):
                 pass
@@ -233,11 +220,12 @@ class Solver:
         if seed is None:
             seed = self._feed_seed + (0 if index is None else 1 + index)
         options = dict(self._feed_options)
-        if self.world is not None and index is None:  # the test nets run on rank 0 alone
-            options.update(rank=self.rank, world_size=self.world.size)
+        if self.ranks.size > 1 and index is None:  # the test nets run on rank 0 alone
+            options.update(rank=self.rank, world_size=self.ranks.size)
         return make_feed(net, seed=seed, device=self.device, **options)
 
-    def _remaker(self, key):
+    def feed_remaker(self, key):
+        """A function making the default feed of ``key`` anew from a seed (to resume one)."""
         net = self.train_net if key == "train" else self.test_nets[key]
         index = None if key == "train" else key
         return lambda seed: self._default_feed(net, index, seed)
@@ -271,7 +259,7 @@ class Solver:
             if self._test_due():
                 if self.is_root:
                     self.test_all()
-                if self.world is not None:
+                if self.ranks.size > 1:
                     self._agree_after_test()
                 if self._early_exit:
                     break
@@ -289,8 +277,7 @@ class Solver:
                 log_outputs(self.train_net, "Train")
             for hook in self.gradient_hooks:
                 hook()
-            if self._reducer is not None:
-                self._reducer.finish()
+            self.ranks.finish_gradients()
             rate = self.apply_update(display)
             if self.callbacks:
                 self._notify(rate, time.perf_counter() - began)
@@ -305,17 +292,14 @@ class Solver:
     def _requests(self) -> tuple[bool, bool]:
         """(snapshot, stop) asked for by a signal, on this rank or (with a world) on any."""
         action = self._take_request()
-        snap, stop = action == "snapshot", action == "stop"
-        if self.world is not None:
-            snap, stop = self.world.agree(snap, stop)
-        return snap, stop
+        return self.ranks.agree(action == "snapshot", action == "stop")
 
     def _agree_after_test(self) -> None:
         """Rank 0 has tested while the others waited here: share what was asked meanwhile (a
         snapshot asked during the test is taken now, when every rank can join it)."""
         action = self._take_request()
         snap = action == "snapshot" or self._deferred_snapshot
-        snap, stop = self.world.agree(snap, action == "stop" or self._early_exit)
+        snap, stop = self.ranks.agree(snap, action == "stop" or self._early_exit)
         self._deferred_snapshot = False
         if snap:
             self.snapshot()
@@ -335,14 +319,13 @@ class Solver:
             batch = next(self._feeds["train"])
             if self._batch_size is None:
                 self._batch_size = next((int(v.shape[0]) for v in batch.values()), 1)
-            if self._reducer is not None:  # the last pass's gradients are final
-                self._reducer.armed = index == passes - 1
+            self.ranks.arm(index == passes - 1)  # the last pass's gradients are final
             self._forward(net, batch, "train")
             loss = net.loss
             if loss is None:
                 loss = torch.zeros((), device=self.device)
             elif loss.requires_grad:
-                (loss if self._scaler is None else self._scaler.scale(loss)).backward()
+                self.precision.backward(loss)
             if debug:
                 forward_info(net)
                 backward_info(net)
@@ -354,52 +337,30 @@ class Solver:
         """Run ``net`` on ``batch``; an error about one item of the batch (a bad label) also
         names the record it came from, which only the feed knows."""
         try:
-            return self._run(net, batch)
+            return self.precision.run(net, batch)
         except CaffeAlexError as exc:
             if feed is not None:
                 name_the_record(exc, self._feeds[feed])
             raise
 
-    def _run(self, net, batch: dict) -> dict:
-        if self._channels_last:
-            batch = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
-                     for k, v in batch.items()}  # fmt: skip
-        if self._autocast is None:
-            return net(**batch)
-        with torch.autocast(self.device.type, dtype=self._autocast):
-            return net(**batch)
-
     def _notify(self, rate: float, seconds: float) -> None:
         loss = self._loss.value
-        ranks = self.world.size if self.world is not None else 1
+        ranks = self.ranks.size
         images = (self._batch_size or 1) * self.param.iter_size * ranks / max(seconds, 1e-9)
         for callback in self.callbacks:
             callback(self.iter, loss, rate, images)
 
     def apply_update(self, display: bool = False) -> float:
         """Caffe's ApplyUpdate (update.py), then iter += 1; returns the learning rate used."""
-        if self._scaler is None:
-            rate, self.current_step = self.update.apply(self.iter, self.current_step, display)
-        else:
-            rate = self._apply_scaled_update(display)
-        self.iter += 1
-        return rate
-
-    def _apply_scaled_update(self, display: bool) -> float:
-        """fp16: unscale the gradients, update unless they overflowed, adapt the loss scale."""
-        done = []
-        self._amp_step.apply = lambda: done.append(
-            self.update.apply(self.iter, self.current_step, display)
+        done = self.precision.update(
+            lambda: self.update.apply(self.iter, self.current_step, display)
         )
-        self._scaler.unscale_(self._amp_step)
-        self._scaler.step(self._amp_step)
-        self._scaler.update()
-        if done:
-            rate, self.current_step = done[0]
-            return rate
-        rate, self.current_step = learning_rate(self.param, self.iter, self.current_step)
-        log.warning("Iteration %d: fp16 gradients overflowed; update skipped, loss scale now %g",
-                    self.iter, self._scaler.get_scale())  # fmt: skip
+        if done is None:  # fp16 gradients overflowed: no update, the schedule moves on
+            done = learning_rate(self.param, self.iter, self.current_step)
+            log.warning("Iteration %d: fp16 gradients overflowed; update skipped, loss scale "
+                        "now %g", self.iter, self.precision.scaler.get_scale())  # fmt: skip
+        rate, self.current_step = done
+        self.iter += 1
         return rate
 
     # -- testing --------------------------------------------------------------------------
@@ -432,7 +393,7 @@ class Solver:
 
     def _handle_requests_in_test(self) -> bool:
         while (action := self._take_request()) is not None:
-            if action == "snapshot" and self.world is not None:
+            if action == "snapshot" and self.ranks.size > 1:
                 self._deferred_snapshot = True  # the other ranks join it after the test
             elif action == "snapshot":
                 self.snapshot()
@@ -469,36 +430,14 @@ class Solver:
         log.info("Optimization Done.")
 
     # -- snapshots ------------------------------------------------------------------------
-    def _filename(self, extension: str, iteration: int | None = None) -> str:
-        iteration = self.iter if iteration is None else iteration
-        return f"{self.param.snapshot_prefix}_iter_{iteration}{extension}"
-
     def snapshot(self) -> tuple[str, str] | None:
         """Write <prefix>_iter_N.caffemodel[.h5] and .solverstate[.h5] (and the data position).
         With a world every rank calls it: rank 0 gathers each rank's train-feed position and
         random state into the data file and writes; the other ranks return None."""
-        ranks = None
-        if self.world is not None:
-            mine = {"train": self._feeds["train"].state(), **distributed.rng_state(self.device)}
-            ranks = self.world.gather(mine)
-            if not self.is_root:
-                return None
-        hdf5 = self.param.snapshot_format == SP.HDF5
-        model = self._filename(".caffemodel.h5" if hdf5 else ".caffemodel")
-        log.info("Snapshotting to %s file %s", "HDF5" if hdf5 else "binary proto", model)
-        self.train_net.save_weights(model, with_diffs=self.param.snapshot_diff)
-        state_path = self._filename(".solverstate.h5" if hdf5 else ".solverstate")
-        log.info("Snapshotting solver state to %s file %s", "HDF5" if hdf5 else "binary proto",
-                 state_path)  # fmt: skip
-        history = [h.detach().cpu().numpy() for h in self.rule.history]
-        state = snapshot.SolverState(self.iter, self.current_step, model, history)
-        (snapshot.write_hdf5 if hdf5 else snapshot.write_binary)(state_path, state)
-        feeds = {"train": self._feeds["train"].state(),
-                 "test": [self._feeds[i].state() for i in range(len(self.test_nets))]}  # fmt: skip
-        if ranks is not None:
-            feeds["ranks"] = ranks  # by rank: {"train": feed state, "torch_rng": ...}
-        snapshot.write_data_state(snapshot.data_state_path(state_path), feeds, self.device)
-        return model, state_path
+        ranks = self.ranks.gather(lambda: checkpoint.rank_state(self))
+        if not self.is_root:
+            return None
+        return checkpoint.write(self, ranks)
 
     def restore(self, path: str) -> None:
         """Resume from a .solverstate or .solverstate.h5: weights (learned_net), iteration,
@@ -506,88 +445,18 @@ class Solver:
         With a world, rank 0 reads the files and sends the state to the other ranks (which
         need not see them), each of which takes its own train-feed position and RNG state."""
         counters = doc = None
-        with distributed.together(self.world):
+        with self.ranks.together():
             if self.is_root:
-                counters, doc = self._read_state(path)
-        if self.world is not None:
-            self.world.broadcast_tensors([info.param for info in self.learnable]
-                                         + list(self.rule.history))  # fmt: skip
-            counters, doc = self.world.broadcast_object((counters, doc))
+                counters, doc = checkpoint.read(self, path)
+        tensors = [info.param for info in self.learnable] + list(self.rule.history)
+        counters, doc = self.ranks.share(tensors, (counters, doc))
         log.info("SGDSolver: restoring history")
         self.iter, self.current_step = counters
-        with distributed.together(self.world):  # a rank whose feed cannot resume stops them all
-            self._restore_data(path, doc)
-
-    def _read_state(self, path: str) -> tuple[tuple[int, int], dict | None]:
-        state = snapshot.read_state(path)
-        if state.learned_net:
-            self.train_net.load_weights([self._learned_net(state.learned_net, path)])
-        if len(state.history) != len(self.rule.history):
-            raise CaffeAlexError(
-                f"{path}: incorrect number of history blobs ({len(state.history)}; this "
-                f"{self.param.type} solver keeps {len(self.rule.history)})"
-            )
-        for i, (array, target) in enumerate(zip(state.history, self.rule.history)):
-            if array.size != target.numel():
-                raise CaffeAlexError(
-                    f"{path}: history blob {i} has shape {list(array.shape)}, expected "
-                    f"{list(target.shape)}"
-                )
-            target.copy_(torch.from_numpy(array.reshape(tuple(target.shape))))
-        doc = snapshot.read_data_state(snapshot.data_state_path(path))
-        return (state.iter, state.current_step), doc
-
-    @staticmethod
-    def _learned_net(stored: str, state_path: str) -> str:
-        # Caffe opens the path as stored (relative to the working directory); a snapshot moved
-        # with its state file is found beside it instead
-        if os.path.exists(stored):
-            return stored
-        beside = os.path.join(os.path.dirname(os.path.abspath(state_path)),
-                              os.path.basename(stored))  # fmt: skip
-        if os.path.exists(beside):
-            return beside
-        raise CaffeAlexError(f"{state_path}: its weights file {stored} does not exist")
-
-    def _restore_data(self, path: str, doc: dict | None) -> None:
-        skip = self.iter * self.param.iter_size
-        if doc is None:
-            log.info("%s has no saved data position; the train data skips %d batches "
-                     "(iter x iter_size)", path, skip)  # fmt: skip
-            self._feeds["train"].skip_to(skip)
-            return
-        saved = doc["feeds"]
-        ranks = saved.get("ranks")
-        size = self.world.size if self.world is not None else 1
-        if (len(ranks) if ranks else 1) != size:
-            log.warning("%s was written by %d rank(s) and this run has %d: each rank's train data "
-                        "skips %d batches (iter x iter_size) instead", path,
-                        len(ranks) if ranks else 1, size, skip)  # fmt: skip
-            self._feeds["train"].skip_to(skip)
-        else:
-            snapshot.restore_rng(doc, self.device)
-            mine = ranks[self.rank] if ranks else {"train": saved["train"]}
-            if ranks:
-                distributed.set_rng_state(mine, self.device)
-            self._feeds["train"].load_state(mine["train"], self._remaker("train"))
-        for i, saved in enumerate(doc["feeds"].get("test", [])[: len(self.test_nets)]):
-            self._feeds[i].load_state(saved, self._remaker(i))
+        with self.ranks.together():  # a rank whose feed cannot resume stops them all
+            checkpoint.restore_data(self, path, doc)
 
     def close(self) -> None:
         """Stop the feeds' worker processes (and remove the gradient hooks of a world)."""
         for feed in self._feeds.values():
             feed.close()
-        if self._reducer is not None:
-            self._reducer.close()
-
-
-class _UpdateStep(torch.optim.Optimizer):
-    """The solver's update seen as an Optimizer, so that torch.amp.GradScaler can unscale the
-    gradients and skip the update of an iteration whose fp16 gradients overflowed."""
-
-    def __init__(self, params):
-        super().__init__(params, {})
-        self.apply = lambda: None
-
-    def step(self, closure=None):
-        self.apply()
+        self.ranks.close()

@@ -101,7 +101,7 @@ def test_fp16_scales_the_loss_and_skips_an_overflowed_update(caplog):
     def overflow():
         solver.train_net.params["ip"][0].grad[0, 0] = float("inf")
 
-    scale, before, iteration = solver._scaler.get_scale(), _params(solver), solver.iter
+    scale, before, iteration = solver.precision.scaler.get_scale(), _params(solver), solver.iter
     solver.gradient_hooks.append(overflow)
     get_logger().propagate = True  # let caplog see the warning
     try:
@@ -109,7 +109,7 @@ def test_fp16_scales_the_loss_and_skips_an_overflowed_update(caplog):
             solver.step(1)
     finally:
         get_logger().propagate = False
-    assert solver.iter == iteration + 1 and solver._scaler.get_scale() == scale / 2
+    assert solver.iter == iteration + 1 and solver.precision.scaler.get_scale() == scale / 2
     assert all(np.array_equal(x, y) for x, y in zip(_params(solver), before))
     assert f"Iteration {iteration}: fp16 gradients overflowed; update skipped" in caplog.text
 
