@@ -11,6 +11,7 @@ import os
 import torch
 
 from ..errors import CaffeAlexError
+from ..formats.atomic import temporary_path
 from ..log import get_logger
 from ..proto import caffe_pb2
 from . import distributed, snapshot
@@ -21,6 +22,25 @@ SP = caffe_pb2.SolverParameter
 
 def filename(param, iteration: int, extension: str) -> str:
     return f"{param.snapshot_prefix}_iter_{iteration}{extension}"
+
+
+def check_prefix(param) -> None:
+    """Caffe's check at start-up that snapshots can be written where snapshot_prefix says."""
+    if not param.snapshot:
+        return
+    if not param.HasField("snapshot_prefix"):
+        raise CaffeAlexError("snapshot is specified but snapshot_prefix is not")
+    # a temporary named as our writers name theirs, so a killed run's probe is cleaned up
+    probe = temporary_path(filename(param, 0, ".tempfile"))
+    try:
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError:
+        raise CaffeAlexError(
+            f"cannot write to snapshot prefix '{param.snapshot_prefix}'; make sure "
+            "that the folder exists and is writable"
+        ) from None
 
 
 def rank_state(solver) -> dict:
@@ -108,6 +128,6 @@ def restore_data(solver, path: str, doc: dict | None) -> None:
         mine = ranks[solver.rank] if ranks else {"train": saved["train"]}
         if ranks:
             distributed.set_rng_state(mine, solver.device)
-        train.load_state(mine["train"], solver.feed_remaker("train"))
+        train.load_state(mine["train"], solver.feeds.remaker("train"))
     for i, saved in enumerate(doc["feeds"].get("test", [])[: len(solver.test_nets)]):
-        solver.feed(i).load_state(saved, solver.feed_remaker(i))
+        solver.feed(i).load_state(saved, solver.feeds.remaker(i))

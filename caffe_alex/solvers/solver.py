@@ -26,9 +26,7 @@ import time
 import numpy as np
 import torch
 
-from ..data.loader import make_feed
 from ..errors import CaffeAlexError
-from ..formats.atomic import temporary_path
 from ..formats.prototxt import read_solver, resolve_snapshot_prefix
 from ..formats.upgrade import upgrade_solver
 from ..log import get_logger
@@ -37,9 +35,15 @@ from . import checkpoint
 from .coordination import coordination
 from .debug import backward_info, forward_info
 from .display import SmoothedLoss, log_outputs
-from .feeds import TrackedFeed, name_the_record
+from .feeds import SolverFeeds, name_the_record
 from .lr_policy import check_policy, learning_rate
-from .nets import apply_speed_options, build_test_nets, build_train_net, share_trained_layers
+from .nets import (
+    apply_speed_options,
+    build_test_nets,
+    build_train_net,
+    load_initial_weights,
+    share_trained_layers,
+)
 from .precision import Precision
 from .rules import RULES
 from .update import ParameterUpdate
@@ -78,6 +82,21 @@ def check_param(param) -> None:
     check_policy(param)
 
 
+def prepared_param(solver_param, source_path, seed) -> caffe_pb2.SolverParameter:
+    """A copy of the solver definition as Caffe runs it: upgraded from the old solver_type,
+    ``seed`` (when given) as its random_seed, its snapshot prefix resolved against the file."""
+    param = SP()
+    param.CopyFrom(solver_param)
+    if param.HasField("solver_type"):
+        param.CopyFrom(upgrade_solver(param, source_path))
+    if seed is not None:
+        param.random_seed = int(seed)
+    if source_path and not param.HasField("snapshot_prefix"):
+        resolve_snapshot_prefix(param, os.fspath(source_path))
+    check_param(param)
+    return param
+
+
 class Solver:
     """Training from a SolverParameter, as Caffe's Solver does (``Solver.from_file(path)``).
 
@@ -97,21 +116,18 @@ class Solver:
     ``world`` (distributed.World): this solver is one rank of several (see the module's notes);
     ``precision`` ("fp32", "bf16", "fp16"), ``channels_last`` and ``compile`` (True or a
     torch.compile backend name) trade Caffe's exact float32 numbers for speed.
+
+    (About 330 lines, past the 250 the code aims at: these are Caffe's Solver methods, Step,
+    Solve, Test, Snapshot and Restore, which share the iteration counters, the requests and
+    the feeds; each piece with a state of its own is an object they call: ranks
+    (coordination.py), precision (precision.py), feeds (feeds.py), the update (update.py).)
     """
 
     def __init__(self, solver_param, *, source_path=None, device=None, weights=None,
                  feeds=None, seed=None, feed_options=None, insert_splits=False, world=None,
                  precision=None, channels_last=False, compile=False):  # fmt: skip
-        param = self.param = SP()
-        param.CopyFrom(solver_param)
-        if param.HasField("solver_type"):
-            param.CopyFrom(upgrade_solver(param, source_path))
-        if seed is not None:
-            param.random_seed = int(seed)
+        param = self.param = prepared_param(solver_param, source_path, seed)
         self.source_path = os.fspath(source_path) if source_path else None
-        if self.source_path and not param.HasField("snapshot_prefix"):
-            resolve_snapshot_prefix(param, self.source_path)
-        check_param(param)
         self.world, self.ranks = world, coordination(world)
         self.rank, self.is_root = self.ranks.rank, self.ranks.is_root
         log.info("Initializing solver from parameters: \n%s", param)
@@ -120,17 +136,7 @@ class Solver:
         with self.ranks.together():
             self._build(weights, insert_splits, feeds, feed_options)
         apply_speed_options([self.train_net, *self.test_nets], channels_last, compile)
-        self.learnable = self.train_net.learnable_params()
-        for info in self.learnable:  # Caffe computes no diff for a parameter with lr_mult 0
-            if info.lr_mult == 0:
-                info.param.requires_grad_(False)
-        self.rule = RULES[param.type](self.learnable, param)
-        self.update = ParameterUpdate(param, self.learnable, self.rule)
-        params = [info.param for info in self.learnable]
-        self._feed_seed = self.ranks.start(
-            params, self._feed_seed, self._feeds["train"], param.layer_wise_reduce
-        )
-        self.precision.watch(params)
+        self._prepare_update()
         self.iter = self.current_step = 0
         self.callbacks: list = []
         self.start_hooks: list = []
@@ -140,13 +146,29 @@ class Solver:
         self._deferred_snapshot = False
         self._loss = SmoothedLoss(param.average_loss)
         self._batch_size = None
+        self._display_clock = (time.perf_counter(), 0)  # (when, iteration) of the last display
         log.info("Solver scaffolding done.")
+
+    def _prepare_update(self) -> None:
+        """The learnable parameters, the update rule over them, and what the ranks and the
+        precision policy need to know of them."""
+        self.learnable = self.train_net.learnable_params()
+        for info in self.learnable:  # Caffe computes no diff for a parameter with lr_mult 0
+            if info.lr_mult == 0:
+                info.param.requires_grad_(False)
+        self.rule = RULES[self.param.type](self.learnable, self.param)
+        self.update = ParameterUpdate(self.param, self.learnable, self.rule)
+        params = [info.param for info in self.learnable]
+        self.feeds.seed = self.ranks.start(
+            params, self.feeds.seed, self.feeds["train"], self.param.layer_wise_reduce
+        )
+        self.precision.watch(params)
 
     def _build(self, weights, insert_splits, feeds, feed_options) -> None:
         """The nets, weights and feeds: what a rank may fail at before the ranks first talk."""
         param = self.param
         if self.is_root:  # Caffe checks the snapshot folder on the first rank only
-            self._check_snapshot_prefix()
+            checkpoint.check_prefix(param)
         if param.random_seed >= 0:
             # fillers and dropout masks; Caffe seeds each rank apart (random_seed + rank)
             torch.manual_seed(param.random_seed + self.rank)
@@ -157,83 +179,23 @@ class Solver:
         for net in self.test_nets:
             share_trained_layers(net, self.train_net)
         if self.is_root:  # the other ranks receive rank 0's weights
-            self._load_initial_weights(list(param.weights) + list(weights or []))
-        self._feed_seed = (param.random_seed if param.random_seed >= 0
-                           else secrets.randbits(62))  # fmt: skip
-        self._feed_options = dict(feed_options or {})
-        self._feeds = self._make_feeds(feeds)
+            load_initial_weights(self.train_net, self.test_nets,
+                                 list(param.weights) + list(weights or []))  # fmt: skip
+        seed = param.random_seed if param.random_seed >= 0 else secrets.randbits(62)
+        self.feeds = SolverFeeds(self.train_net, self.test_nets, feeds, seed,
+                                 dict(feed_options or {}), self.ranks, self.device)  # fmt: skip
         if self.ranks.size > 1:
-            self._feeds["train"].open()  # a missing train source stops every rank now
+            self.feeds["train"].open()  # a missing train source stops every rank now
 
     @classmethod
     def from_file(cls, path, **kwargs) -> Solver:
         return cls(read_solver(path), source_path=path, **kwargs)
 
-    # -- set-up ---------------------------------------------------------------------------
-    def _check_snapshot_prefix(self) -> None:
-        if not self.param.snapshot:
-            return
-        if not self.param.HasField("snapshot_prefix"):
-            raise CaffeAlexError("snapshot is specified but snapshot_prefix is not")
-        # a temporary named as our writers name theirs, so a killed run's probe is cleaned up
-        probe = temporary_path(checkpoint.filename(self.param, 0, ".tempfile"))
-        try:
-            with open(probe, "w"):
-                pass
-            os.remove(probe)
-        except OSError:
-            raise CaffeAlexError(
-                f"cannot write to snapshot prefix '{self.param.snapshot_prefix}'; make sure "
-                "that the folder exists and is writable"
-            ) from None
-
-    def _load_initial_weights(self, lists) -> None:
-        paths = [p.strip() for item in lists for p in item.split(",") if p.strip()]
-        if not paths:
-            return
-        for path in paths:
-            log.info("Finetuning from %s", path)
-        self.train_net.load_weights(paths)
-        train_layers = set(self.train_net.layer_names)
-        for net in self.test_nets:  # layers only a test net has get the weights too
-            if any(len(net.layer(n).blobs) and n not in train_layers for n in net.layer_names):
-                net.load_weights(paths)
-
-    def _make_feeds(self, feeds) -> dict:
-        def maker(net, index):
-            def make():
-                if feeds is None:
-                    return self._default_feed(net, index, None), True
-                if callable(feeds):
-                    return iter(feeds(net, index)), False
-                given = feeds["train"] if index is None else feeds["test"][index]
-                return iter(given), False
-
-            return make
-
-        made = {"train": TrackedFeed(maker(self.train_net, None), self.train_net, "train")}
-        for i, net in enumerate(self.test_nets):
-            made[i] = TrackedFeed(maker(net, i), net, f"test #{i}")
-        return made
-
-    def _default_feed(self, net, index, seed):
-        if seed is None:
-            seed = self._feed_seed + (0 if index is None else 1 + index)
-        options = dict(self._feed_options)
-        if self.ranks.size > 1 and index is None:  # the test nets run on rank 0 alone
-            options.update(rank=self.rank, world_size=self.ranks.size)
-        return make_feed(net, seed=seed, device=self.device, **options)
-
-    def feed_remaker(self, key):
-        """A function making the default feed of ``key`` anew from a seed (to resume one)."""
-        net = self.train_net if key == "train" else self.test_nets[key]
-        index = None if key == "train" else key
-        return lambda seed: self._default_feed(net, index, seed)
-
+    # -- feeds ----------------------------------------------------------------------------
     def feed(self, which):
         """The feed of the train net ("train") or of test net ``which`` (an index): what the
         solver draws batches from, for code that runs the nets between iterations."""
-        return self._feeds[which]
+        return self.feeds[which]
 
     # -- requests and callbacks -------------------------------------------------------------
     def request(self, action: str) -> None:
@@ -248,46 +210,58 @@ class Solver:
 
     # -- training -------------------------------------------------------------------------
     def step(self, iters: int) -> None:
-        start_iter, stop_iter = self.iter, self.iter + iters
-        param = self.param
-        self._loss = SmoothedLoss(param.average_loss, start_iter)
-        timer, iterations_last = time.perf_counter(), self.iter
-        while self.iter < stop_iter:
-            began = time.perf_counter()
-            for info in self.train_net.param_infos:  # ClearParamDiffs
-                info.param.grad = None
-            if self._test_due():
-                if self.is_root:
-                    self.test_all()
-                if self.ranks.size > 1:
-                    self._agree_after_test()
-                if self._early_exit:
-                    break
-            for hook in self.start_hooks:
-                hook()
-            display = param.display and self.iter % param.display == 0 and self.is_root
-            loss = self._forward_backward(display and param.debug_info)
-            self._loss.add_lazily(self.iter, loss)
-            if display:
-                lapse = time.perf_counter() - timer
-                per_s = (self.iter - iterations_last) / (lapse or 1)
-                log.info("Iteration %d (%g iter/s, %gs/%d iters), loss = %g", self.iter,
-                         f32(per_s), f32(lapse), param.display, self._loss.value)  # fmt: skip
-                timer, iterations_last = time.perf_counter(), self.iter
-                log_outputs(self.train_net, "Train")
-            for hook in self.gradient_hooks:
-                hook()
-            self.ranks.finish_gradients()
-            rate = self.apply_update(display)
-            if self.callbacks:
-                self._notify(rate, time.perf_counter() - began)
-            snap, stop = self._requests()
-            if (param.snapshot and self.iter % param.snapshot == 0) or snap:
-                self.snapshot()
-            if stop:
-                self._early_exit = True
-                break
+        """Run ``iters`` iterations (fewer when asked to stop), as Caffe's Solver::Step."""
+        stop_iter = self.iter + iters
+        self._loss = SmoothedLoss(self.param.average_loss, self.iter)
+        self._display_clock = (time.perf_counter(), self.iter)
+        while self.iter < stop_iter and self._iteration():
+            pass
         self._loss.flush()
+
+    def _iteration(self) -> bool:
+        """One pass of Step's loop; False when training stops here."""
+        began = time.perf_counter()
+        for info in self.train_net.param_infos:  # ClearParamDiffs
+            info.param.grad = None
+        if self._test_due() and not self._test_and_agree():
+            return False
+        for hook in self.start_hooks:
+            hook()
+        display = bool(self.param.display) and self.iter % self.param.display == 0
+        display = display and self.is_root
+        loss = self._forward_backward(display and self.param.debug_info)
+        self._loss.add_lazily(self.iter, loss)
+        if display:
+            self._display()
+        for hook in self.gradient_hooks:
+            hook()
+        self.ranks.finish_gradients()
+        rate = self.apply_update(display)
+        if self.callbacks:
+            self._notify(rate, time.perf_counter() - began)
+        snap, stop = self._requests()
+        if (self.param.snapshot and self.iter % self.param.snapshot == 0) or snap:
+            self.snapshot()
+        self._early_exit = self._early_exit or stop
+        return not stop
+
+    def _display(self) -> None:
+        """Caffe's display lines: speed and smoothed loss, then the train net's outputs."""
+        since, first = self._display_clock
+        lapse = time.perf_counter() - since
+        per_s = (self.iter - first) / (lapse or 1)
+        log.info("Iteration %d (%g iter/s, %gs/%d iters), loss = %g", self.iter, f32(per_s),
+                 f32(lapse), self.param.display, self._loss.value)  # fmt: skip
+        self._display_clock = (time.perf_counter(), self.iter)
+        log_outputs(self.train_net, "Train")
+
+    def _test_and_agree(self) -> bool:
+        """The test pass (rank 0), then what the ranks asked meanwhile; False: stop."""
+        if self.is_root:
+            self.test_all()
+        if self.ranks.size > 1:
+            self._agree_after_test()
+        return not self._early_exit
 
     def _requests(self) -> tuple[bool, bool]:
         """(snapshot, stop) asked for by a signal, on this rank or (with a world) on any."""
@@ -316,7 +290,7 @@ class Solver:
     def _forward_backward(self, debug: bool) -> torch.Tensor:
         net, total, passes = self.train_net, None, self.param.iter_size
         for index in range(passes):
-            batch = next(self._feeds["train"])
+            batch = next(self.feeds["train"])
             if self._batch_size is None:
                 self._batch_size = next((int(v.shape[0]) for v in batch.values()), 1)
             self.ranks.arm(index == passes - 1)  # the last pass's gradients are final
@@ -340,7 +314,7 @@ class Solver:
             return self.precision.run(net, batch)
         except CaffeAlexError as exc:
             if feed is not None:
-                name_the_record(exc, self._feeds[feed])
+                name_the_record(exc, self.feeds[feed])
             raise
 
     def _notify(self, rate: float, seconds: float) -> None:
@@ -380,7 +354,7 @@ class Solver:
                 if self._handle_requests_in_test():
                     log.info("Test interrupted.")
                     return {}
-                outputs = self._forward(net, next(self._feeds[index]), index)
+                outputs = self._forward(net, next(self.feeds[index]), index)
                 if self.param.test_compute_loss and net.loss is not None:
                     loss += f32(net.loss.item())
                 flat = torch.cat([outputs[n].detach().float().reshape(-1)
@@ -420,7 +394,7 @@ class Solver:
             return
         if param.display and self.iter % param.display == 0:
             with torch.no_grad():
-                self._forward(self.train_net, next(self._feeds["train"]), "train")
+                self._forward(self.train_net, next(self.feeds["train"]), "train")
             loss = self.train_net.loss
             value = f32(loss.item()) if loss is not None else f32(0)
             self._loss.add(value, self.iter)
@@ -457,6 +431,5 @@ class Solver:
 
     def close(self) -> None:
         """Stop the feeds' worker processes (and remove the gradient hooks of a world)."""
-        for feed in self._feeds.values():
-            feed.close()
+        self.feeds.close()
         self.ranks.close()
