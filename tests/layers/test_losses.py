@@ -379,7 +379,7 @@ def test_the_label_item_is_the_index_along_the_batch_axis():
 def test_an_unchecked_bad_label_selects_no_class(kind, monkeypatch):
     """Where labels are not checked (on a GPU, or compiling: no device sync), a bad label
     indexes nothing out of bounds: it selects no class."""
-    monkeypatch.setattr("caffe_alex.layers.losses.tracing", lambda: True)
+    monkeypatch.setattr("caffe_alex.layers.labels.tracing", lambda: True)
     net = label_net(kind)
     good = net(**label_inputs(net, [0.0, 1.0, 2.0]))["out"]
     for bad in (2147483647.0, -3.0, float("nan")):
