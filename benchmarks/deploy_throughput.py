@@ -24,7 +24,7 @@ import torch
 
 from caffe_alex.net import Net
 from caffe_alex.tools.deploy import Classifier, top_k
-from caffe_alex.tools.images import load_image
+from caffe_alex.tools.pycaffe_io import load_image
 
 DEPLOY = Path(__file__).resolve().parents[1] / "models" / "bvlc_alexnet" / "deploy.prototxt"
 MEAN = np.array([104.0, 117.0, 123.0], np.float32)

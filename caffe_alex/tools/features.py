@@ -25,7 +25,7 @@ from ..log import get_logger
 from ..net import Net
 from ..proto import caffe_pb2
 from .deploy import Classifier
-from .images import load_batches
+from .pycaffe_io import load_batches
 
 _KINDS = {".npy": "npy", ".npz": "npz", ".h5": "h5", ".hdf5": "h5", ".lmdb": "lmdb",
           ".leveldb": "leveldb"}  # fmt: skip
