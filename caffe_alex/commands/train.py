@@ -286,7 +286,7 @@ def _solve(opts: dict, param, device, world) -> None:
     log.info("Optimization Done.")
 
 
-def fmt(value: float) -> str:
+def as_ostream(value: float) -> str:
     """A float as C++'s default ostream prints it (6 significant digits, like %g)."""
     return f"{value:.6g}"
 
@@ -315,13 +315,13 @@ def score(net, feed, iterations: int, log) -> list[str]:
                     owners.append(name)
                 else:
                     totals[idx] += value
-                log(f"Batch {i}, {name} = {fmt(value)}")
-    lines = [f"Loss: {fmt(loss / iterations)}"]
+                log(f"Batch {i}, {name} = {as_ostream(value)}")
+    lines = [f"Loss: {as_ostream(loss / iterations)}"]
     for name, total in zip(owners, totals):
         mean = total / iterations
         weight = loss_weights.get(name, 0.0)
-        note = f" (* {fmt(weight)} = {fmt(weight * mean)} loss)" if weight else ""
-        lines.append(f"{name} = {fmt(mean)}{note}")
+        note = f" (* {as_ostream(weight)} = {as_ostream(weight * mean)} loss)" if weight else ""
+        lines.append(f"{name} = {as_ostream(mean)}{note}")
     return lines
 
 
