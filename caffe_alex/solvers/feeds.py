@@ -26,7 +26,7 @@ class SolverFeeds:
     several ``ranks`` the train feed deals the records round robin."""
 
     def __init__(self, train_net, test_nets, given, seed: int, options: dict, ranks, device):
-        self.seed, self._options, self._ranks, self._device = seed, options, ranks, device
+        self.seed, self._options, self.ranks, self._device = seed, options, ranks, device
         self._nets = {"train": train_net, **dict(enumerate(test_nets))}
         self._feeds = {
             key: TrackedFeed(self._maker(net, key, given), net,
@@ -53,8 +53,8 @@ class SolverFeeds:
         if seed is None:
             seed = self.seed + (0 if index is None else 1 + index)
         options = dict(self._options)
-        if self._ranks.size > 1 and index is None:  # the test nets run on rank 0 alone
-            options.update(rank=self._ranks.rank, world_size=self._ranks.size)
+        if self.ranks.size > 1 and index is None:  # the test nets run on rank 0 alone
+            options.update(rank=self.ranks.rank, world_size=self.ranks.size)
         return make_feed(net, seed=seed, device=self._device, **options)
 
     def remaker(self, key):

@@ -32,7 +32,7 @@ from ..formats.upgrade import upgrade_solver
 from ..log import get_logger
 from ..proto import caffe_pb2
 from . import checkpoint
-from .coordination import coordination
+from .coordination import Ranked, coordination
 from .debug import backward_info, forward_info
 from .display import SmoothedLoss, log_outputs
 from .feeds import SolverFeeds, name_the_record
@@ -113,7 +113,8 @@ class Solver:
     ``callbacks`` are called after each update with (iteration, smoothed loss, rate, images per
     second); ``start_hooks`` and ``gradient_hooks`` (no arguments) where Caffe calls its
     callbacks' on_start (before the forward passes) and on_gradients_ready (before the update).
-    ``world`` (distributed.World): this solver is one rank of several (see the module's notes);
+    ``world`` (distributed.World): this solver is one rank of several (see the module's notes;
+    coordination.Waiting(rank, size): that rank, to ``join`` its world later);
     ``precision`` ("fp32", "bf16", "fp16"), ``channels_last`` and ``compile`` (True or a
     torch.compile backend name) trade Caffe's exact float32 numbers for speed.
 
@@ -128,7 +129,8 @@ class Solver:
                  precision=None, channels_last=False, compile=False):  # fmt: skip
         param = self.param = prepared_param(solver_param, source_path, seed)
         self.source_path = os.fspath(source_path) if source_path else None
-        self.world, self.ranks = world, coordination(world)
+        self.ranks = coordination(world)
+        self.world = self.ranks.world if isinstance(self.ranks, Ranked) else None
         self.rank, self.is_root = self.ranks.rank, self.ranks.is_root
         log.info("Initializing solver from parameters: \n%s", param)
         self.device = pick_device(param, device)
@@ -420,7 +422,7 @@ class Solver:
         need not see them), each of which takes its own train-feed position and RNG state."""
         counters = doc = None
         with self.ranks.together():
-            if self.is_root:
+            if self.is_root or self.ranks.reads_alone:
                 counters, doc = checkpoint.read(self, path)
         tensors = [info.param for info in self.learnable] + list(self.rule.history)
         counters, doc = self.ranks.share(tensors, (counters, doc))
@@ -428,6 +430,23 @@ class Solver:
         self.iter, self.current_step = counters
         with self.ranks.together():  # a rank whose feed cannot resume stops them all
             checkpoint.restore_data(self, path, doc)
+
+    def join(self, world) -> None:
+        """Become rank ``world.rank`` of ``world`` after being built as that rank of that many
+        (``world=coordination.Waiting(rank, size)``), as pycaffe's NCCL joins the solvers its
+        processes built: the ranks agree on the feed seed and the gradients are summed over
+        them from the next iteration on; rank 0's parameters come with ``world``'s
+        broadcast_tensors (NCCL.bcast)."""
+        if (world.rank, world.size) != (self.rank, self.ranks.size):
+            raise CaffeAlexError(
+                f"this solver was built as rank {self.rank} of {self.ranks.size}; it cannot "
+                f"join as rank {world.rank} of {world.size}"
+            )
+        self.world, self.ranks = world, Ranked(world)
+        self.feeds.ranks = self.ranks
+        params = [info.param for info in self.learnable]
+        train, layer_wise = self.feeds["train"], self.param.layer_wise_reduce
+        self.feeds.seed = self.ranks.start(params, self.feeds.seed, train, layer_wise, False)
 
     def close(self) -> None:
         """Stop the feeds' worker processes (and remove the gradient hooks of a world)."""
