@@ -174,6 +174,9 @@ class Solver:
         if param.random_seed >= 0:
             # fillers and dropout masks; Caffe seeds each rank apart (random_seed + rank)
             torch.manual_seed(param.random_seed + self.rank)
+            if self.device.type == "cuda":  # a seeded run repeats: cuDNN's fixed algorithms
+                torch.backends.cudnn.deterministic = True
+                torch.backends.cudnn.benchmark = False
         self.train_net = build_train_net(param, self.source_path, self.device, insert_splits)
         # Only rank 0 tests (as Caffe), so the other ranks need neither test nets nor test data
         self.test_nets = (build_test_nets(param, self.source_path, self.device, insert_splits)
