@@ -118,7 +118,7 @@ class Solver:
     ``precision`` ("fp32", "bf16", "fp16"), ``channels_last`` and ``compile`` (True or a
     torch.compile backend name) trade Caffe's exact float32 numbers for speed.
 
-    (About 330 lines, past the 250 the code aims at: these are Caffe's Solver methods, Step,
+    (About 360 lines, past the 250 the code aims at: these are Caffe's Solver methods, Step,
     Solve, Test, Snapshot and Restore, which share the iteration counters, the requests and
     the feeds; each piece with a state of its own is an object they call: ranks
     (coordination.py), precision (precision.py), feeds (feeds.py), the update (update.py).)
