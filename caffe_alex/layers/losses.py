@@ -68,19 +68,47 @@ class LossLayer(CaffeLayer):
 @register("SoftmaxWithLoss")
 class SoftmaxWithLossLayer(LossLayer):
     """Softmax over ``softmax_param.axis`` then mean -log p[label]. ``loss_param``:
-    ignore_label, normalization (default VALID), legacy normalize. Optional top 1: the softmax."""
+    ignore_label, normalization (default VALID), legacy normalize; caffe-segnet's
+    weight_by_label_freqs with class_weighting (each element's -log p scaled by its label's
+    weight; the normalizer still counts elements, unweighted). Optional top 1: the softmax."""
 
     tops = (1, 2)
-    params = {"loss_param": _LOSS_FIELDS, "softmax_param": frozenset({"axis"})}
+    params = {
+        "loss_param": _LOSS_FIELDS | {"weight_by_label_freqs", "class_weighting"},
+        "softmax_param": frozenset({"axis"}),
+    }
 
     def __init__(self, layer_param, bottom_shapes, phase):
         super().__init__(layer_param, bottom_shapes, phase)
         self.axis = layer_param.softmax_param.axis
+        lp = layer_param.loss_param
+        # caffe-segnet reads class_weighting only when weight_by_label_freqs is set.
+        weights = list(lp.class_weighting) if lp.weight_by_label_freqs else None
+        self.register_buffer(
+            "class_weights",
+            None if weights is None else torch.tensor(weights, dtype=torch.float32),
+            persistent=False,
+        )
 
     def top_shapes(self, bottom_shapes):
         check_batch(bottom_shapes)
         scores, labels = bottom_shapes
         check_label_count(scores, labels, self.axis, "softmax_param.axis")
+        if self.class_weights is not None:
+            # The fork compares with the blob's channels (axis 1), whatever softmax_param.axis.
+            channels = scores[1] if len(scores) > 1 else 1
+            if len(self.class_weights) != channels:
+                raise LayerConfigError(
+                    f"loss_param.class_weighting has {len(self.class_weights)} values but the "
+                    f"scores have {channels} channels (weight_by_label_freqs needs one weight "
+                    "per class)"
+                )
+            classes = scores[canonical_axis(self.axis, len(scores), "softmax_param.axis")]
+            if classes != channels:  # the fork would index its weights past their end
+                raise LayerConfigError(
+                    f"loss_param.class_weighting has {channels} values (the channels) but "
+                    f"softmax_param.axis {self.axis} has {classes} classes"
+                )
         return [()] + [tuple(scores)] * (self.n_top - 1)
 
     def forward(self, scores, label):
@@ -98,6 +126,10 @@ class SoftmaxWithLossLayer(LossLayer):
         # Caffe's value clamp, but with the gradient p - onehot that Caffe keeps past the clamp.
         nll = torch.where(nll > _MAX_NLL, nll - nll.detach() + _MAX_NLL, nll)
         nll = torch.where(inside, nll, _MAX_NLL)  # an unchecked bad label: the clamp's cost
+        if self.class_weights is not None:
+            # The true gradient of w[label] * -log p is w[label] * (p - onehot): the fork's
+            # backward, which scales the element's whole diff row by its label's weight.
+            nll = nll * self.class_weights.to(nll.dtype)[target]
         if valid is not None:
             nll = torch.where(valid, nll, 0.0)
             valid = valid.sum()
