@@ -44,7 +44,7 @@ def one_layer_net(layer: str, phase: str = "TRAIN", **kwargs) -> Net:
 
 
 def batches(net: Net, n: int, **feed) -> list[dict[str, torch.Tensor]]:
-    f = make_feed(net, seed=SEED, workers=0, **feed)
+    f = make_feed(net, **{"seed": SEED, "workers": 0, **feed})
     try:
         return [next(f) for _ in range(n)]
     finally:
@@ -132,6 +132,20 @@ def test_dense_image_data_resize_crop_mirror_mean_and_scale(tmp_path):
     linear = cv2.resize(image, (12, 14), interpolation=cv2.INTER_LINEAR)
     nearest = cv2.resize(image, (12, 14), interpolation=cv2.INTER_NEAREST)
     assert not np.array_equal(linear, nearest)
+
+
+def test_workers_give_the_same_batches(tmp_path):
+    pairs = write_pairs(tmp_path, [(12, 10)] * 3, seed=12)
+    (tmp_path / "list.txt").write_text("".join(f"{a} {b}\n" for a, b in pairs))
+    params = "crop_height: 8 crop_width: 8 mirror: true shuffle: true"
+    net = one_layer_net(dense(tmp_path / "list.txt", 2, params, root=f"{tmp_path}/"))
+    (tmp_path / "seg.txt").write_text("".join(f"{a} {b}\n" for a, b in pairs))
+    seg_net = one_layer_net(seg(tmp_path / "seg.txt", 2, "label_type: PIXEL",
+                                SEG_TRANSFORM, root=f"{tmp_path}/"))  # fmt: skip
+    for built in (net, seg_net):
+        alone, workers = batches(built, 3), batches(built, 3, workers=2)
+        for a, b in zip(alone, workers):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_dense_image_data_grey_images_and_a_mean_file(tmp_path):
