@@ -76,6 +76,7 @@ def test_autocast_bf16_runs_close_to_float32():
     torch.testing.assert_close(got.float(), expected, rtol=0.1, atol=0.05)
 
 
+@pytest.mark.slow  # compiling takes seconds
 def test_torch_compile_matches_eager_forward_and_backward():
     net = make_net()
     feed = inputs()
@@ -93,7 +94,7 @@ def test_torch_compile_matches_eager_forward_and_backward():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.gpu
 def test_cuda_matches_cpu():
     net = make_net()
     expected = net(**inputs())

@@ -20,7 +20,7 @@ from ..tools import features
 from ..tools.deploy import Classifier, class_names, labels_blob, load_mean, output_task, top_k
 from ..tools.detection import detect_files
 from ..tools.detection import draw_boxes as draw_boxes_on  # the option takes the name
-from ..tools.images import OutputFolder, expand_images, write_png
+from ..tools.pycaffe_io import OutputFolder, expand_images, write_png
 from ..tools.segmentation import class_shares, overlay, segment_files, voc_palette
 from .options import option, resolve_device, user_errors
 

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from ..errors import CaffeAlexError
-from .images import load_batches
+from .pycaffe_io import load_batches
 
 ROW = 7  # image_id, label, score, xmin, ymin, xmax, ymax
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .images import load_batches
+from .pycaffe_io import load_batches
 
 
 def voc_palette(count: int) -> np.ndarray:

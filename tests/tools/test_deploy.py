@@ -20,7 +20,7 @@ from caffe_alex.cli import main
 from caffe_alex.errors import CaffeAlexError
 from caffe_alex.net import Net
 from caffe_alex.tools.deploy import Classifier, class_names, output_task
-from caffe_alex.tools.images import (
+from caffe_alex.tools.pycaffe_io import (
     Transformer,
     center_crop,
     load_image,

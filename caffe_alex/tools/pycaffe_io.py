@@ -26,7 +26,7 @@ from PIL import Image
 
 from ..data.datum import ImageError
 from ..errors import CaffeAlexError, describe
-from ..formats.files import atomic_path
+from ..formats.atomic import atomic_path
 
 IMAGE_EXTENSIONS = frozenset(
     ".jpg .jpeg .jpe .png .bmp .gif .tif .tiff .webp .ppm .pgm .pbm .pnm".split()
@@ -213,7 +213,10 @@ class Transformer:
     def deprocess(self, name: str, data: np.ndarray) -> np.ndarray:
         """Undo ``preprocess`` (K x H x W -> H x W x K)."""
         self._check(name)
-        out = np.array(data, dtype=np.float32).squeeze()
+        return self._undone(name, np.array(data, dtype=np.float32).squeeze())
+
+    def _undone(self, name: str, out: np.ndarray) -> np.ndarray:
+        """preprocess's steps undone in reverse order, on ``out`` (a copy the caller owns)."""
         if name in self.input_scale:
             out /= self.input_scale[name]
         if name in self.mean:
