@@ -12,12 +12,11 @@ import pytest
 from click.testing import CliRunner
 
 from caffe_alex.cli import main
-from caffe_alex.errors import CaffeAlexError
 from caffe_alex.formats.prototxt import read_net
 from tests.corpus import CORPUS
 from tests.paths import ROOT
 from tests.test_corpus_build import CORPUS_LAYERS, _guessed_source_shapes
-from tests.test_fork_nets_segmentation import adapt
+from tests.test_fork_nets_segmentation import source_shapes
 
 FORK_NETS = ROOT / "tests" / "fork_nets"
 CORPUS_FORK_NETS = [
@@ -45,36 +44,29 @@ def _phases(net_param) -> list[str]:
     return [("TRAIN", "TEST")[phase] for phase in sorted(named)] or ["TEST"]
 
 
+def _annotated_shapes(net_param) -> dict[str, tuple]:
+    """SSD's AnnotatedData without its LMDB: images at the resize the file asks for, one box row."""
+    shapes = {}
+    for layer in net_param.layer:
+        if layer.type == "AnnotatedData" and len(layer.top) == 2:
+            resize = layer.transform_param.resize_param
+            batch = layer.data_param.batch_size or 1
+            shapes[layer.top[0]] = (batch, 3, resize.height or 300, resize.width or 300)
+            shapes[layer.top[1]] = (1, 1, 1, 8)
+    return shapes
+
+
 def _shape_options(net_param) -> list[str]:
     options = []
-    for top, shape in _guessed_source_shapes(net_param).items():
+    shapes = _guessed_source_shapes(net_param) | source_shapes(net_param)
+    for top, shape in (shapes | _annotated_shapes(net_param)).items():
         options += ["--input-shape", f"{top}={','.join(map(str, shape))}"]
     return options
-
-
-def _runnable(path: Path, tmp_path: Path) -> Path:
-    """The file itself, or, where it holds what no fork here implements (caffe-segnet's
-    DenseImageData, DeepLab's SegAccuracy), the copy the segmentation family's build test
-    makes (data layers as Inputs, the evaluation layer left out); the file as it is must then
-    fail in one line."""
-    try:
-        read_net(str(path))
-        return path
-    except CaffeAlexError:
-        pass
-    result = CliRunner().invoke(main, ["summary", str(path)])
-    assert result.exit_code == 1 and result.stdout == ""
-    errors = [line for line in result.stderr.splitlines() if line.startswith("caffe-alex:")]
-    assert len(errors) == 1 and "--proto" in errors[0], result.stderr
-    adapted = tmp_path / path.name
-    adapted.write_text(adapt(path.read_text()))
-    return adapted
 
 
 @pytest.mark.parametrize("path", fork_nets(), ids=_name)
 def test_fork_net_summarises_and_draws(path, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(CORPUS_LAYERS))  # py-faster-rcnn's Python layers
-    path = _runnable(path, tmp_path)
     net_param, _ = read_net(str(path))
     runner = CliRunner()
     for phase in _phases(net_param):
