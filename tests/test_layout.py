@@ -23,7 +23,7 @@ STAGES = [
     ("data", ["caffe_alex.data"]),
     ("registry, fillers", ["caffe_alex.registry", "caffe_alex.fillers"]),
     ("layers", ["caffe_alex.layers"]),
-    ("net", ["caffe_alex.net"]),
+    ("net: the plan and its executors", ["caffe_alex.net", "caffe_alex.layerwise"]),
     ("solvers", ["caffe_alex.solvers"]),
     ("tools", ["caffe_alex.tools"]),
     ("pycaffe", ["caffe_alex.pycaffe"]),
@@ -40,7 +40,8 @@ LAZY_ALLOWED = {"h5py", "plyvel", "matplotlib", "onnx", "onnxscript", "torch", "
                 "cv2", "grpc_tools"}  # fmt: skip
 # What may sit at the package root: entry points and the lowest shared modules.
 ROOT_MODULES = {
-    "__init__", "__main__", "cli", "net", "registry", "fillers", "errors", "log", "blob",
+    "__init__", "__main__", "cli", "net", "layerwise", "registry", "fillers", "errors", "log",
+    "blob",
 }  # fmt: skip
 
 

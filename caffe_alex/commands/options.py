@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from ..errors import CaffeAlexError, describe
+from ..errors import CaffeAlexError, describe, one_line
 from ..log import get_logger
 
 
@@ -30,20 +30,31 @@ def user_errors(fn):
             # point stdout at /dev/null so the final flush at exit cannot fail again
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(1)
-        except CaffeAlexError as exc:
-            click.echo(f"caffe-alex: error: {exc}", err=True)
-            sys.exit(1)
         except click.UsageError:
             raise  # a malformed command line: click's usage text and exit code 2
-        except click.ClickException as exc:  # any other click error: our one-line form
-            click.echo(f"caffe-alex: error: {exc.format_message()}", err=True)
-            sys.exit(1)
-        except OSError as exc:
-            where = f"{exc.filename}: " if exc.filename else ""
-            click.echo(f"caffe-alex: error: {where}{describe(exc)}", err=True)
+        except Exception as exc:
+            line = error_line(exc)
+            if line is None:
+                raise
+            click.echo(f"caffe-alex: error: {line}", err=True)
             sys.exit(1)
 
     return wrapper
+
+
+def error_line(exc: BaseException) -> str | None:
+    """The one line a command prints for ``exc``: a CaffeAlexError, a Python layer's own
+    exception (its attached line), any click error but a usage error, an OSError (missing
+    files); None for anything else (a bug: its traceback shows)."""
+    error = one_line(exc)
+    if error is not None:
+        return str(error)
+    if isinstance(exc, click.ClickException):
+        return exc.format_message()
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{describe(exc)}"
+    return None
 
 
 def phase_option(default: str = "TEST", help: str = "Net phase.", choices=("TRAIN", "TEST")):

@@ -27,7 +27,7 @@ from ..net import Net
 from ..solvers import Solver, distributed
 from ..solvers.feeds import name_the_record
 from ..tools.tensorboard import check_folder, summary_writer, training_events
-from .options import gpu_ids, option, resolve_device, user_errors
+from .options import error_line, gpu_ids, option, resolve_device, user_errors
 
 _EFFECTS = click.Choice(["stop", "snapshot", "none"])
 # what every rank must be given alike (compared across ranks at the start)
@@ -213,8 +213,11 @@ def _rank_main(opts: dict) -> None:
         return
     try:
         _train(opts)
-    except (CaffeAlexError, OSError) as exc:
-        click.echo(f"caffe-alex: error: {exc}", err=True)
+    except Exception as exc:
+        line = error_line(exc)
+        if line is None:
+            raise
+        click.echo(f"caffe-alex: error: {line}", err=True)
         sys.exit(1)
 
 

@@ -145,10 +145,17 @@ def test_diffs_written_into_blobs_drive_backward(small):
     assert net.blobs["pool1"].diff.any()
 
 
-def test_without_force_backward_input_diffs_stay_zero(small):
+def test_without_force_backward_a_net_without_loss_runs_no_backward(small):
+    # Caffe's Net::Init: no blob leads to a loss, so no layer runs backward (deep-dream code
+    # sets force_backward for this reason); with a loss, the input still gets no diff
     net = caffe.Net(small, caffe.TEST)
     net.forward(data=np.random.default_rng(6).normal(size=(4, 2, 6, 6)).astype(np.float32))
     net.blobs["prob"].diff[...] = np.random.default_rng(5).normal(size=(4, 5))
+    net.backward()
+    assert not net.blobs["data"].diff.any() and not net.params["conv1"][0].diff.any()
+    lossy = NET + 'layer { name: "l" type: "EuclideanLoss" bottom: "prob" bottom: "ip" top: "l" }'
+    net = caffe.Net(_write(small, lossy), caffe.TEST)
+    net.forward(data=np.random.default_rng(6).normal(size=(4, 2, 6, 6)).astype(np.float32))
     net.backward()
     assert not net.blobs["data"].diff.any() and net.params["conv1"][0].diff.any()
 
