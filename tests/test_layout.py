@@ -17,8 +17,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "caffe_alex"
 
 # Lowest first: a module may import from its own stage and the stages before it, never after.
 STAGES = [
-    ("errors, log, proto, blob", ["caffe_alex.errors", "caffe_alex.log", "caffe_alex.proto",
-                                  "caffe_alex.blob"]),
+    (
+        "errors, log, proto, blob",
+        ["caffe_alex.errors", "caffe_alex.log", "caffe_alex.proto", "caffe_alex.blob"],
+    ),
     ("formats", ["caffe_alex.formats"]),
     ("data", ["caffe_alex.data"]),
     ("registry, fillers", ["caffe_alex.registry", "caffe_alex.fillers"]),
