@@ -396,9 +396,11 @@ def _rng_state(device: torch.device):
 
 @contextlib.contextmanager
 def _replaying(layer, rng, device: torch.device):
-    """The layer's forward run again as it ran: its last random state, and its buffers (a
-    BatchNorm's running averages, which a forward in TRAIN moves) left as they were."""
-    buffers = [(b, b.detach().clone()) for b in layer.buffers()]
+    """The layer's forward run again as it ran: its last random state, and its state (a
+    BatchNorm's running averages, which a forward in TRAIN moves: buffers and blobs that take
+    no gradient) left as it was."""
+    state = [*layer.buffers(), *(p for p in layer.parameters() if not p.requires_grad)]
+    buffers = [(b, b.detach().clone()) for b in state]
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.set_rng_state(rng[0])
