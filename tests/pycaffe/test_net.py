@@ -266,3 +266,18 @@ def _write(path: str, text: str) -> str:
     with open(path, "w") as f:
         f.write(text)
     return path
+
+
+def test_blob_reshape_keeps_what_caffes_keeps(small):
+    """Blob::Reshape: while the count fits in the memory the blob has had (its capacity), the
+    values stay, read in the new shape; a larger count gets new memory (zeros here)."""
+    blob = caffe.Net(small, caffe.TEST).blobs["ip"]  # 4 x 5
+    blob.data[...] = np.arange(20).reshape(4, 5)
+    blob.diff[...] = 1
+    blob.reshape(2, 5)
+    np.testing.assert_array_equal(blob.data, np.arange(10).reshape(2, 5))
+    assert (blob.diff == 1).all()
+    blob.reshape(20)  # back within the capacity: Caffe's memory still holds all 20 values
+    np.testing.assert_array_equal(blob.data, np.arange(20))
+    blob.reshape(3, 10)  # more than it ever held
+    assert blob.shape == (3, 10) and not blob.data.any() and not blob.diff.any()
