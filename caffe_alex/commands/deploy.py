@@ -15,10 +15,11 @@ from ..errors import CaffeAlexError
 from ..formats.prototxt import read_net
 from ..net import Net
 from ..proto import caffe_pb2
+from ..solvers.devices import choose_device
 from ..tools import features
 from ..tools.deploy import Classifier, load_mean, read_labels, top_k
 from ..tools.pycaffe_io import expand_images
-from .options import option, resolve_device, user_errors
+from .options import option, user_errors
 
 
 def _floats(text: str | None, what: str) -> list[float] | None:
@@ -65,7 +66,7 @@ def _classifier(opts: dict):
     swap = [int(v) for v in _floats(opts["channel_swap"], "--channel-swap") or []]
     dims = [int(v) for v in _floats(opts["image_dims"], "--image-dims")]
     clf = Classifier(opts["model"], opts["weights"], image_dims=dims, raw_scale=opts["raw_scale"],
-                     input_scale=opts["input_scale"], device=resolve_device(opts["gpu"]),
+                     input_scale=opts["input_scale"], device=choose_device(opts["gpu"]),
                      batch_size=opts["batch_size"])  # fmt: skip
     if mean is not None and mean.ndim == 1 and mean.size == 1:
         mean = mean.repeat(clf.channels)  # one value for all channels, as Caffe's mean_value
@@ -161,7 +162,7 @@ def extract_features(blobs, source, out, num_batches, **opts) -> None:
                                   on_error=skips)  # fmt: skip
     else:
         net = _data_net(opts["model"], database, opts["weights"])
-        device = resolve_device(opts["gpu"])
+        device = choose_device(opts["gpu"])
         features.extract_features(net, names, out, num_batches=num_batches, device=device)
 
 

@@ -34,6 +34,7 @@ from ..proto import caffe_pb2
 from . import checkpoint
 from .coordination import Ranked, coordination
 from .debug import backward_info, forward_info
+from .devices import choose_device
 from .display import SmoothedLoss, log_outputs
 from .engines import BlobEngine, GraphEngine
 from .feeds import SolverFeeds, name_the_record
@@ -53,17 +54,6 @@ from .update import ParameterUpdate
 log = get_logger()
 f32 = np.float32
 SP = caffe_pb2.SolverParameter
-
-
-def pick_device(param, device) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    if param.solver_mode == SP.GPU:
-        if torch.cuda.is_available() and param.device_id < torch.cuda.device_count():
-            return torch.device("cuda", param.device_id)
-        log.warning("solver_mode is GPU (the default) but CUDA device %d is not available; "
-                    "using the CPU", param.device_id)  # fmt: skip
-    return torch.device("cpu")
 
 
 def check_param(param) -> None:
@@ -102,8 +92,9 @@ def prepared_param(solver_param, source_path, seed) -> caffe_pb2.SolverParameter
 class Solver:
     """Training from a SolverParameter, as Caffe's Solver does (``Solver.from_file(path)``).
 
-    ``device``: where the nets run (default: the solver's solver_mode/device_id, falling back
-    to the CPU); ``weights``: files to fine-tune from (after the solver's own ``weights``);
+    ``device``: where the nets run (default: the solver file's solver_mode/device_id when it
+    sets solver_mode, else the CPU: devices.py); ``weights``: files to fine-tune from (after
+    the solver's own ``weights``);
     ``feeds``: where batches come from (default: ``make_feed`` over each net's data layers;
     else a callable ``(net, test_index or None) -> iterable of input dicts``, or
     ``{"train": iterable, "test": [iterables]}``); ``seed`` overrides random_seed;
@@ -139,7 +130,7 @@ class Solver:
         self.world = self.ranks.world if isinstance(self.ranks, Ranked) else None
         self.rank, self.is_root = self.ranks.rank, self.ranks.is_root
         log.info("Initializing solver from parameters: \n%s", param)
-        self.device = pick_device(param, device)
+        self.device = choose_device(device, param)  # the given device, else the file's
         self.precision = Precision(precision, channels_last, self.device)
         with self.ranks.together():
             self._build(weights, insert_splits, feeds, feed_options)
