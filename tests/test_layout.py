@@ -39,7 +39,7 @@ STAGES = [
 # reports a missing OpenCV in one line.
 LAZY_ALLOWED = {"h5py", "plyvel", "matplotlib", "onnx", "onnxscript", "torch", "pydot",
                 "pydotplus", "selective_search_ijcv_with_python", "torchvision",
-                "cv2", "grpc_tools"}  # fmt: skip
+                "cv2", "grpc_tools", "skimage", "scipy"}  # fmt: skip
 # What may sit at the package root: entry points and the lowest shared modules.
 ROOT_MODULES = {
     "__init__", "__main__", "cli", "net", "layerwise", "registry", "fillers", "errors", "log",

@@ -18,7 +18,7 @@ from ..proto import caffe_pb2
 from ..solvers.devices import choose_device
 from ..tools import features
 from ..tools.deploy import Classifier, load_mean, read_labels, top_k
-from ..tools.pycaffe_io import expand_images
+from ..tools.pycaffe_io import announce_resize, expand_images
 from .options import option, user_errors
 
 
@@ -74,6 +74,7 @@ def _classifier(opts: dict):
         clf.transformer.set_mean(clf.input, mean)
     if swap and clf.channels > 1:
         clf.transformer.set_channel_swap(clf.input, swap)
+    announce_resize()
     return clf
 
 
