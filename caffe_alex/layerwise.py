@@ -168,7 +168,7 @@ class BlobExecutor:
                             for step in self.steps]  # fmt: skip
         self._records: dict[int, _Record] = {}
         self._live = _LiveBlobs(self.blobs)
-        self._batch = None
+        self._batch, self._given = None, False
         self._record = True
         self._writers = self._bottom_versions()
         self._python = [hasattr(net.layers[s.key], "blob_forward") for s in self.steps]
@@ -203,7 +203,7 @@ class BlobExecutor:
         tensor, None without loss tops). ``batch``: the data layers' tops (name -> tensor)
         instead of the next one from ``source``; ``record`` False: no backward will follow (a
         test pass), so no layer keeps a graph."""
-        self._batch = batch
+        self._batch, self._given = batch, batch is not None
         self._record = record and torch.is_grad_enabled()  # (torch.no_grad around: no graph)
         for blob in _flatten(self.param_blobs[first : None if last is None else last + 1]):
             blob.sync()  # values Python wrote to a GPU net's host copy
@@ -229,11 +229,17 @@ class BlobExecutor:
         return out
 
     def _fill_source(self, step, layer) -> None:
-        if self.source is None or layer.type_name == "Input":
+        """A batch given to ``forward`` fills every source layer's tops it names; else a data
+        layer draws from ``source`` and an Input layer keeps what Python wrote into it."""
+        if self._given:
+            tops = [t for t in step.tops if t in self._batch]
+        elif self.source is None or layer.type_name == "Input":
             return
-        if self._batch is None:
-            self._batch = self.source()
-        for top in step.tops:
+        else:
+            if self._batch is None:
+                self._batch = self.source()
+            tops = step.tops
+        for top in tops:
             self.blobs[top].put(self._batch[top].to(self.device))
 
     def _autograd_forward(self, position, step, layer, bottoms):

@@ -381,3 +381,36 @@ layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "
     by_name = dict(zip(forced.layer_names, zip(needs.layer, needs.bottom)))
     assert by_name["fixed"] == (True, [True]) and by_name["side"] == (True, [True])
     assert by_name["loss"] == (True, [True, False])  # never the labels (AllowForceBackward)
+
+
+def test_a_solver_trains_alike_as_one_graph_and_layer_by_layer():
+    """The Solver's two engines (engines.py) on a net fed through Input layers: the same
+    weights after the same iterations, bit for bit."""
+    import itertools
+
+    from caffe_alex.proto import caffe_pb2
+    from caffe_alex.solvers import Solver
+
+    text = """
+layer { name: "data" type: "Input" top: "data" top: "label"
+        input_param { shape { dim: 4 dim: 1 dim: 6 dim: 6 } shape { dim: 4 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 3 kernel_size: 3 weight_filler { type: "xavier" } } }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+layer { name: "ip" type: "InnerProduct" bottom: "conv" top: "ip"
+        inner_product_param { num_output: 5 weight_filler { type: "xavier" } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+"""
+    gen = torch.Generator().manual_seed(0)
+    batch = {"data": torch.randn(4, 1, 6, 6, generator=gen), "label": torch.tensor([0.0, 1, 4, 2])}
+    solvers = []
+    for layerwise in (False, True):
+        param = caffe_pb2.SolverParameter(base_lr=0.1, momentum=0.9, lr_policy="fixed",
+                                          random_seed=1)  # fmt: skip
+        param.net_param.CopyFrom(parse_net(text))
+        feeds = {"train": itertools.repeat(batch), "test": []}
+        solvers.append(Solver(param, layerwise=layerwise, feeds=feeds))
+        solvers[-1].step(3)
+    for (_, a), (_, b) in zip(*(s.train_net.params.items() for s in solvers)):
+        for p, q in zip(a, b):
+            torch.testing.assert_close(p, q, rtol=0, atol=0)
