@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import re
 from pathlib import Path
 
 import pytest
@@ -227,3 +228,53 @@ def test_public_api_table_and_all_agree():
     import caffe_alex
 
     assert sorted(caffe_alex.__all__) == sorted(caffe_alex._EXPORTS)
+
+
+def _layer_calls_in_step_loops(modules=None) -> list[str]:
+    """Functions with a loop over a net's steps that calls a layer module (``layers[key](...)``,
+    or a name bound in the loop from ``.layers[...]`` / ``.layer(...)``: called, its ``forward``
+    called, or handed to another call, which would run it)."""
+    found = []
+    for module, (path, _) in (modules or MODULES).items():
+        tree = ast.parse(path.read_text(), str(path))
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for loop in ast.walk(fn):
+                if not isinstance(loop, ast.For) or "steps" not in ast.unparse(loop):
+                    continue  # (a loop over positions reads the steps in its body)
+                if any(_runs_a_layer(call, _layer_names(loop)) for call in ast.walk(loop)):
+                    found.append(f"{module}.{fn.name}")
+    return sorted(set(found))
+
+
+def _layer_names(loop) -> set[str]:
+    layer = re.compile(r"\.layers\[|\.layer\(")
+    return {
+        t.id
+        for node in ast.walk(loop)
+        if isinstance(node, ast.Assign) and layer.search(ast.unparse(node.value))
+        for t in node.targets
+        if isinstance(t, ast.Name)
+    }
+
+
+def _runs_a_layer(call, names: set[str]) -> bool:
+    if not isinstance(call, ast.Call):
+        return False
+    f = call.func
+    if isinstance(f, ast.Subscript) and ast.unparse(f.value).endswith("layers"):
+        return True
+    if isinstance(f, ast.Name) and f.id in names:
+        return True
+    if isinstance(f, ast.Attribute) and f.attr == "forward" and ast.unparse(f.value) in names:
+        return True
+    return any(isinstance(a, ast.Name) and a.id in names for a in call.args)
+
+
+def test_one_executor_no_second_forward_loop_anywhere():
+    """The builder's plan (Net.steps) has one loop that runs its layers, Net.run: the module's
+    forward, pycaffe's Net, the solvers and caffe-alex time all go through it (layerwise.py
+    runs it over Caffe's blobs). A second loop over the steps calling layers is a second
+    engine that drifts from the first."""
+    assert _layer_calls_in_step_loops() == ["caffe_alex.net.run"]
