@@ -16,15 +16,19 @@ from .options import input_shape_option, option, parse_input_shapes, user_errors
 @option("opset", type=int, default=None, help="ONNX opset version [default: 18].")
 @option("dynamic-batch", is_flag=True, help="Let the batch axis (axis 0 of inputs) vary.")
 @input_shape_option("Declare an input's shape (e.g. data=1,3,227,227). Repeatable.")
+@option("outputs", default=None, metavar="BLOB,...", help="Export only what these blobs need, "
+         "with them as the outputs (e.g. the bottoms of a DetectionOutput layer).")  # fmt: skip
 @click.argument("output")
 @user_errors
-def export(model, weights, opset, dynamic_batch, input_shape, output) -> None:
+def export(model, weights, opset, dynamic_batch, input_shape, outputs, output) -> None:
     """Write MODEL (with --weights) as the ONNX model OUTPUT; inputs and outputs keep the
     Caffe blob names. Without --weights the layers keep their fillers' values."""
     net = Net.from_prototxt(model, "TEST", input_shapes=parse_input_shapes(input_shape))
     if weights:
         net.load_weights(weights)  # logs what it copied and which layers it lacked
-    result = export_onnx(net, output, opset=opset or DEFAULT_OPSET, dynamic_batch=dynamic_batch)
+    names = [name for name in (outputs or "").split(",") if name] or None
+    result = export_onnx(net, output, opset=opset or DEFAULT_OPSET, dynamic_batch=dynamic_batch,
+                         outputs=names)  # fmt: skip
     get_logger().info(
         f"Wrote {result.path} (opset {result.opset}, {result.size_bytes / 2**20:.1f} MiB, "
         f"{result.seconds:.1f} s): inputs {result.inputs}, outputs {result.outputs}"

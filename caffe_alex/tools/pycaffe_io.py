@@ -19,14 +19,17 @@ Decoding is Pillow's (pycaffe used scikit-image, which reads through Pillow or i
 from __future__ import annotations
 
 import glob
+import io
 import os
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
 from ..data.datum import ImageError
-from ..errors import CaffeAlexError
+from ..errors import CaffeAlexError, describe
+from ..formats.atomic import atomic_path
 from ..log import get_logger
 
 IMAGE_EXTENSIONS = frozenset(
@@ -326,3 +329,47 @@ def expand_images(args: Iterable[str], on_error: Callable[[str, str], None]) -> 
                 on_error(arg, f"no file matches '{arg}'")
             found += matches
     return found
+
+
+# ---- writing --------------------------------------------------------------------------------
+def write_png(path, array: np.ndarray, palette: np.ndarray | None = None) -> None:
+    """Write an H x W x 3 uint8 RGB image, or an H x W uint8 / uint16 map, as PNG, atomically
+    (an interrupted write leaves no file under ``path``). A uint8 map with a ``palette``
+    (N x 3 RGB) is stored as a paletted PNG: the pixel values stay the map's, viewers show
+    the colours (as PASCAL VOC's label files)."""
+    image = Image.fromarray(np.ascontiguousarray(array))  # uint16 becomes mode I;16
+    if palette is not None and array.ndim == 2 and array.dtype == np.uint8:
+        image.putpalette(np.asarray(palette, np.uint8)[:256].reshape(-1).tolist())
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(buffer.getvalue())
+
+
+class OutputFolder:
+    """A folder that deploy writes its PNGs into: created if missing and tried before any
+    work (so an unusable folder is one line, before anything is written), and one file name
+    per image, ``<image stem><suffix>.png``, numbered when two images share a stem."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.path):
+                pass
+        except FileExistsError:
+            raise CaffeAlexError(f"cannot write to {self.path}: not a folder") from None
+        except OSError as exc:
+            raise CaffeAlexError(f"cannot write to {self.path}: {describe(exc)}") from None
+        self._stems: dict[str, str] = {}  # image path -> its stem here
+
+    def file(self, image_path: str, suffix: str) -> str:
+        stem = self._stems.get(image_path)
+        if stem is None:
+            base = os.path.splitext(os.path.basename(image_path))[0] or "image"
+            taken, stem, n = set(self._stems.values()), base, 1
+            while stem in taken:
+                n += 1
+                stem = f"{base}-{n}"
+            self._stems[image_path] = stem
+        return os.path.join(self.path, f"{stem}{suffix}.png")
