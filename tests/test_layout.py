@@ -269,7 +269,17 @@ def _runs_a_layer(call, names: set[str]) -> bool:
         return True
     if isinstance(f, ast.Attribute) and f.attr == "forward" and ast.unparse(f.value) in names:
         return True
+    if (
+        isinstance(f, ast.Attribute)
+        and f.attr in _CONTAINER_METHODS
+        or (isinstance(f, ast.Name) and f.id in _LOOKS_AT_OBJECTS)
+    ):
+        return False  # kept or inspected, not run
     return any(isinstance(a, ast.Name) and a.id in names for a in call.args)
+
+
+_CONTAINER_METHODS = {"append", "add", "extend", "insert", "setdefault", "remove", "index"}
+_LOOKS_AT_OBJECTS = {"isinstance", "id", "getattr", "hasattr", "setattr", "type", "len", "repr"}
 
 
 def test_one_executor_no_second_forward_loop_anywhere():

@@ -46,8 +46,15 @@ def _phases(net_param) -> list[str]:
 
 
 def _shape_options(net_param) -> list[str]:
+    shapes = _guessed_source_shapes(net_param)
+    for layer in net_param.layer:  # SSD's AnnotatedData: resized images, one row per box
+        if layer.type == "AnnotatedData":
+            resize = layer.transform_param.resize_param
+            batch = layer.data_param.batch_size or 1
+            shapes[layer.top[0]] = (batch, 3, resize.height or 300, resize.width or 300)
+            shapes.update({top: (1, 1, 1, 8) for top in layer.top[1:]})
     options = []
-    for top, shape in _guessed_source_shapes(net_param).items():
+    for top, shape in shapes.items():
         options += ["--input-shape", f"{top}={','.join(map(str, shape))}"]
     return options
 
