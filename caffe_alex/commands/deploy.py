@@ -16,13 +16,14 @@ from ..errors import CaffeAlexError
 from ..formats.prototxt import read_net
 from ..net import Net
 from ..proto import caffe_pb2
+from ..solvers.devices import choose_device
 from ..tools import features
 from ..tools.deploy import Classifier, class_names, labels_blob, load_mean, output_task, top_k
 from ..tools.detection import detect_files
 from ..tools.detection import draw_boxes as draw_boxes_on  # the option takes the name
-from ..tools.pycaffe_io import OutputFolder, expand_images, write_png
+from ..tools.pycaffe_io import OutputFolder, announce_resize, expand_images, write_png
 from ..tools.segmentation import class_shares, overlay, segment_files, voc_palette
-from .options import option, resolve_device, user_errors
+from .options import option, user_errors
 
 
 def _floats(text: str | None, what: str) -> list[float] | None:
@@ -76,7 +77,7 @@ def _classifier(opts: dict, net=None, image_dims=None):
         image_dims = [int(v) for v in _floats(opts["image_dims"] or "256,256", "--image-dims")]
     clf = Classifier(net or opts["model"], None if net else opts["weights"], image_dims=image_dims,
                      raw_scale=opts["raw_scale"], input_scale=opts["input_scale"],
-                     device=resolve_device(opts["gpu"]), batch_size=opts["batch_size"],
+                     device=choose_device(opts["gpu"]), batch_size=opts["batch_size"],
                      channels_last=opts["channels_last"])  # fmt: skip
     if mean is not None and mean.ndim == 1 and mean.size == 1:
         mean = mean.repeat(clf.channels)  # one value for all channels, as Caffe's mean_value
@@ -84,6 +85,7 @@ def _classifier(opts: dict, net=None, image_dims=None):
         clf.transformer.set_mean(clf.input, mean)
     if swap and clf.channels > 1:
         clf.transformer.set_channel_swap(clf.input, swap)
+    announce_resize()
     return clf
 
 
@@ -312,7 +314,7 @@ def extract_features(blobs, source, out, num_batches, **opts) -> None:
                                   on_error=skips)  # fmt: skip
     else:
         net = _data_net(opts["model"], database, opts["weights"])
-        device = resolve_device(opts["gpu"])
+        device = choose_device(opts["gpu"])
         features.extract_features(net, names, out, num_batches=num_batches, device=device)
 
 

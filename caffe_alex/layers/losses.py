@@ -147,6 +147,9 @@ class EuclideanLossLayer(LossLayer):
 
     params = {"loss_param": frozenset()}
 
+    def allow_force_backward(self, bottom: int) -> bool:
+        return True  # Caffe's EuclideanLoss: both bottoms are data (no labels)
+
     def top_shapes(self, bottom_shapes):
         check_batch(bottom_shapes)
         a, b = bottom_shapes

@@ -31,6 +31,23 @@ from .pycaffe_io import oversample as oversample_crops  # predict's flag takes t
 
 
 # ---- Classifier -----------------------------------------------------------------------------
+def configured_transformer(cls, name: str, shape, mean=None, input_scale=None, raw_scale=None,
+                           channel_swap=None):  # fmt: skip
+    """A Transformer (``cls``: this one, or pycaffe's caffe.io subclass) for input ``name`` of
+    ``shape`` with pycaffe's Classifier settings, HWC -> CHW first."""
+    transformer = cls({name: shape})
+    transformer.set_transpose(name, (2, 0, 1))
+    if mean is not None:
+        transformer.set_mean(name, mean)
+    if input_scale is not None:
+        transformer.set_input_scale(name, input_scale)
+    if raw_scale is not None:
+        transformer.set_raw_scale(name, raw_scale)
+    if channel_swap is not None:
+        transformer.set_channel_swap(name, channel_swap)
+    return transformer
+
+
 class Classifier:
     """pycaffe's caffe.Classifier: a TEST-phase net with a Transformer for its first input.
 
@@ -42,7 +59,7 @@ class Classifier:
 
     def __init__(self, model, weights=None, image_dims=None, mean=None, input_scale=None,
                  raw_scale=None, channel_swap=None, *, device="cpu", batch_size=None,
-                 channels_last=False):  # fmt: skip
+                 channels_last=False, transformer=Transformer):  # fmt: skip
         net = model if isinstance(model, Net) else Net.from_prototxt(model, "TEST")
         if weights:
             net.load_weights(weights)
@@ -59,16 +76,8 @@ class Classifier:
         shape = net.blob_shapes[self.input]
         if len(shape) != 4:
             raise CaffeAlexError(f"input '{self.input}' has shape {shape}; images need N,K,H,W")
-        self.transformer = Transformer({self.input: shape})
-        self.transformer.set_transpose(self.input, (2, 0, 1))
-        if mean is not None:
-            self.transformer.set_mean(self.input, mean)
-        if input_scale is not None:
-            self.transformer.set_input_scale(self.input, input_scale)
-        if raw_scale is not None:
-            self.transformer.set_raw_scale(self.input, raw_scale)
-        if channel_swap is not None:
-            self.transformer.set_channel_swap(self.input, channel_swap)
+        self.transformer = configured_transformer(transformer, self.input, shape, mean,
+                                                  input_scale, raw_scale, channel_swap)  # fmt: skip
         self.crop_dims = tuple(shape[2:])
         self.image_dims = tuple(int(d) for d in (image_dims or self.crop_dims))
         if any(i < c for i, c in zip(self.image_dims, self.crop_dims)):
@@ -101,13 +110,17 @@ class Classifier:
         parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
         for start in range(0, len(caffe_in), self.batch_size):
             chunk = np.ascontiguousarray(caffe_in[start : start + self.batch_size])
-            chunk = torch.from_numpy(chunk).to(self.device)
-            chunk = chunk.contiguous(memory_format=self.memory_format)
-            self.net(**self._inputs(chunk))
-            for n in names:
-                parts[n].append(self.net.blobs[n].float().cpu().numpy())
+            for n, values in zip(names, self.run(chunk, names)):
+                parts[n].append(values)
         result = {n: np.concatenate(p) for n, p in parts.items()}
         return result[self.output].reshape(len(caffe_in), -1) if blobs is None else result
+
+    def run(self, chunk: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
+        """One chunk of preprocessed inputs through the net: the named blobs (pycaffe's
+        Classifier runs its own caffe.Net here, pycaffe/classifier.py)."""
+        tensor = torch.from_numpy(chunk).to(self.device)
+        self.net(**self._inputs(tensor.contiguous(memory_format=self.memory_format)))
+        return [self.net.blobs[n].float().cpu().numpy() for n in names]
 
     def _inputs(self, chunk: torch.Tensor) -> dict[str, torch.Tensor]:
         # other inputs (e.g. a data layer's label top) get zeros of their declared shape

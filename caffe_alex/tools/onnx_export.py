@@ -308,8 +308,9 @@ def _fail(where, message: str) -> CaffeAlexError:
     return CaffeAlexError(message, layer=where[0], layer_type=where[1])
 
 
-def _trace(net, inputs, dynamic_batch: bool, outputs):
-    """torch.export of the net (non-strict: the Python of the layers runs as usual)."""
+def _trace(net, inputs, dynamic_batch: bool, outputs, what: str = "ONNX"):
+    """torch.export of the net (non-strict: the Python of the layers runs as usual);
+    ``what`` names the export in an error (ONNX, or torch_export.py's PyTorch source)."""
     wrapper = _Outputs(net, outputs)
     dynamic = None
     if dynamic_batch:
@@ -325,7 +326,7 @@ def _trace(net, inputs, dynamic_batch: bool, outputs):
                 "layer computes sizes from it, e.g. Reshape with explicit dims); export "
                 "without it, or with --input-shape for the batch you need"
             ) from exc
-        raise _fail(tracker.current, f"cannot export to ONNX: {_innermost(exc)}") from exc
+        raise _fail(tracker.current, f"cannot export to {what}: {_innermost(exc)}") from exc
     finally:
         tracker.remove()
 

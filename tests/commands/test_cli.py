@@ -140,12 +140,12 @@ BAD_INPUT = {
     "convert-mnist": ["missing-images", "missing-labels", "out_lmdb"],
     "compute-image-mean": ["missing_lmdb", "mean.binaryproto"],
     "db-info": ["missing_lmdb"],
+    "convert-annoset": ["images/", "missing.txt", "out_lmdb"],
     "draw": [MISSING, "net.png"],
     "summary": [MISSING],
     "deploy": ["--model", MISSING, "--weights", "w.caffemodel", "cat.jpg"],
     "extract-features": ["--model", MISSING, "--weights", "w.caffemodel", "--blobs", "fc7",
                          "--out", "f.npy", "--source", "cat.jpg"],
-    "convert-annoset": ["images/", "missing.txt", "out_lmdb"],
     "compare": ["--model", MISSING, "--weights", "w.caffemodel", "cat.jpg"],
 }  # fmt: skip
 NO_INPUT = {"layers"}  # reads nothing: no error path to reach

@@ -44,22 +44,17 @@ def _phases(net_param) -> list[str]:
     return [("TRAIN", "TEST")[phase] for phase in sorted(named)] or ["TEST"]
 
 
-def _annotated_shapes(net_param) -> dict[str, tuple]:
-    """SSD's AnnotatedData without its LMDB: images at the resize the file asks for, one box row."""
-    shapes = {}
-    for layer in net_param.layer:
-        if layer.type == "AnnotatedData" and len(layer.top) == 2:
+def _shape_options(net_param) -> list[str]:
+    shapes = _guessed_source_shapes(net_param)
+    for layer in net_param.layer:  # SSD's AnnotatedData: resized images, one row per box
+        if layer.type == "AnnotatedData":
             resize = layer.transform_param.resize_param
             batch = layer.data_param.batch_size or 1
             shapes[layer.top[0]] = (batch, 3, resize.height or 300, resize.width or 300)
-            shapes[layer.top[1]] = (1, 1, 1, 8)
-    return shapes
-
-
-def _shape_options(net_param) -> list[str]:
+            shapes.update({top: (1, 1, 1, 8) for top in layer.top[1:]})
     options = []
-    shapes = _guessed_source_shapes(net_param) | source_shapes(net_param)
-    for top, shape in (shapes | _annotated_shapes(net_param)).items():
+    shapes |= source_shapes(net_param)
+    for top, shape in shapes.items():
         options += ["--input-shape", f"{top}={','.join(map(str, shape))}"]
     return options
 

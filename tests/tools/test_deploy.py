@@ -19,6 +19,7 @@ from PIL import Image
 from caffe_alex.cli import main
 from caffe_alex.errors import CaffeAlexError
 from caffe_alex.net import Net
+from caffe_alex.tools import pycaffe_io
 from caffe_alex.tools.deploy import Classifier, class_names, output_task
 from caffe_alex.tools.pycaffe_io import (
     Transformer,
@@ -28,6 +29,13 @@ from caffe_alex.tools.pycaffe_io import (
     resize_image,
 )
 from tests.reference import parse_net
+
+
+@pytest.fixture(autouse=True)
+def _numpy_resize(monkeypatch):
+    """The references here restate scikit-image <= 0.14's resize: the NumPy path runs, as
+    without the pycaffe extra (tests/tools/test_pycaffe_io.py checks scikit-image's)."""
+    monkeypatch.setattr(pycaffe_io, "_skimage", lambda: None)
 
 # ---- the reference: pycaffe's steps, transcribed ---------------------------------------------
 
