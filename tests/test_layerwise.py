@@ -25,11 +25,12 @@ from tests.reference import parse_net
 # fmt: off
 EXCLUDED = {
     # data layers: their tops come from outside, nothing flows back into them
-    **dict.fromkeys(["AnnotatedData", "Data", "DummyData", "HDF5Data", "ImageData", "Input",
-                     "MemoryData", "WindowData"], "data layer"),  # fmt: skip
+    **dict.fromkeys(["AnnotatedData", "Data", "DenseImageData", "DummyData", "HDF5Data",
+                     "ImageData", "ImageSegData", "Input", "MemoryData", "WindowData"],
+                    "data layer"),  # fmt: skip
     # Caffe's Backward of these is empty or NOT_IMPLEMENTED: no diff to compare
     **dict.fromkeys(["Accuracy", "ArgMax", "DetectionOutput", "PriorBox", "Proposal",
-                     "Threshold", "HDF5Output"], "no backward in Caffe"),  # fmt: skip
+                     "SegAccuracy", "Threshold", "HDF5Output"], "no backward in Caffe"),  # fmt: skip
     "Silence": "no top: Caffe's backward zeroes its bottoms' diffs (not written here)",
     "Python": "the user's own backward: BVLC's test_python_layer runs it (test_bvlc_suite)",
 }
