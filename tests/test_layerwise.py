@@ -30,7 +30,8 @@ EXCLUDED = {
                     "data layer"),  # fmt: skip
     # Caffe's Backward of these is empty or NOT_IMPLEMENTED: no diff to compare
     **dict.fromkeys(["Accuracy", "ArgMax", "DetectionOutput", "PriorBox", "Proposal",
-                     "SegAccuracy", "Threshold", "HDF5Output"], "no backward in Caffe"),  # fmt: skip
+                     "SegAccuracy", "Threshold", "HDF5Output"],
+                    "no backward in Caffe"),  # fmt: skip
     "Silence": "no top: Caffe's backward zeroes its bottoms' diffs (not written here)",
     "Python": "the user's own backward: BVLC's test_python_layer runs it (test_bvlc_suite)",
 }
