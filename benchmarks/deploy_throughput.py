@@ -2,10 +2,11 @@
 
 Both run the same .caffemodel (models/bvlc_alexnet/deploy.prototxt with random weights, written
 to a temporary file) on the same preprocessed batch (pycaffe's steps: resize to 256x256, centre
-crop 227, BGR, x255, mean 104/117/123), at batch 1 and 32, alternately in one process. Printed:
-images/s of the forward pass for each (median of the repeats), their ratio, the largest relative
-difference of the outputs (fc8 before the softmax), and caffe-alex's preprocessing rate and
-end-to-end rate (PNG files on disk -> top-5) at batch 32.
+crop 227, BGR, x255, mean 104/117/123), at batch 1 and 32, alternately in one process: each
+repeat times caffe-alex's forward, then OpenCV's, so load that comes and goes hits both alike.
+Printed: images/s of the forward pass for each (median of the repeats), their ratio, the largest
+relative difference of the outputs (fc8 before the softmax), and caffe-alex's preprocessing rate
+and end-to-end rate (PNG files on disk -> top-5) at batch 32.
 
     python benchmarks/deploy_throughput.py [--repeats 5] [--threads N]
 """
@@ -24,7 +25,7 @@ import torch
 
 from caffe_alex.net import Net
 from caffe_alex.tools.deploy import Classifier, top_k
-from caffe_alex.tools.images import load_image
+from caffe_alex.tools.pycaffe_io import load_image
 
 DEPLOY = Path(__file__).resolve().parents[1] / "models" / "bvlc_alexnet" / "deploy.prototxt"
 MEAN = np.array([104.0, 117.0, 123.0], np.float32)
@@ -42,14 +43,18 @@ def make_weights(folder: str) -> str:
     return path
 
 
-def median_rate(fn, batch: int, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def alternated_rates(fns, batch: int, repeats: int) -> list[float]:
+    """Images/s of each of ``fns`` (median over ``repeats``), timed in turn: one call of each
+    per repeat, after one warm-up call of each."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - start)
-    return batch / statistics.median(times)
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, kept in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            kept.append(time.perf_counter() - start)
+    return [batch / statistics.median(t) for t in times]
 
 
 def images_on_disk(folder: str, n: int) -> list[str]:
@@ -100,8 +105,7 @@ def main() -> None:
                 cv_net.setInput(x)
                 return cv_net.forward("fc8")
 
-            rate_ours = median_rate(ours, n, args.repeats)
-            rate_cv = median_rate(theirs, n, args.repeats)
+            rate_ours, rate_cv = alternated_rates([ours, theirs], n, args.repeats)
             a, b = ours(), theirs()
             diff = float(np.abs(a - b).max() / np.abs(b).max())
             print(f"{n:>5} {rate_ours:>17.1f} {rate_cv:>13.1f} {rate_ours / rate_cv:>6.2f} "

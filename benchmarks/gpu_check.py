@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import train_alexnet  # noqa: E402
-from benchmarks.alexnet_cpu import build_pair, step_caffe_alex, step_reference, timed  # noqa: E402
+from benchmarks.alexnet_cpu import build, step_caffe_alex, step_reference, timed  # noqa: E402
 from caffe_alex.formats.weights import read_weights  # noqa: E402
 from caffe_alex.net import Net  # noqa: E402
 from caffe_alex.solvers import Solver  # noqa: E402
@@ -57,7 +57,7 @@ def parity(device: torch.device) -> float:
 
 
 def speed(device: torch.device, autocast: bool, repeats: int = 20) -> tuple[float, float]:
-    net, reference = build_pair(32, device)
+    net, (reference, _) = build(32, device)
     data = torch.randn(32, 3, 227, 227, device=device)
     label = torch.randint(0, 1000, (32,), device=device).float()
     context = torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast)
@@ -144,7 +144,7 @@ def main() -> int:
             train_alexnet.main(["--batch", "256", "--rounds", "5", "--iters", "2",
                                 "--device", str(device), "--precision", precision, *layout])
     ranks_error = two_ranks(torch.cuda.device_count())
-    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-k", "cuda", "tests"], cwd=ROOT)
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests"], cwd=ROOT)
     return int(error > 1e-4 or ranks_error > 1e-5 or tests.returncode != 0)
 
 

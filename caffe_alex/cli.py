@@ -14,16 +14,17 @@ import sys
 
 import click
 
+from .errors import CaffeAlexError
 from .log import setup_logging
 
 # command name -> "module under caffe_alex.commands:function", in the order --help lists them
 COMMANDS = {
     "train": "train:train",
     "test": "train:test",
-    "plot-log": "train:plot_log",
-    "time": "net:time",
-    "upgrade": "net:upgrade",
-    "layers": "net:list_layers",
+    "plot-log": "plot_log:plot_log",
+    "time": "time:time",
+    "upgrade": "upgrade:upgrade",
+    "layers": "layers:list_layers",
     "convert": "weights:convert",
     "inspect": "weights:inspect",
     "export": "export:export",
@@ -32,8 +33,8 @@ COMMANDS = {
     "compute-image-mean": "data:compute_image_mean",
     "db-info": "data:db_info",
     "convert-annoset": "data:convert_annoset",
-    "draw": "view:draw",
-    "summary": "view:summary",
+    "draw": "draw:draw",
+    "summary": "summary:summary",
     "deploy": "deploy:deploy",
     "extract-features": "deploy:extract_features",
     "compare": "compare:compare",
@@ -73,9 +74,8 @@ def main(debug: bool, proto: str | None) -> None:
 
 
 def _use_proto(path: str, debug: bool) -> None:
-    from .errors import CaffeAlexError
-    from .formats.user_proto import use_proto
-
+    # loaded like a command's module: only a run given --proto pays for protobuf's compiler path
+    use_proto = importlib.import_module("caffe_alex.formats.user_proto").use_proto
     try:
         use_proto(path)
     except CaffeAlexError as exc:  # the one-line form of every command's errors

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -109,7 +110,10 @@ _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 def describe(exc: BaseException) -> str:
     """A library's exception as text for one of our one-line messages: the OS's reason for an
     OSError, bytes messages decoded, no Python object reprs, newlines collapsed."""
-    if isinstance(exc, OSError) and exc.strerror:
+    if isinstance(exc, OSError) and exc.errno and exc.strerror:
+        # the OS's reason: h5py puts its whole diagnostic in strerror, beside the errno
+        text = os.strerror(exc.errno)
+    elif isinstance(exc, OSError) and exc.strerror:
         text = exc.strerror
     elif exc.args and isinstance(exc.args[0], (bytes, bytearray)):  # plyvel, lmdb
         text = bytes(exc.args[0]).decode("utf-8", "backslashreplace")

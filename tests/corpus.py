@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-# CAFFE_ALEX_CORPUS points elsewhere (a git worktree whose ../shared is not the corpus's)
+# CAFFE_ALEX_CORPUS points a checkout that does not sit beside shared/ (a git worktree) at it
 CORPUS = Path(
     os.environ.get("CAFFE_ALEX_CORPUS")
     or Path(__file__).resolve().parents[1].parent / "shared" / "corpus"

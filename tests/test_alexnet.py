@@ -14,11 +14,12 @@ from google.protobuf import text_format
 
 from caffe_alex.net import Net
 from caffe_alex.proto import caffe_pb2
+from tests.corpus import CORPUS
 from tests.paths import ROOT
 from tests.reference import opencv_forward, relative_error
 
 OURS = ROOT / "models" / "bvlc_alexnet"
-BVLC = ROOT.parent / "shared" / "corpus" / "BVLC__caffe" / "models" / "bvlc_alexnet"
+BVLC = CORPUS / "BVLC__caffe" / "models" / "bvlc_alexnet"
 INPUTS = {"data": (2, 3, 227, 227), "label": (2,)}
 
 
@@ -111,7 +112,7 @@ def test_deploy_built_without_weights_has_zero_blobs():
     assert all(not blob.any() for blobs in net.params.values() for blob in blobs)
 
 
-@pytest.mark.skipif(not BVLC.is_dir(), reason="../shared/corpus not present")
+@pytest.mark.corpus
 def test_same_definitions_as_bvlc():
     assert read(OURS / "train_val.prototxt", caffe_pb2.NetParameter()) == read(
         BVLC / "train_val.prototxt", caffe_pb2.NetParameter()

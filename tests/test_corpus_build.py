@@ -21,27 +21,27 @@ from tests.corpus import CORPUS, corpus_table
 SOURCE_TYPES = {"Data", "ImageData", "HDF5Data", "WindowData"}
 
 
-def corpus_nets() -> list[Path]:
-    if not CORPUS.is_dir():
+def _corpus_files(kind: str) -> list[Path]:
+    """The corpus's nets or solvers, as SOURCES.md's format column says (test_corpus_formats
+    checks that column against each file; reading the table keeps collection quick)."""
+    if not (CORPUS / "SOURCES.md").is_file():
         return []
-    files = sorted(p for p in CORPUS.rglob("*") if p.suffix in (".prototxt", ".pt"))
-    return [p for p in files if _is_net(p)]
+    table = corpus_table()
+    return [
+        CORPUS / p
+        for p in sorted(table)
+        if table[p].format.startswith("solver") == (kind == "solver")
+    ]
 
 
-def _is_net(path: Path) -> bool:
-    try:
-        return read_any(str(path))[0] == "net"
-    except CaffeAlexError:  # a fork's file: the net test reports it as not a BVLC net
-        text = path.read_text(errors="replace")
-        return any(key in text for key in ("layer {", "layers {", "layer{", "layers{"))
+def corpus_nets() -> list[Path]:
+    return _corpus_files("net")
 
 
 def corpus_solvers_with_nets() -> list[Path]:
     """Solvers that carry their net inline (net_param / train_net_param / test_net_param)."""
     found = []
-    for path in sorted(CORPUS.rglob("*")) if CORPUS.is_dir() else []:
-        if path.suffix not in (".prototxt", ".pt") or _is_net(path):
-            continue
+    for path in _corpus_files("solver"):
         try:
             solver = read_any(str(path))[1]
         except CaffeAlexError:  # a fork's solver (covered by test_corpus_formats)
@@ -125,7 +125,7 @@ def _first_unsupported(net_param, phase, stages):
 CORPUS_LAYERS = Path(__file__).parent / "corpus_layers"
 
 
-@pytest.mark.skipif(not CORPUS.is_dir(), reason="../shared/corpus not present")
+@pytest.mark.corpus
 @pytest.mark.parametrize("path", corpus_nets(), ids=lambda p: str(p.relative_to(CORPUS)))
 @pytest.mark.parametrize("phase", ["TRAIN", "TEST"])
 def test_corpus_net_builds(path: Path, phase: str, monkeypatch):
@@ -140,6 +140,7 @@ def test_corpus_net_builds(path: Path, phase: str, monkeypatch):
             assert all(d >= 0 for d in shape), f"{name}: {shape}"
 
 
+@pytest.mark.corpus
 @pytest.mark.parametrize(
     "path", corpus_solvers_with_nets(), ids=lambda p: str(p.relative_to(CORPUS))
 )

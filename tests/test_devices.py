@@ -93,7 +93,7 @@ def test_torch_compile_matches_eager_forward_and_backward():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.gpu
 def test_cuda_matches_cpu():
     net = make_net()
     expected = net(**inputs())

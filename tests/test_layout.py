@@ -8,6 +8,7 @@ An import under ``if TYPE_CHECKING:`` never runs and is left out.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -33,10 +34,10 @@ STAGES = [
 
 # Imported inside functions on purpose: optional extras, or heavy and rarely needed; and the
 # optional packages pycaffe code may reach for (pydot, Selective Search); cv2 where compare
-# reports a missing OpenCV in one line.
+# reports a missing OpenCV in one line; grpc_tools (protoc) for --proto only.
 LAZY_ALLOWED = {"h5py", "plyvel", "matplotlib", "onnx", "onnxscript", "torch", "pydot",
                 "pydotplus", "selective_search_ijcv_with_python", "torchvision",
-                "cv2"}  # fmt: skip
+                "cv2", "grpc_tools"}  # fmt: skip
 # What may sit at the package root: entry points and the lowest shared modules.
 ROOT_MODULES = {
     "__init__", "__main__", "cli", "net", "registry", "fillers", "errors", "log", "blob",
@@ -97,7 +98,9 @@ def _type_checking_nodes(tree) -> set[int]:
     return skipped
 
 
+@functools.cache
 def _scan():
+    """(imports by module, function-level imports): read when a test asks, not at collection."""
     edges: dict[str, set[str]] = {m: set() for m in MODULES}
     lazy: list[tuple[str, int, str]] = []
     for module, (path, is_package) in MODULES.items():
@@ -115,9 +118,6 @@ def _scan():
             if id(node) in in_function:
                 lazy.append((module, node.lineno, ast.unparse(node)))
     return edges, lazy
-
-
-EDGES, LAZY = _scan()
 
 
 def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -157,11 +157,11 @@ def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_scan_sees_the_package():
     assert {"caffe_alex.net", "caffe_alex.formats.prototxt", "caffe_alex.cli"} <= set(MODULES)
-    assert "caffe_alex.formats.prototxt" in EDGES["caffe_alex.net"]
+    assert "caffe_alex.formats.prototxt" in _scan()[0]["caffe_alex.net"]
 
 
 def test_no_import_cycle():
-    assert _cycles(EDGES) == []
+    assert _cycles(_scan()[0]) == []
 
 
 def test_the_cycle_finder_finds_one():
@@ -173,7 +173,7 @@ def test_imports_run_down_the_stages(module):
     mine = _stage(module)
     upward = [
         f"{target} ({STAGES[_stage(target)][0]})"
-        for target in sorted(EDGES[module])
+        for target in sorted(_scan()[0][module])
         if _stage(target) > mine
     ]
     assert not upward, f"{module} ({STAGES[mine][0]}) imports a later stage: {upward}"
@@ -182,14 +182,14 @@ def test_imports_run_down_the_stages(module):
 def test_function_level_imports_only_for_optional_or_heavy_packages():
     unexpected = [
         f"{module}:{line}: {statement}"
-        for module, line, statement in LAZY
+        for module, line, statement in _scan()[1]
         if statement.split()[1].split(".")[0] not in LAZY_ALLOWED
     ]
     assert not unexpected, "\n".join(unexpected)
 
 
 def test_each_function_level_import_says_why():
-    for module, line, statement in LAZY:
+    for module, line, statement in _scan()[1]:
         path = MODULES[module][0]
         lines = path.read_text().splitlines()
         context = "\n".join(lines[max(0, line - 3) : line + 1])
@@ -201,6 +201,7 @@ def test_package_root_holds_only_entry_points():
     assert root <= ROOT_MODULES, f"move these into a stage folder: {sorted(root - ROOT_MODULES)}"
 
 
+@pytest.mark.subprocess
 def test_importing_the_package_and_its_cli_does_not_load_torch():
     import subprocess
     import sys

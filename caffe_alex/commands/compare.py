@@ -8,7 +8,7 @@ import click
 from ..errors import CaffeAlexError
 from ..tools.compare import compare as compare_nets
 from ..tools.compare import opencv, report_lines
-from ..tools.images import expand_images, load_image
+from ..tools.pycaffe_io import expand_images, load_image
 from .deploy import _classifier, _preprocessing
 from .options import option, user_errors
 

@@ -17,7 +17,7 @@ from ..net import Net
 from ..proto import caffe_pb2
 from ..tools import features
 from ..tools.deploy import Classifier, load_mean, read_labels, top_k
-from ..tools.images import expand_images
+from ..tools.pycaffe_io import expand_images
 from .options import option, resolve_device, user_errors
 
 

@@ -33,6 +33,11 @@ def user_errors(fn):
         except CaffeAlexError as exc:
             click.echo(f"caffe-alex: error: {exc}", err=True)
             sys.exit(1)
+        except click.UsageError:
+            raise  # a malformed command line: click's usage text and exit code 2
+        except click.ClickException as exc:  # any other click error: our one-line form
+            click.echo(f"caffe-alex: error: {exc.format_message()}", err=True)
+            sys.exit(1)
         except OSError as exc:
             where = f"{exc.filename}: " if exc.filename else ""
             click.echo(f"caffe-alex: error: {where}{describe(exc)}", err=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import signal
 import sys
 
@@ -27,9 +26,7 @@ from ..log import GlogFormatter, get_logger, setup_logging
 from ..net import Net
 from ..solvers import Solver, distributed
 from ..solvers.feeds import name_the_record
-from ..tools.plot_log import parse_log, plot
-from ..tools.plot_log import write_csv as write_table
-from ..tools.tensorboard import check_folder, convert_log, summary_writer, training_events
+from ..tools.tensorboard import check_folder, summary_writer, training_events
 from .options import gpu_ids, option, resolve_device, user_errors
 
 _EFFECTS = click.Choice(["stop", "snapshot", "none"])
@@ -307,7 +304,7 @@ def _images_per_iteration(runner, world) -> int | None:
     return shape[0] * runner.param.iter_size * (world.size if world is not None else 1)
 
 
-def fmt(value: float) -> str:
+def as_ostream(value: float) -> str:
     """A float as C++'s default ostream prints it (6 significant digits, like %g)."""
     return f"{value:.6g}"
 
@@ -336,13 +333,13 @@ def score(net, feed, iterations: int, log) -> list[str]:
                     owners.append(name)
                 else:
                     totals[idx] += value
-                log(f"Batch {i}, {name} = {fmt(value)}")
-    lines = [f"Loss: {fmt(loss / iterations)}"]
+                log(f"Batch {i}, {name} = {as_ostream(value)}")
+    lines = [f"Loss: {as_ostream(loss / iterations)}"]
     for name, total in zip(owners, totals):
         mean = total / iterations
         weight = loss_weights.get(name, 0.0)
-        note = f" (* {fmt(weight)} = {fmt(weight * mean)} loss)" if weight else ""
-        lines.append(f"{name} = {fmt(mean)}{note}")
+        note = f" (* {as_ostream(weight)} = {as_ostream(weight * mean)} loss)" if weight else ""
+        lines.append(f"{name} = {as_ostream(mean)}{note}")
     return lines
 
 
@@ -380,39 +377,3 @@ def test(model, weights, iterations, gpu, level, stage) -> None:
         feed.close()
     for line in lines:
         log.info(line)
-
-
-@click.command("plot-log")
-@click.argument("log_file")
-@click.argument("output", required=False)
-@click.option(
-    "--csv",
-    "write_csv",
-    is_flag=True,
-    help="Also write OUTPUT's stem + .train / .test CSV tables (parse_log.py's rows).",
-)
-@click.option("--tensorboard", default=None, metavar="DIR",
-              help="Also (or only) write the log's numbers as TensorBoard events into "
-              "DIR.")  # fmt: skip
-@user_errors
-def plot_log(log_file, output, write_csv, tensorboard) -> None:
-    """Draw the loss, accuracy and learning-rate curves of a training LOG_FILE (ours or
-    Caffe's) into OUTPUT (.png, .svg, .pdf), and/or convert it to TensorBoard events."""
-    if not output and not tensorboard:
-        raise click.UsageError("give an OUTPUT image, --tensorboard DIR, or both")
-    if write_csv and not output:
-        raise click.UsageError("--csv names its tables after OUTPUT: give one")
-    log = parse_log(log_file)
-    if not (log.train or log.test or log.loss):
-        raise click.ClickException(f"{log_file}: no training iterations found in the log")
-    if tensorboard:
-        path, count = convert_log(log_file, tensorboard)
-        click.echo(f"{path}: {count} scalars")
-    if not output:
-        return
-    plot(log, output, title=os.path.basename(log_file))
-    click.echo(f"{output}: {len(log.train)} train rows, {len(log.test)} test rows")
-    if write_csv:
-        stem = os.path.splitext(output)[0]
-        write_table(log.train, stem + ".train")
-        write_table(log.test, stem + ".test")

@@ -32,7 +32,7 @@ from ..log import get_logger
 from ..proto import caffe_pb2
 from .datum import ImageError, array_to_datum, encode_image, load_image
 from .db import open_db
-from .tools import COMMIT_EVERY, _nothing
+from .tools import COMMIT_EVERY, no_progress
 
 ANNO_TYPES = ("classification", "detection")
 LABEL_TYPES = ("xml", "json", "txt")
@@ -310,7 +310,7 @@ def convert_annoset(
     check_size: bool = False,
     encoded: bool = False,
     encode_type: str = "",
-    progress=_nothing,
+    progress=no_progress,
 ) -> int:
     """The fork's convert_annoset; returns the number of records written. An image that
     cannot be read is skipped with a warning, as the fork skips it; a bad annotation stops."""

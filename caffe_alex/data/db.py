@@ -16,7 +16,7 @@ write batches and ordered iterators); the pure-Python or RocksDB alternatives ei
 existing LevelDB files or are unmaintained. It is an optional dependency (``caffe-alex[leveldb]``).
 
 A database opened "new" is written in a temporary folder beside its path and renamed into place
-when it is closed without an error (formats/files.py names the temporary; the next run removes
+when it is closed without an error (formats/atomic.py names the temporary; the next run removes
 one a killed process left), so a failed or interrupted conversion leaves nothing under the
 name. A full file system is an error naming the database, never a crash: LMDB writes through
 a memory map only in its lock file, which is allocated before LMDB maps it. A read-only LMDB's
@@ -40,8 +40,9 @@ from collections.abc import Iterator
 
 import lmdb
 
-from ..errors import CaffeAlexError
-from ..formats.files import describe, no_space, remove_path, temporary_path, write_error
+from ..errors import CaffeAlexError, describe
+from ..formats.atomic import remove_path, temporary_path
+from ..formats.file_errors import no_space, write_error
 
 BACKENDS = ("lmdb", "leveldb")
 _LMDB_START_MAP = 64 << 20  # grown by doubling on MapFullError, as Caffe's LMDBTransaction

@@ -19,19 +19,16 @@ process (``workers=0``) or by worker processes into a ring of ``prefetch`` share
 made once and reused; on a CUDA device each batch is copied into pinned memory and sent with a
 non-blocking copy on a side stream, so the copy overlaps the work queued before it. With
 ``decode="gpu"`` encoded (JPEG) Datums are read in the calling process and decoded on the device
-by torchvision. ``transport="float32"`` keeps the former path (the whole transform on the CPU,
-float32 batches through torch.utils.data workers), for benchmarks/data_throughput.py.
+by torchvision.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import secrets
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import CaffeAlexError
 from .annotated import AnnotatedSource, stack_box_rows
@@ -42,29 +39,36 @@ from .ring import Layout, Ring, WorkerPool
 from .sources import DataError, DBSource, ImageListSource
 from .window_source import WindowSource
 
-_MAKERS = {
-    "Data": lambda lp, phase, seed, layer, shuffle: DBSource(lp, phase, seed, shuffle),
-    "ImageData": lambda lp, phase, seed, layer, shuffle: ImageListSource(lp, phase, seed),
-    "HDF5Data": lambda lp, phase, seed, layer, shuffle: HDF5Source(lp, phase, seed),
-    "MemoryData": lambda lp, phase, seed, layer, shuffle: MemorySource(lp, phase, seed, layer),
-    "WindowData": lambda lp, phase, seed, layer, shuffle: WindowSource(lp, phase, seed),
-    "AnnotatedData": lambda lp, phase, seed, layer, shuffle: AnnotatedSource(
-        lp, phase, seed, shuffle
-    ),
-}
 DECODES = ("cpu", "gpu")
-TRANSPORTS = ("uint8", "float32")
 
 
-class _Plan:
-    """One data layer: its source, batch size, the shapes the net declared for its tops, and
-    how its records travel: "pixels" (uint8 crops, transformed on the device), "arrays"
-    (float32, transformed on the CPU), "decode" (encoded bytes, decoded on the device) or
-    "boxes" (float32 images in the ring, and each image's box rows, of no fixed number, beside
-    it: AnnotatedData's label top)."""
+def open_source(lp, phase: str, seed: int, layer, shuffle_db: bool):
+    """The source behind a data layer (``layer``: the built layer, whose arrays MemoryData
+    reads; ``shuffle_db``: Data only)."""
+    if lp.type == "Data":
+        return DBSource(lp, phase, seed, shuffle_db)
+    if lp.type == "ImageData":
+        return ImageListSource(lp, phase, seed)
+    if lp.type == "HDF5Data":
+        return HDF5Source(lp, phase, seed)
+    if lp.type == "MemoryData":
+        return MemorySource(lp, phase, seed, layer)
+    if lp.type == "WindowData":
+        return WindowSource(lp, phase, seed)
+    if lp.type == "AnnotatedData":
+        return AnnotatedSource(lp, phase, seed, shuffle_db)
+    raise DataError(f"the loader cannot read {lp.type} layers", layer=lp.name, layer_type=lp.type)
 
-    def __init__(self, index, source, tops, shapes, kind="arrays"):
-        self.index, self.source, self.tops, self.kind = index, source, tops, kind
+
+class _LayerFeed:
+    """One data layer's share of each batch: its source, batch size, the shapes the net
+    declared for its tops, and how its records travel (``travel``): "pixels" (uint8 crops,
+    transformed on the device), "arrays" (float32, transformed on the CPU), "decode"
+    (encoded bytes, decoded on the device) or "boxes" (float32 images in the ring, and each
+    image's box rows, of no fixed number, beside it: AnnotatedData's label top)."""
+
+    def __init__(self, index, source, tops, shapes, travel="arrays"):
+        self.index, self.source, self.tops, self.travel = index, source, tops, travel
         self.batch = shapes[0][0]
         self.shapes = [tuple(s[1:]) for s in shapes]
 
@@ -81,9 +85,9 @@ class _Plan:
     def arrays(self) -> dict:
         """This layer's arrays in a batch buffer: key -> (dtype, shape)."""
         n, key = self.batch, f"{self.index}/"
-        if self.kind == "boxes":
+        if self.travel == "boxes":
             return {key + "0": (np.float32, (n, *self.shapes[0]))}
-        if self.kind == "pixels":
+        if self.travel == "pixels":
             out = {key + "pixels": (np.uint8, (n, *self.shapes[0]))}
             out[key + "draws"] = (np.int32, (n, 3))
             if len(self.tops) > 1:
@@ -95,11 +99,11 @@ class _Plan:
         """Batch b into the buffer; for "boxes", returns the batch's label top (which has
         no fixed size, so it travels beside the buffer)."""
         key = f"{self.index}/"
-        if self.kind == "boxes":
+        if self.travel == "boxes":
             return self._fill_boxes(views[key + "0"], b, seed, rank, world)
         for i, position in enumerate(self._positions(b, rank, world)):
             rng = self._rng(seed, position)
-            if self.kind == "pixels":
+            if self.travel == "pixels":
                 self._fill_pixels(views, key, i, position, rng)
                 continue
             for k, value in enumerate(self.source.sample(position, rng)[: len(self.shapes)]):
@@ -177,22 +181,6 @@ class _Plan:
             crops.append(crop)
         return torch.stack(crops), draws, labels
 
-    # -- the former float32 path -----------------------------------------------------------
-    def make_batch(self, b: int, seed: int, rank: int, world: int) -> dict[str, np.ndarray]:
-        if self.kind == "boxes":
-            images = _batch_array((self.batch, *self.shapes[0]))
-            label = self._fill_boxes(images, b, seed, rank, world)
-            return dict(zip(self.tops, (images, label)))
-        out = [_batch_array((self.batch, *s)) for s in self.shapes]
-        for i, position in enumerate(self._positions(b, rank, world)):
-            for k, value in enumerate(self.source.sample(position, self._rng(seed, position))):
-                if k >= len(out):
-                    break
-                if np.shape(value) != self.shapes[k]:
-                    raise self._mismatch(position, k, np.shape(value))
-                out[k][i] = value
-        return dict(zip(self.tops, out))
-
     def _mismatch(self, position, k, shape) -> DataError:
         return self.source.fail(
             f"{self.source.where(position)} gives top '{self.tops[k]}' the shape {tuple(shape)}, "
@@ -204,16 +192,16 @@ class _Plan:
 class _Filler:
     """What a worker (or the calling process) runs: batch b of every ring layer into a slot."""
 
-    def __init__(self, plans, seed, rank, world):
-        self.plans, self.seed, self.rank, self.world = plans, seed, rank, world
+    def __init__(self, layers, seed, rank, world):
+        self.layers, self.seed, self.rank, self.world = layers, seed, rank, world
 
     def __call__(self, views: dict, b: int) -> dict:
-        """Fills the buffer; returns what travels beside it (plan index -> label top)."""
+        """Fills the buffer; returns what travels beside it (layer index -> label top)."""
         extra = {}
-        for plan in self.plans:
-            made = plan.fill(views, b, self.seed, self.rank, self.world)
+        for layer in self.layers:
+            made = layer.fill(views, b, self.seed, self.rank, self.world)
             if made is not None:
-                extra[plan.index] = made
+                extra[layer.index] = made
         return extra
 
 
@@ -285,48 +273,44 @@ class DataFeed:
     ``workers``: processes making batches (None: none on a CPU run, up to 4 beside a GPU);
     ``prefetch``: batches in the ring (default data_param.prefetch, 4); ``decode``: "cpu"
     (OpenCV, where the records are read) or "gpu" (torchvision's decoder on ``device`` for
-    JPEG Datums); ``transport``: "uint8" (the ring, transform on the device) or "float32" (the
-    former path, for comparison)."""
+    JPEG Datums)."""
 
     def __init__(self, net, *, seed=None, rank=0, world_size=1, workers=None, device=None,
-                 prefetch=None, shuffle_db=False, decode="cpu", transport="uint8"):  # fmt: skip
+                 prefetch=None, shuffle_db=False, decode="cpu"):  # fmt: skip
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if decode not in DECODES:
             raise CaffeAlexError(f"decode must be one of {', '.join(DECODES)}, got '{decode}'")
-        if transport not in TRANSPORTS:
-            raise CaffeAlexError(f"transport must be one of {', '.join(TRANSPORTS)}")
         if decode == "gpu":
             torchvision_io()  # a one-line error now rather than at the first batch
         self.seed = secrets.randbits(63) if seed is None or seed < 0 else int(seed)
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device) if device is not None else None
-        self.decode, self.transport = decode, transport
-        self.plans = _plans(net, self.seed, shuffle_db, transport, decode)
-        for plan in self.plans:  # WindowData finds an item's place in its batch from it
-            plan.source.world_size = world_size
-        in_process = any(p.source.in_process for p in self.plans)
+        self.decode = decode
+        self.layers = _layer_feeds(net, self.seed, shuffle_db, decode)
+        for layer in self.layers:  # WindowData finds an item's place in its batch from it
+            layer.source.world_size = world_size
+        in_process = any(p.source.in_process for p in self.layers)
         if workers is None:
             workers = _default_workers(self.device)
         self.workers = 0 if in_process else workers
         self.prefetch = prefetch or _prefetch(net) or 4
         self.position = 0  # batches handed out so far
         self._transforms = {
-            p.index: self._device_half(p) for p in self.plans if p.kind in ("pixels", "decode")
+            p.index: self._device_half(p) for p in self.layers if p.travel in ("pixels", "decode")
         }
         self._to_cuda = None
         self._producer = None
-        self._iterator = None  # the float32 transport's DataLoader iterator
 
-    def _device_half(self, plan: _Plan) -> DeviceTransform:
+    def _device_half(self, layer: _LayerFeed) -> DeviceTransform:
         try:
-            return DeviceTransform(plan.source.transformer, plan.shapes[0][0], self.device)
+            return DeviceTransform(layer.source.transformer, layer.shapes[0][0], self.device)
         except ValueError as exc:  # LayerConfigError: mean_value against the channels
-            raise plan.source.fail(str(exc)) from None
+            raise layer.source.fail(str(exc)) from None
 
     @property
     def tops(self) -> list[str]:
-        return [t for p in self.plans for t in p.tops]
+        return [t for p in self.layers for t in p.tops]
 
     def state(self) -> dict:
         """What a solver snapshot needs to resume the data where it stopped."""
@@ -338,10 +322,10 @@ class DataFeed:
         if self.position == 0:
             return None
         places = []
-        for plan in self.plans:
-            positions = plan._positions(self.position - 1, self.rank, self.world_size)
+        for layer in self.layers:
+            positions = layer._positions(self.position - 1, self.rank, self.world_size)
             if 0 <= item < len(positions):
-                places.append(plan.source.where(positions[item]))
+                places.append(layer.source.where(positions[item]))
         return "; ".join(places) or None
 
     def load_state(self, state: dict) -> None:
@@ -356,7 +340,6 @@ class DataFeed:
 
     def close(self) -> None:
         """Stop the workers (the next batch starts them again at the feed's position)."""
-        self._iterator = None  # dropping the DataLoader iterator stops its workers
         producer, self._producer = getattr(self, "_producer", None), None
         if producer is not None:
             producer.close()
@@ -368,26 +351,23 @@ class DataFeed:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        if self.transport == "float32":
-            batch = self._next_float32()
-        else:
-            try:
-                batch = self._next_batch()
-            except BaseException:
-                self.close()  # a failed or interrupted batch leaves no worker behind
-                raise
+        try:
+            batch = self._next_batch()
+        except BaseException:
+            self.close()  # a failed or interrupted batch leaves no worker behind
+            raise
         self.position += 1
         return batch
 
     # -- the uint8 ring ----------------------------------------------------------------------
-    def _ring_plans(self) -> list[_Plan]:
-        return [p for p in self.plans if p.kind != "decode"]
+    def _ring_layers(self) -> list[_LayerFeed]:
+        return [p for p in self.layers if p.travel != "decode"]
 
     def _start(self):
-        plans = self._ring_plans()
-        layout = Layout({k: v for p in plans for k, v in p.arrays().items()})
-        fill = _Filler(plans, self.seed, self.rank, self.world_size)
-        if self.workers and plans:
+        layers = self._ring_layers()
+        layout = Layout({k: v for p in layers for k, v in p.arrays().items()})
+        fill = _Filler(layers, self.seed, self.rank, self.world_size)
+        if self.workers and layers:
             depth = max(self.prefetch, self.workers)
             return WorkerPool(fill, layout, self.workers, depth, self.position)
         return _InProcess(fill, layout)
@@ -398,25 +378,25 @@ class DataFeed:
         views = self._producer.take(self.position)
         tensors = self._move(views)
         batch = {}
-        for plan in self._ring_plans():
-            key = f"{plan.index}/"
-            if plan.kind == "boxes":
-                batch[plan.tops[0]] = self._own(tensors[key + "0"])
-                if len(plan.tops) > 1:
-                    label = torch.from_numpy(self._producer.extra[plan.index])
-                    batch[plan.tops[1]] = label.to(self.device) if self.device else label
-            elif plan.kind == "pixels":
+        for layer in self._ring_layers():
+            key = f"{layer.index}/"
+            if layer.travel == "boxes":
+                batch[layer.tops[0]] = self._own(tensors[key + "0"])
+                if len(layer.tops) > 1:
+                    label = torch.from_numpy(self._producer.extra[layer.index])
+                    batch[layer.tops[1]] = label.to(self.device) if self.device else label
+            elif layer.travel == "pixels":
                 pixels, draws = tensors[key + "pixels"], tensors[key + "draws"]
-                batch[plan.tops[0]] = self._transforms[plan.index](pixels, draws)
-                if len(plan.tops) > 1:
-                    batch[plan.tops[1]] = self._own(tensors[key + "label"])
+                batch[layer.tops[0]] = self._transforms[layer.index](pixels, draws)
+                if len(layer.tops) > 1:
+                    batch[layer.tops[1]] = self._own(tensors[key + "label"])
             else:
-                for k, top in enumerate(plan.tops):
+                for k, top in enumerate(layer.tops):
                     batch[top] = self._own(tensors[f"{key}{k}"])
         self._producer.give_back()  # everything is copied out of the buffer now
-        for plan in self.plans:
-            if plan.kind == "decode":
-                batch.update(self._decoded(plan))
+        for layer in self.layers:
+            if layer.travel == "decode":
+                batch.update(self._decoded(layer))
         return batch
 
     def _move(self, views: dict) -> dict[str, torch.Tensor]:
@@ -436,58 +416,15 @@ class DataFeed:
             return tensor.clone()
         return tensor
 
-    def _decoded(self, plan: _Plan) -> dict[str, torch.Tensor]:
+    def _decoded(self, layer: _LayerFeed) -> dict[str, torch.Tensor]:
         device = self.device or torch.device("cpu")
-        crops, draws, labels = plan.decode_batch(
+        crops, draws, labels = layer.decode_batch(
             self.position, self.seed, self.rank, self.world_size, device
         )
-        out = {plan.tops[0]: self._transforms[plan.index](crops, torch.from_numpy(draws))}
-        if len(plan.tops) > 1:
-            out[plan.tops[1]] = torch.from_numpy(labels).to(device)
+        out = {layer.tops[0]: self._transforms[layer.index](crops, torch.from_numpy(draws))}
+        if len(layer.tops) > 1:
+            out[layer.tops[1]] = torch.from_numpy(labels).to(device)
         return out
-
-    # -- the former float32 path -------------------------------------------------------------
-    def _next_float32(self) -> dict[str, torch.Tensor]:
-        if self._iterator is None:
-            self._iterator = iter(self._loader())
-        batch = next(self._iterator)
-        if self.device is not None:
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        return batch
-
-    def _loader(self) -> DataLoader:
-        dataset = _Batches(self.plans, self.seed, self.rank, self.world_size, self.position)
-        extra = {"prefetch_factor": self.prefetch, "persistent_workers": False}
-        return DataLoader(
-            dataset,
-            batch_size=None,
-            num_workers=self.workers,
-            pin_memory=self.device is not None and self.device.type == "cuda",
-            **(extra if self.workers else {}),
-        )
-
-
-class _Batches(IterableDataset):
-    """The float32 transport: worker k makes batches k, k+K, ... (DataLoader's round robin)."""
-
-    def __init__(self, plans, seed, rank, world, start):
-        self.plans, self.seed, self.rank, self.world, self.start = plans, seed, rank, world, start
-
-    def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        for b in itertools.count(self.start + worker, workers):
-            batch = {}
-            for plan in self.plans:
-                batch.update(plan.make_batch(b, self.seed, self.rank, self.world))
-            yield {name: torch.from_numpy(array) for name, array in batch.items()}
-
-
-def _batch_array(shape) -> np.ndarray:
-    """The float32 transport's batch: in a worker, fresh shared memory (what the ring avoids)."""
-    if get_worker_info() is None:
-        return np.empty(shape, np.float32)
-    return torch.empty(shape, dtype=torch.float32).share_memory_().numpy()
 
 
 def _prefetch(net) -> int:
@@ -496,30 +433,29 @@ def _prefetch(net) -> int:
     return max(values, default=0)
 
 
-def _kind(source, transport: str, decode: str) -> str:
+def _travel(source, decode: str) -> str:
+    """How a source's records reach the device: see _LayerFeed."""
     if getattr(source, "box_rows", False):
         return "boxes"
-    if transport == "float32" or source.transformer is None or source.storage == "float":
+    if source.transformer is None or source.storage == "float":
         return "arrays"
     return "decode" if source.storage == "encoded" and decode == "gpu" else "pixels"
 
 
-def _plans(net, seed: int, shuffle_db: bool, transport: str, decode: str) -> list[_Plan]:
-    plans = []
+def _layer_feeds(net, seed: int, shuffle_db: bool, decode: str) -> list[_LayerFeed]:
+    feeds = []
     for index, (name, kind) in enumerate(zip(net.layer_names, net.layer_types)):
-        layer = net.layer(name)
-        if not layer.is_source or kind in ("Input", "DummyData"):
+        built = net.layer(name)
+        if not built.is_source or kind in ("Input", "DummyData"):
             continue
         lp = net.net_param.layer[index]
-        if kind not in _MAKERS:
-            raise DataError(f"the loader cannot read {kind} layers", layer=name, layer_type=kind)
-        source = _MAKERS[kind](lp, net.phase, seed, layer, shuffle_db)
+        source = open_source(lp, net.phase, seed, built, shuffle_db)
         shapes = [net.blob_shapes[t] for t in lp.top]
-        plans.append(_Plan(index, source, list(lp.top), shapes, _kind(source, transport, decode)))
-    return plans
+        feeds.append(_LayerFeed(index, source, list(lp.top), shapes, _travel(source, decode)))
+    return feeds
 
 
 def make_feed(net, **kwargs) -> DataFeed:
     """A DataFeed for ``net`` (see DataFeed for seed, rank, world_size, workers, device,
-    prefetch, shuffle_db, decode and transport)."""
+    prefetch, shuffle_db and decode)."""
     return DataFeed(net, **kwargs)

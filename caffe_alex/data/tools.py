@@ -37,8 +37,8 @@ from .db import open_db
 COMMIT_EVERY = 1000  # records per transaction, as Caffe's tools commit
 
 
-def _nothing(n: int) -> None:
-    pass
+def no_progress(records: int) -> None:
+    """The ``progress`` callback of a run that shows none."""
 
 
 # ---- convert_imageset -------------------------------------------------------------------------
@@ -97,7 +97,7 @@ def convert_imageset(
     encode_type: str = "",
     seed: int | None = None,
     workers: int | None = None,
-    progress=_nothing,
+    progress=no_progress,
 ) -> int:
     """Images listed in ``list_file`` (relative to ``root``, joined by plain concatenation as
     Caffe does) -> Datums keyed ``%08d_<name>`` in a new database. Returns the count written;
@@ -156,7 +156,7 @@ def _same_size(first, shape, name):
 
 
 def compute_image_mean(
-    db_path: str, output: str | None = None, backend: str | None = "lmdb", progress=_nothing
+    db_path: str, output: str | None = None, backend: str | None = "lmdb", progress=no_progress
 ):
     """The mean of all records as Caffe's compute_image_mean computes it: summed record by
     record in float32 (Caffe accumulates in the BlobProto's floats, so huge sets round the
@@ -249,7 +249,7 @@ def convert_mnist(
     resize: int = 0,
     color: bool = False,
     limit: int | None = None,
-    progress=_nothing,
+    progress=no_progress,
 ) -> int:
     """IDX images and labels -> Datums keyed ``%08d`` (1 x rows x cols uint8, label). With
     ``resize`` the images are resized (OpenCV's bilinear) to resize x resize, with ``color``
@@ -281,7 +281,7 @@ def convert_mnist(
 # ---- db_info ----------------------------------------------------------------------------------
 
 
-def db_info(db_path: str, backend: str | None = None, progress=_nothing) -> dict:
+def db_info(db_path: str, backend: str | None = None, progress=no_progress) -> dict:
     """Count, backend, Datum shapes, storage kinds (raw uint8, float, encoded format) and the
     label histogram, from one pass over the records (encoded images: headers only)."""
 

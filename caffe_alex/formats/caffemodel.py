@@ -15,7 +15,7 @@ from google.protobuf import message as pb_message
 from ..errors import CaffeAlexError
 from ..log import get_logger
 from ..proto import caffe_pb2
-from .files import atomic_path
+from .atomic import atomic_path
 from .upgrade import upgrade_net
 from .weightset import LayerWeights, WeightSet, note_doubles, shown, text_of
 from .wire import (

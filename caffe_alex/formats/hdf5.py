@@ -11,8 +11,9 @@ import re
 
 import numpy as np
 
-from ..errors import CaffeAlexError
-from .files import atomic_path, describe, regular_file
+from ..errors import CaffeAlexError, describe
+from .atomic import atomic_path
+from .file_errors import regular_file
 from .weightset import Blob, LayerWeights, WeightSet, blob_lists, note_doubles, shown, text_of
 
 

@@ -21,7 +21,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from ..errors import CaffeAlexError, SourceMap, reading
 from ..log import get_logger
 from ..proto import caffe_pb2
-from .files import atomic_path
+from .atomic import atomic_path
 from .upgrade import net_needs_upgrade, solver_needs_upgrade, upgrade_net, upgrade_solver
 from .user_proto import active_proto, to_ours
 

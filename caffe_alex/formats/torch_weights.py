@@ -24,10 +24,11 @@ from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from ..errors import CaffeAlexError
+from ..errors import CaffeAlexError, describe
 from ..proto import caffe_pb2
+from .atomic import atomic_path
 from .caffemodel import net_layer_params
-from .files import atomic_path, describe, regular_file
+from .file_errors import regular_file
 from .prototxt import to_text
 from .weightset import (
     Blob,

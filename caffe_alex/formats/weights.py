@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..errors import CaffeAlexError, reading
+from ..errors import CaffeAlexError, describe, reading
 from ..log import get_logger
+from .atomic import atomic_path
 from .caffemodel import (
     net_layer_params,
     read_binaryproto,
@@ -25,7 +26,7 @@ from .caffemodel import (
     write_binaryproto,
     write_caffemodel,
 )
-from .files import atomic_path, describe, regular_file
+from .file_errors import regular_file
 from .hdf5 import is_hdf5, read_h5, write_h5
 from .torch_weights import read_torch_weights, save_net_torch, weightset_to_torch
 from .weightset import Blob, LayerWeights, WeightSet, format_of, shown, spec_owners

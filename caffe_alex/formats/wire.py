@@ -13,7 +13,7 @@ from google.protobuf import message as pb_message
 
 from ..errors import reading
 from ..proto import caffe_pb2
-from .files import regular_file
+from .file_errors import regular_file
 from .weightset import Blob
 
 # ---- the protobuf wire format --------------------------------------------------------------

@@ -6,7 +6,7 @@ import torch
 
 from ..errors import LayerConfigError
 from ..registry import CaffeLayer, canonical_axis, count, register
-from .losses import DEBUG_ONLY, check_label_count, check_labels, class_targets, whole
+from .labels import DEBUG_ONLY, check_label_count, check_labels, class_targets, whole
 
 
 @register("Accuracy")
@@ -16,7 +16,7 @@ class AccuracyLayer(CaffeLayer):
     Top 0 is a 0-axis scalar; the optional top 1 holds the accuracy of each class (0 for a class
     with no sample). The true class ranks by how many scores are >= its own, itself included,
     so a tie with another class counts as a miss, as in Caffe. No backward: outputs are detached.
-    A label that names no class raises CaffeAlexError (``losses.check_labels``); where that is
+    A label that names no class raises CaffeAlexError (``labels.check_labels``); where that is
     not checked (off the CPU, or compiling) it counts as a miss of no class.
     """
 

@@ -3,18 +3,26 @@
 ``hdf5_output_param``: file_name. As Caffe's layer: exactly two bottoms, stored as the datasets
 "data" (bottom 0) and "label" (bottom 1) whatever the bottoms are called, float32, in Caffe's
 legacy 4-D shape (num, channels, height, width) -- a (N, K) blob is written as (N, K, 1, 1) --
-and the file is replaced, not added to. Two differences, both deliberate: the file is created at
-the first forward rather than when the net is built (building a net for `time` or `draw`
-should not clobber files), and each later forward appends its rows along axis 0, where Caffe's
-layer aborts on the second forward because the datasets already exist.
+and the file is replaced, not added to. Caffe creates (truncates) the file when the net is
+built, writes the datasets in place at the first forward, and aborts on the second because they
+already exist. Three differences, all deliberate: the file is created at the first forward
+(building a net for `time` or `draw` should not clobber files); each later forward adds its
+rows along axis 0; and every forward is atomic, as all of caffe-alex's writes are: the file so
+far is copied beside the final name (a kernel-side copy), the rows are added there, and the
+copy is renamed over the file. A run killed mid-write thus leaves the file of the batches
+before it, never a broken one; the price is one copy of the file per forward.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import numpy as np
 import torch
 
-from ..errors import LayerConfigError, describe
+from ..errors import CaffeAlexError, LayerConfigError
+from ..formats.atomic import atomic_path
 from ..registry import CaffeLayer, register
 
 _NAMES = ("data", "label")  # Caffe's HDF5_DATA_DATASET_NAME and HDF5_DATA_LABEL_NAME
@@ -53,13 +61,17 @@ class HDF5OutputLayer(CaffeLayer):
         import h5py  # imported on use: a heavy import most nets never need
 
         arrays = [b.detach().float().cpu().numpy() for b in (data, label)]
-        mode = "a" if self._written else "w"
         try:
-            with h5py.File(self.file_name, mode) as h5:
-                for name, array in zip(_NAMES, arrays):
-                    _append(h5, name, array.reshape(legacy_shape(array.shape)))
-        except OSError as exc:
-            raise OSError(f"cannot write HDF5 file '{self.file_name}': {describe(exc)}") from None
+            with atomic_path(self.file_name) as tmp:
+                earlier = self._written and os.path.exists(self.file_name)
+                if earlier:  # this net's rows so far: the new ones go after them
+                    shutil.copyfile(self.file_name, tmp)
+                with h5py.File(tmp, "a" if earlier else "w") as h5:
+                    for name, array in zip(_NAMES, arrays):
+                        _append(h5, name, array.reshape(legacy_shape(array.shape)))
+        except (CaffeAlexError, ValueError) as exc:  # a failed write; rows of another shape
+            message = exc.message if isinstance(exc, CaffeAlexError) else str(exc)
+            raise CaffeAlexError(message, layer=self.name, layer_type="HDF5Output") from None
         self._written = True
         return ()
 

@@ -15,18 +15,16 @@ import torch
 from ..errors import CaffeAlexError, LayerConfigError
 from ..formats.caffemodel import read_binaryproto
 from ..registry import canonical_axis, count, register
-from .losses import (
+from .labels import (
     DEBUG_ONLY,
     UNCHECKED,
-    _check_batch,
-    _LossLayer,
-    _normalizer,
-    _wide,
+    check_batch,
     check_label_count,
     check_labels,
     class_targets,
     whole,
 )
+from .losses import LossLayer, normalizer, widened
 
 LOG_THRESHOLD = float(np.float32(1e-20))  # Caffe's kLOG_THRESHOLD is a float constant
 
@@ -43,7 +41,7 @@ def clamped_log(p: torch.Tensor) -> torch.Tensor:
 
 
 @register("MultinomialLogisticLoss")
-class MultinomialLogisticLossLayer(_LossLayer):
+class MultinomialLogisticLossLayer(LossLayer):
     """-sum_n log(max(p[n, label_n], 1e-20)) / N, the probabilities of sample n being its
     count / N values (the class index runs over channels x height x width). The label blob must
     hold one value per sample (channels, height and width 1). Takes no loss_param field."""
@@ -51,7 +49,7 @@ class MultinomialLogisticLossLayer(_LossLayer):
     params = {"loss_param": frozenset()}
 
     def top_shapes(self, bottom_shapes):
-        _check_batch(bottom_shapes)
+        check_batch(bottom_shapes)
         probs, labels = bottom_shapes
         legacy_axes(probs, "the probability bottom")
         legacy_axes(labels, "the label bottom")
@@ -63,7 +61,7 @@ class MultinomialLogisticLossLayer(_LossLayer):
 
     def forward(self, prob, label):
         num = prob.shape[0]
-        rows = _wide(prob).reshape(num, count(prob.shape, 1))
+        rows = widened(prob).reshape(num, count(prob.shape, 1))
         label = label.detach().reshape(num)
         check_labels(self, label, rows.shape[1], caffe_checks=UNCHECKED)
         target, inside = class_targets(label, rows.shape[1])
@@ -75,7 +73,7 @@ class MultinomialLogisticLossLayer(_LossLayer):
 
 
 @register("InfogainLoss")
-class InfogainLossLayer(_LossLayer):
+class InfogainLossLayer(LossLayer):
     """-sum H[label, l] * log(max(softmax(x)_l, 1e-20)) over the classes l along
     ``infogain_loss_param.axis`` (default 1) and the labelled positions, normalised as
     SoftmaxWithLoss. H (K x K values, any shape) comes from ``infogain_loss_param.source``
@@ -117,7 +115,7 @@ class InfogainLossLayer(_LossLayer):
             raise LayerConfigError(f"infogain_loss_param.source: {exc.message}") from None
 
     def top_shapes(self, bottom_shapes):
-        _check_batch(bottom_shapes)
+        check_batch(bottom_shapes)
         scores, labels = bottom_shapes[0], bottom_shapes[1]
         axis = check_label_count(scores, labels, self.axis, "infogain_loss_param.axis")
         k = scores[axis]
@@ -134,7 +132,7 @@ class InfogainLossLayer(_LossLayer):
         axis = canonical_axis(self.axis, scores.dim(), "infogain_loss_param.axis")
         shape = scores.shape
         outer, k, inner = count(shape, 0, axis), shape[axis], count(shape, axis + 1)
-        x = _wide(scores).reshape(outer, k, inner)
+        x = widened(scores).reshape(outer, k, inner)
         h = self.infogain if infogain is None else infogain.detach()
         h = h.reshape(k, k).to(device=x.device, dtype=x.dtype)
         label = label.detach()
@@ -153,7 +151,7 @@ class InfogainLossLayer(_LossLayer):
         log_p = lsm - lsm.detach() + torch.log(prob.detach().clamp(min=LOG_THRESHOLD))
         loss = -(weights * log_p).sum()
         n_valid = None if valid is None else valid.sum()
-        loss = loss / _normalizer(self.mode, outer, inner, n_valid, loss)
+        loss = loss / normalizer(self.mode, outer, inner, n_valid, loss)
         if self.n_top == 1:
             return loss
         return loss, prob.detach().reshape(scores.shape)

@@ -5,10 +5,9 @@ Each returns a 0-axis loss (Caffe's loss shape). Labels and targets never get a 
 nothing here waits on the device. Half-precision scores are widened to float32 first: Caffe sums
 the loss in its Dtype, and a bf16 sum over a batch would be far coarser than Caffe's float.
 
-Class labels (``class_targets``, shared by every layer that indexes by a label) are read as
-Caffe reads them, truncated toward zero. One that is neither a class nor the ignore_label raises
-CaffeAlexError where that costs no device sync (CPU tensors, outside torch.compile/export); where
-it is not checked it selects no class, so it can never index out of bounds.
+Also the pieces every loss layer shares: ``LossLayer`` (two bottoms, loss_param's
+ignore_label and normalization), ``normalizer`` (Caffe's get_normalizer) and ``widened``. Class
+labels are read and checked by labels.py.
 """
 
 from __future__ import annotations
@@ -17,21 +16,19 @@ import math
 
 import torch
 
-from ..errors import CaffeAlexError, LayerConfigError
+from ..errors import LayerConfigError
 from ..proto import caffe_pb2
 from ..registry import CaffeLayer, canonical_axis, count, register
-from .indexing import tracing
+from .labels import DEBUG_ONLY, check_batch, check_label_count, check_labels, class_targets, whole
 
 _Mode = caffe_pb2.LossParameter
 # Caffe takes log(max(p, FLT_MIN)): a hopeless prediction costs at most -log(FLT_MIN) ~ 87.34.
 _MAX_NLL = -math.log(1.1754943508222875e-38)
 _LOSS_FIELDS = frozenset({"ignore_label", "normalization", "normalize"})
-# What Caffe does about a label naming no class, for the message (check_labels' caffe_checks)
-DEBUG_ONLY = "Caffe checks this only in debug builds (DCHECK)"
-UNCHECKED = "Caffe does not check it and reads past the row"
 
 
-def _wide(x: torch.Tensor) -> torch.Tensor:
+def widened(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision values as float32 (Caffe sums a loss in its float Dtype)."""
     return x.float() if x.is_floating_point() and x.element_size() < 4 else x
 
 
@@ -44,7 +41,7 @@ def _normalization(loss_param, default: int) -> int:
     return default
 
 
-def _normalizer(mode: int, outer: int, inner: int, valid: torch.Tensor | None, like):
+def normalizer(mode: int, outer: int, inner: int, valid: torch.Tensor | None, like):
     """Caffe's get_normalizer, clamped to >= 1 so an all-ignored batch gives 0, not NaN."""
     if mode == _Mode.VALID and valid is not None:
         return valid.to(like.dtype).clamp(min=1)
@@ -52,95 +49,10 @@ def _normalizer(mode: int, outer: int, inner: int, valid: torch.Tensor | None, l
     return float(max(1, sizes.get(mode, 1)))
 
 
-def whole(label: torch.Tensor) -> torch.Tensor:
-    """Labels truncated toward zero, as Caffe's static_cast<int> reads them (still floats, so
-    NaN, inf and huge values stay what they are instead of wrapping)."""
-    return torch.trunc(label) if label.is_floating_point() else label
+class LossLayer(CaffeLayer):
+    """Two bottoms (scores, labels or targets), a loss top; loss_param's ignore_label and
+    normalization (``default_mode`` where neither it nor the legacy normalize is set)."""
 
-
-def class_targets(label: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(target, inside)``: each label truncated toward zero as a long index, 0 where it names
-    no class in [0, classes) (NaN, inf, out of range), and the bool mask of those that do.
-    Nothing here indexes or waits on the device."""
-    whole_labels = whole(label)
-    inside = (whole_labels >= 0) & (whole_labels < classes)
-    return torch.where(inside, whole_labels, 0).long(), inside
-
-
-def check_labels(
-    layer: CaffeLayer,
-    label: torch.Tensor,
-    classes: int,
-    ignore: int | None = None,
-    *,
-    caffe_checks: str = "",
-) -> None:
-    """Refuse a label that is neither a class in [0, classes) (after truncation) nor ``ignore``.
-
-    ``label`` has the batch axis first; the error names the layer and the value, and carries
-    ``item`` (the index along that axis, for the caller to map to a record) and ``label``.
-    ``caffe_checks`` says what Caffe itself does about it, for the message. Only on CPU
-    tensors outside torch.compile/export, where the test needs no device sync; elsewhere
-    ``class_targets`` makes such a label select no class."""
-    if label.device.type != "cpu" or label.numel() == 0 or tracing():
-        return
-    whole_labels = whole(label)
-    bad = ~((whole_labels >= 0) & (whole_labels < classes))
-    if ignore is not None:
-        bad &= whole_labels != ignore
-    if not bool(bad.any()):
-        return
-    position = int(torch.nonzero(bad.reshape(-1))[0, 0])
-    value, shown = _label_value(label.reshape(-1)[position])
-    per_item = label.numel() // label.shape[0] if label.dim() else 1
-    item = position // max(per_item, 1)
-    allowed = f"an integer in [0, {classes - 1}]" + (
-        f" or the ignore_label {ignore}" if ignore is not None else ""
-    )
-    note = f"; {caffe_checks}" if caffe_checks else ""
-    error = CaffeAlexError(
-        f"label {shown} out of range (item {item} of the batch): expected {allowed}{note}",
-        layer=layer.name,
-        layer_type=layer.type_name,
-    )
-    error.item, error.label = item, value
-    raise error
-
-
-def _label_value(label: torch.Tensor) -> tuple[int | float, str]:
-    """A label as a Python number and as text: an integer as one, anything else in the
-    shortest form its own precision needs (a float32 1e30 is "1e+30", not 17 digits)."""
-    value = label.item()
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        if abs(value) < 2**53:
-            return int(value), str(int(value))
-    if isinstance(value, float) and label.dtype != torch.float64:
-        return value, str(label.to(torch.float32).numpy())
-    return value, str(value)
-
-
-def check_label_count(scores, labels, axis: int, axis_field: str) -> int:
-    """One label per prediction: every position of ``scores`` except along the class ``axis``
-    (Caffe's outer_num * inner_num). Returns the canonical axis."""
-    axis = canonical_axis(axis, len(scores), axis_field)
-    n = count(scores, 0, axis) * count(scores, axis + 1)
-    if n != count(labels):
-        raise LayerConfigError(
-            f"number of labels must match number of predictions: scores {list(scores)} with "
-            f"axis {axis} need {n} labels, label blob {list(labels)} has {count(labels)}"
-        )
-    return axis
-
-
-def _check_batch(bottom_shapes) -> None:
-    a, b = bottom_shapes[0], bottom_shapes[1]
-    if not a or not b or a[0] != b[0]:
-        raise LayerConfigError(
-            f"the data and label should have the same first dimension: {list(a)} vs {list(b)}"
-        )
-
-
-class _LossLayer(CaffeLayer):
     bottoms = (2, 2)
     is_loss = True
     default_mode = _Mode.VALID
@@ -154,7 +66,7 @@ class _LossLayer(CaffeLayer):
 
 
 @register("SoftmaxWithLoss")
-class SoftmaxWithLossLayer(_LossLayer):
+class SoftmaxWithLossLayer(LossLayer):
     """Softmax over ``softmax_param.axis`` then mean -log p[label]. ``loss_param``:
     ignore_label, normalization (default VALID), legacy normalize. Optional top 1: the softmax."""
 
@@ -166,7 +78,7 @@ class SoftmaxWithLossLayer(_LossLayer):
         self.axis = layer_param.softmax_param.axis
 
     def top_shapes(self, bottom_shapes):
-        _check_batch(bottom_shapes)
+        check_batch(bottom_shapes)
         scores, labels = bottom_shapes
         check_label_count(scores, labels, self.axis, "softmax_param.axis")
         return [()] + [tuple(scores)] * (self.n_top - 1)
@@ -175,7 +87,7 @@ class SoftmaxWithLossLayer(_LossLayer):
         axis = canonical_axis(self.axis, scores.dim(), "softmax_param.axis")
         outer, inner = count(scores.shape, 0, axis), count(scores.shape, axis + 1)
         classes = scores.shape[axis]
-        x = _wide(scores).reshape(outer, classes, inner)
+        x = widened(scores).reshape(outer, classes, inner)
         label = label.detach()
         check_labels(self, label, classes, self.ignore_label, caffe_checks=DEBUG_ONLY)
         target, inside = class_targets(label.reshape(outer, inner), classes)
@@ -189,35 +101,35 @@ class SoftmaxWithLossLayer(_LossLayer):
         if valid is not None:
             nll = torch.where(valid, nll, 0.0)
             valid = valid.sum()
-        loss = nll.sum() / _normalizer(self.mode, outer, inner, valid, nll)
+        loss = nll.sum() / normalizer(self.mode, outer, inner, valid, nll)
         if self.n_top == 1:
             return loss
         # Caffe's backward ignores the probability top's diff.
-        return loss, torch.softmax(_wide(scores.detach()), dim=axis)
+        return loss, torch.softmax(widened(scores.detach()), dim=axis)
 
 
 @register("EuclideanLoss")
-class EuclideanLossLayer(_LossLayer):
+class EuclideanLossLayer(LossLayer):
     """sum((a - b)^2) / (2 N); both bottoms get gradients. Takes no loss_param field (Caffe
     reads none for this layer)."""
 
     params = {"loss_param": frozenset()}
 
     def top_shapes(self, bottom_shapes):
-        _check_batch(bottom_shapes)
+        check_batch(bottom_shapes)
         a, b = bottom_shapes
         if count(a, 1) != count(b, 1):
             raise LayerConfigError(f"inputs must have the same dimension: {list(a)} vs {list(b)}")
         return [()]
 
     def forward(self, a, b):
-        a = _wide(a)
-        diff = a - _wide(b).reshape(a.shape)
+        a = widened(a)
+        diff = a - widened(b).reshape(a.shape)
         return (diff * diff).sum() / a.shape[0] / 2
 
 
 @register("SigmoidCrossEntropyLoss")
-class SigmoidCrossEntropyLossLayer(_LossLayer):
+class SigmoidCrossEntropyLossLayer(LossLayer):
     """Cross-entropy of sigmoid(x) against targets in [0, 1]. ``loss_param``: ignore_label
     (compared with the target truncated to an integer), normalization, legacy normalize.
     Unlike the proto default, Caffe normalises this layer by BATCH_SIZE unless told otherwise."""
@@ -226,14 +138,14 @@ class SigmoidCrossEntropyLossLayer(_LossLayer):
     default_mode = _Mode.BATCH_SIZE
 
     def top_shapes(self, bottom_shapes):
-        _check_batch(bottom_shapes)
+        check_batch(bottom_shapes)
         x, t = bottom_shapes
         if count(x) != count(t):
             raise LayerConfigError(f"inputs must have the same count: {list(x)} vs {list(t)}")
         return [()]
 
     def forward(self, x, target):
-        x = _wide(x)
+        x = widened(x)
         t = target.detach().reshape(x.shape).to(x.dtype)
         positive = (x >= 0).to(x.dtype)
         # The overflow-free form Caffe uses: exp() only ever sees a non-positive argument.
@@ -243,4 +155,4 @@ class SigmoidCrossEntropyLossLayer(_LossLayer):
             keep = torch.trunc(t) != self.ignore_label
             elem, valid = torch.where(keep, elem, 0.0), keep.sum()
         outer = x.shape[0]
-        return elem.sum() / _normalizer(self.mode, outer, count(x.shape, 1), valid, elem)
+        return elem.sum() / normalizer(self.mode, outer, count(x.shape, 1), valid, elem)

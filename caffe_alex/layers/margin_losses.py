@@ -10,14 +10,15 @@ from torch.autograd.function import once_differentiable
 from ..errors import LayerConfigError
 from ..proto import caffe_pb2
 from ..registry import CaffeLayer, count, register
+from .labels import UNCHECKED, check_batch, check_labels, class_targets
 from .log_losses import legacy_axes
-from .losses import UNCHECKED, _check_batch, _LossLayer, _wide, check_labels, class_targets
+from .losses import LossLayer, widened
 
 _Norm = caffe_pb2.HingeLossParameter
 
 
 @register("HingeLoss")
-class HingeLossLayer(_LossLayer):
+class HingeLossLayer(LossLayer):
     """sum_{n,k} max(0, 1 - s_nk * x_nk)^p / N with s_nk = +1 for the label's class and -1 for
     the others, p = 1 (``hinge_loss_param.norm`` L1, the default) or 2 (L2, with no 1/2).
     Each sample's classes are its count / N values; label n is value n of the label blob in
@@ -31,13 +32,13 @@ class HingeLossLayer(_LossLayer):
         self.norm = layer_param.hinge_loss_param.norm
 
     def top_shapes(self, bottom_shapes):
-        _check_batch(bottom_shapes)
+        check_batch(bottom_shapes)
         legacy_axes(bottom_shapes[0], "the score bottom")
         return [()]
 
     def forward(self, scores, label):
         num = scores.shape[0]
-        x = _wide(scores).reshape(num, count(scores.shape, 1))
+        x = widened(scores).reshape(num, count(scores.shape, 1))
         label = label.detach().reshape(-1)[:num]  # label n is value n, whatever its shape
         check_labels(self, label, x.shape[1], caffe_checks=UNCHECKED)
         target, inside = class_targets(label, x.shape[1])
@@ -108,7 +109,7 @@ class ContrastiveLossLayer(CaffeLayer):
         self.margin, self.legacy = float(p.margin), bool(p.legacy_version)
 
     def top_shapes(self, bottom_shapes):
-        _check_batch(bottom_shapes)
+        check_batch(bottom_shapes)
         a, b, label = bottom_shapes
         for shape, what, first in ((a, "a", 2), (b, "b", 2), (label, "the label", 1)):
             legacy_axes(shape, f"bottom {what}")
@@ -125,7 +126,7 @@ class ContrastiveLossLayer(CaffeLayer):
 
     def forward(self, a, b, label):
         num = a.shape[0]
-        a = _wide(a).reshape(num, -1)
-        b = _wide(b).reshape(num, -1).to(a.dtype)
+        a = widened(a).reshape(num, -1)
+        b = widened(b).reshape(num, -1).to(a.dtype)
         similar = label.detach().reshape(-1)[:num].long() != 0  # truncates, like static_cast<int>
         return _CaffeContrastive.apply(a, b, similar, self.margin, self.legacy)

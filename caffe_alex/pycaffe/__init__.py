@@ -8,9 +8,9 @@ A real pycaffe earlier on ``sys.path`` still wins, as Python's import order give
 from ..layers import layer_types as layer_type_list
 from ..layers.python import Layer
 from ..proto.caffe_pb2 import TEST, TRAIN
+from ..solvers import distributed
 from .net import Net
 from .runtime import (
-    NCCL,
     Timer,
     init_log,
     log,
@@ -25,6 +25,7 @@ from .runtime import (
     solver_rank,
 )
 from .solver import (
+    NCCL,
     AdaDeltaSolver,
     AdaGradSolver,
     AdamSolver,
@@ -38,8 +39,9 @@ __version__ = "1.0.0"  # the pycaffe API version this layer follows (BVLC Caffe 
 
 
 def has_nccl() -> bool:
-    """Caffe's multi-GPU NCCL path: not in this version (training uses one device)."""
-    return False
+    """Whether caffe.NCCL can join solvers of several processes: torch.distributed (NCCL
+    between GPUs, gloo between CPUs) is there."""
+    return distributed.dist.is_available()
 
 
 __all__ = [

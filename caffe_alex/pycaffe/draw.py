@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 
-from ..formats.files import atomic_path
+from ..formats.atomic import atomic_path
 from ..formats.filtering import filter_net, make_state
 from ..proto import caffe_pb2
 from ..tools import draw as _draw

@@ -1,7 +1,7 @@
 """pycaffe's ``caffe.io``: BlobProto and Datum <-> NumPy conversions, image loading and
 resizing, 10-crop ``oversample`` and the input ``Transformer``, with pycaffe's signatures.
 
-Built on caffe-alex's own pieces: ``tools/images.py`` (image loading, resizing, cropping and
+Built on caffe-alex's own pieces: ``tools/pycaffe_io.py`` (image loading, resizing, cropping and
 the Transformer), ``formats/blobs.py`` and ``data/datum.py``. Where those differ from pycaffe
 in what a caller can observe, this module follows pycaffe:
 
@@ -32,8 +32,8 @@ from ..data import datum as _datum
 from ..data.datum import ImageError
 from ..formats.blobs import array_to_blob_proto
 from ..proto import caffe_pb2
-from ..tools import images as _images
-from ..tools.images import oversample
+from ..tools import pycaffe_io as _io
+from ..tools.pycaffe_io import oversample
 
 __all__ = [
     "ImageReadError",
@@ -143,7 +143,7 @@ def load_image(filename, color: bool = True) -> np.ndarray:
     """An image file as H x W x 3 RGB float32 in [0, 1] (H x W x 1 grey with ``color=False``),
     alpha dropped and grey repeated to 3 channels for ``color``."""
     try:
-        return _images.load_image(filename, color)
+        return _io.load_image(filename, color)
     except ImageError as exc:
         raise ImageReadError(exc.message) from None
 
@@ -156,11 +156,11 @@ def resize_image(im, new_dims, interp_order: int = 1) -> np.ndarray:
             f"resize_image supports interp_order=1 (linear, pycaffe's default) only, "
             f"not {interp_order}"
         )
-    return _images.resize_image(im, new_dims)
+    return _io.resize_image(im, new_dims)
 
 
 # ---- Transformer --------------------------------------------------------------------------------
-class Transformer(_images.Transformer):
+class Transformer(_io.Transformer):
     """pycaffe's preprocessing of an H x W x K image into a K x H x W net input: resize to the
     input's H x W, transpose, channel swap, raw scale, mean subtraction, input scale; and
     ``deprocess`` to undo it. ``inputs`` maps input blob names to their (N, K, H, W) shapes.
@@ -189,7 +189,7 @@ class Transformer(_images.Transformer):
             if shape != want:
                 # only H x W follows the input: the mean keeps its own channel count
                 image = mean.reshape(shape).transpose(1, 2, 0)
-                resized = _images.resize_image(image, want[1:]).transpose(2, 0, 1)
+                resized = _io.resize_image(image, want[1:]).transpose(2, 0, 1)
                 dtype = mean.dtype if np.issubdtype(mean.dtype, np.floating) else np.float32
                 resized = resized.astype(dtype)
                 # a 2-D mean stays 2-D, as pycaffe keeps it, so deprocess' squeeze still fits

@@ -60,7 +60,8 @@ def log(message: str) -> None:
     get_logger().info(message)
 
 
-# -- Caffe's multi-process solver counters: one process, one solver, until distributed training
+# -- Caffe's multi-process solver counters: a solver built while solver_count() > 1 is rank
+# solver_rank() of that many, joined to the others by caffe.NCCL (solver.py)
 _solvers = {"count": 1, "rank": 0, "multiprocess": False}
 
 
@@ -82,18 +83,6 @@ def set_solver_rank(rank: int) -> None:
 
 def set_multiprocess(multiprocess: bool) -> None:
     _solvers["multiprocess"] = bool(multiprocess)
-
-
-class NCCL:
-    """pycaffe's NCCL (multi-GPU gradient exchange): not in this version (has_nccl() is
-    False), so constructing one says so."""
-
-    def __init__(self, *args, **kwargs):
-        raise CaffeAlexError("NCCL multi-GPU training is not available here (has_nccl() is False)")
-
-    @staticmethod
-    def new_uid() -> bytes:
-        raise CaffeAlexError("NCCL multi-GPU training is not available here (has_nccl() is False)")
 
 
 class Timer:

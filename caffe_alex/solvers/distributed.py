@@ -101,7 +101,8 @@ class World:
     """
 
     def __init__(self, ranks: Ranks, device, *, backend: str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT):  # fmt: skip
+                 timeout: float = DEFAULT_TIMEOUT, init_method: str | None = None):  # fmt: skip
+        self.init_method = init_method  # None: torchrun's variables (MASTER_ADDR, MASTER_PORT)
         self.rank, self.size = ranks.rank, ranks.size
         self.local_rank, self.local_size = ranks.local_rank, ranks.local_size
         self.device = torch.device(device)
@@ -110,8 +111,9 @@ class World:
         self._control = None
 
     @classmethod
-    def start(cls, ranks: Ranks, device, *, backend=None, timeout=DEFAULT_TIMEOUT) -> World:
-        world = cls(ranks, device, backend=backend, timeout=timeout)
+    def start(cls, ranks: Ranks, device, *, backend=None, timeout=DEFAULT_TIMEOUT,
+              init_method=None) -> World:  # fmt: skip
+        world = cls(ranks, device, backend=backend, timeout=timeout, init_method=init_method)
         world._join()
         return world
 
@@ -128,7 +130,10 @@ class World:
             torch.cuda.set_device(self.device)
         timeout = timedelta(seconds=self.timeout)
         extra = {"device_id": self.device} if self.backend == "nccl" else {}
-        with self._failing("joining the other ranks (MASTER_ADDR, MASTER_PORT)"):
+        if self.init_method:
+            extra["init_method"] = self.init_method
+        where = self.init_method or "MASTER_ADDR, MASTER_PORT"
+        with self._failing(f"joining the other ranks ({where})"):
             dist.init_process_group(self.backend, timeout=timeout, rank=self.rank,
                                     world_size=self.size, **extra)  # fmt: skip
             self._control = (dist.new_group(backend="gloo", timeout=timeout)

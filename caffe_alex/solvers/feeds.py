@@ -12,10 +12,59 @@ from __future__ import annotations
 
 import torch
 
+from ..data.loader import make_feed
 from ..errors import CaffeAlexError
 from ..log import get_logger
 
 log = get_logger()
+
+
+class SolverFeeds:
+    """The feeds of a solver's nets by key: "train", or a test net's index. ``given``: the
+    solver's ``feeds`` argument (None: make_feed); ``seed``: the train feed's seed (settable
+    until its first batch: the ranks agree on rank 0's); ``options`` go to make_feed; with
+    several ``ranks`` the train feed deals the records round robin."""
+
+    def __init__(self, train_net, test_nets, given, seed: int, options: dict, ranks, device):
+        self.seed, self._options, self.ranks, self._device = seed, options, ranks, device
+        self._nets = {"train": train_net, **dict(enumerate(test_nets))}
+        self._feeds = {
+            key: TrackedFeed(self._maker(net, key, given), net,
+                             "train" if key == "train" else f"test #{key}")
+            for key, net in self._nets.items()
+        }  # fmt: skip
+
+    def __getitem__(self, key) -> TrackedFeed:
+        return self._feeds[key]
+
+    def _maker(self, net, key, given):
+        index = None if key == "train" else key
+
+        def make():
+            if given is None:
+                return self._default(net, index, None), True
+            if callable(given):
+                return iter(given(net, index)), False
+            return iter(given["train"] if index is None else given["test"][index]), False
+
+        return make
+
+    def _default(self, net, index, seed):
+        if seed is None:
+            seed = self.seed + (0 if index is None else 1 + index)
+        options = dict(self._options)
+        if self.ranks.size > 1 and index is None:  # the test nets run on rank 0 alone
+            options.update(rank=self.ranks.rank, world_size=self.ranks.size)
+        return make_feed(net, seed=seed, device=self._device, **options)
+
+    def remaker(self, key):
+        """A function making the default feed of ``key`` anew from a seed (to resume one)."""
+        index = None if key == "train" else key
+        return lambda seed: self._default(self._nets[key], index, seed)
+
+    def close(self) -> None:
+        for feed in self._feeds.values():
+            feed.close()
 
 
 class TrackedFeed:

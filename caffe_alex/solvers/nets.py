@@ -99,6 +99,21 @@ def build_test_nets(param, source_path, device, splits: bool = False) -> list[Ne
     return nets
 
 
+def load_initial_weights(train_net: Net, test_nets: list[Net], lists) -> None:
+    """The solver's ``weights`` (comma-separated lists of files): into the train net, and into
+    a test net that has learnable layers the train net lacks."""
+    paths = [p.strip() for item in lists for p in item.split(",") if p.strip()]
+    if not paths:
+        return
+    for path in paths:
+        log.info("Finetuning from %s", path)
+    train_net.load_weights(paths)
+    train_layers = set(train_net.layer_names)
+    for net in test_nets:  # layers only a test net has get the weights too
+        if any(len(net.layer(n).blobs) and n not in train_layers for n in net.layer_names):
+            net.load_weights(paths)
+
+
 def share_trained_layers(test_net: Net, train_net: Net) -> None:
     """Give each test-net layer named like a train-net layer that layer's blob objects (weights
     and statistics such as BatchNorm's), so the test net always sees the trained values."""

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..errors import CaffeAlexError
-from ..formats.files import atomic_path, describe
+from ..errors import CaffeAlexError, describe
+from ..formats.atomic import atomic_path
 from ..formats.hdf5 import is_hdf5, reading_h5
 from ..formats.weightset import text_of
 from ..formats.wire import (

@@ -6,16 +6,15 @@ display (display.py); then the parameter update (update.py: Caffe's ApplyUpdate)
 snapshot when due or asked. Log lines keep Caffe's wording so tools/extra/parse_log.py reads
 our logs.
 
-With a ``world`` (distributed.py) the solver is one rank of several, as in Caffe's multi-GPU
+The loop calls three pieces, each in its own module: the rank coordination (coordination.py:
+with a ``world``, distributed.py, the solver is one rank of several, as in Caffe's multi-GPU
 training: seeds are random_seed + rank; only rank 0 builds the test nets, tests, shows the display
 lines and writes snapshots; rank 0's parameters are broadcast at the start; the train feed deals
 records round robin (make_feed's rank and world_size); the gradients are summed over the ranks
 and scaled by 1/ranks before the update; requests are agreed every iteration, so every rank stops
-or snapshots at the same iteration.
-
-``precision`` ("bf16" or "fp16") runs the nets' forward passes under torch.autocast, fp16 with
-torch.amp.GradScaler's loss scaling (an overflowed iteration skips its update); the parameters,
-gradients and update stay float32. ``channels_last`` and ``compile`` are in nets.py.
+or snapshots at the same iteration); the precision policy (precision.py: ``precision`` "bf16" or
+"fp16" runs the forward passes under torch.autocast, fp16 with loss scaling); and snapshot and
+restore (checkpoint.py). ``channels_last`` and ``compile`` are in nets.py.
 """
 
 from __future__ import annotations
@@ -27,26 +26,31 @@ import time
 import numpy as np
 import torch
 
-from ..data.loader import make_feed
 from ..errors import CaffeAlexError
-from ..formats.files import temporary_path
 from ..formats.prototxt import read_solver, resolve_snapshot_prefix
 from ..formats.upgrade import upgrade_solver
 from ..log import get_logger
 from ..proto import caffe_pb2
-from . import distributed, snapshot
+from . import checkpoint
+from .coordination import Ranked, coordination
 from .debug import backward_info, forward_info
 from .display import SmoothedLoss, log_outputs
-from .feeds import TrackedFeed, name_the_record
+from .feeds import SolverFeeds, name_the_record
 from .lr_policy import check_policy, learning_rate
-from .nets import apply_speed_options, build_test_nets, build_train_net, share_trained_layers
+from .nets import (
+    apply_speed_options,
+    build_test_nets,
+    build_train_net,
+    load_initial_weights,
+    share_trained_layers,
+)
+from .precision import Precision
 from .rules import RULES
 from .update import ParameterUpdate
 
 log = get_logger()
 f32 = np.float32
 SP = caffe_pb2.SolverParameter
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def pick_device(param, device) -> torch.device:
@@ -78,6 +82,21 @@ def check_param(param) -> None:
     check_policy(param)
 
 
+def prepared_param(solver_param, source_path, seed) -> caffe_pb2.SolverParameter:
+    """A copy of the solver definition as Caffe runs it: upgraded from the old solver_type,
+    ``seed`` (when given) as its random_seed, its snapshot prefix resolved against the file."""
+    param = SP()
+    param.CopyFrom(solver_param)
+    if param.HasField("solver_type"):
+        param.CopyFrom(upgrade_solver(param, source_path))
+    if seed is not None:
+        param.random_seed = int(seed)
+    if source_path and not param.HasField("snapshot_prefix"):
+        resolve_snapshot_prefix(param, os.fspath(source_path))
+    check_param(param)
+    return param
+
+
 class Solver:
     """Training from a SolverParameter, as Caffe's Solver does (``Solver.from_file(path)``).
 
@@ -94,56 +113,32 @@ class Solver:
     ``callbacks`` are called after each update with (iteration, smoothed loss, rate, images per
     second); ``start_hooks`` and ``gradient_hooks`` (no arguments) where Caffe calls its
     callbacks' on_start (before the forward passes) and on_gradients_ready (before the update).
-    ``world`` (distributed.World): this solver is one rank of several (see the module's notes);
+    ``world`` (distributed.World): this solver is one rank of several (see the module's notes;
+    coordination.Waiting(rank, size): that rank, to ``join`` its world later);
     ``precision`` ("fp32", "bf16", "fp16"), ``channels_last`` and ``compile`` (True or a
     torch.compile backend name) trade Caffe's exact float32 numbers for speed.
+
+    (About 360 lines, past the 250 the code aims at: these are Caffe's Solver methods, Step,
+    Solve, Test, Snapshot and Restore, which share the iteration counters, the requests and
+    the feeds; each piece with a state of its own is an object they call: ranks
+    (coordination.py), precision (precision.py), feeds (feeds.py), the update (update.py).)
     """
 
     def __init__(self, solver_param, *, source_path=None, device=None, weights=None,
                  feeds=None, seed=None, feed_options=None, insert_splits=False, world=None,
                  precision=None, channels_last=False, compile=False):  # fmt: skip
-        param = self.param = SP()
-        param.CopyFrom(solver_param)
-        if param.HasField("solver_type"):
-            param.CopyFrom(upgrade_solver(param, source_path))
-        if seed is not None:
-            param.random_seed = int(seed)
+        param = self.param = prepared_param(solver_param, source_path, seed)
         self.source_path = os.fspath(source_path) if source_path else None
-        if self.source_path and not param.HasField("snapshot_prefix"):
-            resolve_snapshot_prefix(param, self.source_path)
-        check_param(param)
-        if (precision or "fp32") not in PRECISIONS:
-            raise CaffeAlexError(f"unknown precision '{precision}' ({', '.join(PRECISIONS)})")
-        self.world = world
-        self.rank = world.rank if world is not None else 0
-        self.is_root = self.rank == 0
+        self.ranks = coordination(world)
+        self.world = self.ranks.world if isinstance(self.ranks, Ranked) else None
+        self.rank, self.is_root = self.ranks.rank, self.ranks.is_root
         log.info("Initializing solver from parameters: \n%s", param)
         self.device = pick_device(param, device)
-        with distributed.together(world):
+        self.precision = Precision(precision, channels_last, self.device)
+        with self.ranks.together():
             self._build(weights, insert_splits, feeds, feed_options)
         apply_speed_options([self.train_net, *self.test_nets], channels_last, compile)
-        self.learnable = self.train_net.learnable_params()
-        for info in self.learnable:  # Caffe computes no diff for a parameter with lr_mult 0
-            if info.lr_mult == 0:
-                info.param.requires_grad_(False)
-        self.rule = RULES[param.type](self.learnable, param)
-        self.update = ParameterUpdate(param, self.learnable, self.rule)
-        self._reducer = None
-        if world is not None:
-            world.broadcast_tensors([info.param for info in self.learnable])
-            # one dealing of the records for all ranks, even when the seed is drawn at random
-            seed, self._feed_seed = self._feed_seed, world.broadcast_object(self._feed_seed)
-            if seed != self._feed_seed:
-                self._feeds["train"].discard()
-            self._reducer = distributed.GradientReducer(
-                world, [info.param for info in self.learnable], param.layer_wise_reduce
-            )
-        self._autocast = PRECISIONS[precision or "fp32"]
-        self._channels_last = bool(channels_last)
-        self._scaler = self._amp_step = None
-        if self._autocast == torch.float16 and self.learnable:
-            self._scaler = torch.amp.GradScaler(self.device.type)
-            self._amp_step = _UpdateStep([info.param for info in self.learnable])
+        self._prepare_update()
         self.iter = self.current_step = 0
         self.callbacks: list = []
         self.start_hooks: list = []
@@ -153,16 +148,35 @@ class Solver:
         self._deferred_snapshot = False
         self._loss = SmoothedLoss(param.average_loss)
         self._batch_size = None
+        self._display_clock = (time.perf_counter(), 0)  # (when, iteration) of the last display
         log.info("Solver scaffolding done.")
+
+    def _prepare_update(self) -> None:
+        """The learnable parameters, the update rule over them, and what the ranks and the
+        precision policy need to know of them."""
+        self.learnable = self.train_net.learnable_params()
+        for info in self.learnable:  # Caffe computes no diff for a parameter with lr_mult 0
+            if info.lr_mult == 0:
+                info.param.requires_grad_(False)
+        self.rule = RULES[self.param.type](self.learnable, self.param)
+        self.update = ParameterUpdate(self.param, self.learnable, self.rule)
+        params = [info.param for info in self.learnable]
+        self.feeds.seed = self.ranks.start(
+            params, self.feeds.seed, self.feeds["train"], self.param.layer_wise_reduce
+        )
+        self.precision.watch(params)
 
     def _build(self, weights, insert_splits, feeds, feed_options) -> None:
         """The nets, weights and feeds: what a rank may fail at before the ranks first talk."""
         param = self.param
         if self.is_root:  # Caffe checks the snapshot folder on the first rank only
-            self._check_snapshot_prefix()
+            checkpoint.check_prefix(param)
         if param.random_seed >= 0:
             # fillers and dropout masks; Caffe seeds each rank apart (random_seed + rank)
             torch.manual_seed(param.random_seed + self.rank)
+            if self.device.type == "cuda":  # a seeded run repeats: cuDNN's fixed algorithms
+                torch.backends.cudnn.deterministic = True
+                torch.backends.cudnn.benchmark = False
         self.train_net = build_train_net(param, self.source_path, self.device, insert_splits)
         # Only rank 0 tests (as Caffe), so the other ranks need neither test nets nor test data
         self.test_nets = (build_test_nets(param, self.source_path, self.device, insert_splits)
@@ -170,82 +184,23 @@ class Solver:
         for net in self.test_nets:
             share_trained_layers(net, self.train_net)
         if self.is_root:  # the other ranks receive rank 0's weights
-            self._load_initial_weights(list(param.weights) + list(weights or []))
-        self._feed_seed = (param.random_seed if param.random_seed >= 0
-                           else secrets.randbits(62))  # fmt: skip
-        self._feed_options = dict(feed_options or {})
-        self._feeds = self._make_feeds(feeds)
-        if self.world is not None:
-            self._feeds["train"].open()  # a missing train source stops every rank now
+            load_initial_weights(self.train_net, self.test_nets,
+                                 list(param.weights) + list(weights or []))  # fmt: skip
+        seed = param.random_seed if param.random_seed >= 0 else secrets.randbits(62)
+        self.feeds = SolverFeeds(self.train_net, self.test_nets, feeds, seed,
+                                 dict(feed_options or {}), self.ranks, self.device)  # fmt: skip
+        if self.ranks.size > 1:
+            self.feeds["train"].open()  # a missing train source stops every rank now
 
     @classmethod
     def from_file(cls, path, **kwargs) -> Solver:
         return cls(read_solver(path), source_path=path, **kwargs)
 
-    # -- set-up ---------------------------------------------------------------------------
-    def _check_snapshot_prefix(self) -> None:
-        if not self.param.snapshot:
-            return
-        if not self.param.HasField("snapshot_prefix"):
-            raise CaffeAlexError("snapshot is specified but snapshot_prefix is not")
-        # a temporary named as our writers name theirs, so a killed run's probe is cleaned up
-        probe = temporary_path(self._filename(".tempfile", 0))
-        try:
-            with open(probe, "w"):
-                pass
-            os.remove(probe)
-        except OSError:
-            raise CaffeAlexError(
-                f"cannot write to snapshot prefix '{self.param.snapshot_prefix}'; make sure "
-                "that the folder exists and is writable"
-            ) from None
-
-    def _load_initial_weights(self, lists) -> None:
-        paths = [p.strip() for item in lists for p in item.split(",") if p.strip()]
-        if not paths:
-            return
-        for path in paths:
-            log.info("Finetuning from %s", path)
-        self.train_net.load_weights(paths)
-        train_layers = set(self.train_net.layer_names)
-        for net in self.test_nets:  # layers only a test net has get the weights too
-            if any(len(net.layer(n).blobs) and n not in train_layers for n in net.layer_names):
-                net.load_weights(paths)
-
-    def _make_feeds(self, feeds) -> dict:
-        def maker(net, index):
-            def make():
-                if feeds is None:
-                    return self._default_feed(net, index, None), True
-                if callable(feeds):
-                    return iter(feeds(net, index)), False
-                given = feeds["train"] if index is None else feeds["test"][index]
-                return iter(given), False
-
-            return make
-
-        made = {"train": TrackedFeed(maker(self.train_net, None), self.train_net, "train")}
-        for i, net in enumerate(self.test_nets):
-            made[i] = TrackedFeed(maker(net, i), net, f"test #{i}")
-        return made
-
-    def _default_feed(self, net, index, seed):
-        if seed is None:
-            seed = self._feed_seed + (0 if index is None else 1 + index)
-        options = dict(self._feed_options)
-        if self.world is not None and index is None:  # the test nets run on rank 0 alone
-            options.update(rank=self.rank, world_size=self.world.size)
-        return make_feed(net, seed=seed, device=self.device, **options)
-
-    def _remaker(self, key):
-        net = self.train_net if key == "train" else self.test_nets[key]
-        index = None if key == "train" else key
-        return lambda seed: self._default_feed(net, index, seed)
-
+    # -- feeds ----------------------------------------------------------------------------
     def feed(self, which):
         """The feed of the train net ("train") or of test net ``which`` (an index): what the
         solver draws batches from, for code that runs the nets between iterations."""
-        return self._feeds[which]
+        return self.feeds[which]
 
     # -- requests and callbacks -------------------------------------------------------------
     def request(self, action: str) -> None:
@@ -260,62 +215,70 @@ class Solver:
 
     # -- training -------------------------------------------------------------------------
     def step(self, iters: int) -> None:
-        start_iter, stop_iter = self.iter, self.iter + iters
-        param = self.param
-        self._loss = SmoothedLoss(param.average_loss, start_iter)
-        timer, iterations_last = time.perf_counter(), self.iter
-        while self.iter < stop_iter:
-            began = time.perf_counter()
-            for info in self.train_net.param_infos:  # ClearParamDiffs
-                info.param.grad = None
-            if self._test_due():
-                if self.is_root:
-                    self.test_all()
-                if self.world is not None:
-                    self._agree_after_test()
-                if self._early_exit:
-                    break
-            for hook in self.start_hooks:
-                hook()
-            display = param.display and self.iter % param.display == 0 and self.is_root
-            loss = self._forward_backward(display and param.debug_info)
-            self._loss.add_lazily(self.iter, loss)
-            if display:
-                lapse = time.perf_counter() - timer
-                per_s = (self.iter - iterations_last) / (lapse or 1)
-                log.info("Iteration %d (%g iter/s, %gs/%d iters), loss = %g", self.iter,
-                         f32(per_s), f32(lapse), param.display, self._loss.value)  # fmt: skip
-                timer, iterations_last = time.perf_counter(), self.iter
-                log_outputs(self.train_net, "Train")
-            for hook in self.gradient_hooks:
-                hook()
-            if self._reducer is not None:
-                self._reducer.finish()
-            rate = self.apply_update(display)
-            if self.callbacks:
-                self._notify(rate, time.perf_counter() - began)
-            snap, stop = self._requests()
-            if (param.snapshot and self.iter % param.snapshot == 0) or snap:
-                self.snapshot()
-            if stop:
-                self._early_exit = True
-                break
+        """Run ``iters`` iterations (fewer when asked to stop), as Caffe's Solver::Step."""
+        stop_iter = self.iter + iters
+        self._loss = SmoothedLoss(self.param.average_loss, self.iter)
+        self._display_clock = (time.perf_counter(), self.iter)
+        while self.iter < stop_iter and self._iteration():
+            pass
         self._loss.flush()
+
+    def _iteration(self) -> bool:
+        """One pass of Step's loop; False when training stops here."""
+        began = time.perf_counter()
+        for info in self.train_net.param_infos:  # ClearParamDiffs
+            info.param.grad = None
+        if self._test_due() and not self._test_and_agree():
+            return False
+        for hook in self.start_hooks:
+            hook()
+        display = bool(self.param.display) and self.iter % self.param.display == 0
+        display = display and self.is_root
+        loss = self._forward_backward(display and self.param.debug_info)
+        self._loss.add_lazily(self.iter, loss)
+        if display:
+            self._display()
+        for hook in self.gradient_hooks:
+            hook()
+        self.ranks.finish_gradients()
+        rate = self.apply_update(display)
+        if self.callbacks:
+            self._notify(rate, time.perf_counter() - began)
+        snap, stop = self._requests()
+        if (self.param.snapshot and self.iter % self.param.snapshot == 0) or snap:
+            self.snapshot()
+        self._early_exit = self._early_exit or stop
+        return not stop
+
+    def _display(self) -> None:
+        """Caffe's display lines: speed and smoothed loss, then the train net's outputs."""
+        since, first = self._display_clock
+        lapse = time.perf_counter() - since
+        per_s = (self.iter - first) / (lapse or 1)
+        log.info("Iteration %d (%g iter/s, %gs/%d iters), loss = %g", self.iter, f32(per_s),
+                 f32(lapse), self.param.display, self._loss.value)  # fmt: skip
+        self._display_clock = (time.perf_counter(), self.iter)
+        log_outputs(self.train_net, "Train")
+
+    def _test_and_agree(self) -> bool:
+        """The test pass (rank 0), then what the ranks asked meanwhile; False: stop."""
+        if self.is_root:
+            self.test_all()
+        if self.ranks.size > 1:
+            self._agree_after_test()
+        return not self._early_exit
 
     def _requests(self) -> tuple[bool, bool]:
         """(snapshot, stop) asked for by a signal, on this rank or (with a world) on any."""
         action = self._take_request()
-        snap, stop = action == "snapshot", action == "stop"
-        if self.world is not None:
-            snap, stop = self.world.agree(snap, stop)
-        return snap, stop
+        return self.ranks.agree(action == "snapshot", action == "stop")
 
     def _agree_after_test(self) -> None:
         """Rank 0 has tested while the others waited here: share what was asked meanwhile (a
         snapshot asked during the test is taken now, when every rank can join it)."""
         action = self._take_request()
         snap = action == "snapshot" or self._deferred_snapshot
-        snap, stop = self.world.agree(snap, action == "stop" or self._early_exit)
+        snap, stop = self.ranks.agree(snap, action == "stop" or self._early_exit)
         self._deferred_snapshot = False
         if snap:
             self.snapshot()
@@ -332,17 +295,16 @@ class Solver:
     def _forward_backward(self, debug: bool) -> torch.Tensor:
         net, total, passes = self.train_net, None, self.param.iter_size
         for index in range(passes):
-            batch = next(self._feeds["train"])
+            batch = next(self.feeds["train"])
             if self._batch_size is None:
                 self._batch_size = next((int(v.shape[0]) for v in batch.values()), 1)
-            if self._reducer is not None:  # the last pass's gradients are final
-                self._reducer.armed = index == passes - 1
+            self.ranks.arm(index == passes - 1)  # the last pass's gradients are final
             self._forward(net, batch, "train")
             loss = net.loss
             if loss is None:
                 loss = torch.zeros((), device=self.device)
             elif loss.requires_grad:
-                (loss if self._scaler is None else self._scaler.scale(loss)).backward()
+                self.precision.backward(loss)
             if debug:
                 forward_info(net)
                 backward_info(net)
@@ -354,52 +316,30 @@ class Solver:
         """Run ``net`` on ``batch``; an error about one item of the batch (a bad label) also
         names the record it came from, which only the feed knows."""
         try:
-            return self._run(net, batch)
+            return self.precision.run(net, batch)
         except CaffeAlexError as exc:
             if feed is not None:
-                name_the_record(exc, self._feeds[feed])
+                name_the_record(exc, self.feeds[feed])
             raise
-
-    def _run(self, net, batch: dict) -> dict:
-        if self._channels_last:
-            batch = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
-                     for k, v in batch.items()}  # fmt: skip
-        if self._autocast is None:
-            return net(**batch)
-        with torch.autocast(self.device.type, dtype=self._autocast):
-            return net(**batch)
 
     def _notify(self, rate: float, seconds: float) -> None:
         loss = self._loss.value
-        ranks = self.world.size if self.world is not None else 1
+        ranks = self.ranks.size
         images = (self._batch_size or 1) * self.param.iter_size * ranks / max(seconds, 1e-9)
         for callback in self.callbacks:
             callback(self.iter, loss, rate, images)
 
     def apply_update(self, display: bool = False) -> float:
         """Caffe's ApplyUpdate (update.py), then iter += 1; returns the learning rate used."""
-        if self._scaler is None:
-            rate, self.current_step = self.update.apply(self.iter, self.current_step, display)
-        else:
-            rate = self._apply_scaled_update(display)
-        self.iter += 1
-        return rate
-
-    def _apply_scaled_update(self, display: bool) -> float:
-        """fp16: unscale the gradients, update unless they overflowed, adapt the loss scale."""
-        done = []
-        self._amp_step.apply = lambda: done.append(
-            self.update.apply(self.iter, self.current_step, display)
+        done = self.precision.update(
+            lambda: self.update.apply(self.iter, self.current_step, display)
         )
-        self._scaler.unscale_(self._amp_step)
-        self._scaler.step(self._amp_step)
-        self._scaler.update()
-        if done:
-            rate, self.current_step = done[0]
-            return rate
-        rate, self.current_step = learning_rate(self.param, self.iter, self.current_step)
-        log.warning("Iteration %d: fp16 gradients overflowed; update skipped, loss scale now %g",
-                    self.iter, self._scaler.get_scale())  # fmt: skip
+        if done is None:  # fp16 gradients overflowed: no update, the schedule moves on
+            done = learning_rate(self.param, self.iter, self.current_step)
+            log.warning("Iteration %d: fp16 gradients overflowed; update skipped, loss scale "
+                        "now %g", self.iter, self.precision.scaler.get_scale())  # fmt: skip
+        rate, self.current_step = done
+        self.iter += 1
         return rate
 
     # -- testing --------------------------------------------------------------------------
@@ -419,7 +359,7 @@ class Solver:
                 if self._handle_requests_in_test():
                     log.info("Test interrupted.")
                     return {}
-                outputs = self._forward(net, next(self._feeds[index]), index)
+                outputs = self._forward(net, next(self.feeds[index]), index)
                 if self.param.test_compute_loss and net.loss is not None:
                     loss += f32(net.loss.item())
                 flat = torch.cat([outputs[n].detach().float().reshape(-1)
@@ -432,7 +372,7 @@ class Solver:
 
     def _handle_requests_in_test(self) -> bool:
         while (action := self._take_request()) is not None:
-            if action == "snapshot" and self.world is not None:
+            if action == "snapshot" and self.ranks.size > 1:
                 self._deferred_snapshot = True  # the other ranks join it after the test
             elif action == "snapshot":
                 self.snapshot()
@@ -459,7 +399,7 @@ class Solver:
             return
         if param.display and self.iter % param.display == 0:
             with torch.no_grad():
-                self._forward(self.train_net, next(self._feeds["train"]), "train")
+                self._forward(self.train_net, next(self.feeds["train"]), "train")
             loss = self.train_net.loss
             value = f32(loss.item()) if loss is not None else f32(0)
             self._loss.add(value, self.iter)
@@ -469,36 +409,14 @@ class Solver:
         log.info("Optimization Done.")
 
     # -- snapshots ------------------------------------------------------------------------
-    def _filename(self, extension: str, iteration: int | None = None) -> str:
-        iteration = self.iter if iteration is None else iteration
-        return f"{self.param.snapshot_prefix}_iter_{iteration}{extension}"
-
     def snapshot(self) -> tuple[str, str] | None:
         """Write <prefix>_iter_N.caffemodel[.h5] and .solverstate[.h5] (and the data position).
         With a world every rank calls it: rank 0 gathers each rank's train-feed position and
         random state into the data file and writes; the other ranks return None."""
-        ranks = None
-        if self.world is not None:
-            mine = {"train": self._feeds["train"].state(), **distributed.rng_state(self.device)}
-            ranks = self.world.gather(mine)
-            if not self.is_root:
-                return None
-        hdf5 = self.param.snapshot_format == SP.HDF5
-        model = self._filename(".caffemodel.h5" if hdf5 else ".caffemodel")
-        log.info("Snapshotting to %s file %s", "HDF5" if hdf5 else "binary proto", model)
-        self.train_net.save_weights(model, with_diffs=self.param.snapshot_diff)
-        state_path = self._filename(".solverstate.h5" if hdf5 else ".solverstate")
-        log.info("Snapshotting solver state to %s file %s", "HDF5" if hdf5 else "binary proto",
-                 state_path)  # fmt: skip
-        history = [h.detach().cpu().numpy() for h in self.rule.history]
-        state = snapshot.SolverState(self.iter, self.current_step, model, history)
-        (snapshot.write_hdf5 if hdf5 else snapshot.write_binary)(state_path, state)
-        feeds = {"train": self._feeds["train"].state(),
-                 "test": [self._feeds[i].state() for i in range(len(self.test_nets))]}  # fmt: skip
-        if ranks is not None:
-            feeds["ranks"] = ranks  # by rank: {"train": feed state, "torch_rng": ...}
-        snapshot.write_data_state(snapshot.data_state_path(state_path), feeds, self.device)
-        return model, state_path
+        ranks = self.ranks.gather(lambda: checkpoint.rank_state(self))
+        if not self.is_root:
+            return None
+        return checkpoint.write(self, ranks)
 
     def restore(self, path: str) -> None:
         """Resume from a .solverstate or .solverstate.h5: weights (learned_net), iteration,
@@ -506,88 +424,34 @@ class Solver:
         With a world, rank 0 reads the files and sends the state to the other ranks (which
         need not see them), each of which takes its own train-feed position and RNG state."""
         counters = doc = None
-        with distributed.together(self.world):
-            if self.is_root:
-                counters, doc = self._read_state(path)
-        if self.world is not None:
-            self.world.broadcast_tensors([info.param for info in self.learnable]
-                                         + list(self.rule.history))  # fmt: skip
-            counters, doc = self.world.broadcast_object((counters, doc))
+        with self.ranks.together():
+            if self.is_root or self.ranks.reads_alone:
+                counters, doc = checkpoint.read(self, path)
+        tensors = [info.param for info in self.learnable] + list(self.rule.history)
+        counters, doc = self.ranks.share(tensors, (counters, doc))
         log.info("SGDSolver: restoring history")
         self.iter, self.current_step = counters
-        with distributed.together(self.world):  # a rank whose feed cannot resume stops them all
-            self._restore_data(path, doc)
+        with self.ranks.together():  # a rank whose feed cannot resume stops them all
+            checkpoint.restore_data(self, path, doc)
 
-    def _read_state(self, path: str) -> tuple[tuple[int, int], dict | None]:
-        state = snapshot.read_state(path)
-        if state.learned_net:
-            self.train_net.load_weights([self._learned_net(state.learned_net, path)])
-        if len(state.history) != len(self.rule.history):
+    def join(self, world) -> None:
+        """Become rank ``world.rank`` of ``world`` after being built as that rank of that many
+        (``world=coordination.Waiting(rank, size)``), as pycaffe's NCCL joins the solvers its
+        processes built: the ranks agree on the feed seed and the gradients are summed over
+        them from the next iteration on; rank 0's parameters come with ``world``'s
+        broadcast_tensors (NCCL.bcast)."""
+        if (world.rank, world.size) != (self.rank, self.ranks.size):
             raise CaffeAlexError(
-                f"{path}: incorrect number of history blobs ({len(state.history)}; this "
-                f"{self.param.type} solver keeps {len(self.rule.history)})"
+                f"this solver was built as rank {self.rank} of {self.ranks.size}; it cannot "
+                f"join as rank {world.rank} of {world.size}"
             )
-        for i, (array, target) in enumerate(zip(state.history, self.rule.history)):
-            if array.size != target.numel():
-                raise CaffeAlexError(
-                    f"{path}: history blob {i} has shape {list(array.shape)}, expected "
-                    f"{list(target.shape)}"
-                )
-            target.copy_(torch.from_numpy(array.reshape(tuple(target.shape))))
-        doc = snapshot.read_data_state(snapshot.data_state_path(path))
-        return (state.iter, state.current_step), doc
-
-    @staticmethod
-    def _learned_net(stored: str, state_path: str) -> str:
-        # Caffe opens the path as stored (relative to the working directory); a snapshot moved
-        # with its state file is found beside it instead
-        if os.path.exists(stored):
-            return stored
-        beside = os.path.join(os.path.dirname(os.path.abspath(state_path)),
-                              os.path.basename(stored))  # fmt: skip
-        if os.path.exists(beside):
-            return beside
-        raise CaffeAlexError(f"{state_path}: its weights file {stored} does not exist")
-
-    def _restore_data(self, path: str, doc: dict | None) -> None:
-        skip = self.iter * self.param.iter_size
-        if doc is None:
-            log.info("%s has no saved data position; the train data skips %d batches "
-                     "(iter x iter_size)", path, skip)  # fmt: skip
-            self._feeds["train"].skip_to(skip)
-            return
-        saved = doc["feeds"]
-        ranks = saved.get("ranks")
-        size = self.world.size if self.world is not None else 1
-        if (len(ranks) if ranks else 1) != size:
-            log.warning("%s was written by %d rank(s) and this run has %d: each rank's train data "
-                        "skips %d batches (iter x iter_size) instead", path,
-                        len(ranks) if ranks else 1, size, skip)  # fmt: skip
-            self._feeds["train"].skip_to(skip)
-        else:
-            snapshot.restore_rng(doc, self.device)
-            mine = ranks[self.rank] if ranks else {"train": saved["train"]}
-            if ranks:
-                distributed.set_rng_state(mine, self.device)
-            self._feeds["train"].load_state(mine["train"], self._remaker("train"))
-        for i, saved in enumerate(doc["feeds"].get("test", [])[: len(self.test_nets)]):
-            self._feeds[i].load_state(saved, self._remaker(i))
+        self.world, self.ranks = world, Ranked(world)
+        self.feeds.ranks = self.ranks
+        params = [info.param for info in self.learnable]
+        train, layer_wise = self.feeds["train"], self.param.layer_wise_reduce
+        self.feeds.seed = self.ranks.start(params, self.feeds.seed, train, layer_wise, False)
 
     def close(self) -> None:
         """Stop the feeds' worker processes (and remove the gradient hooks of a world)."""
-        for feed in self._feeds.values():
-            feed.close()
-        if self._reducer is not None:
-            self._reducer.close()
-
-
-class _UpdateStep(torch.optim.Optimizer):
-    """The solver's update seen as an Optimizer, so that torch.amp.GradScaler can unscale the
-    gradients and skip the update of an iteration whose fp16 gradients overflowed."""
-
-    def __init__(self, params):
-        super().__init__(params, {})
-        self.apply = lambda: None
-
-    def step(self, closure=None):
-        self.apply()
+        self.feeds.close()
+        self.ranks.close()

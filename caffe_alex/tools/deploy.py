@@ -2,7 +2,7 @@
 ``caffe-alex deploy`` (labels, top-k, mean files).
 
     from caffe_alex.tools.deploy import Classifier
-    from caffe_alex.tools.images import load_image
+    from caffe_alex.tools.pycaffe_io import load_image
     clf = Classifier("deploy.prototxt", "w.caffemodel", image_dims=(256, 256),
                      mean=np.array([104, 117, 123]), raw_scale=255, channel_swap=(2, 1, 0))
     probs = clf.predict([load_image("cat.jpg")], oversample=False)   # N x classes
@@ -23,8 +23,8 @@ import torch
 from ..errors import CaffeAlexError
 from ..formats.caffemodel import read_binaryproto
 from ..net import Net
-from .images import Transformer, center_crop, load_batches, resize_image
-from .images import oversample as oversample_crops  # predict's flag takes the name
+from .pycaffe_io import Transformer, center_crop, load_batches, resize_image
+from .pycaffe_io import oversample as oversample_crops  # predict's flag takes the name
 
 
 # ---- Classifier -----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from pathlib import Path
 import graphviz
 
 from ..errors import CaffeAlexError
-from ..formats.files import atomic_path
+from ..formats.atomic import atomic_path
 from ..formats.filtering import filter_net, make_state
 from ..proto import caffe_pb2
 from .summary import build_for_shapes

@@ -20,12 +20,12 @@ import torch
 from ..data.db import open_db
 from ..data.loader import make_feed
 from ..errors import CaffeAlexError
-from ..formats.files import atomic_path
+from ..formats.atomic import atomic_path
 from ..log import get_logger
 from ..net import Net
 from ..proto import caffe_pb2
 from .deploy import Classifier
-from .images import load_batches
+from .pycaffe_io import load_batches
 
 _KINDS = {".npy": "npy", ".npz": "npz", ".h5": "h5", ".hdf5": "h5", ".lmdb": "lmdb",
           ".leveldb": "leveldb"}  # fmt: skip
@@ -122,11 +122,11 @@ def _from_data_layers(net, blobs, num_batches, device, workers) -> dict[str, np.
     device = torch.device(device)
     net.to(device).eval()
     feed = make_feed(net, device=device, workers=workers)
-    if not feed.plans:
+    if not feed.layers:
         raise CaffeAlexError("the net has no data layer to read; give images instead")
-    plan = feed.plans[0]
-    records = len(plan.source)
-    count = num_batches if num_batches is not None else math.ceil(records / plan.batch)
+    first = feed.layers[0]
+    records = len(first.source)
+    count = num_batches if num_batches is not None else math.ceil(records / first.batch)
     parts: dict[str, list[np.ndarray]] = {b: [] for b in blobs}
     try:
         for _ in range(count):

@@ -28,7 +28,7 @@ from importlib import resources
 import numpy as np
 
 from ..errors import CaffeAlexError
-from ..formats.files import atomic_path
+from ..formats.atomic import atomic_path
 from ..formats.filtering import filter_net, included_indices, make_state
 from ..formats.prototxt import to_text
 from ..formats.weights import read_weights

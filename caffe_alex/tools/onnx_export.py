@@ -1,8 +1,8 @@
 """Export a built Net (TEST phase) to ONNX, with inputs and outputs named after the Caffe blobs.
 
-Uses torch's torch.export-based ONNX exporter (``dynamo=True``). The TorchScript path
-(``dynamo=False``) was tried and dropped: its AlexNet gave wrong outputs (relative error 1), the
-trace of the LRN Function's in-place window sum being the likely culprit.
+Uses torch's torch.export-based ONNX exporter (``dynamo=True``), not the TorchScript one
+(``dynamo=False``): that one gives AlexNet wrong outputs (relative error 1; its trace of the LRN
+Function's in-place window sum is the likely culprit).
 
 Caffe's cross-channel LRN is emitted as ONNX's own ``LRN`` node, whose definition is Caffe's
 ACROSS_CHANNELS formula: y = x / (bias + alpha / size * window_sum(x^2))^beta with the
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import CaffeAlexError
-from ..formats.files import atomic_path
+from ..formats.atomic import atomic_path
 from ..layers.lrn import LRNLayer, cross_channel_lrn
 
 # 18 is the lowest opset the torch.export-based exporter writes natively; lower ones go
@@ -250,7 +250,7 @@ def to_onnx_model(net, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = Fals
 
 
 def write_model_atomic(model, path: str) -> int:
-    """Serialize ``model`` to ``path`` atomically (see formats.files.atomic_path)."""
+    """Serialize ``model`` to ``path`` atomically (see formats.atomic.atomic_path)."""
     data = model.SerializeToString()
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from ..errors import reading
+from ..errors import CaffeAlexError, reading
+from ..formats.atomic import atomic_path
 
 _NUMBER = r"[-+]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf)"
 # glog prefix: severity letter, MMDD, wall time with microseconds (no year)
@@ -154,7 +156,7 @@ def parse_log(path) -> TrainingLog:
 def write_csv(rows: list[dict], path) -> None:
     """Rows as parse_log.py's CSV (columns of the first row first)."""
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    with open(path, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
@@ -171,9 +173,25 @@ def _names(rows: list[dict], word: str) -> list[str]:
     return [n for n in names if word in n.lower()]
 
 
+def image_format(out_path) -> str:
+    """The image format ``out_path``'s extension names (PNG without one), checked against what
+    matplotlib writes: the image goes to a temporary first, whose name says nothing."""
+    from matplotlib.backend_bases import FigureCanvasBase  # on use: a heavy import
+
+    fmt = os.path.splitext(os.fspath(out_path))[1][1:].lower() or "png"
+    known = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in known:
+        raise CaffeAlexError(
+            f"{out_path}: cannot draw a '.{fmt}' image; use one of "
+            + ", ".join(f".{k}" for k in sorted(known))
+        )
+    return fmt
+
+
 def plot(log: TrainingLog, out_path, title: str | None = None) -> None:
     """Loss (smoothed train loss, train and test loss outputs), accuracy (outputs whose name
-    holds 'acc') and learning rate against iterations, in one image."""
+    holds 'acc') and learning rate against iterations, in one image, written atomically."""
+    fmt = image_format(out_path)
     import matplotlib  # imported on use: a heavy import (~0.5 s with pyplot)
 
     matplotlib.use("Agg")  # before pyplot, which is imported on use for the same reason
@@ -199,5 +217,8 @@ def plot(log: TrainingLog, out_path, title: str | None = None) -> None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_path(out_path) as tmp:
+            fig.savefig(tmp, dpi=100, format=fmt)
+    finally:
+        plt.close(fig)

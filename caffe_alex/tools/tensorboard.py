@@ -21,7 +21,8 @@ import os
 import tempfile
 
 from ..errors import CaffeAlexError, describe
-from ..formats.files import remove_path, temporary_path, write_error
+from ..formats.atomic import remove_path, temporary_path
+from ..formats.file_errors import write_error
 from .plot_log import LogParser, Point
 
 FLUSH_SECONDS = 10  # a running training's events reach the disk at least this often

@@ -3,7 +3,6 @@ the progress bar, resume through the CLI, and ``test``'s averages with loss-weig
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import textwrap
@@ -21,9 +20,6 @@ from caffe_alex.errors import CaffeAlexError
 from caffe_alex.net import Net
 from caffe_alex.proto import caffe_pb2
 from caffe_alex.solvers import distributed
-
-HAVE_SOLVER = importlib.util.find_spec("caffe_alex.solvers.solver") is not None
-needs_solver = pytest.mark.skipif(not HAVE_SOLVER, reason="caffe_alex.solvers.solver not here")
 
 
 def run(*args):
@@ -202,7 +198,6 @@ def _read_params(path) -> list[np.ndarray]:
     return [b.data for lw in read_weights(str(path)).layers for b in lw.blobs if b is not None]
 
 
-@needs_solver
 def test_train_writes_snapshots_and_a_parseable_log(tmp_path):
     files = write_tiny_problem(tmp_path)
     result = run("train", "-solver", files["solver"], "-gpu", "none")
@@ -220,7 +215,6 @@ def test_train_writes_snapshots_and_a_parseable_log(tmp_path):
     assert [i for i, _ in log.loss][:3] == [0, 2, 4]
 
 
-@needs_solver
 def test_resume_through_the_cli_is_bit_identical(tmp_path):
     straight, resumed = tmp_path / "a", tmp_path / "b"
     straight.mkdir(), resumed.mkdir()
@@ -238,7 +232,6 @@ def test_resume_through_the_cli_is_bit_identical(tmp_path):
         assert np.array_equal(x, y)
 
 
-@needs_solver
 def test_finetune_from_weights_and_progress_bar(tmp_path):
     files = write_tiny_problem(tmp_path, max_iter=2, snapshot=0)
     start = tmp_path / "start.caffemodel"
@@ -252,7 +245,6 @@ def test_finetune_from_weights_and_progress_bar(tmp_path):
     assert (tmp_path / "tiny_iter_2.caffemodel").is_file()  # snapshot_after_train
 
 
-@needs_solver
 def test_gpu_solver_mode_falls_back_to_cpu(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is here")

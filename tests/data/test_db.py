@@ -184,6 +184,7 @@ def _big_lmdb(path, n=200) -> None:
         txn.commit()
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize(
     "keep",
     [lambda size: size // 2, lambda size: size - 1, lambda size: 5000, lambda size: 100,
@@ -203,6 +204,7 @@ def test_truncated_lmdb_is_an_error_not_a_crash(tmp_path, keep):
         open_db(str(path))
 
 
+@pytest.mark.subprocess
 def test_a_damaged_lmdb_page_is_an_error(tmp_path):
     path = tmp_path / "db"
     _big_lmdb(str(path))
@@ -262,6 +264,7 @@ def test_full_disk_is_an_error_naming_the_database(tmp_path, backend):
         assert entries(folder) == []
 
 
+@pytest.mark.subprocess
 def test_full_disk_before_the_lock_file_is_an_error_not_a_crash(tmp_path):
     # LMDB maps its lock file and writes through the map: unallocated, that was a SIGBUS
     with small_file_system(tmp_path / "full") as folder:

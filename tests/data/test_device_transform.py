@@ -15,7 +15,7 @@ from tests.data.test_transformer import make_param
 
 IMAGES = np.random.default_rng(3).integers(0, 256, (12, 3, 7, 9)).astype(np.uint8)
 # (device, batched): record by record on the CPU, and the GPU's batched kernels
-PATHS = [("cpu", False), ("cpu", True)] + ([("cuda", True)] if torch.cuda.is_available() else [])
+PATHS = [("cpu", False), ("cpu", True), pytest.param("cuda", True, marks=pytest.mark.gpu)]
 
 
 def host_half(transformer, images, seeds):

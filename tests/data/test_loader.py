@@ -1,6 +1,7 @@
 """The feed (caffe_alex.data.loader): uint8 records through the ring and the transform on the
-device give the batches of the former float32 path (the CPU DataTransformer, itself checked
-against a transcription of Caffe's loops) for any worker count, rank and seed; workers report
+device give the batches the sources and the CPU DataTransformer (itself checked against a
+transcription of Caffe's loops) make record by record, at the stream positions and with the
+draws the feed promises, for any worker count, rank and seed; workers report
 errors as one line and a dead worker is an error, not a hang; decode="gpu" without torchvision
 is a one-line error, and with a decoder standing in for torchvision's it gives the same batches.
 """
@@ -21,6 +22,7 @@ import torch
 
 from caffe_alex.data.datum import array_to_datum, encode_image, encoded_datum
 from caffe_alex.data.loader import make_feed
+from caffe_alex.data.sources import DBSource, ImageListSource
 from caffe_alex.errors import CaffeAlexError
 from caffe_alex.formats.blobs import array_to_blob_proto
 from caffe_alex.net import Net
@@ -60,6 +62,32 @@ def batches(net, n, **options):
         feed.close()
 
 
+def expected(net, n, seed, rank=0, world_size=1):
+    """The feed's contract, made without it: batch b of a layer holds stream positions
+    (b * batch + i) * world_size + rank, each record is source.sample(position, rng) (the
+    DataTransformer on the CPU) with rng seeded by (seed, layer index, position)."""
+    layers = []
+    for index, lp in enumerate(net.net_param.layer):
+        if lp.type == "Data":
+            layers.append((index, lp, DBSource(lp, net.phase, seed)))
+        elif lp.type == "ImageData":
+            layers.append((index, lp, ImageListSource(lp, net.phase, seed)))
+    out = []
+    for b in range(n):
+        batch = {}
+        for index, lp, source in layers:
+            size = net.blob_shapes[lp.top[0]][0]
+            rows = []
+            for i in range(size):
+                position = (b * size + i) * world_size + rank
+                rng = np.random.default_rng((seed, index, position))
+                rows.append(source.sample(position, rng if source.needs_rng else None))
+            for k, top in enumerate(lp.top):
+                batch[top] = torch.from_numpy(np.stack([np.float32(r[k]) for r in rows]))
+        out.append(batch)
+    return out
+
+
 def assert_same(got, want):
     assert len(got) == len(want)
     for g, w in zip(got, want):
@@ -79,16 +107,16 @@ TRANSFORMS = [
 
 @pytest.mark.parametrize("transform", TRANSFORMS)
 @pytest.mark.parametrize("phase", ["TRAIN", "TEST"])
-def test_uint8_ring_equals_the_float32_path(tmp_path, mean_file, transform, phase):
+def test_uint8_ring_equals_the_cpu_transformer(tmp_path, mean_file, transform, phase):
     net = net_over(raw(), tmp_path, phase, transform.replace("MEAN", mean_file))
-    want = batches(net, 4, seed=5, workers=0, transport="float32")
+    want = expected(net, 4, seed=5)
     assert_same(batches(net, 4, seed=5, workers=0), want)
     if transform == TRANSFORMS[0]:  # the worker counts and ranks, once
         assert_same(batches(net, 4, seed=5, workers=1, prefetch=1), want)
         assert_same(batches(net, 4, seed=5, workers=2), want)
         for rank in (0, 1):
             options = {"seed": 5, "rank": rank, "world_size": 2}
-            want = batches(net, 3, workers=0, transport="float32", **options)
+            want = expected(net, 3, **options)
             assert_same(batches(net, 3, workers=2, **options), want)
 
 
@@ -96,7 +124,7 @@ def test_uint8_ring_equals_the_float32_path(tmp_path, mean_file, transform, phas
 def test_encoded_datums_decode_in_the_workers(tmp_path, mean_file, fmt):
     transform = f"transform_param {{ crop_size: 6 mirror: true mean_file: '{mean_file}' }}"
     net = net_over(encoded(fmt), tmp_path, "TRAIN", transform)
-    want = batches(net, 3, seed=2, workers=0, transport="float32")
+    want = expected(net, 3, seed=2)
     assert_same(batches(net, 3, seed=2, workers=0), want)
     assert_same(batches(net, 3, seed=2, workers=2), want)
 
@@ -105,7 +133,7 @@ def test_image_data_through_workers(image_list):  # noqa: F811
     listing, root = image_list
     params = f"root_folder: '{root}' new_height: 7 new_width: 6 shuffle: true"
     net = image_net(listing, "TRAIN", params, transform="transform_param { mirror: true }")
-    want = batches(net, 3, seed=4, workers=0, transport="float32")
+    want = expected(net, 3, seed=4)
     assert_same(batches(net, 3, seed=4, workers=2), want)
     rows = [cv2.resize(cv2.imread(f"{root}image {i}.png"), (6, 7)) for i in range(6)]
     order, mirrored = want[0]["label"].long().tolist(), want[0]["data"].numpy()
@@ -116,7 +144,7 @@ def test_image_data_through_workers(image_list):  # noqa: F811
 
 def test_batches_kept_by_the_caller_outlive_the_ring(tmp_path):
     net = net_over(raw(), tmp_path, "TRAIN", TRANSFORMS[1])
-    want = batches(net, 9, seed=8, workers=0, transport="float32")
+    want = expected(net, 9, seed=8)
     for workers in (0, 2):
         feed = make_feed(net, seed=8, workers=workers, prefetch=2)
         kept = [next(feed) for _ in range(9)]  # more batches than the ring holds
@@ -141,8 +169,8 @@ def test_float_records_keep_the_float_path(tmp_path):
     floats = np.random.default_rng(0).normal(0, 50, (10, 3, 8, 9)).astype(np.float32)
     net = net_over(raw(floats), tmp_path, "TRAIN", TRANSFORMS[1])
     feed = make_feed(net, seed=1, workers=0)
-    assert feed.plans[0].kind == "arrays"
-    assert_same([next(feed)], batches(net, 1, seed=1, workers=0, transport="float32"))
+    assert feed.layers[0].travel == "arrays"
+    assert_same([next(feed)], expected(net, 1, seed=1))
 
 
 def test_a_float_record_in_a_uint8_source_is_an_error(tmp_path):
@@ -243,7 +271,7 @@ def test_gpu_decode_gives_the_cpu_decode_batches(tmp_path, mean_file, monkeypatc
     net = net_over(values, tmp_path, "TRAIN", transform)
     want = batches(net, 3, seed=6, workers=0)
     feed = make_feed(net, seed=6, decode="gpu", device="cpu")
-    assert feed.plans[0].kind == "decode"
+    assert feed.layers[0].travel == "decode"
     assert_same([next(feed) for _ in range(3)], want)
     mode = "GRAY" if force else "UNCHANGED"
     assert vision.io.calls[0] == (4, mode, "cpu", bool(force))
@@ -261,7 +289,7 @@ def test_gpu_decode_errors_name_the_layer(tmp_path, monkeypatch):
         next(feed)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 @pytest.mark.parametrize("workers", [0, 2])
 def test_cuda_batches_equal_the_cpu_batches(tmp_path, mean_file, workers):
     """Pinned staging, the side-stream copy and the batched kernels, against the CPU path."""

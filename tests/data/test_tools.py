@@ -259,6 +259,7 @@ def _cli_process(*args) -> subprocess.CompletedProcess:
                           text=True, timeout=300, cwd=ROOT)  # fmt: skip
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("fill", [True, False], ids=["full before", "full part-way"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_convert_mnist_onto_a_full_disk(tmp_path, backend, fill):
@@ -299,6 +300,7 @@ convert_mnist(*sys.argv[1:])
 """
 
 
+@pytest.mark.subprocess
 def test_kill_during_convert_mnist_leaves_no_database_and_the_next_run_cleans_up(tmp_path):
     img, lab, images, labels = _idx(tmp_path, n=2500)
     out = tmp_path / "mnist_db"

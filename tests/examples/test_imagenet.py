@@ -22,6 +22,8 @@ from caffe_alex.data.db import open_db
 from caffe_alex.formats.caffemodel import read_binaryproto
 from tests.paths import ROOT
 
+pytestmark = pytest.mark.subprocess  # the example's bash scripts
+
 SCRIPTS = ROOT / "examples" / "imagenet"
 CLI = f"{sys.executable} -m caffe_alex"
 

@@ -18,6 +18,7 @@ from caffe_alex.formats.prototxt import read_any
 from caffe_alex.proto import caffe_pb2
 from tests.corpus import CORPUS, Entry, corpus_table
 
+pytestmark = pytest.mark.corpus
 if not (CORPUS / "SOURCES.md").is_file():
     pytest.skip("../shared/corpus (with SOURCES.md) is not present", allow_module_level=True)
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from caffe_alex.net import Net
+from tests.corpus import CORPUS
 from tests.paths import ROOT
 from tests.reference import relative_error
 
-CORPUS = ROOT.parent / "shared" / "corpus"
 NETS = {
     "alexnet": (ROOT / "models/bvlc_alexnet/deploy.prototxt", 227, ["fc8", "prob"]),
     "caffenet": (
@@ -30,6 +30,9 @@ NETS = {
     ),
     "resnet": (None, 32, ["fc", "prob"]),  # RESNET below: ResNet-50's blocks, 2 of them
 }
+
+
+CORPUS_NETS = ("caffenet", "googlenet")
 
 
 def _conv_bn(name: str, bottom: str, out: int, kernel: int, stride: int, relu: bool) -> str:
@@ -104,7 +107,10 @@ def unit_scale(net: Net) -> None:
         net.params[last][0].mul_(0.05)  # logits of order 1 for the softmax
 
 
-@pytest.mark.parametrize("name", list(NETS))
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.corpus) if n in CORPUS_NETS else n for n in NETS],
+)
 def test_opencv_reads_our_caffemodel(name, tmp_path):
     import cv2
 
@@ -112,8 +118,6 @@ def test_opencv_reads_our_caffemodel(name, tmp_path):
     if prototxt is None:
         prototxt = tmp_path / "resnet.prototxt"
         prototxt.write_text(RESNET)
-    if not prototxt.is_file():
-        pytest.skip(f"{prototxt} not present")
     net = Net.from_prototxt(str(prototxt), input_shapes={"data": (1, 3, size, size)})
     unit_scale(net)
     data = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)

@@ -13,7 +13,11 @@ SEED = 20261201
 # memory) fewer, to keep the subset under two minutes on two cores
 QUICK = {"prototxt": 150, "solver": 40, "caffemodel": 40, "torch-weights": 10,
          "hdf5-weights": 6, "lmdb": 10, "images": 21, "faults": 1}  # fmt: skip
-CASES = generate(SEED, QUICK)
+CASES = [
+    pytest.param(case, marks=[pytest.mark.subprocess] if case.isolate else [])
+    for case in generate(SEED, QUICK)
+]
+pytestmark = pytest.mark.slow  # a few hundred cases: CI runs them, the fast tier does not
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.family}/{c.name}")

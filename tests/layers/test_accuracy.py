@@ -99,7 +99,7 @@ def test_accuracy_compiles_without_graph_breaks():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_accuracy_on_cuda_matches_cpu():
     net = Net(parse_net(acc_net((6, 5, 2), (6, 2), "top_k: 2 ignore_label: 0", ("acc", "pc"))))
     gen = torch.Generator().manual_seed(0)

@@ -93,7 +93,7 @@ def test_host_fillers_and_dtype_follow_the_module():
     assert out.abs().max() <= (3.0 / 3) ** 0.5  # xavier: uniform within sqrt(3 / fan_in)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_tops_are_made_on_the_module_device():
     net = dummy_net("shape { dim: 3 } data_filler { type: 'gaussian' }", ("a", "b")).cuda()
     out = net()

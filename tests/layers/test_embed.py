@@ -1,5 +1,6 @@
 """Parameter and Embed: NumPy transcriptions of Caffe's forward and backward, float64
-gradcheck, blob layouts and fillers, Caffe's checks, and a .caffemodel round trip.
+gradcheck, blob layouts and fillers, Caffe's checks, and .caffemodel files both ways (decoded
+by protobuf, and encoded by hand).
 
 OpenCV 4's Caffe importer has neither type (it raises "Can't create layer"), so there is no
 OpenCV comparison here.
@@ -13,7 +14,7 @@ import torch
 
 from caffe_alex.errors import CaffeAlexError
 from caffe_alex.net import Net
-from tests.reference import gradcheck_net, parse_net, randomize
+from tests.reference import assert_caffemodel_round_trip, gradcheck_net, parse_net, randomize
 
 
 def parameter_net(shape_text: str = "shape { dim: 2 dim: 3 }") -> str:
@@ -31,16 +32,7 @@ layer {{ name: "embed" type: "Embed" bottom: "data" top: "out" embed_param {{ {p
 
 
 def round_trip(text: str, tmp_path) -> None:
-    net = Net(parse_net(text))
-    randomize(net, seed=3)
-    path = tmp_path / "a.caffemodel"
-    net.save_weights(path)
-    fresh = Net(parse_net(text))
-    fresh.load_weights(str(path))
-    for name, blobs in net.params.items():
-        for ours, loaded in zip(blobs, fresh.params[name]):
-            assert ours.shape == loaded.shape
-            assert torch.equal(ours, loaded)
+    assert_caffemodel_round_trip(lambda: Net(parse_net(text)), tmp_path)
 
 
 # -- Parameter --------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""HDF5Output: bottoms written as Caffe's layer writes them ("data" and "label", 4-D, float)."""
+"""HDF5Output: bottoms written as Caffe's layer writes them ("data" and "label", 4-D, float),
+each forward atomically: a run killed mid-write leaves the file of the earlier batches."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 
 from caffe_alex.errors import CaffeAlexError
 from caffe_alex.net import Net
+from tests.data.full_disk import kill_midway
 from tests.reference import parse_net
 
 h5py = pytest.importorskip("h5py")
@@ -67,3 +69,51 @@ def test_needs_a_file_name():
               layer { name: "out" type: "HDF5Output" bottom: "x" bottom: "y" }"""
     with pytest.raises(CaffeAlexError, match="file_name is required"):
         Net(parse_net(text), "TEST")
+
+
+def test_a_failed_write_is_one_line_naming_the_layer_and_file(tmp_path):
+    path = tmp_path / "no_such_folder" / "out.h5"
+    net = output_net(path)
+    with pytest.raises(CaffeAlexError) as info:
+        net(x=torch.zeros(2, 3, 4, 5), y=torch.zeros(2))
+    assert str(info.value) == (
+        f"layer 'out' (HDF5Output): cannot write {path}: No such file or directory"
+    )
+
+
+def test_rows_of_another_shape_are_refused_and_the_file_kept(tmp_path):
+    path = tmp_path / "out.h5"
+    net = output_net(path, (2, 3), (2,))
+    net(x=torch.ones(2, 3), y=torch.ones(2))
+    with pytest.raises(CaffeAlexError, match=r"layer 'out' \(HDF5Output\): 'data' rows of shape"):
+        net(x=torch.ones(2, 4), y=torch.ones(2))
+    with h5py.File(path, "r") as h5:
+        assert h5["data"].shape == (2, 3, 1, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5"]
+
+
+TWO_FORWARDS_KILLED_IN_THE_SECOND = """
+import os, sys, time, torch
+from tests.layers.test_hdf5_output import output_net
+net = output_net(sys.argv[1], (2, 3), (2,))
+net(x=torch.full((2, 3), 1.0), y=torch.zeros(2))
+def stall(fd):  # the second batch is in the temporary; the rename has not happened
+    print("writing", flush=True)
+    time.sleep(300)
+os.fsync = stall
+net(x=torch.full((2, 3), 2.0), y=torch.zeros(2))
+"""
+
+
+@pytest.mark.subprocess
+def test_kill_during_a_forward_leaves_the_earlier_batches_and_the_next_run_cleans_up(tmp_path):
+    path = tmp_path / "out.h5"
+    code = TWO_FORWARDS_KILLED_IN_THE_SECOND.replace("sys.argv[1]", repr(str(path)))
+    pid = kill_midway(code)
+    with h5py.File(path, "r") as h5:  # a whole file: the first batch only
+        np.testing.assert_array_equal(h5["data"][:], np.ones((2, 3, 1, 1), np.float32))
+    (left,) = [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert left.name.startswith(f".out.h5.caffe-alex-{pid}-")
+    net = output_net(path, (2, 3), (2,))  # the next run: a new net replaces the file
+    net(x=torch.zeros(2, 3), y=torch.zeros(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5"]

@@ -292,7 +292,7 @@ def test_infogain_source_follows_dtype_and_compiles(tmp_path):
     torch.testing.assert_close(compiled(feed["s"], feed["l"]), ref)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_log_losses_on_cuda_match_cpu(tmp_path):
     x, label, h = infogain_inputs((4, 3, 5), (4, 5), 1, seed=8)
     text = infogain_net(

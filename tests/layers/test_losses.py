@@ -268,7 +268,7 @@ def test_losses_compile_without_graph_breaks():
     torch.testing.assert_close(compiled(x, label), layer(x, label))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 @pytest.mark.parametrize(
     "kind,params",
     [
@@ -379,7 +379,7 @@ def test_the_label_item_is_the_index_along_the_batch_axis():
 def test_an_unchecked_bad_label_selects_no_class(kind, monkeypatch):
     """Where labels are not checked (on a GPU, or compiling: no device sync), a bad label
     indexes nothing out of bounds: it selects no class."""
-    monkeypatch.setattr("caffe_alex.layers.losses.tracing", lambda: True)
+    monkeypatch.setattr("caffe_alex.layers.labels.tracing", lambda: True)
     net = label_net(kind)
     good = net(**label_inputs(net, [0.0, 1.0, 2.0]))["out"]
     for bad in (2147483647.0, -3.0, float("nan")):
@@ -402,7 +402,7 @@ def test_bad_labels_compile_without_graph_breaks_or_bounds_errors():
     assert torch.isfinite(out)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 @pytest.mark.parametrize("kind", list(LABEL_LAYERS))
 def test_bad_labels_on_cuda_select_no_class_without_a_device_assert(kind):
     net = label_net(kind)

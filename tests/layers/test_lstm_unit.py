@@ -157,7 +157,7 @@ def test_float32():
     np.testing.assert_allclose(out["c"].detach().numpy(), c, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_cuda_matches_cpu():
     _, c_prev, x, cont, out = run([1, 0, 1, 0.5])
     (out["c"].sum() + out["h"].sum()).backward()

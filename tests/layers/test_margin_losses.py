@@ -230,7 +230,7 @@ def test_contrastive_gradcheck(params):
     gradcheck_net(text, outputs=["loss"], inputs=feed, check_inputs=["a", "b"])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_margin_losses_on_cuda_match_cpu():
     gen = torch.Generator().manual_seed(4)
     a, b = torch.randn(6, 3, generator=gen), torch.randn(6, 3, generator=gen)

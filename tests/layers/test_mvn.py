@@ -158,7 +158,7 @@ def test_float64_and_runtime_variants():
     check_runtime_variants(net, x)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_cuda_matches_cpu():
     net = Net(parse_net(mvn_net("across_channels: true")))
     x = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(1))

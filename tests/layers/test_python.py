@@ -16,7 +16,7 @@ from caffe_alex.cli import main
 from caffe_alex.errors import CaffeAlexError
 from caffe_alex.net import Net
 from caffe_alex.solvers import Solver
-from tests.reference import parse_net
+from tests.reference import assert_caffemodel_round_trip, parse_net
 
 LAYERS = '''
 import numpy as np
@@ -242,6 +242,8 @@ def test_learnable_blobs_round_trip_through_a_caffemodel(tmp_path):
     assert fresh.params["s"][0].tolist() == [2.0, 2.0, 2.0]  # from param_str in setup
     fresh.load_weights(tmp_path / "w.caffemodel")
     assert fresh.params["s"][0].tolist() == [1.0, 2.0, 3.0]
+    # and against protobuf's decoder and a hand-encoded file
+    assert_caffemodel_round_trip(lambda: Net(parse_net(text)), tmp_path)
 
 
 @pytest.mark.parametrize(

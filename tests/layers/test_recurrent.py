@@ -15,7 +15,7 @@ import torch
 from caffe_alex.errors import CaffeAlexError
 from caffe_alex.net import Net
 from caffe_alex.proto import caffe_pb2
-from tests.reference import gradcheck_net, parse_net, randomize
+from tests.reference import assert_caffemodel_round_trip, gradcheck_net, parse_net, randomize
 
 STATES = {"RNN": ("h",), "LSTM": ("h", "c")}
 
@@ -308,13 +308,7 @@ def test_exposed_bottoms_and_tops_counts(kind):
 @pytest.mark.parametrize("kind", ["RNN", "LSTM"])
 def test_caffemodel_round_trip(kind, tmp_path):
     text = recurrent_net(kind, static=(2,))
-    net = Net(parse_net(text), "TEST")
-    randomize(net, seed=9)
-    net.save_weights(tmp_path / "a.caffemodel")
-    again = Net(parse_net(text), "TEST")
-    again.load_weights(str(tmp_path / "a.caffemodel"))
-    for mine, theirs in zip(again.params["r"], net.params["r"]):
-        assert torch.equal(mine, theirs)
+    assert_caffemodel_round_trip(lambda: Net(parse_net(text), "TEST"), tmp_path, seed=9)
 
 
 @pytest.mark.parametrize("kind", ["RNN", "LSTM"])
@@ -376,7 +370,7 @@ def test_rnn_output_layer():
     assert y.item() == pytest.approx(np.tanh(2.0 * np.tanh(0.4) - 0.1), abs=1e-15)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["RNN", "LSTM"])
 def test_cuda_matches_cpu(kind):
     text = recurrent_net(kind, static=(2,), expose=True)

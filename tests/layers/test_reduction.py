@@ -126,7 +126,7 @@ def test_float64_reshape_and_runtime_variants():
     check_runtime_variants(net, x)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 @pytest.mark.parametrize("op", ["SUM", "ASUM", "SUMSQ", "MEAN"])
 def test_cuda_matches_cpu(op):
     net = Net(parse_net(reduction_net(f"operation: {op} axis: 1 coeff: 1.5")))

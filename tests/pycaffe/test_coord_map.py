@@ -184,11 +184,8 @@ def test_multi_bottom_multi_top():
 # ---- pycaffe's own cases, on net spec tops -----------------------------------------------------
 @pytest.fixture
 def ns():
-    # importorskip, but for any import failure: net_spec is written alongside this module
-    try:
-        from caffe_alex.pycaffe import net_spec
-    except ImportError as exc:
-        pytest.skip(f"caffe_alex.pycaffe.net_spec does not import (yet): {exc}")
+    from caffe_alex.pycaffe import net_spec
+
     return net_spec
 
 

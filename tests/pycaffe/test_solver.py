@@ -85,3 +85,75 @@ def test_share_weights_and_solve(tiny, tmp_path):
     solver.solve()
     assert solver.iter == 6
     np.testing.assert_array_equal(deploy.params["ip"][0].data, solver.net.params["ip"][0].data)
+
+
+# -- several processes, as pycaffe's python/train.py runs them ---------------------------------
+# train.py's flow, step for step: a uid made before the processes start; in each, the solver
+# count and rank set before the solver is made, then NCCL(solver, uid), bcast(), the NCCL given
+# to add_callback and (layer_wise_reduce) to net.after_backward, and step(max_iter).
+TRAIN_PY = """
+import sys
+from multiprocessing import Process
+
+import caffe
+
+
+def solve(proto, gpus, uid, rank):
+    caffe.set_mode_cpu()
+    caffe.set_solver_count(len(gpus))
+    caffe.set_solver_rank(rank)
+    caffe.set_multiprocess(True)
+    solver = caffe.SGDSolver(proto)
+    nccl = caffe.NCCL(solver, uid)
+    nccl.bcast()
+    solver.add_callback(nccl)
+    if solver.param.layer_wise_reduce:
+        solver.net.after_backward(nccl)
+    solver.step(solver.param.max_iter)
+
+
+if __name__ == "__main__":
+    gpus = [0, 1]
+    uid = caffe.NCCL.new_uid()
+    caffe.init_log()
+    caffe.log("Using devices %s" % str(gpus))
+    procs = [Process(target=solve, args=(sys.argv[1], gpus, uid, r)) for r in range(len(gpus))]
+    for p in procs:
+        p.daemon = True
+        p.start()
+    for p in procs:
+        p.join()
+    sys.exit(max(p.exitcode for p in procs))
+"""
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("layer_wise", [True, False])
+def test_nccl_trains_as_caffe_alex_train_on_two_gpus(tmp_path, layer_wise):
+    """Two processes joined by caffe.NCCL give the weights of one process with iter_size 2
+    (the records dealt round robin, the gradients summed and halved), which is what
+    `caffe-alex train --gpu 0,1` gives (tests/solvers/test_distributed.py)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.paths import ROOT
+
+    extra = "" if layer_wise else "layer_wise_reduce: false\n"
+    files = write_tiny_problem(tmp_path, max_iter=8, snapshot=8, extra=extra)
+    (tmp_path / "train.py").write_text(TRAIN_PY)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    command = [sys.executable, str(tmp_path / "train.py"), str(files["solver"])]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("Snapshotting to binary proto file") == 1  # rank 0 alone
+    one = tmp_path / "one_solver.prototxt"
+    text = files["solver"].read_text().replace("snapshot: 8", "snapshot: 0")  # writes nothing
+    one.write_text(text + "iter_size: 2\n")
+    single = caffe.SGDSolver(str(one))
+    single.step(8)
+    two = {lw.name: lw.blobs for lw in read_weights(tmp_path / "tiny_iter_8.caffemodel").layers}
+    for a, b in zip(two["ip"], single.net.params["ip"]):
+        want = b.data
+        np.testing.assert_allclose(a.data.reshape(want.shape), want, rtol=1e-5, atol=1e-6)

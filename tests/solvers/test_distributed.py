@@ -30,10 +30,13 @@ from caffe_alex.solvers import Solver, distributed
 from tests.commands.test_train import write_tiny_problem
 from tests.paths import ROOT
 
-pytestmark = pytest.mark.skipif(
-    not distributed.dist.is_available() or not distributed.dist.is_gloo_available(),
-    reason="torch.distributed with gloo is not available",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not distributed.dist.is_available() or not distributed.dist.is_gloo_available(),
+        reason="torch.distributed with gloo is not available",
+    ),
+    pytest.mark.subprocess,  # ranks are processes
+]
 TIMEOUT = 120  # seconds for a whole run: the runs take a few; a hang fails instead of blocking
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 from caffe_alex.cli import main
 from caffe_alex.net import Net
 from caffe_alex.tools.deploy import Classifier
-from caffe_alex.tools.images import (
+from caffe_alex.tools.pycaffe_io import (
     Transformer,
     center_crop,
     load_image,

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from caffe_alex.cli import main
 from caffe_alex.tools.plot_log import parse_lines
 from tests.commands.test_train import write_tiny_problem
+from tests.data.full_disk import kill_midway
 
 # -- a model of parse_log.py ------------------------------------------------------------------
 # Its number class is digits, '.', 'e', 'E', '+' and '-' only (no nan/inf).
@@ -157,7 +158,59 @@ def test_plot_log_rejects_a_log_without_iterations(tmp_path):
     path.write_text("I0210 13:39:20.100000 42 caffe.cpp:218] Use CPU.\n")
     result = CliRunner().invoke(main, ["plot-log", str(path), str(tmp_path / "x.png")])
     assert result.exit_code == 1
-    assert "no training iterations" in result.output
+    assert result.stderr == f"caffe-alex: error: {path}: no training iterations found in the log\n"
+
+
+@pytest.mark.parametrize("ext,magic", [("svg", b"<?xml"), ("pdf", b"%PDF"), ("", b"\x89PNG")])
+def test_plot_log_formats_by_extension_and_refuses_unknown_ones(tmp_path, ext, magic):
+    path = tmp_path / "caffe.log"
+    path.write_text(CAFFE_LOG)
+    out = tmp_path / (f"curves.{ext}" if ext else "curves")
+    assert CliRunner().invoke(main, ["plot-log", str(path), str(out)]).exit_code == 0
+    assert out.read_bytes().startswith(magic)
+    result = CliRunner().invoke(main, ["plot-log", str(path), str(tmp_path / "c.xyz")])
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"caffe-alex: error: {tmp_path / 'c.xyz'}: cannot draw a")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["caffe.log", out.name])
+
+
+SLOW_PLOT = """
+import os, sys, time
+import click
+from caffe_alex.cli import main
+click.echo = lambda *args, **kwargs: None  # stdout says "writing" and nothing else
+real_fsync, calls = os.fsync, []
+def stall(fd):  # write number STALL_AT is in its temporary; its rename has not happened
+    calls.append(fd)
+    if len(calls) < STALL_AT:
+        return real_fsync(fd)
+    print("writing", flush=True)
+    time.sleep(300)
+os.fsync = stall
+main(["plot-log", "--csv", LOG, OUT])
+"""
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("stall_at,written", [(1, []), (2, ["curves.png"])], ids=["image", "csv"])
+def test_kill_during_plot_log_keeps_the_old_files_and_the_next_run_cleans_up(
+    tmp_path, stall_at, written
+):
+    log, out = tmp_path / "caffe.log", tmp_path / "curves.png"
+    log.write_text(CAFFE_LOG)
+    old = {"curves.png": b"old image", "curves.train": b"old train", "curves.test": b"old test"}
+    for name, data in old.items():
+        (tmp_path / name).write_bytes(data)
+    code = SLOW_PLOT.replace("LOG", repr(str(log))).replace("OUT", repr(str(out)))
+    pid = kill_midway(code.replace("STALL_AT", str(stall_at)))
+    left = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert len(left) == 1 and f".caffe-alex-{pid}-" in left[0]
+    for name, data in old.items():  # each file is the old one or the new one, whole
+        assert ((tmp_path / name).read_bytes() == data) != (name in written), name
+    assert (tmp_path / "curves.png").read_bytes()[:4] == (b"\x89PNG" if written else b"old ")
+    result = CliRunner().invoke(main, ["plot-log", "--csv", str(log), str(out)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["caffe.log", *sorted(old)]
 
 
 # -- a log written by our solver --------------------------------------------------------------

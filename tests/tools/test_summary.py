@@ -60,9 +60,8 @@ def test_alexnet_rows():
     assert [r.name for r in summarize(_alexnet()).rows][:3] == ["data", "conv1", "relu1"]
 
 
+@pytest.mark.corpus
 def test_googlenet_deploy():
-    if not GOOGLENET.exists():
-        pytest.skip("corpus not present")
     net_param, _ = read_net(str(GOOGLENET))
     net = build_for_shapes(net_param, "TEST", input_shapes={"data": (1, 3, 224, 224)})
     summary = summarize(net)

@@ -1,11 +1,9 @@
-"""``caffe-alex upgrade``, ``caffe-alex time`` and ``caffe-alex layers``: net definitions."""
+"""``caffe-alex time``: per-layer forward and backward times, as ``caffe time``."""
 
 from __future__ import annotations
 
 import click
 
-from ..formats.prototxt import upgrade_file
-from ..layers import layer_family, layer_types
 from ..log import get_logger
 from ..net import Net
 from ..tools.timing import report_lines, time_net
@@ -17,18 +15,6 @@ from .options import (
     resolve_device,
     user_errors,
 )
-
-
-@click.command()
-@click.argument("source")
-@click.argument("destination")
-@user_errors
-def upgrade(source: str, destination: str) -> None:
-    """Rewrite a legacy net or solver SOURCE in the current format as DESTINATION.
-
-    Like Caffe's upgrade_net_proto_text / upgrade_solver_proto_text.
-    """
-    upgrade_file(source, destination)
 
 
 @click.command()
@@ -55,13 +41,3 @@ def time(model, iterations, gpu, phase, level, stage, input_shape, weights) -> N
     for line in report_lines(report):
         log(line)
     log("*** Benchmark ends ***")
-
-
-@click.command("layers")
-def list_layers() -> None:
-    """List the Caffe layer types this build supports, each with its family (the module of
-    caffe_alex/layers/ that implements it)."""
-    names = layer_types()
-    width = max(map(len, names))
-    for name in names:
-        click.echo(f"{name:<{width}}  {layer_family(name)}")

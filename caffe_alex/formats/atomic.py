@@ -1,5 +1,4 @@
-"""Writing files so that an interrupted write never leaves a broken file under the final name,
-and library errors as clean one-line text for our messages.
+"""Writing files so that an interrupted write never leaves a broken file under the final name.
 
 A write goes to a temporary beside the destination, named ``.<name>.caffe-alex-<pid>-<n>.tmp``
 (a file, or a folder for a database), and is renamed over the destination when complete. A
@@ -10,13 +9,12 @@ removes the temporaries whose process is gone.
 from __future__ import annotations
 
 import contextlib
-import errno
 import itertools
 import os
 import re
 import shutil
 
-from ..errors import CaffeAlexError, describe  # noqa: F401  (re-exported)
+from .file_errors import write_error
 
 _SEQUENCE = itertools.count()  # two writes of one destination in one process get two names
 _NAME_BYTES = 200  # the destination's name in a temporary is cut to keep it under NAME_MAX
@@ -84,27 +82,6 @@ def remove_path(path: str) -> None:
             os.unlink(path)
 
 
-def regular_file(path) -> str:
-    """``path``, after checking that it is a file to read: a missing path, a folder or a
-    FIFO or device (opening a FIFO would wait for a writer forever) is one line."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise CaffeAlexError(f"no such file: {path}")
-    if os.path.isdir(path):
-        raise CaffeAlexError(f"is a folder, not a file: {path}")
-    if not os.path.isfile(path):
-        raise CaffeAlexError(f"not a regular file: {path}")
-    return path
-
-
-def write_error(path, exc: BaseException, wanted: int = 0) -> CaffeAlexError:
-    """The one-line error for a failed write of ``path`` (``wanted``: bytes being written)."""
-    path = os.fspath(path)
-    full = no_space(exc, os.path.dirname(os.path.abspath(path)), wanted)
-    reason = os.strerror(errno.ENOSPC) if full else describe(exc)
-    return CaffeAlexError(f"cannot write {path}: {reason}")
-
-
 @contextlib.contextmanager
 def atomic_path(path):
     """A temporary path beside ``path`` to write to; on success it is fsynced and renamed over
@@ -122,24 +99,3 @@ def atomic_path(path):
         raise write_error(path, exc) from None
     finally:
         remove_path(tmp)
-
-
-# ---- messages ------------------------------------------------------------------------------
-
-
-
-def no_space(exc: BaseException, folder: str | None = None, wanted: int = 0) -> bool:
-    """Whether ``exc`` says the file system is full; or, for a short write reported without
-    the OS's reason (numpy's "N requested and M written", LMDB's EIO), whether the free space
-    left in ``folder`` says so."""
-    if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    if "No space left on device" in str(exc):
-        return True
-    if folder is None or getattr(exc, "errno", None) not in (None, errno.EIO):
-        return False
-    try:
-        fs = os.statvfs(folder)
-    except OSError:
-        return False
-    return fs.f_bavail * fs.f_frsize < wanted + (1 << 20)

@@ -1,4 +1,4 @@
-"""``caffe-alex draw`` (Caffe's python/draw_net.py) and ``caffe-alex summary``."""
+"""``caffe-alex draw``: the net's diagram, as Caffe's python/draw_net.py draws it."""
 
 from __future__ import annotations
 
@@ -7,10 +7,7 @@ import click
 from ..formats.prototxt import read_net
 from ..tools.draw import draw_net_to_file, output_format, shape_notes, state_net
 from ..tools.html_view import html_page, is_html, write_page
-from ..tools.summary import build_for_shapes, summarize, table_lines
 from .options import input_shape_option, option, parse_input_shapes, phase_option, user_errors
-
-_INPUT_SHAPE = input_shape_option()
 
 
 @click.command()
@@ -22,7 +19,7 @@ _INPUT_SHAPE = input_shape_option()
 @click.option("--display-lrm", "--display_lrm", "display_lrm", is_flag=True,
               help="Show the lr and decay multipliers of the learning layers.")  # fmt: skip
 @click.option("--shapes", is_flag=True, help="Label each blob with its inferred shape.")
-@_INPUT_SHAPE
+@input_shape_option()
 @option("level", type=int, default=0, help="Net state level (with --phase TRAIN or TEST, or in "
         "the .html page's views).")  # fmt: skip
 @option("stage", default="", help="Net state stages, separated by ','.")
@@ -66,20 +63,3 @@ def _draw_html(net, output, rankdir, phase, display_lrm, shapes, input_shape, le
                      input_shapes=parse_input_shapes(input_shape), weights=weights)  # fmt: skip
     write_page(page, output)
 
-
-@click.command()
-@click.argument("net")
-@phase_option("TEST")
-@_INPUT_SHAPE
-@click.option("--batch", type=click.IntRange(min=1), default=None,
-              help="Set the first axis (batch size) of every input to N.")  # fmt: skip
-@user_errors
-def summary(net, phase, input_shape, batch) -> None:
-    """Print NET's layers with top shapes, parameters, multiply-adds and activation memory."""
-    net_param, source = read_net(net)
-    shapes = parse_input_shapes(input_shape)
-    built = build_for_shapes(net_param, phase.upper(), input_shapes=shapes, source=source)
-    if batch is not None:
-        built.reshape(**{n: (batch, *built.blob_shapes[n][1:]) for n in built.input_names})
-    for line in table_lines(summarize(built)):
-        click.echo(line)
