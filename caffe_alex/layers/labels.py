@@ -35,6 +35,25 @@ def class_targets(label: torch.Tensor, classes: int) -> tuple[torch.Tensor, torc
     return torch.where(inside, whole_labels, 0).long(), inside
 
 
+def checked_targets(
+    layer: CaffeLayer,
+    label: torch.Tensor,
+    classes: int,
+    ignore: int | None = None,
+    *,
+    caffe_checks: str = "",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``check_labels`` then ``class_targets``, in as few ops as a small net can afford: where
+    the check runs (CPU, not compiling) and every label names a class, one min/max settles it
+    and ``inside`` is None (no label to mask); otherwise as the two calls."""
+    if label.device.type == "cpu" and label.numel() and label.dtype != torch.bool and not tracing():
+        low, high = (v.item() for v in torch.aminmax(label))
+        if low > -1 and high < classes:  # NaN fails both; a float in (-1, 0) truncates to 0
+            return label.long(), None  # the float -> long conversion truncates toward zero
+        check_labels(layer, label, classes, ignore, caffe_checks=caffe_checks)
+    return class_targets(label, classes)
+
+
 def check_labels(
     layer: CaffeLayer,
     label: torch.Tensor,

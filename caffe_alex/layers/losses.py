@@ -19,7 +19,7 @@ import torch
 from ..errors import LayerConfigError
 from ..proto import caffe_pb2
 from ..registry import CaffeLayer, canonical_axis, count, register
-from .labels import DEBUG_ONLY, check_batch, check_label_count, check_labels, class_targets, whole
+from .labels import DEBUG_ONLY, check_batch, check_label_count, checked_targets, whole
 
 _Mode = caffe_pb2.LossParameter
 # Caffe takes log(max(p, FLT_MIN)): a hopeless prediction costs at most -log(FLT_MIN) ~ 87.34.
@@ -89,23 +89,59 @@ class SoftmaxWithLossLayer(LossLayer):
         classes = scores.shape[axis]
         x = widened(scores).reshape(outer, classes, inner)
         label = label.detach()
-        check_labels(self, label, classes, self.ignore_label, caffe_checks=DEBUG_ONLY)
-        target, inside = class_targets(label.reshape(outer, inner), classes)
-        valid = None if self.ignore_label is None else whole(label) != self.ignore_label
-        if valid is not None:
-            valid = valid.reshape(outer, inner)
-        nll = -torch.log_softmax(x, dim=1).gather(1, target.unsqueeze(1)).squeeze(1)
-        # Caffe's value clamp, but with the gradient p - onehot that Caffe keeps past the clamp.
-        nll = torch.where(nll > _MAX_NLL, nll - nll.detach() + _MAX_NLL, nll)
-        nll = torch.where(inside, nll, _MAX_NLL)  # an unchecked bad label: the clamp's cost
-        if valid is not None:
-            nll = torch.where(valid, nll, 0.0)
-            valid = valid.sum()
-        loss = nll.sum() / normalizer(self.mode, outer, inner, valid, nll)
+        target, inside = checked_targets(self, label.reshape(outer, inner), classes,
+                                         self.ignore_label, caffe_checks=DEBUG_ONLY)  # fmt: skip
+        valid = None
+        if self.ignore_label is not None:
+            valid = (whole(label) != self.ignore_label).reshape(outer, inner)
+        norm = normalizer(self.mode, outer, inner, None if valid is None else valid.sum(), x)
+        if x.requires_grad and torch.is_grad_enabled():
+            loss = SoftmaxLoss.apply(x, target, inside, valid, norm)
+        else:
+            loss = _mean_nll(torch.log_softmax(x, dim=1), target, inside, valid, norm)
         if self.n_top == 1:
             return loss
         # Caffe's backward ignores the probability top's diff.
         return loss, torch.softmax(widened(scores.detach()), dim=axis)
+
+
+def _mean_nll(log_prob, target, inside, valid, norm) -> torch.Tensor:
+    """-log p[label] summed over the labelled positions, divided by ``norm``: clamped at
+    -log(FLT_MIN) as Caffe's log(max(p, FLT_MIN)); a bad label that went unchecked (``inside``
+    False) costs that clamp; an ignored one (``valid`` False) nothing."""
+    nll = -log_prob.gather(1, target.unsqueeze(1)).squeeze(1)
+    nll = nll.clamp(max=_MAX_NLL)
+    if inside is not None:
+        nll = torch.where(inside, nll, _MAX_NLL)
+    if valid is not None:
+        nll = torch.where(valid, nll, 0.0)
+    return nll.sum() / norm
+
+
+class SoftmaxLoss(torch.autograd.Function):
+    """SoftmaxWithLoss as one autograd node, with Caffe's backward: (softmax - onehot) scaled
+    by loss_weight / normalizer, zero where the label is ignored (or names no class), and the
+    same past the FLT_MIN clamp (Caffe's gradient ignores it). One node instead of the ten of
+    the ops spelled out: a small net's backward is mostly per-node cost."""
+
+    @staticmethod
+    def forward(ctx, x, target, inside, valid, norm):
+        tensor_norm = torch.is_tensor(norm)
+        ctx.save_for_backward(x, target, inside, valid, norm if tensor_norm else None)
+        ctx.norm = None if tensor_norm else norm
+        return _mean_nll(torch.log_softmax(x, dim=1), target, inside, valid, norm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, target, inside, valid, norm = ctx.saved_tensors
+        norm = ctx.norm if norm is None else norm
+        diff = torch.softmax(x, dim=1)
+        index = target.unsqueeze(1)
+        diff.scatter_(1, index, diff.gather(1, index) - 1)
+        keep = inside if valid is None else valid if inside is None else inside & valid
+        if keep is not None:
+            diff = diff * keep.unsqueeze(1)
+        return diff * (grad / norm), None, None, None, None
 
 
 @register("EuclideanLoss")
