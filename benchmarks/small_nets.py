@@ -239,8 +239,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nets", default="logreg,lenet,cifar10_quick")
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--iters", type=int, default=0,
-                        help="iterations per round and side (default: 500 logreg, 20 others)")  # fmt: skip
+    parser.add_argument("--iters", type=int, default=0, help="iterations per round and "
+                        "side (default: 500 for logreg, 20 for the others)")  # fmt: skip
     args = parser.parse_args(argv)
     get_logger().setLevel("WARNING")  # the solvers' display lines would bury the figures
     results = {}
