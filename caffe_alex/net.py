@@ -568,8 +568,9 @@ class Net(nn.Module):
     def _run(self, blobs: dict) -> torch.Tensor | None:
         """The layers in order over ``blobs`` (filled in place); returns the weighted loss."""
         loss = None
+        modules = self._modules["layers"]._modules  # (a dict: no nn.Module lookup per layer)
         for step in self._steps:
-            layer = self.layers[step.key]
+            layer = modules[step.key]
             if layer.is_source:
                 continue
             bottoms = [

@@ -46,20 +46,27 @@ class AccuracyLayer(CaffeLayer):
         axis = canonical_axis(self.axis, scores.dim(), "accuracy_param.axis")
         outer, inner = count(scores.shape, 0, axis), count(scores.shape, axis + 1)
         classes = scores.shape[axis]
-        x = scores.detach().reshape(outer, classes, inner)
-        label = label.detach()
-        target, inside = checked_targets(self, label.reshape(outer, inner), classes,
-                                         self.ignore_label, caffe_checks=DEBUG_ONLY)  # fmt: skip
+        # (detach and reshape only where they change something: each op counts in a small net)
+        x = scores.detach() if scores.requires_grad else scores
+        label = label.detach() if label.requires_grad else label
+        labels = label if label.shape == (outer, inner) else label.reshape(outer, inner)
+        target, inside = checked_targets(self, labels, classes, self.ignore_label,
+                                         caffe_checks=DEBUG_ONLY)  # fmt: skip
         valid = None  # None: every position is labelled (no ignore_label)
         if self.ignore_label is not None:
             valid = (whole(label) != self.ignore_label).reshape(outer, inner)
-        true_score = x.gather(1, target.unsqueeze(1))
         # a hit: fewer than top_k other scores >= the true one (which counts itself once)
-        hit = (x >= true_score).sum(dim=1) <= self.top_k
+        if inner == 1 and valid is None and inside is None and self.n_top == 1:
+            rows = x if x.dim() == 2 else x.reshape(outer, classes)  # classification scores
+            hit = (rows >= rows.gather(1, target)).sum(dim=1) <= self.top_k
+        else:
+            if x.shape != (outer, classes, inner):
+                x = x.reshape(outer, classes, inner)
+            hit = (x >= x.gather(1, target.unsqueeze(1))).sum(dim=1) <= self.top_k
         counted = _both(valid, inside)
         if counted is not None:
             hit = hit & counted
-        dtype = torch.promote_types(scores.dtype, torch.float32)
+        dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32  # >= float
         n_valid = float(outer * inner) if valid is None else valid.sum().to(dtype)
         if valid is None:
             accuracy = hit.sum().to(dtype) / max(n_valid, 1.0)

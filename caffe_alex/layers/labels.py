@@ -44,14 +44,24 @@ def checked_targets(
     caffe_checks: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``check_labels`` then ``class_targets``, in as few ops as a small net can afford: where
-    the check runs (CPU, not compiling) and every label names a class, one min/max settles it
-    and ``inside`` is None (no label to mask); otherwise as the two calls."""
+    the check runs (CPU, not compiling) and every label names a class, ``inside`` is None (no
+    label to mask) and the targets are one conversion; otherwise as the two calls."""
     if label.device.type == "cpu" and label.numel() and label.dtype != torch.bool and not tracing():
-        low, high = (v.item() for v in torch.aminmax(label))
-        if low > -1 and high < classes:  # NaN fails both; a float in (-1, 0) truncates to 0
+        if _all_classes(label, classes):
             return label.long(), None  # the float -> long conversion truncates toward zero
         check_labels(layer, label, classes, ignore, caffe_checks=caffe_checks)
     return class_targets(label, classes)
+
+
+def _all_classes(label: torch.Tensor, classes: int) -> bool:
+    """Every label in (-1, classes), so that truncated it names a class (NaN fails)."""
+    if label.numel() <= _FEW_LABELS:  # read in Python: cheaper than two ops and their syncs
+        return all(-1 < v < classes for v in label.reshape(-1).tolist())
+    low, high = (v.item() for v in torch.aminmax(label))
+    return low > -1 and high < classes
+
+
+_FEW_LABELS = 256  # a classification batch's labels
 
 
 def check_labels(

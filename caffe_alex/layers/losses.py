@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import LayerConfigError
 from ..proto import caffe_pb2
@@ -87,61 +88,53 @@ class SoftmaxWithLossLayer(LossLayer):
         axis = canonical_axis(self.axis, scores.dim(), "softmax_param.axis")
         outer, inner = count(scores.shape, 0, axis), count(scores.shape, axis + 1)
         classes = scores.shape[axis]
-        x = widened(scores).reshape(outer, classes, inner)
-        label = label.detach()
-        target, inside = checked_targets(self, label.reshape(outer, inner), classes,
-                                         self.ignore_label, caffe_checks=DEBUG_ONLY)  # fmt: skip
+        # (detach and reshape only where they change something: each op counts in a small net)
+        label = label.detach() if label.requires_grad else label
+        shape = (outer,) if inner == 1 else (outer, inner)
+        labels = label if label.shape == shape else label.reshape(shape)
+        target, inside = checked_targets(self, labels, classes, self.ignore_label,
+                                         caffe_checks=DEBUG_ONLY)  # fmt: skip
         valid = None
         if self.ignore_label is not None:
-            valid = (whole(label) != self.ignore_label).reshape(outer, inner)
+            valid = whole(labels) != self.ignore_label
+        x = widened(scores)
         norm = normalizer(self.mode, outer, inner, None if valid is None else valid.sum(), x)
-        if x.requires_grad and torch.is_grad_enabled():
-            loss = SoftmaxLoss.apply(x, target, inside, valid, norm)
+        if inside is None and valid is None and inner == 1:  # classification: fewest ops
+            rows = x if x.dim() == 2 else x.reshape(outer, classes)
+            loss = _picked_loss(rows, target, norm)
         else:
-            loss = _mean_nll(torch.log_softmax(x, dim=1), target, inside, valid, norm)
+            masks = [m if m is None else m.reshape(outer, inner) for m in (inside, valid)]
+            x, target = x.reshape(outer, classes, inner), target.reshape(outer, inner)
+            loss = _masked_loss(x, target, *masks, norm)
         if self.n_top == 1:
             return loss
         # Caffe's backward ignores the probability top's diff.
         return loss, torch.softmax(widened(scores.detach()), dim=axis)
 
 
-def _mean_nll(log_prob, target, inside, valid, norm) -> torch.Tensor:
-    """-log p[label] summed over the labelled positions, divided by ``norm``: clamped at
-    -log(FLT_MIN) as Caffe's log(max(p, FLT_MIN)); a bad label that went unchecked (``inside``
-    False) costs that clamp; an ignored one (``valid`` False) nothing."""
-    nll = -log_prob.gather(1, target.unsqueeze(1)).squeeze(1)
-    nll = nll.clamp(max=_MAX_NLL)
+def _picked_loss(x, target, norm) -> torch.Tensor:
+    """-log p[label] summed and divided by ``norm``, for (N, C) scores whose labels all name a
+    class; log p clamped at log(FLT_MIN) as Caffe's log(max(p, FLT_MIN)), but with the
+    gradient p - onehot that Caffe keeps past the clamp. Autograd's own nodes (C++) cost a
+    small net less than one Python autograd.Function."""
+    log_prob = torch.log_softmax(x, dim=1)
+    clamped = log_prob.clamp(min=-_MAX_NLL)
+    if log_prob.requires_grad:
+        clamped = log_prob + (clamped - log_prob).detach()
+    return F.nll_loss(clamped, target, reduction="sum") / norm
+
+
+def _masked_loss(x, target, inside, valid, norm) -> torch.Tensor:
+    """The general case of (outer, C, inner) scores: a bad label that went unchecked
+    (``inside`` False) costs the clamp's value; an ignored one (``valid`` False) nothing."""
+    nll = -torch.log_softmax(x, dim=1).gather(1, target.unsqueeze(1)).squeeze(1)
+    # Caffe's value clamp, but with the gradient p - onehot that Caffe keeps past the clamp.
+    nll = torch.where(nll > _MAX_NLL, nll - nll.detach() + _MAX_NLL, nll)
     if inside is not None:
-        nll = torch.where(inside, nll, _MAX_NLL)
+        nll = torch.where(inside, nll, _MAX_NLL)  # an unchecked bad label: the clamp's cost
     if valid is not None:
         nll = torch.where(valid, nll, 0.0)
     return nll.sum() / norm
-
-
-class SoftmaxLoss(torch.autograd.Function):
-    """SoftmaxWithLoss as one autograd node, with Caffe's backward: (softmax - onehot) scaled
-    by loss_weight / normalizer, zero where the label is ignored (or names no class), and the
-    same past the FLT_MIN clamp (Caffe's gradient ignores it). One node instead of the ten of
-    the ops spelled out: a small net's backward is mostly per-node cost."""
-
-    @staticmethod
-    def forward(ctx, x, target, inside, valid, norm):
-        tensor_norm = torch.is_tensor(norm)
-        ctx.save_for_backward(x, target, inside, valid, norm if tensor_norm else None)
-        ctx.norm = None if tensor_norm else norm
-        return _mean_nll(torch.log_softmax(x, dim=1), target, inside, valid, norm)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, target, inside, valid, norm = ctx.saved_tensors
-        norm = ctx.norm if norm is None else norm
-        diff = torch.softmax(x, dim=1)
-        index = target.unsqueeze(1)
-        diff.scatter_(1, index, diff.gather(1, index) - 1)
-        keep = inside if valid is None else valid if inside is None else inside & valid
-        if keep is not None:
-            diff = diff * keep.unsqueeze(1)
-        return diff * (grad / norm), None, None, None, None
 
 
 @register("EuclideanLoss")
