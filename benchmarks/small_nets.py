@@ -35,14 +35,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from google.protobuf import text_format
-from torch import nn
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import caffe_alex  # noqa: E402, F401, I001  (first: it sets OMP_WAIT_POLICY before torch loads)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from google.protobuf import text_format  # noqa: E402
+from torch import nn  # noqa: E402
 
 from caffe_alex.log import get_logger  # noqa: E402
 from caffe_alex.proto import caffe_pb2  # noqa: E402

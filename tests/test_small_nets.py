@@ -203,3 +203,19 @@ def test_a_batch_read_at_once_holds_the_rows_in_the_readers_order(tmp_path):
                                              for p in range(4 * b, 4 * b + 4))]  # fmt: skip
             np.testing.assert_array_equal(batch["data"].numpy(), want)
             np.testing.assert_array_equal(batch["label"].numpy(), [w[0] for w in want])
+
+
+@pytest.mark.subprocess
+def test_openmp_threads_wait_passively_unless_the_user_chose():
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, caffe_alex, torch; print(os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    for given, want in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        if given:
+            env["OMP_WAIT_POLICY"] = given
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, check=True)  # fmt: skip
+        assert done.stdout.strip() == want
