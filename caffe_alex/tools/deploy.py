@@ -23,6 +23,7 @@ import torch
 from ..errors import CaffeAlexError
 from ..formats.caffemodel import read_binaryproto
 from ..net import Net
+from .inference import for_inference, output_cost
 from .pycaffe_io import Transformer, center_crop, load_batches, resize_image
 from .pycaffe_io import oversample as oversample_crops  # predict's flag takes the name
 
@@ -37,12 +38,19 @@ class Classifier:
     ``outputs[0]``) per image, averaged over the 10 crops when oversampling."""
 
     def __init__(self, model, weights=None, image_dims=None, mean=None, input_scale=None,
-                 raw_scale=None, channel_swap=None, *, device="cpu", batch_size=None):  # fmt: skip
+                 raw_scale=None, channel_swap=None, *, device="cpu", batch_size=None,
+                 fast=False, bf16=False, keep=()):  # fmt: skip
         net = model if isinstance(model, Net) else Net.from_prototxt(model, "TEST")
         if weights:
             net.load_weights(weights)
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
+        # the inference fast path on request (inference.py); with bf16 the exact net stays, to
+        # measure what bf16 costs on the first batch (``cost``)
+        self.exact, self.cost = (self.net if bf16 else None), None
+        if fast or bf16:
+            self.net = for_inference(self.net, fast=fast, bf16=bf16, keep=keep,
+                                     copy_net=bf16 or isinstance(model, Net))  # fmt: skip
         if not net.input_names:
             raise CaffeAlexError("the net has no input blob to feed images to")
         self.input = net.input_names[0]
@@ -88,10 +96,17 @@ class Classifier:
         """Run preprocessed inputs through the net in chunks of ``batch_size``; the first
         output flattened per item, or a dict of the named blobs."""
         names = [self.output] if blobs is None else list(blobs)
+        folded = set(getattr(self.net, "folded_blobs", ())) & set(names)
+        if folded:
+            raise CaffeAlexError(f"blob(s) {sorted(folded)} were folded into a convolution by "
+                                 "the fast path: name them in keep")  # fmt: skip
         parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
         for start in range(0, len(caffe_in), self.batch_size):
             chunk = np.ascontiguousarray(caffe_in[start : start + self.batch_size])
-            self.net(**self._inputs(torch.from_numpy(chunk).to(self.device)))
+            inputs = self._inputs(torch.from_numpy(chunk).to(self.device))
+            self.net(**inputs)
+            if self.exact is not None and self.cost is None:
+                self.cost = output_cost(self.exact, self.net, inputs)
             for n in names:
                 parts[n].append(self.net.blobs[n].float().cpu().numpy())
         result = {n: np.concatenate(p) for n, p in parts.items()}

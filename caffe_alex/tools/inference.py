@@ -1,9 +1,9 @@
 """The inference fast path: a TEST-phase net made faster for deploy, extract-features,
 Classifier and export, at a stated cost in exactness.
 
-``for_inference(net, fast=True, bf16=False, compile=False, keep=())`` returns an
-``InferenceNet``: called like the Net (inputs by name, outputs by name; ``.blobs`` after a call)
-under ``torch.inference_mode``. What ``fast`` does:
+``for_inference(net, fast=True, bf16=False, compile=False, keep=())`` returns the net
+prepared (a copy by default; still a Net, called the same way, run under
+``torch.inference_mode``). What ``fast`` does:
 - BatchNorm (with global statistics) and Scale layers that follow a Convolution are folded
   into its weights and bias (W k, (b - mean) k + beta, k = gamma / sqrt(var + eps), computed
   in float64), and run as nothing. The numbers move by float32 rounding: within 1e-5 of each
@@ -43,24 +43,17 @@ OPTIONS = {
 }
 
 
-class InferenceNet:
-    """A net prepared by ``for_inference``: call it like the Net; other attributes (input_names,
-    blob_shapes, output_names, params, ...) are the prepared net's."""
+class _FastForward:
+    """The prepared net's forward: inputs in channels_last, bf16 autocast, torch.compile, all
+    under torch.inference_mode, around the Net's own forward (set as the instance's
+    ``forward``, so the prepared net stays a Net for every caller)."""
 
     def __init__(self, net: Net, *, channels_last: bool, bf16: bool, compile=False):
-        self.net, self.channels_last, self.bf16 = net, channels_last, bf16
-        self.folded: list[str] = []  # the layers folded away (BatchNorm, Scale)
-        self._run = net
+        self.net, self.forward = net, Net.forward.__get__(net)
+        self.channels_last, self.bf16 = channels_last, bf16
         if compile:
             backend = compile if isinstance(compile, str) else "inductor"
-            self._run = torch.compile(net, backend=backend, dynamic=False)
-
-    def __getattr__(self, name):
-        return getattr(self.__dict__["net"], name)
-
-    @property
-    def blobs(self) -> dict[str, torch.Tensor]:
-        return self.net.blobs
+            self.forward = torch.compile(self.forward, backend=backend, dynamic=False)
 
     def __call__(self, *args, **inputs) -> dict[str, torch.Tensor]:
         if self.channels_last:
@@ -68,42 +61,41 @@ class InferenceNet:
             inputs = {k: _nhwc(v) for k, v in inputs.items()}
         with torch.inference_mode():
             if not self.bf16:
-                return self._run(*args, **inputs)
-            with torch.autocast("cpu" if self.device.type == "cpu" else self.device.type,
-                                dtype=torch.bfloat16):  # fmt: skip
-                outputs = self._run(*args, **inputs)
+                return self.forward(*args, **inputs)
+            device = next((p.device for p in self.net.parameters()), torch.device("cpu"))
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                outputs = self.forward(*args, **inputs)
             blobs = self.net.blobs
             for name, value in blobs.items():  # callers read float32, as from the exact path
                 if value.is_floating_point() and value.dtype != torch.float32:
                     blobs[name] = value.float()
             return {name: blobs[name] for name in outputs}
 
-    @property
-    def device(self) -> torch.device:
-        for param in self.net.parameters():
-            return param.device
-        return torch.device("cpu")
-
 
 def for_inference(net: Net, *, fast: bool = True, bf16: bool = False, compile=False,
-                  keep: Iterable[str] = (), copy_net: bool = True) -> InferenceNet:  # fmt: skip
-    """``net`` made faster for inference (see the module's notes); ``copy_net=False`` changes
-    ``net`` itself (its BatchNorm and Scale layers become no-ops) instead of a copy."""
+                  channels_last: bool | None = None, keep: Iterable[str] = (),
+                  copy_net: bool = True) -> Net:  # fmt: skip
+    """``net`` made faster for inference (see the module's notes): a Net still, its forward
+    wrapped. ``channels_last`` defaults to ``fast`` (False for an export: folding only);
+    ``copy_net=False`` changes ``net`` itself instead of a copy. The result's ``folded`` lists
+    the layers folded away, ``folded_blobs`` the blobs whose values folding changed."""
     if net.phase != "TEST":
         raise CaffeAlexError(f"the inference fast path is for TEST-phase nets, not {net.phase}")
     if copy_net and (fast or compile):
         net = copy.deepcopy(net)
     net.eval()
-    folded: list[str] = []
+    folded, changed = [], set()
+    channels_last = fast if channels_last is None else channels_last
     if fast:
         with torch.no_grad():
-            folded = fold_batchnorm(net, keep)
-            if _has_4d_weights(net):
-                net.to(memory_format=torch.channels_last)
-    prepared = InferenceNet(net, channels_last=fast and _has_4d_weights(net), bf16=bf16,
-                            compile=compile)  # fmt: skip
-    prepared.folded = folded
-    return prepared
+            folded, changed = fold_batchnorm(net, keep)
+    channels_last = channels_last and _has_4d_weights(net)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    if channels_last or bf16 or compile:
+        net.forward = _FastForward(net, channels_last=channels_last, bf16=bf16, compile=compile)
+    net.folded, net.folded_blobs = folded, changed
+    return net
 
 
 def _nhwc(value):
@@ -137,13 +129,15 @@ class _Folded(nn.Module):
         return x
 
 
-def fold_batchnorm(net: Net, keep: Iterable[str] = ()) -> list[str]:
+def fold_batchnorm(net: Net, keep: Iterable[str] = ()) -> tuple[list[str], set[str]]:
     """Fold each Convolution -> BatchNorm (global statistics) [-> Scale] chain, and each
-    Convolution -> Scale, into the convolution; returns the names of the layers folded away."""
+    Convolution -> Scale, into the convolution; returns the names of the layers folded away and
+    of the blobs whose values changed (the chain's tops before its last)."""
     keep = set(keep) | set(net.output_names)
     steps = net.steps
     readers = _readers(steps)
     folded: list[str] = []
+    changed: set[str] = set()
     for i, step in enumerate(steps):
         conv = net.layers[step.key]
         if not _foldable_conv(net.layer_types[i], conv, step):
@@ -159,11 +153,14 @@ def fold_batchnorm(net: Net, keep: Iterable[str] = ()) -> list[str]:
         else:
             conv.bias_term = True
             conv.add_blob(bias.to(conv.blobs[0].dtype), requires_grad=False)
+        last = steps[chain[-1]].tops[0]
+        for j in [i, *chain[:-1]]:
+            changed.update(t for t in steps[j].tops if t != last)
         for j in chain:
             name = net.layer_names[j]
             net.layers[steps[j].key] = _Folded(name, net.layer_types[j])
             folded.append(name)
-    return folded
+    return folded, changed
 
 
 def _readers(steps) -> dict[tuple[str, int], list[int]]:
@@ -242,3 +239,17 @@ def compare_outputs(exact: dict, other: dict) -> dict[str, float]:
         b = np.asarray(other[name], dtype=np.float64)
         result[name] = float(np.abs(a - b).max() / max(np.abs(a).max(), math.ulp(1.0)))
     return result
+
+
+def output_cost(exact: Net, prepared: Net, inputs: dict) -> dict:
+    """What the prepared net's options cost on ``inputs`` (its last outputs are kept): the
+    largest difference of its first output to the exact path's, relative to that output's
+    largest value, and the share of items whose top-1 class agrees."""
+    name = prepared.output_names[0]
+    got = prepared.blobs[name].float()
+    with torch.inference_mode():
+        want = exact(**inputs)[name].float()
+    diff = compare_outputs({name: want.cpu().numpy()}, {name: got.cpu().numpy()})[name]
+    rows = want.reshape(len(want), -1), got.reshape(len(got), -1)
+    agree = float((rows[0].argmax(1) == rows[1].argmax(1)).float().mean())
+    return {"output": name, "relative_difference": diff, "top1_agreement": agree}

@@ -110,6 +110,8 @@ def test_a_chain_folds_in_place_or_not(bias, in_place):
     net = chain(bias, **tops)
     fast = for_inference(net)
     assert fast.folded == ["bn", "scale"]
+    assert fast.folded_blobs == (set() if in_place else {"conv", "normed"})
+    assert isinstance(fast, Net) and fast is not net
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))
     exact, got = run_both(net, fast, ["out"], {"data": x})
     assert compare_outputs(exact, got)["out"] < 1e-5
@@ -120,6 +122,7 @@ def test_a_blob_the_caller_reads_keeps_its_value():
     net = chain(bn_top="normed", scale_top="scaled")
     fast = for_inference(net, keep=["normed"])  # extract-features asks for the BatchNorm top
     assert fast.folded == ["bn"]  # the Scale after it stays: folding it would change "normed"
+    assert fast.folded_blobs == {"conv"}
     exact, got = run_both(net, fast, ["normed", "scaled"], {"data": x})
     assert max(compare_outputs(exact, got).values()) < 1e-5
     fast = for_inference(net, keep=["conv"])  # the convolution's own top: nothing folds
@@ -163,3 +166,104 @@ def test_compare_outputs_is_relative_to_the_largest_value():
     assert compare_outputs({"a": np.array([10.0, -20.0])}, {"a": np.array([10.0, -19.0])}) == {
         "a": 0.05
     }
+
+
+# ---- the hook: deploy, extract-features, export ------------------------------------------------
+BN_NET = """name: "bn_net"
+layer { name: "data" type: "Input" top: "data"
+  input_param { shape { dim: 2 dim: 3 dim: 8 dim: 8 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+  convolution_param { num_output: 6 kernel_size: 3 pad: 1 bias_term: false } }
+layer { name: "bn" type: "BatchNorm" bottom: "conv" top: "normed" }
+layer { name: "scale" type: "Scale" bottom: "normed" top: "normed" scale_param { bias_term: true } }
+layer { name: "relu" type: "ReLU" bottom: "normed" top: "normed" }
+layer { name: "gap" type: "Pooling" bottom: "normed" top: "gap"
+  pooling_param { pool: AVE global_pooling: true } }
+layer { name: "fc" type: "InnerProduct" bottom: "gap" top: "fc"
+  inner_product_param { num_output: 3 } }
+layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
+"""
+
+
+@pytest.fixture
+def bn_files(tmp_path):
+    from PIL import Image
+
+    net = Net(parse_net(BN_NET), "TEST")
+    random_weights(net, seed=7)
+    (tmp_path / "deploy.prototxt").write_text(BN_NET)
+    net.save_weights(tmp_path / "w.caffemodel")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        pixels = rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"{i}.png")
+    return tmp_path
+
+
+def cli(folder, command, *args):
+    from click.testing import CliRunner
+
+    from caffe_alex.cli import main
+
+    base = [command, "--model", str(folder / "deploy.prototxt"), "--weights",
+            str(folder / "w.caffemodel"), "--mean-values", "104,117,123",
+            "--image-dims", "8,8"]  # fmt: skip
+    return CliRunner().invoke(main, base + list(args))
+
+
+def test_deploy_fast_and_bf16_classify_as_the_exact_path(bn_files):
+    images = [str(bn_files / f"{i}.png") for i in range(3)]
+    runs = {flag: cli(bn_files, "deploy", "--format", "json", "--top", "3", *flag, *images)
+            for flag in ((), ("--fast",), ("--bf16",))}  # fmt: skip
+    for result in runs.values():
+        assert result.exit_code == 0, result.output
+    import json
+
+    scores = {f: [[c["probability"] for c in sorted(row["top"], key=lambda c: c["index"])]
+                  for row in json.loads(r.stdout)] for f, r in runs.items()}  # fmt: skip
+    np.testing.assert_allclose(scores[("--fast",)], scores[()], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(scores[("--bf16",)], scores[()], rtol=5e-2, atol=1e-2)
+    assert "bf16 cost on the first batch: prob within" in runs[("--bf16",)].stderr
+    assert "bf16 cost" not in runs[("--fast",)].stderr
+
+
+def test_extract_features_fast_keeps_the_blobs_it_writes(bn_files):
+    images = [str(bn_files / f"{i}.png") for i in range(3)]
+    got = {}
+    for flag in ((), ("--fast",)):
+        out = bn_files / f"f{len(flag)}.npz"
+        result = cli(bn_files, "extract-features", "--blobs", "conv,fc", "--out", str(out),
+                     *flag, "--source", *images[:1], "--source", images[1])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        got[flag] = dict(np.load(out))
+    assert got[()]["conv"].shape == (2, 6, 8, 8)
+    # "conv" is read, so its BatchNorm and Scale stay: the values are the exact path's
+    np.testing.assert_array_equal(got[("--fast",)]["conv"], got[()]["conv"])
+    np.testing.assert_allclose(got[("--fast",)]["fc"], got[()]["fc"], rtol=1e-5, atol=1e-6)
+
+
+def test_export_fast_writes_the_folded_net(bn_files):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from click.testing import CliRunner
+
+    from caffe_alex.cli import main
+
+    paths = {}
+    for flag in ((), ("--fast",)):
+        paths[flag] = str(bn_files / f"net{len(flag)}.onnx")
+        result = CliRunner().invoke(main, ["export", "--model", str(bn_files / "deploy.prototxt"),
+                                           "--weights", str(bn_files / "w.caffemodel"), *flag,
+                                           paths[flag]])  # fmt: skip
+        assert result.exit_code == 0, result.output
+    ops = {f: [n.op_type for n in onnx.load(p).graph.node] for f, p in paths.items()}
+    assert {"Sub", "Div", "Mul"} <= set(ops[()])  # BatchNorm and Scale, as exported
+    assert ops[("--fast",)] == ["Conv", "Relu", "AveragePool", "Reshape", "Gemm", "Softmax"]
+    net = Net(parse_net(BN_NET), "TEST")
+    net.load_weights(str(bn_files / "w.caffemodel"))
+    x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32) * 50
+    with torch.no_grad():
+        want = net(data=torch.from_numpy(x))["prob"].numpy()
+    sess = ort.InferenceSession(paths[("--fast",)], providers=["CPUExecutionProvider"])
+    (prob,) = sess.run(["prob"], {"data": x})
+    np.testing.assert_allclose(prob, want, rtol=1e-5, atol=1e-6)
