@@ -102,6 +102,15 @@ class CaffeLayer(nn.Module):
     def blobs(self) -> BlobList:
         return self._modules["blobs"]
 
+    def may_overwrite(self, x: torch.Tensor, *operands: torch.Tensor) -> bool:
+        """Whether forward may compute into its bottom ``x`` (``x.op_(operand)``): declared in
+        place (the builder checked that nothing else reads the old values), no gradient being
+        recorded through ``x`` (inference), and the result keeping x's dtype (under autocast a
+        float32 operand would widen it)."""
+        if not self.in_place or (x.requires_grad and torch.is_grad_enabled()):
+            return False
+        return all(torch.result_type(x, o) == x.dtype for o in operands)
+
     def top_shapes(self, bottom_shapes: Sequence[Shape]) -> list[Shape]:
         """Default: one top with the bottom's shape (element-wise layers)."""
         return [tuple(bottom_shapes[0])]
