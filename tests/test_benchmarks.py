@@ -17,6 +17,8 @@ SMALL = {
     "alexnet_cpu": ["--batch", "1", "--repeats", "1", "--threads", "1"],
     "data_throughput": ["--records", "12", "--batches", "1", "--batch", "4", "--repeats", "1"],
     "train_alexnet": ["--batch", "1", "--rounds", "1", "--iters", "1"],
+    "small_nets": ["--nets", "logreg", "--rounds", "1", "--iters", "5"],
+    "inference_vs_opencv": ["--nets", "alexnet", "--batches", "1", "--rounds", "1"],
 }
 
 
