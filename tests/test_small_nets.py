@@ -107,7 +107,7 @@ def test_logreg_iteration_dispatches_a_bounded_number_of_ops(logreg):
     # top); each computing layer at most 18 ops forward (Accuracy, the most: label check,
     # gather, compare, count, divide) and 10 backward where it has a gradient (InnerProduct,
     # SoftmaxWithLoss); the update a fixed number of foreach calls, 8 (see below); the loss
-    # kept for the display 2. Today's count is 54; before the overhead work it was 115.
+    # kept for the display 2. Today's count is 47; before the overhead work it was 115.
     tops, layers, backward_layers = 2, 3, 2
     bound = 2 * tops + 18 * layers + 10 * backward_layers + 8 + 2
     assert counted.total <= bound, counted.ops.most_common()

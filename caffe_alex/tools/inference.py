@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import CaffeAlexError
+from ..log import get_logger
 from ..net import Net
 from ..registry import BlobList
 
@@ -62,8 +63,7 @@ class _FastForward:
         with torch.inference_mode():
             if not self.bf16:
                 return self.forward(*args, **inputs)
-            device = next((p.device for p in self.net.parameters()), torch.device("cpu"))
-            with torch.autocast(device.type, dtype=torch.bfloat16):
+            with torch.autocast(_device(self.net).type, dtype=torch.bfloat16):
                 outputs = self.forward(*args, **inputs)
             blobs = self.net.blobs
             for name, value in blobs.items():  # callers read float32, as from the exact path
@@ -92,10 +92,25 @@ def for_inference(net: Net, *, fast: bool = True, bf16: bool = False, compile=Fa
     channels_last = channels_last and _has_4d_weights(net)
     if channels_last:
         net.to(memory_format=torch.channels_last)
+    if bf16 and _device(net).type == "cpu" and not _native_bf16():
+        get_logger().warning("bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX): "
+                             "PyTorch emulates it, several times slower than float32")  # fmt: skip
     if channels_last or bf16 or compile:
         net.forward = _FastForward(net, channels_last=channels_last, bf16=bf16, compile=compile)
     net.folded, net.folded_blobs = folded, changed
     return net
+
+
+def _device(net: Net) -> torch.device:
+    return next((p.device for p in net.parameters()), torch.device("cpu"))
+
+
+def _native_bf16() -> bool:
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(probe()) if probe is not None else True
+    except RuntimeError:  # an op missing from this build: assume nothing
+        return True
 
 
 def _nhwc(value):
