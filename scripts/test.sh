@@ -2,7 +2,8 @@
 # Run the tests from a fresh clone: installs what they need (see scripts/setup.sh: the same .venv
 # the quickstart uses, or the active environment), then ruff and pytest. Arguments go to pytest:
 #
-#   bash scripts/test.sh                       # everything (about 2 minutes on 2 cores)
+#   bash scripts/test.sh                       # everything, as CI runs it
+#   bash scripts/test.sh -m "not slow"         # the fast tier (no corpus, no subprocesses)
 #   bash scripts/test.sh tests/layers -k lrn   # a part
 set -euo pipefail
 cd "$(dirname "$0")/.."

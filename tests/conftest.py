@@ -7,7 +7,10 @@
   midway): seconds each, for the interpreter and torch to start. A test that starts Python,
   bash or torchrun without this marker fails, so the fast tier stays fast as tests are added.
 - ``slow``: left out of the fast tier, ``bash scripts/test.sh -m "not slow"``; every
-  ``corpus`` and ``subprocess`` test is ``slow`` too. CI runs everything.
+  ``corpus`` and ``subprocess`` test is ``slow`` too, and so is every test of the whole
+  AlexNet's weights (fixture ``alexnet``), every test whose name says it compiles
+  (torch.compile), the fuzz suite and a few marked one by one (seconds each). CI runs
+  everything.
 """
 
 from __future__ import annotations
@@ -80,4 +83,8 @@ def pytest_collection_modifyitems(config, items):
         if item.get_closest_marker("corpus") is not None and not CORPUS.is_dir():
             item.add_marker(no_corpus)
         if item.get_closest_marker("corpus") or item.get_closest_marker("subprocess"):
+            item.add_marker(pytest.mark.slow)
+        if "alexnet" in getattr(item, "fixturenames", ()):  # a 233 MB AlexNet weights file
+            item.add_marker(pytest.mark.slow)
+        if "compile" in item.name:  # torch.compile: a second or two each, 30 such tests
             item.add_marker(pytest.mark.slow)

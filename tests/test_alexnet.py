@@ -151,6 +151,7 @@ def test_train_val_builds_in_both_phases(phase):
     assert lrs[("conv1", 0)] == (1.0, 1.0) and lrs[("fc8", 1)] == (2.0, 0.0)
 
 
+@pytest.mark.slow  # the whole AlexNet through OpenCV, blob by blob
 def test_deploy_forward_matches_opencv_blob_by_blob():
     text = (OURS / "deploy.prototxt").read_text()
     net = Net.from_prototxt(str(OURS / "deploy.prototxt"))

@@ -76,6 +76,7 @@ def test_autocast_bf16_runs_close_to_float32():
     torch.testing.assert_close(got.float(), expected, rtol=0.1, atol=0.05)
 
 
+@pytest.mark.slow  # compiling takes seconds
 def test_torch_compile_matches_eager_forward_and_backward():
     net = make_net()
     feed = inputs()

@@ -210,16 +210,7 @@ class Transformer(_io.Transformer):
         grey = ordered and out.ndim == 2 and self.inputs[in_][1] == 1
         if grey:
             out = out[None]  # the channel axis the steps below index
-        if in_ in self.input_scale:
-            out /= self.input_scale[in_]
-        if in_ in self.mean:
-            out += self.mean[in_]
-        if in_ in self.raw_scale:
-            out /= self.raw_scale[in_]
-        if in_ in self.channel_swap:
-            out = out[np.argsort(self.channel_swap[in_])]
-        if in_ in self.transpose:
-            out = out.transpose(np.argsort(self.transpose[in_]))
+        out = self._undone(in_, out)
         if grey:
             # the channel axis went back to where the transpose took it from
             out = out.squeeze(self.transpose[in_][0] if in_ in self.transpose else 0)

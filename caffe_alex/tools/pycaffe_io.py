@@ -210,7 +210,10 @@ class Transformer:
     def deprocess(self, name: str, data: np.ndarray) -> np.ndarray:
         """Undo ``preprocess`` (K x H x W -> H x W x K)."""
         self._check(name)
-        out = np.array(data, dtype=np.float32).squeeze()
+        return self._undone(name, np.array(data, dtype=np.float32).squeeze())
+
+    def _undone(self, name: str, out: np.ndarray) -> np.ndarray:
+        """preprocess's steps undone in reverse order, on ``out`` (a copy the caller owns)."""
         if name in self.input_scale:
             out /= self.input_scale[name]
         if name in self.mean:

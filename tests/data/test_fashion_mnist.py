@@ -14,6 +14,8 @@ from caffe_alex.data.datum import datum_to_array, parse_datum
 from caffe_alex.data.db import open_db
 from caffe_alex.data.tools import db_info, read_idx
 
+pytestmark = pytest.mark.slow  # converts the whole dataset
+
 ROOT = Path("/usr/share/datasets/fashion-mnist")
 SPLITS = {"train": 60000, "t10k": 10000}
 

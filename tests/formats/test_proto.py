@@ -36,6 +36,7 @@ def _shipped_file_proto() -> descriptor_pb2.FileDescriptorProto:
     )
 
 
+@pytest.mark.subprocess
 def test_regenerated_module_matches_shipped(tmp_path):
     if importlib.util.find_spec("grpc_tools") is None:
         pytest.skip("grpcio-tools is not installed, so the proto cannot be regenerated here")

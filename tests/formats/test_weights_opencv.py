@@ -109,7 +109,12 @@ def unit_scale(net: Net) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(n, marks=pytest.mark.corpus) if n in CORPUS_NETS else n for n in NETS],
+    [
+        pytest.param(n, marks=pytest.mark.corpus if n in CORPUS_NETS else pytest.mark.slow)
+        if n != "resnet"
+        else n
+        for n in NETS
+    ],
 )
 def test_opencv_reads_our_caffemodel(name, tmp_path):
     import cv2

@@ -44,6 +44,7 @@ def lenet(lmdb, batch_size):
     return n.to_proto()
 
 
+@pytest.mark.slow  # trains LeNet for the notebook's iterations
 def test_learning_lenet_notebook(tmp_path):
     _digits_lmdb(tmp_path / "train_lmdb", 640, 0)
     _digits_lmdb(tmp_path / "test_lmdb", 200, 1)
