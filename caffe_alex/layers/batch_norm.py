@@ -84,4 +84,3 @@ class BatchNormLayer(CaffeLayer):
         s.mul_(self.fraction).add_(1)
         mean_blob.mul_(self.fraction).add_(mean.to(mean_blob.dtype))
         var_blob.mul_(self.fraction).add_(var.to(var_blob.dtype), alpha=correction)
-

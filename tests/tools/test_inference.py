@@ -60,6 +60,7 @@ def run_both(net: Net, prepared, blobs, inputs):
     return exact, {b: prepared.blobs[b] for b in blobs}
 
 
+@pytest.mark.corpus
 def test_folded_resnet50_is_within_1e_5_of_the_exact_path():
     net = small_resnet50()
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 50
@@ -75,6 +76,7 @@ def test_folded_resnet50_is_within_1e_5_of_the_exact_path():
     assert not net.layer("res2a_branch1").bias_term
 
 
+@pytest.mark.corpus
 def test_folded_mobilenet_depthwise_is_within_1e_5():
     net = Net.from_prototxt(str(MOBILENET), "TEST", input_shapes={"data": (1, 3, 64, 64)})
     random_weights(net)
@@ -145,6 +147,7 @@ def test_batch_statistics_and_a_shared_blob_are_not_folded():
     assert for_inference(net).folded == []
 
 
+@pytest.mark.corpus
 def test_bf16_is_within_its_stated_tolerance_and_returns_float32():
     net = small_resnet50()
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 50
