@@ -164,7 +164,7 @@ def test_resume_of_two_ranks_launched_for_a_gpu_list_equals_the_uninterrupted_ru
             "level": 0, "stage": "", "sigint_effect": "stop", "sighup_effect": "snapshot",
             "progress": False, "log_file": str(tmp_path / "train.log"), "precision": "fp32",
             "channels_last": False, "compile_net": False, "dist_timeout": 60.0,
-            "dist_backend": None, "debug": False}  # fmt: skip
+            "dist_backend": None, "debug": False, "tensorboard": None}  # fmt: skip
     distributed.launch(train_command._rank_main, (opts,), nprocs=2)
     for x, y in zip(_params(tmp_path / "tiny_iter_20.caffemodel"),
                     _params(f"{two_ranks['prefix']}_iter_20.caffemodel")):  # fmt: skip
