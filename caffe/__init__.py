@@ -13,6 +13,7 @@ from . import io  # noqa: F401  (caffe.io, as pycaffe imports it)
 from .classifier import Classifier
 from .detector import Detector
 from .net_spec import NetSpec, layers, params, to_proto
+from .proto import caffe_pb2 as _caffe_pb2  # noqa: F401  (binds caffe.proto.caffe_pb2, as pycaffe)
 
 __all__ = [*_core_names, "Classifier", "Detector", "NetSpec", "io", "layers", "params",
            "to_proto"]  # fmt: skip

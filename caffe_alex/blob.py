@@ -10,11 +10,13 @@ uses the blob: one copy each way per blob read from Python, none for blobs Pytho
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+from torch.autograd.graph import increment_version
 
 from .errors import CaffeAlexError
 
@@ -46,16 +48,33 @@ def blob_shape_problem(shape: Sequence) -> str | None:
 
 
 class _Synced:
-    """A tensor and, for a device tensor, the host array Python sees."""
+    """A tensor and, for a device tensor, the host array Python sees.
 
-    def __init__(self, tensor: torch.Tensor):
+    ``exposed``: a NumPy view of the (CPU) tensor was handed to Python, which may still hold
+    it, so new values are copied into that memory rather than replacing the tensor;
+    ``touched``: how many times Python was handed the values (it may have written them), which
+    tells the executor whether a layer's record of this blob is still current; ``storage``: the
+    memory the tensor is a view of (Blob.reshape keeps it while the count fits, as Caffe).
+    ``keep_identity``: the tensor is a Parameter, whose object must stay the same."""
+
+    def __init__(self, tensor: torch.Tensor, keep_identity: bool = False):
         self.tensor = tensor
+        self.storage = tensor
         self.host: np.ndarray | None = None
         self.host_newer = False
+        self.exposed = False
+        self.touched = 0
+        self.keep_identity = keep_identity
 
     def array(self) -> np.ndarray:
+        self.touched += 1
         tensor = self.tensor.detach()
         if tensor.device.type == "cpu":
+            if not tensor.is_contiguous():  # an array Python writes must not alias elements
+                self.tensor = self.storage = tensor = tensor.contiguous()
+            self.exposed = True
+            if self.keep_identity:  # Python may write the weights: graphs that saved them are old
+                increment_version(self.tensor)
             return tensor.numpy()
         if self.host is None or self.host.shape != tuple(tensor.shape):
             self.host = np.empty(tuple(tensor.shape), np.float32)
@@ -66,19 +85,45 @@ class _Synced:
 
     def device_tensor(self) -> torch.Tensor:
         if self.host_newer and self.host is not None:
-            with torch.no_grad():
-                self.tensor.copy_(torch.from_numpy(self.host))
+            values = torch.from_numpy(self.host).to(self.tensor.device, self.tensor.dtype)
+            if self.keep_identity:
+                with torch.no_grad():
+                    self.tensor.copy_(values)
+            else:  # new memory: graphs that saved the old values keep them
+                self.tensor = self.storage = values
             self.host_newer = False
         return self.tensor
 
-    def replace(self, tensor: torch.Tensor) -> None:
-        """Take new values: copied into the same memory when the shape allows, so arrays that
-        Python holds see them, as Caffe reuses a blob's memory."""
-        with torch.no_grad():
-            if tensor.shape == self.tensor.shape and tensor.device == self.tensor.device:
-                self.tensor.copy_(tensor)
-            else:
-                self.tensor = tensor.detach().clone()
+    def take(self, tensor: torch.Tensor) -> None:
+        """New values (a layer's output): they become the tensor, or, where Python holds an array
+        of the old memory, are copied into it so that the array shows them (Caffe reuses a
+        blob's memory)."""
+        tensor = tensor.detach()
+        old = self.tensor
+        if self.exposed and old.shape == tensor.shape and old.dtype == tensor.dtype \
+                and old.device == tensor.device:  # fmt: skip
+            if old.data_ptr() != tensor.data_ptr() or old.stride() != tensor.stride():
+                with torch.no_grad():
+                    old.copy_(tensor)
+        else:
+            self.tensor = self.storage = tensor
+            self.exposed = False
+        self.host_newer = False
+
+    def move_to(self, device: torch.device) -> None:
+        self.tensor = self.storage = self.device_tensor().to(device)
+        self.exposed, self.host = False, None
+
+    def reshape(self, shape: tuple[int, ...]) -> None:
+        """Caffe's Blob::Reshape: the memory is kept while the new count fits in it (the values
+        stay, read in the new shape); a larger count gets new memory, zeros."""
+        count = math.prod(shape)
+        storage = self.storage.detach().reshape(-1)
+        if count > storage.numel():
+            storage = self.tensor.new_zeros(count)
+            self.storage = storage
+            self.exposed = False
+        self.tensor = storage[:count].view(shape)
         self.host_newer = False
 
 
@@ -124,8 +169,9 @@ class Blob:
         return self._legacy(3)
 
     def reshape(self, *dims) -> None:
-        """New dimensions (ints or one sequence); the values become zeros where the size
-        changes (Caffe leaves them undefined)."""
+        """New dimensions (ints or one sequence). As Caffe's Blob::Reshape: while the count
+        fits in the memory the blob has had, data and diff keep their values (read in the new
+        shape); a larger count gets new memory, zeros."""
         if len(dims) == 1 and not isinstance(dims[0], (int, np.integer)):
             dims = tuple(dims[0])
         problem = blob_shape_problem(dims)
@@ -134,13 +180,17 @@ class Blob:
         shape = tuple(int(d) for d in dims)
         if shape == self.shape:
             return
-        tensor = self._data.tensor
-        self._set_tensors(tensor.new_zeros(shape), tensor.new_zeros(shape))
+        self._reshape(shape)
 
     def __repr__(self) -> str:
         return f"Blob(shape={list(self.shape)})"
 
     # -- for the net that owns the blob --------------------------------------------------
+    @property
+    def exposed(self) -> bool:
+        """Whether Python may hold an array over the data's memory (CPU)."""
+        return self._data.exposed
+
     def data_tensor(self) -> torch.Tensor:
         """The values as the net uses them (Python's writes copied in first)."""
         return self._data.device_tensor()
@@ -148,19 +198,32 @@ class Blob:
     def diff_tensor(self) -> torch.Tensor:
         return self._diff_slot().device_tensor()
 
+    def stamp(self) -> tuple[torch.Tensor, int, int]:
+        """(tensor, its version, times handed to Python): equal stamps mean equal values."""
+        tensor = self._data.device_tensor()
+        return tensor, tensor._version, self._data.touched
+
     def set_data(self, tensor: torch.Tensor) -> None:
-        self._data.replace(tensor)
+        """New values (a layer's output), in the same memory where Python holds an array."""
+        self._data.take(tensor)
         if self._diff.tensor.shape != tensor.shape:
             self._diff = _Synced(torch.zeros_like(tensor.detach()))
 
+    put = set_data
+
     def set_diff(self, tensor: torch.Tensor) -> None:
-        self._diff_slot().replace(tensor)
+        self._diff_slot().take(tensor)
+
+    def move_to(self, device: torch.device) -> None:
+        self._data.move_to(device)
+        self._diff_slot().move_to(device)
 
     def _diff_slot(self) -> _Synced:
         return self._diff
 
-    def _set_tensors(self, data: torch.Tensor, diff: torch.Tensor) -> None:
-        self._data, self._diff = _Synced(data), _Synced(diff)
+    def _reshape(self, shape: tuple[int, ...]) -> None:
+        self._data.reshape(shape)
+        self._diff.reshape(shape)
 
     def _legacy(self, index: int) -> int:
         # Blob::LegacyShape: a missing axis counts as 1; more than 4 axes has no legacy view
@@ -198,7 +261,7 @@ class ParamBlob(Blob):
     def _slot(self, kind: str, tensor: torch.Tensor) -> _Synced:
         slot = self._slots.get(kind)
         if slot is None or slot.tensor is not tensor:
-            slot = self._slots[kind] = _Synced(tensor)
+            slot = self._slots[kind] = _Synced(tensor, keep_identity=True)
         return slot
 
     def sync(self) -> None:
@@ -206,11 +269,20 @@ class ParamBlob(Blob):
         for slot in self._slots.values():
             slot.device_tensor()
 
-    def _set_tensors(self, data: torch.Tensor, diff: torch.Tensor) -> None:
-        param = self.param
+    def set_diff(self, tensor: torch.Tensor) -> None:
         with torch.no_grad():
-            param.data = data
-        param.grad = diff
+            self._diff_slot().tensor.copy_(tensor)
+
+    def _reshape(self, shape: tuple[int, ...]) -> None:
+        # a parameter keeps its object (the module and the solver hold it): new values in it
+        param = self.param
+        old = param.detach().reshape(-1)
+        values = old.new_zeros(math.prod(shape))
+        if values.numel() <= old.numel():
+            values = old[: values.numel()].clone()
+        with torch.no_grad():
+            param.data = values.view(shape)
+        param.grad = torch.zeros_like(param)
         self._slots.clear()
 
 

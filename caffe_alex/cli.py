@@ -15,6 +15,7 @@ import sys
 import click
 
 from .errors import CaffeAlexError
+from .formats.user_proto import use_proto
 from .log import setup_logging
 
 # command name -> "module under caffe_alex.commands:function", in the order --help lists them
@@ -74,8 +75,6 @@ def main(debug: bool, proto: str | None) -> None:
 
 
 def _use_proto(path: str, debug: bool) -> None:
-    # loaded like a command's module: only a run given --proto pays for protobuf's compiler path
-    use_proto = importlib.import_module("caffe_alex.formats.user_proto").use_proto
     try:
         use_proto(path)
     except CaffeAlexError as exc:  # the one-line form of every command's errors

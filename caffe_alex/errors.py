@@ -53,6 +53,28 @@ class CaffeAlexError(Exception):
         return " ".join(prefix + [self.message])
 
 
+def raised_in_user_code(exc: BaseException, message: str, **where) -> None:
+    """Make ``exc``, raised by a user's own code (a Python layer's method), ready to go on to
+    the caller as it is, as pycaffe lets it through: a note saying where it was raised
+    (``message``: which code, ``where``: CaffeAlexError's layer and layer_type), and the one
+    line the command line prints for it instead of a traceback (``one_line``)."""
+    error = CaffeAlexError(f"{message} raised {type(exc).__name__}: {describe(exc)}", **where)
+    exc.caffe_alex_error = error
+    note = f"(caffe-alex: in {message} of layer '{where.get('layer')}')"
+    if hasattr(exc, "add_note"):  # Python 3.11+ shows notes under the traceback
+        exc.add_note(note)
+    else:
+        exc.__notes__ = [*getattr(exc, "__notes__", []), note]
+
+
+def one_line(exc: BaseException) -> CaffeAlexError | None:
+    """The one-line error the command line prints for ``exc``: itself for a CaffeAlexError, the
+    error ``raised_in_user_code`` attached to a user's exception, else None."""
+    if isinstance(exc, CaffeAlexError):
+        return exc
+    return getattr(exc, "caffe_alex_error", None)
+
+
 class LayerConfigError(ValueError):
     """Raised inside a layer for a bad configuration or shape; the builder adds the location."""
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import layers  # noqa: F401  (importing the package registers the built-in layer types)
-from .errors import CaffeAlexError, LayerConfigError, SourceMap
+from .errors import CaffeAlexError, LayerConfigError, SourceMap, one_line
 from .fillers import check_blob_shape
 from .formats.blobs import blob_proto_to_array
 from .formats.filtering import filter_net, included_indices, make_state
@@ -175,6 +175,11 @@ class Net(nn.Module):
             top_shapes = self._infer_top_shapes(layer, lp, bottom_shapes)
         except LayerConfigError as exc:
             raise self._fail(lp, str(exc)) from None
+        except Exception as exc:  # a user's code (a Python layer) raised: it goes on as it is,
+            error = one_line(exc)  # its one line told where in the file
+            if error is not None and error is not exc:
+                error.file, error.line = self.source.path, self._fail(lp, "").line
+            raise
         if len(lp.param) > len(layer.blobs):  # Caffe: "Too many params specified"
             raise self._fail(
                 lp,
@@ -561,22 +566,31 @@ class Net(nn.Module):
         if not exporting() and shapes != self._input_shapes:
             self.reshape(**shapes)
         with self.threads():
-            loss = self._run(blobs)
+            loss = self.run(blobs)
         state["blobs"], state["loss"] = blobs, loss
         return {name: blobs[name] for name in self.output_names}
 
-    def _run(self, blobs: dict) -> torch.Tensor | None:
-        """The layers in order over ``blobs`` (filled in place); returns the weighted loss."""
+    def run(self, blobs, first: int = 0, last: int | None = None, call=None):
+        """The forward loop over the plan, Caffe's ForwardFromTo: the layers at positions
+        ``first``..``last`` (inclusive; all by default) read their bottoms from ``blobs`` (a
+        mapping by blob name) and write their tops into it; returns the weighted loss of the
+        tops they wrote (None when none has a loss weight). The only loop that runs layers:
+        ``forward`` runs it as one autograd graph; ``call(position, layer, bottoms)``, when
+        given, runs each layer in place of ``layer(*bottoms)`` (layerwise.py: Caffe's blobs,
+        one graph per layer) and is also called for a source layer, with ``bottoms`` None."""
         loss = None
         modules = self._modules["layers"]._modules  # (a dict: no nn.Module lookup per layer)
-        for step in self._steps:
+        for position in range(first, len(self._steps) if last is None else last + 1):
+            step = self._steps[position]
             layer = modules[step.key]
             if layer.is_source:
+                if call is not None:
+                    call(position, layer, None)
                 continue
             bottoms = [
                 blobs[b].detach() if d else blobs[b] for b, d in zip(step.bottoms, step.detach)
             ]
-            out = layer(*bottoms)
+            out = layer(*bottoms) if call is None else call(position, layer, bottoms)
             if isinstance(out, torch.Tensor):
                 out = (out,)
             for top, value in zip(step.tops, out):

@@ -115,6 +115,11 @@ class CaffeLayer(nn.Module):
         """Default: one top with the bottom's shape (element-wise layers)."""
         return [tuple(bottom_shapes[0])]
 
+    def allow_force_backward(self, bottom: int) -> bool:
+        """Caffe's AllowForceBackward: whether force_backward gives bottom ``bottom`` a diff;
+        a loss layer's bottom 1 (its labels) gets none."""
+        return not (self.is_loss and bottom == 1)
+
     def extra_repr(self) -> str:
         return f"name={self.name!r}, type={self.type_name!r}"
 

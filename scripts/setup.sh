@@ -42,7 +42,7 @@ setup_system_packages() {
 # The modules that show an extra is installed (besides the project itself).
 _setup_probe() {
     case "$1" in
-        test) echo "caffe_alex, torch, pytest, pytest_timeout, cv2, graphviz, onnxruntime, plyvel, ruff, tensorboard, selenium, yaml" ;;
+        test) echo "caffe_alex, torch, pytest, pytest_timeout, cv2, graphviz, onnxruntime, plyvel, ruff, tensorboard, selenium, yaml, skimage, six" ;;
         "") echo "caffe_alex, torch, matplotlib, lmdb, cv2, graphviz" ;;
         *) echo "caffe_alex, torch" ;;
     esac

@@ -16,6 +16,7 @@ SCRIPTS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem !=
 SMALL = {
     "alexnet_cpu": ["--batch", "1", "--repeats", "1", "--threads", "1"],
     "data_throughput": ["--records", "12", "--batches", "1", "--batch", "4", "--repeats", "1"],
+    "pycaffe_path": ["--model", "lenet", "--batch", "2", "--rounds", "1"],
     "train_alexnet": ["--batch", "1", "--rounds", "1", "--iters", "1"],
     "small_nets": ["--nets", "logreg", "--rounds", "1", "--iters", "5"],
     "inference_vs_opencv": ["--nets", "alexnet", "--batches", "1", "--rounds", "1"],

@@ -101,3 +101,38 @@ def test_cuda_matches_cpu():
     got = net.to("cuda")(**inputs("cuda"))
     for name in expected:
         torch.testing.assert_close(got[name].cpu(), expected[name], rtol=1e-4, atol=1e-5)
+
+
+# Fork nets (docs/forks.md) on CUDA equal their CPU forward: every fork layer type's forward is
+# torch ops only. Run by benchmarks/gpu_check.py (pytest -k cuda) when a GPU is lent.
+FORK_NETS_ON_CUDA = {
+    "chuanqi305__MobileNet-SSD/deploy.prototxt": {"data": (1, 3, 300, 300)},
+    "chuanqi305__MobileNetv2-SSDLite/ssdlite/voc/deploy.prototxt": {"data": (1, 3, 300, 300)},
+    "farmingyard__ShuffleNet/shufflenet_v2_1x_deploy.prototxt": {"data": (2, 3, 224, 224)},
+    "hujie-frank__SENet/models/SE-ResNet-50.prototxt": {"data": (1, 3, 224, 224)},
+    "alexgkendall__SegNet-Tutorial/Models/segnet_basic_inference.prototxt": {
+        "data": (1, 3, 24, 32),  # SegNet's pad_out_h wants an odd H/8
+        "label": (1, 1, 24, 32),
+    },
+    "gklz1982__caffe-yolov2/examples/indoor/eval_detection/deploy.prototxt": {
+        "data": (1, 3, 64, 64)
+    },
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(FORK_NETS_ON_CUDA))
+def test_fork_net_forward_on_cuda_equals_cpu(name):
+    from tests.paths import ROOT
+
+    shapes = FORK_NETS_ON_CUDA[name]
+    net = Net.from_prototxt(str(ROOT / "tests" / "fork_nets" / name), input_shapes=shapes)
+    randomize(net, seed=3)
+    gen = torch.Generator().manual_seed(0)
+    inputs = {k: torch.rand(v, generator=gen) for k, v in shapes.items()}
+    with torch.no_grad():
+        cpu = net(**inputs)
+        gpu = net.to("cuda")(**{k: v.cuda() for k, v in inputs.items()})
+    for blob, value in cpu.items():
+        scale = max(float(value.abs().max()), 1e-6)
+        assert float((gpu[blob].cpu() - value).abs().max()) <= 1e-3 * scale, blob

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import re
 from pathlib import Path
 
 import pytest
@@ -17,13 +18,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "caffe_alex"
 
 # Lowest first: a module may import from its own stage and the stages before it, never after.
 STAGES = [
-    ("errors, log, proto, blob", ["caffe_alex.errors", "caffe_alex.log", "caffe_alex.proto",
-                                  "caffe_alex.blob"]),
+    (
+        "errors, log, proto, blob",
+        ["caffe_alex.errors", "caffe_alex.log", "caffe_alex.proto", "caffe_alex.blob"],
+    ),
     ("formats", ["caffe_alex.formats"]),
     ("data", ["caffe_alex.data"]),
     ("registry, fillers", ["caffe_alex.registry", "caffe_alex.fillers"]),
     ("layers", ["caffe_alex.layers"]),
-    ("net", ["caffe_alex.net"]),
+    ("net: the plan and its executors", ["caffe_alex.net", "caffe_alex.layerwise"]),
     ("solvers", ["caffe_alex.solvers"]),
     ("tools", ["caffe_alex.tools"]),
     ("pycaffe", ["caffe_alex.pycaffe"]),
@@ -34,13 +37,14 @@ STAGES = [
 
 # Imported inside functions on purpose: optional extras, or heavy and rarely needed; and the
 # optional packages pycaffe code may reach for (pydot, Selective Search); cv2 where compare
-# reports a missing OpenCV in one line; grpc_tools (protoc) for --proto only.
+# reports a missing OpenCV in one line; grpc_tools (protoc) for --proto, the 'proto' extra.
 LAZY_ALLOWED = {"h5py", "plyvel", "matplotlib", "onnx", "onnxscript", "torch", "pydot",
                 "pydotplus", "selective_search_ijcv_with_python", "torchvision",
-                "cv2", "grpc_tools"}  # fmt: skip
+                "cv2", "grpc_tools", "skimage", "scipy"}  # fmt: skip
 # What may sit at the package root: entry points and the lowest shared modules.
 ROOT_MODULES = {
-    "__init__", "__main__", "cli", "net", "registry", "fillers", "errors", "log", "blob",
+    "__init__", "__main__", "cli", "net", "layerwise", "registry", "fillers", "errors", "log",
+    "blob",
 }  # fmt: skip
 
 
@@ -224,3 +228,63 @@ def test_public_api_table_and_all_agree():
     import caffe_alex
 
     assert sorted(caffe_alex.__all__) == sorted(caffe_alex._EXPORTS)
+
+
+def _layer_calls_in_step_loops(modules=None) -> list[str]:
+    """Functions with a loop over a net's steps that calls a layer module (``layers[key](...)``,
+    or a name bound in the loop from ``.layers[...]`` / ``.layer(...)``: called, its ``forward``
+    called, or handed to another call, which would run it)."""
+    found = []
+    for module, (path, _) in (modules or MODULES).items():
+        tree = ast.parse(path.read_text(), str(path))
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for loop in ast.walk(fn):
+                if not isinstance(loop, ast.For) or "steps" not in ast.unparse(loop):
+                    continue  # (a loop over positions reads the steps in its body)
+                if any(_runs_a_layer(call, _layer_names(loop)) for call in ast.walk(loop)):
+                    found.append(f"{module}.{fn.name}")
+    return sorted(set(found))
+
+
+def _layer_names(loop) -> set[str]:
+    layer = re.compile(r"\.layers\[|\.layer\(")
+    return {
+        t.id
+        for node in ast.walk(loop)
+        if isinstance(node, ast.Assign) and layer.search(ast.unparse(node.value))
+        for t in node.targets
+        if isinstance(t, ast.Name)
+    }
+
+
+def _runs_a_layer(call, names: set[str]) -> bool:
+    if not isinstance(call, ast.Call):
+        return False
+    f = call.func
+    if isinstance(f, ast.Subscript) and ast.unparse(f.value).endswith("layers"):
+        return True
+    if isinstance(f, ast.Name) and f.id in names:
+        return True
+    if isinstance(f, ast.Attribute) and f.attr == "forward" and ast.unparse(f.value) in names:
+        return True
+    if (
+        isinstance(f, ast.Attribute)
+        and f.attr in _CONTAINER_METHODS
+        or (isinstance(f, ast.Name) and f.id in _LOOKS_AT_OBJECTS)
+    ):
+        return False  # kept or inspected, not run
+    return any(isinstance(a, ast.Name) and a.id in names for a in call.args)
+
+
+_CONTAINER_METHODS = {"append", "add", "extend", "insert", "setdefault", "remove", "index"}
+_LOOKS_AT_OBJECTS = {"isinstance", "id", "getattr", "hasattr", "setattr", "type", "len", "repr"}
+
+
+def test_one_executor_no_second_forward_loop_anywhere():
+    """The builder's plan (Net.steps) has one loop that runs its layers, Net.run: the module's
+    forward, pycaffe's Net, the solvers and caffe-alex time all go through it (layerwise.py
+    runs it over Caffe's blobs). A second loop over the steps calling layers is a second
+    engine that drifts from the first."""
+    assert _layer_calls_in_step_loops() == ["caffe_alex.net.run"]

@@ -31,19 +31,30 @@ def _count_lines(path: str) -> int | None:
         return None  # read_list_file reports it
 
 
+def _image_db_options(fn):
+    """The options and arguments convert_imageset and SSD's convert_annoset share."""
+    for decorate in reversed([
+        option("resize_height", type=int, default=0, help="Height images are resized to."),
+        option("resize_width", type=int, default=0, help="Width images are resized to."),
+        option("gray", is_flag=True, help="Treat images as grayscale ones."),
+        option("shuffle", is_flag=True, help="Randomly shuffle the order of the images."),
+        option("seed", type=int, default=None, help="Seed of --shuffle (default: random)."),
+        option("backend", type=_BACKEND, default="lmdb", show_default=True,
+               help="Database kind."),
+        option("check_size", is_flag=True, help="Check that all the images have the same size."),
+        option("encoded", is_flag=True,
+               help="Store encoded images (the file's bytes when possible)."),
+        option("encode_type", default="", help="Encode images as this type (png, jpg, ...)."),
+        click.argument("root"),
+        click.argument("listfile"),
+        click.argument("db_name"),
+    ]):  # fmt: skip
+        fn = decorate(fn)
+    return fn
+
+
 @click.command("convert-imageset")
-@option("resize_height", type=int, default=0, help="Height images are resized to.")
-@option("resize_width", type=int, default=0, help="Width images are resized to.")
-@option("gray", is_flag=True, help="Treat images as grayscale ones.")
-@option("shuffle", is_flag=True, help="Randomly shuffle the order of images and labels.")
-@option("seed", type=int, default=None, help="Seed of --shuffle (default: random).")
-@option("backend", type=_BACKEND, default="lmdb", show_default=True, help="Database kind.")
-@option("check_size", is_flag=True, help="Check that all the datums have the same size.")
-@option("encoded", is_flag=True, help="Store encoded images (the file's bytes when possible).")
-@option("encode_type", default="", help="Encode images as this type (png, jpg, ...).")
-@click.argument("root")
-@click.argument("listfile")
-@click.argument("db_name")
+@_image_db_options
 @user_errors
 def convert_imageset(root, listfile, db_name, **flags) -> None:
     """Convert the images of LISTFILE ('<path> <label>' lines; paths relative to ROOT, which
@@ -127,18 +138,7 @@ def db_info(db, backend) -> None:
 @option("check_label", is_flag=True, help="Refuse a label map that names a class twice.")
 @option("min_dim", type=int, default=0, help="Scale images up so the short side is this long.")
 @option("max_dim", type=int, default=0, help="Scale images down so the long side fits this.")
-@option("resize_height", type=int, default=0, help="Height images are resized to.")
-@option("resize_width", type=int, default=0, help="Width images are resized to.")
-@option("gray", is_flag=True, help="Treat images as grayscale ones.")
-@option("shuffle", is_flag=True, help="Randomly shuffle the order of the images.")
-@option("seed", type=int, default=None, help="Seed of --shuffle (default: random).")
-@option("backend", type=_BACKEND, default="lmdb", show_default=True, help="Database kind.")
-@option("check_size", is_flag=True, help="Check that all the images have the same size.")
-@option("encoded", is_flag=True, help="Store encoded images (the file's bytes when possible).")
-@option("encode_type", default="", help="Encode images as this type (png, jpg, ...).")
-@click.argument("root")
-@click.argument("listfile")
-@click.argument("db_name")
+@_image_db_options
 @user_errors
 def convert_annoset(root, listfile, db_name, **flags) -> None:
     """Convert the images of LISTFILE and their box annotations ('<image> <annotation>' lines

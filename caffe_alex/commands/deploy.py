@@ -9,17 +9,22 @@ import os
 import sys
 
 import click
+import numpy as np
 
 from ..data.db import detect_backend
 from ..errors import CaffeAlexError
 from ..formats.prototxt import read_net
 from ..net import Net
 from ..proto import caffe_pb2
+from ..solvers.devices import choose_device
 from ..tools import features
-from ..tools.deploy import Classifier, load_mean, read_labels, top_k
+from ..tools.deploy import Classifier, class_names, labels_blob, load_mean, output_task, top_k
+from ..tools.detection import detect_files
+from ..tools.detection import draw_boxes as draw_boxes_on  # the option takes the name
 from ..tools.inference import for_inference
-from ..tools.pycaffe_io import expand_images
-from .options import option, resolve_device, user_errors
+from ..tools.pycaffe_io import OutputFolder, announce_resize, expand_images, write_png
+from ..tools.segmentation import class_shares, overlay, segment_files, voc_palette
+from .options import option, user_errors
 
 
 def _floats(text: str | None, what: str) -> list[float] | None:
@@ -44,8 +49,9 @@ def _preprocessing(fn):
         option("mean-mode", type=click.Choice(["image", "channel"]), default="image",
                 show_default=True, help="Subtract the mean file as an image (resized to the "
                 "input, as pycaffe) or its per-channel averages."),
-        option("image-dims", default="256,256", show_default=True, metavar="H,W",
-                help="Size images are resized to before cropping."),
+        option("image-dims", default=None, metavar="H,W", help="Size images are resized to "
+                "before cropping [default: 256,256]. Detection and segmentation resize to the "
+                "net input instead."),
         option("raw-scale", type=float, default=255.0, show_default=True,
                 help="Multiply the [0, 1] pixels by this before the mean."),
         option("input-scale", type=float, default=None, help="Multiply by this after the mean."),
@@ -54,6 +60,8 @@ def _preprocessing(fn):
         option("batch-size", type=click.IntRange(min=1), default=None,
                 help="Images (crops with --oversample) per forward (default: net batch)."),
         option("gpu", default=None, help="GPU id to run on (default: CPU)."),
+        option("channels-last", is_flag=True, help="NHWC memory order for convolutions "
+               "(often faster; results equal up to float rounding)."),
         option("fast", is_flag=True, help="The inference fast path: BatchNorm/Scale folded "
                "into the convolutions, channels_last (within 1e-5 of Caffe's numbers)."),
         option("bf16", is_flag=True, help="Run in bfloat16 (about 1e-2 off; the difference on "
@@ -64,14 +72,19 @@ def _preprocessing(fn):
     return fn
 
 
-def _classifier(opts: dict, keep=()):
+def _classifier(opts: dict, net=None, image_dims=None, keep=()):
+    """The Classifier the preprocessing options describe; ``image_dims`` (default: the
+    --image-dims option, else 256,256) is the size images are resized to before cropping;
+    ``keep``: blobs read besides the outputs (the fast path leaves them unfolded)."""
     values = _floats(opts["mean_values"], "--mean-values")
     mean = load_mean(opts["mean"], values, opts["mean_mode"])
     swap = [int(v) for v in _floats(opts["channel_swap"], "--channel-swap") or []]
-    dims = [int(v) for v in _floats(opts["image_dims"], "--image-dims")]
-    clf = Classifier(opts["model"], opts["weights"], image_dims=dims, raw_scale=opts["raw_scale"],
-                     input_scale=opts["input_scale"], device=resolve_device(opts["gpu"]),
-                     batch_size=opts["batch_size"], fast=opts["fast"], bf16=opts["bf16"],
+    if image_dims is None:
+        image_dims = [int(v) for v in _floats(opts["image_dims"] or "256,256", "--image-dims")]
+    clf = Classifier(net or opts["model"], None if net else opts["weights"], image_dims=image_dims,
+                     raw_scale=opts["raw_scale"], input_scale=opts["input_scale"],
+                     device=choose_device(opts["gpu"]), batch_size=opts["batch_size"],
+                     channels_last=opts["channels_last"], fast=opts["fast"], bf16=opts["bf16"],
                      keep=keep)  # fmt: skip
     if mean is not None and mean.ndim == 1 and mean.size == 1:
         mean = mean.repeat(clf.channels)  # one value for all channels, as Caffe's mean_value
@@ -79,6 +92,7 @@ def _classifier(opts: dict, keep=()):
         clf.transformer.set_mean(clf.input, mean)
     if swap and clf.channels > 1:
         clf.transformer.set_channel_swap(clf.input, swap)
+    announce_resize()
     return clf
 
 
@@ -105,51 +119,191 @@ class _Skips:
 
 @click.command()
 @_preprocessing
-@option("labels", default=None, help="Class names, one per line (synset_words.txt).")
-@option("top", type=click.IntRange(min=1), default=5, show_default=True, help="Classes shown.")
-@option("oversample", is_flag=True, help="Average the 4 corner + centre crops and mirrors.")
+@option("labels", default=None, help="Class names: one per line (line i names class i), or "
+         "SSD's labelmap prototxt.")  # fmt: skip
+@option("task", type=click.Choice(["auto", "classify", "detect", "segment"]), default="auto",
+         show_default=True, help="What the net's output is; auto: a DetectionOutput top "
+         "is a detector's, an N x C x H x W output a segmentation's, else a "
+         "classifier's.")  # fmt: skip
+@option("top", type=click.IntRange(min=1), default=5, show_default=True,
+         help="classify: classes shown.")  # fmt: skip
+@option("oversample", is_flag=True, help="classify: average the 4 corner + centre crops and "
+         "mirrors.")  # fmt: skip
+@option("threshold", type=float, default=0.5, show_default=True,
+         help="detect: the lowest score of a box shown and drawn.")  # fmt: skip
+@option("draw-boxes", default=None, metavar="DIR", help="detect: write each image with its "
+         "boxes drawn into DIR, as <name>_boxes.png.")  # fmt: skip
+@option("label-maps", default=None, metavar="DIR", help="segment: write each image's label "
+         "map (<name>_labels.png, class numbers) and a coloured overlay (<name>_overlay.png) "
+         "into DIR.")  # fmt: skip
 @click.option("--format", "-format", "fmt", type=click.Choice(["table", "json", "csv"]),
               default="table", show_default=True, help="Output format.")  # fmt: skip
 @click.argument("images", nargs=-1, required=True)
 @user_errors
-def deploy(labels, top, oversample, fmt, images, **opts) -> None:
-    """Classify IMAGES (files, folders, glob patterns) with pycaffe Classifier's steps."""
+def deploy(labels, task, top, oversample, threshold, draw_boxes, label_maps, fmt, images,
+           **opts) -> None:  # fmt: skip
+    """Run the net on IMAGES (files, folders, glob patterns): classify them with pycaffe
+    Classifier's steps, or list a detector's boxes, or a segmentation's classes."""
+    net = Net.from_prototxt(opts["model"], "TEST")
+    task, blob = output_task(net, task)
+    _check_task_options(task, opts, oversample, draw_boxes, label_maps)
+    folder = OutputFolder(draw_boxes or label_maps) if draw_boxes or label_maps else None
+    names = class_names(labels) if labels else {}
+    net.load_weights(opts["weights"])
     skips = _Skips()
-    clf = _classifier(opts)
-    names = read_labels(labels) if labels else []
     paths = expand_images(images, skips)
+    if task == "classify":
+        clf = _classifier(opts, net)
+        results = _classify(clf, paths, top, oversample, skips)
+    else:
+        clf = _classifier(opts, net, net.blob_shapes[net.input_names[0]][2:], keep=[blob])
+        run = _detect if task == "detect" else _segment
+        results = run(clf, net, blob, paths, names, folder, threshold, skips)
+    PRINTERS[task, fmt](results, names)
+    _report_cost(clf)
+    if skips.count:
+        click.echo(f"caffe-alex: {skips.count} input(s) skipped, {len(results)} "
+                   f"{_DONE[task]}", err=True)  # fmt: skip
+    if not results:
+        raise CaffeAlexError(f"no image could be {_DONE[task]}")
+
+
+_DONE = {"classify": "classified", "detect": "searched", "segment": "segmented"}
+
+
+def _check_task_options(task, opts, oversample, draw_boxes, label_maps) -> None:
+    given = {"--oversample": oversample, "--image-dims": opts["image_dims"],
+             "--draw-boxes": draw_boxes, "--label-maps": label_maps}  # fmt: skip
+    allowed = {"classify": {"--oversample", "--image-dims"}, "detect": {"--draw-boxes"},
+               "segment": {"--label-maps"}}[task]  # fmt: skip
+    wrong = [name for name, value in given.items() if value and name not in allowed]
+    if wrong:
+        raise CaffeAlexError(f"{wrong[0]} does not apply to this net's output ({task}; "
+                             "--task sets it)")  # fmt: skip
+
+
+def _classify(clf, paths, top, oversample, skips) -> list:
     rows = []
     for path, scores in clf.classify_files(paths, oversample=oversample, on_error=skips):
         rows.append((path, [(int(i), float(scores[i])) for i in top_k(scores, top)]))
-    _print(rows, names, fmt)
-    _report_cost(clf)
-    if skips.count:
-        click.echo(f"caffe-alex: {skips.count} input(s) skipped, {len(rows)} classified", err=True)
-    if not rows:
-        raise CaffeAlexError("no image could be classified")
+    return rows
 
 
-def _label(names: list[str], index: int) -> str:
-    return names[index] if index < len(names) else str(index)
+def _detect(clf, net, blob, paths, names, folder, threshold, skips) -> list:
+    rows = []
+    palette = voc_palette(256)
+    for path, image, boxes in detect_files(clf, paths, blob, threshold, skips):
+        drawn = None
+        if folder is not None:
+            drawn = folder.file(path, "_boxes")
+            write_png(drawn, draw_boxes_on(image, boxes, names, palette))
+        rows.append((path, image.shape[:2], boxes, drawn))
+    return rows
 
 
-def _print(rows, names, fmt: str) -> None:
-    if fmt == "json":
-        doc = [{"image": path, "top": [{"rank": r + 1, "index": i, "label": _label(names, i),
-                                        "probability": p} for r, (i, p) in enumerate(top)]}
-               for path, top in rows]  # fmt: skip
-        click.echo(json.dumps(doc, indent=2))
-    elif fmt == "csv":
-        writer = csv.writer(sys.stdout, lineterminator="\n")
-        writer.writerow(["image", "rank", "index", "label", "probability"])
-        for path, top in rows:
-            for r, (i, p) in enumerate(top):
-                writer.writerow([path, r + 1, i, _label(names, i), f"{p:.6g}"])
-    else:
-        for path, top in rows:
-            click.echo(path)
-            for r, (i, p) in enumerate(top):
-                click.echo(f"  {r + 1:>2}  {p:8.4f}  {i:>5}  {_label(names, i)}")
+def _segment(clf, net, blob, paths, names, folder, threshold, skips) -> list:
+    rows = []
+    given = labels_blob(net, blob)
+    palette = voc_palette(max(256, net.blob_shapes[blob][1]))
+    for path, image, labels in segment_files(clf, paths, blob, given, skips):
+        files = None
+        if folder is not None:
+            files = folder.file(path, "_labels"), folder.file(path, "_overlay")
+            write_png(files[0], labels, palette if labels.dtype == np.uint8 else None)
+            write_png(files[1], overlay(image, labels, palette))
+        rows.append((path, image.shape[:2], class_shares(labels), files))
+    return rows
+
+
+def _name(names: dict[int, str], index: int) -> str:
+    return names.get(index, str(index))
+
+
+# ---- printing: one function per (task, format) -----------------------------------------------
+def _classes_json(rows, names) -> None:
+    doc = [{"image": path, "top": [{"rank": r + 1, "index": i, "label": _name(names, i),
+                                    "probability": p} for r, (i, p) in enumerate(top)]}
+           for path, top in rows]  # fmt: skip
+    click.echo(json.dumps(doc, indent=2))
+
+
+def _classes_csv(rows, names) -> None:
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(["image", "rank", "index", "label", "probability"])
+    for path, top in rows:
+        for r, (i, p) in enumerate(top):
+            writer.writerow([path, r + 1, i, _name(names, i), f"{p:.6g}"])
+
+
+def _classes_table(rows, names) -> None:
+    for path, top in rows:
+        click.echo(path)
+        for r, (i, p) in enumerate(top):
+            click.echo(f"  {r + 1:>2}  {p:8.4f}  {i:>5}  {_name(names, i)}")
+
+
+def _boxes_json(rows, names) -> None:
+    doc = [{"image": path, "height": int(size[0]), "width": int(size[1]),
+            "boxes": [{"label": b.label, "name": _name(names, b.label), "score": b.score,
+                       "xmin": b.xmin, "ymin": b.ymin, "xmax": b.xmax, "ymax": b.ymax}
+                      for b in boxes], **({"drawn": drawn} if drawn else {})}
+           for path, size, boxes, drawn in rows]  # fmt: skip
+    click.echo(json.dumps(doc, indent=2))
+
+
+def _boxes_csv(rows, names) -> None:
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(["image", "label", "name", "score", "xmin", "ymin", "xmax", "ymax"])
+    for path, _, boxes, _ in rows:
+        for b in boxes:
+            writer.writerow([path, b.label, _name(names, b.label), f"{b.score:.6g}",
+                             *(f"{v:.6g}" for v in b.corners)])  # fmt: skip
+
+
+def _boxes_table(rows, names) -> None:
+    for path, (height, width), boxes, drawn in rows:
+        click.echo(f"{path}  ({width} x {height}): {len(boxes)} box(es)"
+                   + (f", drawn in {drawn}" if drawn else ""))  # fmt: skip
+        if boxes:
+            click.echo(f"  {'label':>5}  {'name':<16} {'score':>7}  {'xmin':>7} {'ymin':>7} "
+                       f"{'xmax':>7} {'ymax':>7}")  # fmt: skip
+        for b in boxes:
+            corners = " ".join(f"{v:7.1f}" for v in b.corners)
+            click.echo(f"  {b.label:>5}  {_name(names, b.label):<16} {b.score:7.4f}  {corners}")
+
+
+def _shares_json(rows, names) -> None:
+    doc = [{"image": path, "height": int(size[0]), "width": int(size[1]),
+            "classes": [{"label": c, "name": _name(names, c), "pixels": n, "share": share}
+                        for c, n, share in shares],
+            **({"label_map": files[0], "overlay": files[1]} if files else {})}
+           for path, size, shares, files in rows]  # fmt: skip
+    click.echo(json.dumps(doc, indent=2))
+
+
+def _shares_csv(rows, names) -> None:
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(["image", "label", "name", "pixels", "share"])
+    for path, _, shares, _ in rows:
+        for c, n, share in shares:
+            writer.writerow([path, c, _name(names, c), n, f"{share:.6g}"])
+
+
+def _shares_table(rows, names) -> None:
+    for path, (height, width), shares, files in rows:
+        click.echo(f"{path}  ({width} x {height}): {len(shares)} class(es)"
+                   + (f", label map {files[0]}, overlay {files[1]}" if files else ""))  # fmt: skip
+        for c, n, share in shares:
+            click.echo(f"  {c:>5}  {_name(names, c):<16} {100 * share:6.2f}%  {n:>9} px")
+
+
+PRINTERS = {
+    ("classify", "json"): _classes_json, ("classify", "csv"): _classes_csv,
+    ("classify", "table"): _classes_table, ("detect", "json"): _boxes_json,
+    ("detect", "csv"): _boxes_csv, ("detect", "table"): _boxes_table,
+    ("segment", "json"): _shares_json, ("segment", "csv"): _shares_csv,
+    ("segment", "table"): _shares_table,
+}  # fmt: skip
 
 
 @click.command("extract-features")
@@ -182,7 +336,7 @@ def extract_features(blobs, source, out, num_batches, **opts) -> None:
         if opts["fast"] or opts["bf16"]:
             net = for_inference(net, fast=opts["fast"], bf16=opts["bf16"], keep=names,
                                 copy_net=False)  # fmt: skip
-        device = resolve_device(opts["gpu"])
+        device = choose_device(opts["gpu"])
         features.extract_features(net, names, out, num_batches=num_batches, device=device)
 
 

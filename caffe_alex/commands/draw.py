@@ -62,4 +62,3 @@ def _draw_html(net, output, rankdir, phase, display_lrm, shapes, input_shape, le
                      display_lrm=display_lrm, label_shapes=shapes, source=source,
                      input_shapes=parse_input_shapes(input_shape), weights=weights)  # fmt: skip
     write_page(page, output)
-

@@ -1,4 +1,5 @@
-"""What the commands share: Caffe-spelled options, one-line errors, input shapes, devices."""
+"""What the commands share: Caffe-spelled options, one-line errors, input shapes (the device
+choice is solvers/devices.py's)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ import sys
 
 import click
 
-from ..errors import CaffeAlexError, describe
-from ..log import get_logger
+from ..errors import describe, one_line
 
 
 def option(name: str, **kwargs):
@@ -30,20 +30,31 @@ def user_errors(fn):
             # point stdout at /dev/null so the final flush at exit cannot fail again
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(1)
-        except CaffeAlexError as exc:
-            click.echo(f"caffe-alex: error: {exc}", err=True)
-            sys.exit(1)
         except click.UsageError:
             raise  # a malformed command line: click's usage text and exit code 2
-        except click.ClickException as exc:  # any other click error: our one-line form
-            click.echo(f"caffe-alex: error: {exc.format_message()}", err=True)
-            sys.exit(1)
-        except OSError as exc:
-            where = f"{exc.filename}: " if exc.filename else ""
-            click.echo(f"caffe-alex: error: {where}{describe(exc)}", err=True)
+        except Exception as exc:
+            line = error_line(exc)
+            if line is None:
+                raise
+            click.echo(f"caffe-alex: error: {line}", err=True)
             sys.exit(1)
 
     return wrapper
+
+
+def error_line(exc: BaseException) -> str | None:
+    """The one line a command prints for ``exc``: a CaffeAlexError, a Python layer's own
+    exception (its attached line), any click error but a usage error, an OSError (missing
+    files); None for anything else (a bug: its traceback shows)."""
+    error = one_line(exc)
+    if error is not None:
+        return str(error)
+    if isinstance(exc, click.ClickException):
+        return exc.format_message()
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{describe(exc)}"
+    return None
 
 
 def phase_option(default: str = "TEST", help: str = "Net phase.", choices=("TRAIN", "TEST")):
@@ -72,50 +83,3 @@ def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def resolve_device(gpu: str | None):
-    """The torch device for a ``--gpu`` value (none/cpu, an id, a list, or all)."""
-    import torch  # imported on use: the options are loaded by light commands too (~1.5 s)
-
-    if gpu is None or gpu in ("", "none", "cpu"):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        get_logger().warning("no CUDA device available; using the CPU")
-        return torch.device("cpu")
-    index = 0 if gpu == "all" else int(gpu.split(",")[0])
-    return torch.device("cuda", index)
-
-
-def gpu_ids(spec: str | None) -> list[int]:
-    """The GPUs a ``--gpu`` value names (Caffe's get_gpus), checked against this machine: [] for
-    the CPU ('none', or no value), every device for 'all', else the listed ids. Without CUDA a
-    single id falls back to the CPU with a warning (as resolve_device); 'all' or a list stops."""
-    import torch  # imported on use: the options are loaded by light commands too (~1.5 s)
-
-    spec = (spec or "").strip()
-    if spec in ("", "none", "cpu"):
-        return []
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if spec == "all":
-        if not count:
-            raise CaffeAlexError("--gpu all: no CUDA device is available (--gpu none trains on "
-                                 "the CPU)")  # fmt: skip
-        return list(range(count))
-    try:
-        ids = [int(part) for part in spec.split(",")]
-    except ValueError:
-        ids = [-1]
-    if min(ids) < 0:
-        raise CaffeAlexError(f"--gpu {spec}: expected GPU ids (0, or 0,1), 'all' or 'none'")
-    if not count:
-        if len(ids) == 1:
-            get_logger().warning("no CUDA device available; using the CPU")
-            return []
-        raise CaffeAlexError(f"--gpu {spec}: no CUDA device is available (--gpu none trains on "
-                             "the CPU)")  # fmt: skip
-    missing = [i for i in ids if i >= count]
-    if missing:
-        raise CaffeAlexError(
-            f"--gpu {spec}: there is no GPU {missing[0]}; this machine has {count} "
-            f"(ids {', '.join(map(str, range(count)))})"
-        )
-    return ids

@@ -6,13 +6,13 @@ import click
 
 from ..log import get_logger
 from ..net import Net
+from ..solvers.devices import choose_device
 from ..tools.timing import report_lines, time_net
 from .options import (
     input_shape_option,
     option,
     parse_input_shapes,
     phase_option,
-    resolve_device,
     user_errors,
 )
 
@@ -30,7 +30,7 @@ from .options import (
 def time(model, iterations, gpu, phase, level, stage, input_shape, weights) -> None:
     """Time the forward and backward pass of MODEL, per layer, like ``caffe time``."""
     log = get_logger().info
-    device = resolve_device(gpu)
+    device = choose_device(gpu)
     log("Use CPU." if device.type == "cpu" else f"Use GPU with device ID {device.index}")
     stages = [s for s in stage.split(",") if s]
     shapes = parse_input_shapes(input_shape)

@@ -15,6 +15,7 @@ import signal
 import sys
 
 import click
+import numpy as np
 import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -25,9 +26,11 @@ from ..formats.prototxt import read_solver
 from ..log import GlogFormatter, get_logger, setup_logging
 from ..net import Net
 from ..solvers import Solver, distributed
+from ..solvers.devices import choose_device, gpu_ids, gpu_spec
 from ..solvers.feeds import name_the_record
+from ..solvers.scoring import score as score_batches
 from ..tools.tensorboard import check_folder, summary_writer, training_events
-from .options import gpu_ids, option, resolve_device, user_errors
+from .options import error_line, option, user_errors
 
 _EFFECTS = click.Choice(["stop", "snapshot", "none"])
 # what every rank must be given alike (compared across ranks at the start)
@@ -39,18 +42,9 @@ def _split(value: str) -> list[str]:
     return [s for s in (value or "").split(",") if s]
 
 
-def gpu_from_solver(gpu: str | None, solver_param) -> str | None:
-    """Without --gpu, the solver file's solver_mode/device_id choose (as caffe.cpp does)."""
-    if gpu:
-        return gpu
-    if solver_param.HasField("solver_mode") and solver_param.solver_mode == solver_param.GPU:
-        return str(solver_param.device_id) if solver_param.HasField("device_id") else "0"
-    return None
-
-
 def _gpus(opts: dict, solver_param) -> tuple[list[int], str, bool]:
     """(GPU ids, the --gpu value they come from, whether --gpu gave it) for this machine."""
-    spec = opts["gpu"] or gpu_from_solver(None, solver_param)
+    spec = gpu_spec(opts["gpu"], solver_param)
     ids = gpu_ids(spec)
     if len(set(ids)) != len(ids) and opts["dist_backend"] != "gloo":
         raise CaffeAlexError(f"--gpu {spec}: a GPU is listed twice (NCCL needs one process per "
@@ -213,8 +207,11 @@ def _rank_main(opts: dict) -> None:
         return
     try:
         _train(opts)
-    except (CaffeAlexError, OSError) as exc:
-        click.echo(f"caffe-alex: error: {exc}", err=True)
+    except Exception as exc:
+        line = error_line(exc)
+        if line is None:
+            raise
+        click.echo(f"caffe-alex: error: {line}", err=True)
         sys.exit(1)
 
 
@@ -311,35 +308,30 @@ def as_ostream(value: float) -> str:
 
 def score(net, feed, iterations: int, log) -> list[str]:
     """Run ``iterations`` batches; log each output value per batch, return the summary lines
-    (mean over batches, with ``(* w = l loss)`` for loss outputs), as caffe.cpp's test()."""
+    (mean over batches, with ``(* w = l loss)`` for loss outputs), as caffe.cpp's test(). The
+    loop is the solver's (scoring.py: float32 sums, as Caffe's)."""
     names = list(net.output_names)
+    owners = [n for n in names for _ in range(int(np.prod(net.blob_shapes[n], dtype=np.int64)))]
+
+    def forward(batch):
+        try:
+            outputs = net(**batch)
+        except CaffeAlexError as exc:  # a bad label: say which record it came from
+            name_the_record(exc, feed)
+            raise
+        return outputs, net.loss if net.loss is not None else torch.zeros(())
+
+    def each(i, values):
+        for name, value in zip(owners, values):
+            log(f"Batch {i}, {name} = {as_ostream(float(value))}")
+
+    scores = score_batches(forward, feed, iterations, names, each=each)
     loss_weights = net.blob_loss_weights
-    totals: list[float] = []
-    owners: list[str] = []
-    loss = 0.0
-    with torch.no_grad():
-        for i in range(iterations):
-            try:
-                outputs = net(**next(feed))
-            except CaffeAlexError as exc:  # a bad label: say which record it came from
-                name_the_record(exc, feed)
-                raise
-            loss += float(net.loss) if net.loss is not None else 0.0
-            values = [(n, v) for n in names for v in outputs[n].detach().float().cpu().flatten()]
-            for idx, (name, value) in enumerate(values):
-                value = float(value)
-                if i == 0:
-                    totals.append(value)
-                    owners.append(name)
-                else:
-                    totals[idx] += value
-                log(f"Batch {i}, {name} = {as_ostream(value)}")
-    lines = [f"Loss: {as_ostream(loss / iterations)}"]
-    for name, total in zip(owners, totals):
-        mean = total / iterations
-        weight = loss_weights.get(name, 0.0)
+    lines = [f"Loss: {as_ostream(float(scores.loss / np.float32(iterations)))}"]
+    for name, mean in zip(owners, scores.means):
+        weight = np.float32(loss_weights.get(name, 0.0))
         note = f" (* {as_ostream(weight)} = {as_ostream(weight * mean)} loss)" if weight else ""
-        lines.append(f"{name} = {as_ostream(mean)}{note}")
+        lines.append(f"{name} = {as_ostream(float(mean))}{note}")
     return lines
 
 
@@ -360,7 +352,7 @@ def test(model, weights, iterations, gpu, level, stage) -> None:
     if iterations < 1:
         raise click.UsageError("--iterations must be at least 1.")
     log = get_logger()
-    device = resolve_device(gpu)
+    device = choose_device(gpu)
     if device.type == "cpu":
         log.info("Use CPU.")
     else:

@@ -28,8 +28,7 @@ from ..errors import CaffeAlexError, LayerConfigError, describe
 from ..log import get_logger
 from ..proto import caffe_pb2
 from .datum import ImageError, color_flag, datum_to_array, decode_image
-from .db import open_db
-from .sources import DataError, Order, Source, _check_source_path
+from .sources import DataError, Source, open_records
 from .ssd_augment import (
     Boxes,
     check_distortion,
@@ -282,19 +281,7 @@ class AnnotatedSource(Source):
 
     def __init__(self, lp, phase, seed, shuffle: bool = False):
         super().__init__(lp, phase, seed)
-        p = lp.data_param
-        _check_source_path(self, p.source)
-        self.path = p.source
-        self.backend = caffe_pb2.DataParameter.DB.Name(p.backend).lower()
-        self.in_process = self.backend == "leveldb"
-        try:
-            self.db = open_db(p.source, self.backend)
-            self.keys = list(self.db.keys())
-        except CaffeAlexError as exc:
-            raise self.fail(exc.message) from None
-        if not self.keys:
-            raise self.fail(f"source '{p.source}' holds no record")
-        self.order = Order(len(self.keys), seed, shuffle, p.rand_skip)
+        open_records(self, lp.data_param, seed, shuffle)
         try:
             self.transform = AnnotatedTransformer(lp, phase)
         except CaffeAlexError as exc:

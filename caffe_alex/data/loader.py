@@ -1,19 +1,21 @@
 """Feeds a net's data layers: ``for batch in make_feed(net): net(**batch)``.
 
-Each data layer (Data, ImageData, HDF5Data, MemoryData, WindowData, AnnotatedData) gets its
-source and transformer; batches arrive as float32 tensors by top name (labels as floats, as
-Caffe's blobs hold them) on the feed's device. Batch b of a layer holds this rank's stream
-positions (b*B + i)*world_size + rank, so ranks share records as Caffe's DataLayer::Skip does.
-Random draws for a record come from a generator seeded with (seed, layer, position): a run
-repeats exactly for a seed, whichever process makes the record and however many workers there
-are, and ``skip``/``state`` resume it at any batch.
+Each data layer (Data, ImageData, HDF5Data, MemoryData, WindowData, AnnotatedData, and the
+segmentation forks' DenseImageData and ImageSegData) gets its source and transformer; batches
+arrive as float32 tensors by top name (labels as floats, as Caffe's blobs hold them) on the
+feed's device. Batch b of a layer holds this rank's stream positions (b*B + i)*world_size +
+rank, so ranks share records as Caffe's DataLayer::Skip does. Random draws for a record come
+from a generator seeded with (seed, layer, position): a run repeats exactly for a seed,
+whichever process makes the record and however many workers there are, and ``skip``/``state``
+resume it at any batch.
 
 How records travel (Caffe's prefetch ring, ring.py): uint8 images (raw or decoded Datums,
 ImageData) are cropped and mirrored where they are read, and travel as uint8 with their draws;
 the transformer's mean and scale then run on the device (device_transform.py) with the CPU
 transformer's float32 operations, so the numbers are the same. Float records (float_data
-Datums, HDF5Data, MemoryData), WindowData (zero padding, a mean indexed by the output) and
-AnnotatedData are transformed on the CPU and travel as float32; AnnotatedData's label top (as
+Datums, HDF5Data, MemoryData), WindowData (zero padding, a mean indexed by the output),
+AnnotatedData and the segmentation sources (an image and its label image, cropped and mirrored
+together) are transformed on the CPU and travel as float32; AnnotatedData's label top (as
 many box rows as the batch has) travels beside the buffer. Batches are made in the calling
 process (``workers=0``) or by worker processes into a ring of ``prefetch`` shared batch buffers
 made once and reused; on a CUDA device each batch is copied into pinned memory and sent with a
@@ -36,6 +38,7 @@ from .array_sources import HDF5Source, MemorySource
 from .datum import color_flag
 from .device_transform import DeviceTransform, crop_on_device, decode_jpegs, torchvision_io
 from .ring import Layout, Ring, WorkerPool
+from .segmentation import DenseImageSource, ImageSegSource
 from .sources import DataError, DBSource, ImageListSource
 from .window_source import WindowSource
 
@@ -57,6 +60,10 @@ def open_source(lp, phase: str, seed: int, layer, shuffle_db: bool):
         return WindowSource(lp, phase, seed)
     if lp.type == "AnnotatedData":
         return AnnotatedSource(lp, phase, seed, shuffle_db)
+    if lp.type == "DenseImageData":
+        return DenseImageSource(lp, phase, seed)
+    if lp.type == "ImageSegData":
+        return ImageSegSource(lp, phase, seed)
     raise DataError(f"the loader cannot read {lp.type} layers", layer=lp.name, layer_type=lp.type)
 
 

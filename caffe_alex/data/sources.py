@@ -83,6 +83,24 @@ def _check_source_path(source: Source, path: str) -> None:
         raise source.fail(f"source '{path}' does not exist")
 
 
+def open_records(source: Source, p, seed: int, shuffle: bool) -> None:
+    """Open data_param ``p``'s database for ``source``: its path, backend, keys and their order
+    (Data's records, and the sources that read other records from such a database: SSD's)."""
+    _check_source_path(source, p.source)
+    source.path = p.source
+    source.backend = caffe_pb2.DataParameter.DB.Name(p.backend).lower()
+    source.in_process = source.backend == "leveldb"  # LevelDB: one process at a time
+    try:
+        # db.py shares one handle per process and reopens it in a forked worker
+        source.db = open_db(p.source, source.backend)
+        source.keys = list(source.db.keys())
+    except CaffeAlexError as exc:
+        raise source.fail(exc.message) from None
+    if not source.keys:
+        raise source.fail(f"source '{p.source}' holds no record")
+    source.order = Order(len(source.keys), seed, shuffle, p.rand_skip)
+
+
 class DBSource(Source):
     """Data: Datums from an LMDB or LevelDB, decoded and transformed (data_param.rand_skip;
     ``shuffle=True`` from the loader permutes each pass, an extension Caffe lacks). LevelDB
@@ -90,20 +108,7 @@ class DBSource(Source):
 
     def __init__(self, lp, phase, seed, shuffle: bool = False):
         super().__init__(lp, phase, seed)
-        p = lp.data_param
-        _check_source_path(self, p.source)
-        self.path = p.source
-        self.backend = caffe_pb2.DataParameter.DB.Name(p.backend).lower()
-        self.in_process = self.backend == "leveldb"
-        try:
-            # db.py shares one handle per process and reopens it in a forked worker
-            self.db = open_db(p.source, self.backend)
-            self.keys = list(self.db.keys())
-        except CaffeAlexError as exc:
-            raise self.fail(exc.message) from None
-        if not self.keys:
-            raise self.fail(f"source '{p.source}' holds no record")
-        self.order = Order(len(self.keys), seed, shuffle, p.rand_skip)
+        open_records(self, lp.data_param, seed, shuffle)
         self.transformer = DataTransformer(transform_param(lp), phase)
         self.needs_rng = self.transformer.needs_rng
         self.storage = self._storage(self.keys[0])

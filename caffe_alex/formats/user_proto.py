@@ -13,7 +13,6 @@ packaged for pip; without it the error names the package.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -69,7 +68,7 @@ def load_proto(path: str) -> UserSchema:
 
 def _compile(path: str) -> descriptor_pb2.FileDescriptorSet:
     try:
-        import grpc_tools  # noqa: F401  (optional: only --proto needs protoc)
+        from grpc_tools import protoc  # optional: only --proto needs protoc
     except ImportError:
         raise CaffeAlexError(
             f"{path}: compiling a .proto needs protoc: pip install 'caffe-alex[proto]' "
@@ -78,14 +77,32 @@ def _compile(path: str) -> descriptor_pb2.FileDescriptorSet:
     folder = os.path.dirname(os.path.abspath(path))
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "schema.pb")
-        cmd = [sys.executable, "-m", "grpc_tools.protoc", f"--proto_path={folder}"]
-        cmd += ["--include_imports", f"--descriptor_set_out={out}", os.path.abspath(path)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            first = (done.stderr or done.stdout).strip().splitlines()[:1]
+        args = ["protoc", f"--proto_path={folder}", "--include_imports"]
+        args += [f"--descriptor_set_out={out}", os.path.abspath(path)]
+        code, said = _with_stderr(lambda: protoc.main(args), os.path.join(tmp, "stderr"))
+        if code != 0:
+            first = said.strip().splitlines()[:1]
             raise CaffeAlexError(f"{path}: protoc refused it: {first[0] if first else '?'}")
         with open(out, "rb") as f:
             return descriptor_pb2.FileDescriptorSet.FromString(f.read())
+
+
+def _with_stderr(run, file: str):
+    """Run protoc in this process (no interpreter start-up) with its C++ stderr in ``file``:
+    (exit code, what it wrote)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(file, "w+b") as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                code = run()
+            finally:
+                os.dup2(saved, 2)
+            sink.seek(0)
+            return code, sink.read().decode(errors="replace")
+    finally:
+        os.close(saved)
 
 
 # ---- a fork's message -> ours, by field name -----------------------------------------------

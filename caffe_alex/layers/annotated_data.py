@@ -16,9 +16,10 @@ from ..data.annotated import AnnotatedTransformer, has_box_type, parse_annotated
 from ..errors import CaffeAlexError, LayerConfigError
 from ..proto import caffe_pb2
 from ..registry import register
-from .data import _all_fields, _first_value, _Source
+from .data import DEEPLAB_TRANSFORM, _all_fields, _first_value, _Source
 
 _TRANSFORM = _all_fields(caffe_pb2.TransformationParameter) - {"noise_param"}
+_TRANSFORM -= DEEPLAB_TRANSFORM  # ImageSegData's
 
 
 @register("AnnotatedData")

@@ -21,7 +21,6 @@ from ..errors import CaffeAlexError, LayerConfigError, describe
 from ..proto import caffe_pb2
 from ..registry import CaffeLayer, register
 
-_TRANSFORM = {"transform_param": None}
 _GENERIC = ("(N, C, H, W)", "(N,)")
 
 
@@ -29,6 +28,10 @@ def _all_fields(message) -> frozenset[str]:
     return frozenset(f.name for f in message.DESCRIPTOR.fields)
 
 
+# DeepLab v2's fields in BVLC messages, which only its ImageSegData reads (segmentation_data.py)
+DEEPLAB_TRANSFORM = frozenset({"scale_factors", "crop_width", "crop_height"})
+DEEPLAB_IMAGE_DATA = frozenset({"ignore_label", "label_type"})
+_TRANSFORM = {"transform_param": _all_fields(caffe_pb2.TransformationParameter) - DEEPLAB_TRANSFORM}
 
 
 def _color(transform) -> bool | None:
@@ -156,7 +159,10 @@ class ImageDataLayer(_Source):
     tops = (2, 2)
     own_param = "image_data_param"
     source_help = "a text file of '<image path> <label>' lines: docs/data.md"
-    params = {"image_data_param": _all_fields(caffe_pb2.ImageDataParameter), **_TRANSFORM}
+    params = {
+        "image_data_param": _all_fields(caffe_pb2.ImageDataParameter) - DEEPLAB_IMAGE_DATA,
+        **_TRANSFORM,
+    }
 
     def _image_shape(self):
         p = self.param

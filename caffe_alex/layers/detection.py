@@ -199,6 +199,8 @@ def nms_fast(boxes, sizes, scores, score_threshold, nms_threshold, eta, top_k) -
     if top_k > -1:
         order = order[:top_k]
     b, s = boxes[order], sizes[order]
+    if eta >= 1 and 0 < len(order) <= _PAIRWISE_LIMIT:
+        return order[_kept_at_fixed_threshold(b, s, nms_threshold)]
     worst = torch.zeros(len(order), dtype=boxes.dtype)  # largest overlap with a kept box
     kept, start, threshold = [], 0, nms_threshold
     while start < len(order):
@@ -217,6 +219,32 @@ def nms_fast(boxes, sizes, scores, score_threshold, nms_threshold, eta, top_k) -
             threshold = f32(threshold * eta)
         start = j + 1
     return order[torch.tensor(kept, dtype=torch.long)]
+
+
+# Candidates up to which nms_fast computes every pairwise overlap at once (a 16 MiB matrix).
+_PAIRWISE_LIMIT = 2048
+
+
+def _kept_at_fixed_threshold(b, s, threshold) -> torch.Tensor:
+    """nms_fast's greedy pass when the threshold never changes (eta 1), from all pairwise
+    overlaps at once instead of one kept box at a time (the same float32 operations, so the
+    same overlaps): box j is kept iff no kept box before it overlaps it by more than the
+    threshold (NaN counts as more). Each box depends only on earlier ones, so that rule has
+    one solution; applying it repeatedly from "all kept" reaches it within len(b) rounds,
+    usually a few."""
+    iw = torch.minimum(b[None, :, 2], b[:, None, 2]) - torch.maximum(b[None, :, 0], b[:, None, 0])
+    ih = torch.minimum(b[None, :, 3], b[:, None, 3]) - torch.maximum(b[None, :, 1], b[:, None, 1])
+    inter = iw * ih
+    overlap = torch.where((iw > 0) & (ih > 0), inter / (s[None, :] + s[:, None] - inter), 0)
+    # row i, column j: kept box i rules out box j (only an earlier box can)
+    rules_out = torch.triu(~(overlap <= threshold), diagonal=1)
+    kept = torch.ones(len(b), dtype=torch.bool)
+    for _ in range(len(b)):
+        now = ~(rules_out & kept[:, None]).any(dim=0)
+        if torch.equal(now, kept):
+            break
+        kept = now
+    return torch.nonzero(kept).reshape(-1)
 
 
 @register("DetectionOutput")

@@ -69,19 +69,47 @@ class LossLayer(CaffeLayer):
 @register("SoftmaxWithLoss")
 class SoftmaxWithLossLayer(LossLayer):
     """Softmax over ``softmax_param.axis`` then mean -log p[label]. ``loss_param``:
-    ignore_label, normalization (default VALID), legacy normalize. Optional top 1: the softmax."""
+    ignore_label, normalization (default VALID), legacy normalize; caffe-segnet's
+    weight_by_label_freqs with class_weighting (each element's -log p scaled by its label's
+    weight; the normalizer still counts elements, unweighted). Optional top 1: the softmax."""
 
     tops = (1, 2)
-    params = {"loss_param": _LOSS_FIELDS, "softmax_param": frozenset({"axis"})}
+    params = {
+        "loss_param": _LOSS_FIELDS | {"weight_by_label_freqs", "class_weighting"},
+        "softmax_param": frozenset({"axis"}),
+    }
 
     def __init__(self, layer_param, bottom_shapes, phase):
         super().__init__(layer_param, bottom_shapes, phase)
         self.axis = layer_param.softmax_param.axis
+        lp = layer_param.loss_param
+        # caffe-segnet reads class_weighting only when weight_by_label_freqs is set.
+        weights = list(lp.class_weighting) if lp.weight_by_label_freqs else None
+        self.register_buffer(
+            "class_weights",
+            None if weights is None else torch.tensor(weights, dtype=torch.float32),
+            persistent=False,
+        )
 
     def top_shapes(self, bottom_shapes):
         check_batch(bottom_shapes)
         scores, labels = bottom_shapes
         check_label_count(scores, labels, self.axis, "softmax_param.axis")
+        if self.class_weights is not None:
+            # The fork compares with the blob's channels (axis 1), whatever softmax_param.axis.
+            channels = scores[1] if len(scores) > 1 else 1
+            if len(self.class_weights) != channels:
+                raise LayerConfigError(
+                    f"loss_param.class_weighting has {len(self.class_weights)} values but the "
+                    f"scores have {channels} channels (weight_by_label_freqs needs one weight "
+                    "per class)"
+                )
+            classes = scores[canonical_axis(self.axis, len(scores), "softmax_param.axis")]
+            if classes != channels:  # the fork would index its weights past their end
+                raise LayerConfigError(
+                    f"loss_param.class_weighting has {channels} values (the channels) but "
+                    f"softmax_param.axis {self.axis} has {classes} classes"
+                )
         return [()] + [tuple(scores)] * (self.n_top - 1)
 
     def forward(self, scores, label):
@@ -99,13 +127,14 @@ class SoftmaxWithLossLayer(LossLayer):
             valid = whole(labels) != self.ignore_label
         x = widened(scores)
         norm = normalizer(self.mode, outer, inner, None if valid is None else valid.sum(), x)
-        if inside is None and valid is None and inner == 1:  # classification: fewest ops
+        plain = inside is None and valid is None and self.class_weights is None
+        if plain and inner == 1:  # classification: fewest ops
             rows = x if x.dim() == 2 else x.reshape(outer, classes)
             loss = _picked_loss(rows, target, norm)
         else:
             masks = [m if m is None else m.reshape(outer, inner) for m in (inside, valid)]
             x, target = x.reshape(outer, classes, inner), target.reshape(outer, inner)
-            loss = _masked_loss(x, target, *masks, norm)
+            loss = _masked_loss(x, target, *masks, norm, self.class_weights)
         if self.n_top == 1:
             return loss
         # Caffe's backward ignores the probability top's diff.
@@ -124,14 +153,19 @@ def _picked_loss(x, target, norm) -> torch.Tensor:
     return F.nll_loss(clamped, target, reduction="sum") / norm
 
 
-def _masked_loss(x, target, inside, valid, norm) -> torch.Tensor:
+def _masked_loss(x, target, inside, valid, norm, weights=None) -> torch.Tensor:
     """The general case of (outer, C, inner) scores: a bad label that went unchecked
-    (``inside`` False) costs the clamp's value; an ignored one (``valid`` False) nothing."""
+    (``inside`` False) costs the clamp's value; an ignored one (``valid`` False) nothing;
+    ``weights``: caffe-segnet's class weights, by label."""
     nll = -torch.log_softmax(x, dim=1).gather(1, target.unsqueeze(1)).squeeze(1)
     # Caffe's value clamp, but with the gradient p - onehot that Caffe keeps past the clamp.
     nll = torch.where(nll > _MAX_NLL, nll - nll.detach() + _MAX_NLL, nll)
     if inside is not None:
         nll = torch.where(inside, nll, _MAX_NLL)  # an unchecked bad label: the clamp's cost
+    if weights is not None:
+        # The true gradient of w[label] * -log p is w[label] * (p - onehot): the fork's
+        # backward, which scales the element's whole diff row by its label's weight.
+        nll = nll * weights.to(nll.dtype)[target]
     if valid is not None:
         nll = torch.where(valid, nll, 0.0)
     return nll.sum() / norm
@@ -143,6 +177,9 @@ class EuclideanLossLayer(LossLayer):
     reads none for this layer)."""
 
     params = {"loss_param": frozenset()}
+
+    def allow_force_backward(self, bottom: int) -> bool:
+        return True  # Caffe's EuclideanLoss: both bottoms are data (no labels)
 
     def top_shapes(self, bottom_shapes):
         check_batch(bottom_shapes)

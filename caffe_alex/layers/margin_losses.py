@@ -103,6 +103,9 @@ class ContrastiveLossLayer(CaffeLayer):
         "loss_param": frozenset(),
     }
 
+    def allow_force_backward(self, bottom: int) -> bool:
+        return bottom != 2  # Caffe's ContrastiveLoss: bottom 2 is the similarity label
+
     def __init__(self, layer_param, bottom_shapes, phase):
         super().__init__(layer_param, bottom_shapes, phase)
         p = layer_param.contrastive_loss_param

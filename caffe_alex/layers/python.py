@@ -22,7 +22,7 @@ import importlib
 import torch
 
 from ..blob import Blob, BlobVec
-from ..errors import CaffeAlexError, LayerConfigError, describe
+from ..errors import CaffeAlexError, LayerConfigError, describe, raised_in_user_code
 from ..registry import CaffeLayer, register
 
 
@@ -149,7 +149,9 @@ class PythonLayer(CaffeLayer):
         try:
             impl = cls(layer_param)
         except Exception as exc:
-            raise LayerConfigError(f"{self.where}({type(exc).__name__}): {describe(exc)}") from exc
+            raised_in_user_code(exc, f"{self.where}.__init__", layer=self.name,
+                                layer_type="Python")  # fmt: skip
+            raise
         # Caffe sets these on the object whatever its __init__ did
         impl.param_str = layer_param.python_param.param_str
         impl.phase = Phase(0 if phase == "TRAIN" else 1)
@@ -182,19 +184,33 @@ class PythonLayer(CaffeLayer):
         return self._shapes_for(bottom_shapes, "reshape")
 
     def call(self, method: str, *args) -> None:
-        """Run one of the user's methods; what it raises becomes one line naming the layer."""
+        """Run one of the user's methods. What it raises goes on to the caller as it is (as
+        pycaffe lets a Python layer's exception through), with a note naming the layer, module,
+        class and method, and the one line the command line prints for it."""
         try:
             getattr(self.impl, method)(*args)
         except CaffeAlexError:
             raise
         except Exception as exc:
-            raise CaffeAlexError(
-                f"{self.where}.{method} raised {type(exc).__name__}: {exc}",
-                layer=self.name,
-                layer_type="Python",
-            ) from exc
+            raised_in_user_code(exc, f"{self.where}.{method}", layer=self.name,
+                                layer_type="Python")  # fmt: skip
+            raise
         for blob in self.impl.blobs:  # the user may have written values or diffs
             blob.sync()
+
+    # -- Caffe's own calls, over the net's blobs (layerwise.py: pycaffe's Net) -------------
+    def blob_forward(self, bottom: list[Blob], top: list[Blob]) -> tuple:
+        """Reshape, then forward, on the net's own blobs (a Python layer's bottom and top are
+        Caffe's blobs); returns the tops' values."""
+        self.call("reshape", bottom, top)
+        self.call("forward", bottom, top)
+        self.top_dims = [t.shape for t in top]
+        return tuple(t.data_tensor() for t in top)
+
+    def blob_backward(self, top: list[Blob], propagate_down: list[bool], bottom: list[Blob]):
+        """The user's backward on the net's own blobs: it reads the tops' diffs (and whatever
+        data it needs) as they are now and writes the bottoms' diffs."""
+        self.call("backward", top, propagate_down, bottom)
 
     def device(self) -> torch.device:
         return self.blobs[0].device if len(self.blobs) else torch.device("cpu")

@@ -67,6 +67,9 @@ class SmoothL1LossLayer(CaffeLayer):
                 )
         return [()]
 
+    def allow_force_backward(self, bottom: int) -> bool:
+        return True  # the fork's SmoothL1LossLayer: every bottom may take force_backward
+
     def forward(self, x, target, inside=None, outside=None):
         # half precision is widened (as the other losses do): the sum runs in float32 at least
         low = x.is_floating_point() and x.element_size() < 4

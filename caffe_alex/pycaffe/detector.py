@@ -10,8 +10,8 @@ import numpy as np
 
 from ..errors import CaffeAlexError
 from ..proto.caffe_pb2 import TEST
+from ..tools.deploy import configured_transformer
 from . import io
-from .classifier import configured_transformer
 from .net import Net
 
 
@@ -19,7 +19,9 @@ class Detector(Net):
     def __init__(self, model_file, pretrained_file, mean=None, input_scale=None,
                  raw_scale=None, channel_swap=None, context_pad=None):  # fmt: skip
         super().__init__(model_file, TEST, weights=pretrained_file)
-        self.transformer = configured_transformer(self, mean, input_scale, raw_scale,
+        name = self.inputs[0]
+        self.transformer = configured_transformer(io.Transformer, name, self.blobs[name].shape,
+                                                  mean, input_scale, raw_scale,
                                                   channel_swap)  # fmt: skip
         self.configure_crop(context_pad)
 

@@ -19,7 +19,8 @@ Beyond pycaffe, where pycaffe fails: ``blobproto_to_array`` falls back to ``doub
 ``double_diff`` when the float field is empty, ``datum_to_array`` decodes encoded Datums
 (C x H x W uint8 BGR, as a raw Datum holds them), ``deprocess`` handles 1-channel inputs, and
 ``array_to_blobproto`` refuses a diff of another size. Values that do not fill their shape raise
-ValueError naming both. ``resize_image`` implements pycaffe's default ``interp_order=1`` only.
+ValueError naming both. ``resize_image`` is scikit-image's resize, as pycaffe's, where the
+``pycaffe`` extra installed it; without it, NumPy order 1 as scikit-image <= 0.14 resized.
 """
 
 from __future__ import annotations
@@ -149,14 +150,11 @@ def load_image(filename, color: bool = True) -> np.ndarray:
 
 
 def resize_image(im, new_dims, interp_order: int = 1) -> np.ndarray:
-    """An H x W x K array resized to ``new_dims`` (height, width) as float32, with pycaffe's
-    linear interpolation over the image stretched to [0, 1] by its own min and max."""
-    if interp_order != 1:
-        raise NotImplementedError(
-            f"resize_image supports interp_order=1 (linear, pycaffe's default) only, "
-            f"not {interp_order}"
-        )
-    return _io.resize_image(im, new_dims)
+    """An H x W x K array resized to ``new_dims`` (height, width) as float32, as pycaffe
+    does: scikit-image's resize over the image stretched to [0, 1] by its own min and max
+    (scipy's zoom for other than 1 or 3 channels); without scikit-image, a NumPy transcription
+    of its 0.14 order-1 resize (tools/pycaffe_io.py)."""
+    return _io.resize_image(im, new_dims, interp_order)
 
 
 # ---- Transformer --------------------------------------------------------------------------------

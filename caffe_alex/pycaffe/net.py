@@ -1,15 +1,13 @@
 """pycaffe's ``caffe.Net``: a net you drive from Python the way Caffe's is driven.
 
-Unlike ``caffe_alex.Net`` (a functional ``nn.Module``), this keeps Caffe's state: every blob is
-a persistent ``Blob`` whose ``data`` and ``diff`` Python reads and writes; ``forward`` runs the
-layers from ``start`` to ``end`` over those blobs (a data layer in the range pulls its next
-batch, an ``Input`` layer keeps what was written into it); ``backward`` runs them back from the
-diffs the blobs hold (a loss top's diff starts as its loss weight, as Caffe sets it) and
-accumulates parameter diffs until ``clear_param_diffs``. The layer list includes Caffe's
-implicit Split layers, so names, indices and saved files are Caffe's.
-
-Each layer runs as its own small autograd graph: its bottoms enter as fresh leaves, so a
-backward pass can start and stop at any layer, as Caffe's BackwardFromTo does.
+The net is caffe_alex's plan (``caffe_alex.Net``, built with Caffe's implicit Split layers, so
+names, indices and saved files are Caffe's) run by layerwise.py's BlobExecutor, Caffe's own
+execution model: every blob is a persistent ``Blob`` whose ``data`` and ``diff`` Python reads
+and writes; ``forward`` runs the layers from ``start`` to ``end`` over those blobs (a data layer
+in the range pulls its next batch, an ``Input`` layer keeps what was written into it);
+``backward`` runs them back, each layer from the data and diffs its blobs hold at that moment
+(a loss top's diff starts as its loss weight, as Caffe sets it), so it needs no forward just
+before it; parameter diffs accumulate until ``clear_param_diffs``.
 """
 
 from __future__ import annotations
@@ -18,13 +16,13 @@ import os
 from collections import OrderedDict
 
 import numpy as np
-import torch
 
 from ..blob import Blob, ParamBlob
 from ..data.loader import make_feed
 from ..errors import CaffeAlexError
 from ..formats.prototxt import read_net
 from ..formats.weights import save_weights
+from ..layerwise import BlobExecutor
 from ..net import Net as Module
 from ..solvers.nets import share_trained_layers
 from . import runtime
@@ -46,10 +44,8 @@ class LayerView:
 
     def __init__(self, net: Net, index: int):
         self._net, self._index = net, index
-        step = net._steps[index]
         self.type = net._module.layer_types[index]
-        module = net._module.layers[step.key]
-        self.blobs = [ParamBlob(lambda j=j: module.blobs[j]) for j in range(len(module.blobs))]
+        self.blobs: list[ParamBlob] = net._executor.param_blobs[index]
 
     def reshape(self, bottom, top) -> None:
         step = self._net._steps[self._index]
@@ -74,13 +70,6 @@ class LayerView:
         return f"<Layer {self._net._layer_names[self._index]!r} ({self.type})>"
 
 
-class _Record:
-    """What one layer's forward left for backward: its bottom leaves and its outputs."""
-
-    def __init__(self, leaves, outputs):
-        self.leaves, self.outputs = leaves, outputs
-
-
 class Net:
     """``Net(network_file, phase, level=0, stages=None, weights=None)`` or the older
     ``Net(network_file, weights, phase)``."""
@@ -96,37 +85,27 @@ class Net:
             raise TypeError("Net() needs a phase: caffe.TRAIN or caffe.TEST")
         net_param, source = read_net(os.fspath(network_file))
         module = Module(net_param, phase_name(phase), level=level, stages=list(stages or ()),
-                        source=source, insert_splits=True)  # fmt: skip
-        self._attach(module)
+                        source=source, insert_splits=True).to(runtime.device())  # fmt: skip
+        self._feed = None
+        self._attach(BlobExecutor(module, runtime.device(), source=self._next_batch))
         if weights is not None:
             self.copy_from(weights)
 
     @classmethod
-    def wrap(cls, module: Module, feed=None) -> Net:
-        """A pycaffe view of a net built elsewhere (a solver's), pulling data from ``feed``."""
+    def wrap(cls, executor: BlobExecutor) -> Net:
+        """A pycaffe view of an executor made elsewhere (a solver's, which draws its batches
+        from the solver's feed)."""
         net = cls.__new__(cls)
-        net._attach(module, feed)
+        net._feed = None
+        net._attach(executor)
         return net
 
-    def _attach(self, module: Module, feed=None) -> None:
-        self._module = module.to(runtime.device())
-        self._steps = list(module.steps)
-        self._feed = feed
-        self._records: dict[int, _Record] = {}
-        self._callbacks = {"before_forward": [], "after_forward": [], "before_backward": [],
-                           "after_backward": []}  # fmt: skip
-        device = runtime.device()
-        self._blobs: OrderedDict[str, Blob] = OrderedDict()
-        for step in self._steps:
-            for top in step.tops:
-                if top not in self._blobs:
-                    shape = module.blob_shapes[top]
-                    self._blobs[top] = Blob(torch.zeros(shape, device=device))
-        for name, weight in module.blob_loss_weights.items():
-            if weight:  # Caffe's SetLossWeights: the loss top's diff holds its weight
-                self._blobs[name].diff[...] = weight
+    def _attach(self, executor: BlobExecutor) -> None:
+        self._executor = executor
+        self._module = executor.net
+        self._steps = list(executor.steps)
+        self._blobs: OrderedDict[str, Blob] = executor.blobs
         self.layers = [LayerView(self, i) for i in range(len(self._steps))]
-        self._need_backward = self._blobs_needing_backward()
 
     # -- what pycaffe code reads ---------------------------------------------------------
     @property
@@ -182,20 +161,16 @@ class Net:
 
     # -- callbacks -------------------------------------------------------------------------
     def before_forward(self, callback) -> None:
-        self._callbacks["before_forward"].append(callback)
+        self._executor.hooks["before_forward"].append(callback)
 
     def after_forward(self, callback) -> None:
-        self._callbacks["after_forward"].append(callback)
+        self._executor.hooks["after_forward"].append(callback)
 
     def before_backward(self, callback) -> None:
-        self._callbacks["before_backward"].append(callback)
+        self._executor.hooks["before_backward"].append(callback)
 
     def after_backward(self, callback) -> None:
-        self._callbacks["after_backward"].append(callback)
-
-    def _run(self, kind: str, index: int) -> None:
-        for callback in self._callbacks[kind]:
-            callback(index)
+        self._executor.hooks["after_backward"].append(callback)
 
     # -- forward ---------------------------------------------------------------------------
     def _index(self, name, default: int) -> int:
@@ -232,40 +207,10 @@ class Net:
     def _forward(self, start: int, end: int) -> float:
         """Caffe's ForwardFromTo: layers ``start``..``end`` (indices); returns their loss."""
         self._follow_mode()
-        loss, batch = 0.0, None
-        for index in range(start, end + 1):
-            self._run("before_forward", index)
-            step = self._steps[index]
-            layer = self._module.layers[step.key]
-            if layer.is_source:  # Input keeps what Python wrote; data layers take a batch
-                if self._module.layer_types[index] != "Input":
-                    batch = batch if batch is not None else self._next_batch()
-                    for top in step.tops:
-                        self._blobs[top].set_data(batch[top].to(runtime.device()))
-                self._records.pop(index, None)
-            else:
-                loss += self._forward_layer(index, step, layer)
-            self._run("after_forward", index)
-        return loss
+        loss = self._executor.forward(start, end)
+        return float(loss) if loss is not None else 0.0
 
-    def _forward_layer(self, index, step, layer) -> float:
-        leaves = []
-        for name, detach in zip(step.bottoms, step.detach):
-            tensor = self._blobs[name].data_tensor().detach()
-            grad = self._need_backward.get(name, False) and not detach
-            leaves.append(tensor.requires_grad_(grad and tensor.is_floating_point()))
-        with torch.enable_grad():
-            out = layer(*leaves)
-        out = (out,) if isinstance(out, torch.Tensor) else tuple(out)
-        self._records[index] = _Record(leaves, out)
-        self._set_tops(step, out)
-        return sum(weight * float(out[i].detach().sum()) for i, weight in step.loss_weights)
-
-    def _set_tops(self, step, out) -> None:
-        for top, value in zip(step.tops, out):
-            self._blobs[top].set_data(value.detach())
-
-    def _next_batch(self) -> dict[str, torch.Tensor]:
+    def _next_batch(self):
         if self._feed is None:
             self._feed = make_feed(self._module, seed=runtime.seed())
         return next(self._feed)
@@ -285,44 +230,8 @@ class Net:
 
     def _backward(self, start: int, end: int) -> None:
         """Caffe's BackwardFromTo: layers ``start`` down to ``end`` (indices)."""
-        for index in range(start, end - 1, -1):
-            self._run("before_backward", index)
-            record = self._records.get(index)
-            if record is not None:
-                self._backward_layer(self._steps[index], record)
-            self._run("after_backward", index)
-
-    def _backward_layer(self, step, record: _Record) -> None:
-        pairs = [(out, self._blobs[top].diff_tensor())
-                 for top, out in zip(step.tops, record.outputs) if out.requires_grad]  # fmt: skip
-        if not pairs:
-            return
-        for leaf in record.leaves:
-            leaf.grad = None
-        outputs, grads = zip(*pairs)
-        torch.autograd.backward(outputs, [g.to(o.dtype) for o, g in pairs], retain_graph=True)
-        for name, leaf in zip(step.bottoms, record.leaves):
-            if leaf.requires_grad:  # a layer writes its bottoms' diffs (Splits sum theirs)
-                grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-                self._blobs[name].set_diff(grad)
-
-    def _blobs_needing_backward(self) -> dict[str, bool]:
-        """Caffe's blob_need_backward_: a blob written by a layer that has a bottom needing
-        backward or a learnable blob with a nonzero lr_mult (force_backward: every blob)."""
-        force = self._module.net_param.force_backward
-        learning = {(p.layer, p.index) for p in self._module.param_infos if p.lr_mult != 0}
-        learning |= {(p.layer, p.index) for p in self._module.param_infos
-                     if p.owner is not None and p.owner in learning}  # fmt: skip
-        need: dict[str, bool] = {}
-        for name, step in zip(self._layer_names, self._steps):
-            layer = self._module.layers[step.key]
-            own = any((name, j) in learning for j in range(len(layer.blobs)))
-            flag = force or own or any(need.get(b, False) for b in step.bottoms)
-            for top in step.tops:
-                need[top] = flag
-        if force:
-            need.update(dict.fromkeys(self._blobs, True))
-        return need
+        self._follow_mode()
+        self._executor.backward(start, end)
 
     # -- batches of many items --------------------------------------------------------------
     def _batch(self, arrays: dict[str, np.ndarray]):
@@ -397,9 +306,7 @@ class Net:
         save_weights(self._module, os.fspath(filename), kind="h5")
 
     def clear_param_diffs(self) -> None:
-        for info in self._module.param_infos:
-            if info.param.grad is not None:
-                info.param.grad.zero_()
+        self._executor.clear_param_diffs()
 
     def set_input_arrays(self, data, labels) -> None:
         """Arrays for the MemoryData layer, which must be the first layer (as pycaffe)."""
@@ -422,19 +329,6 @@ class Net:
             raise CaffeAlexError(str(exc)) from None
         self._feed = None  # the next forward serves the new arrays from their first row
 
-    def sync_from_module(self) -> None:
-        """Take the blobs of the module's last functional forward (a solver's iteration)."""
-        for name, tensor in self._module.blobs.items():
-            if name in self._blobs and isinstance(tensor, torch.Tensor):
-                self._blobs[name].set_data(tensor.detach())
-
     def _follow_mode(self) -> None:
         """Caffe's mode is global: follow set_mode_cpu/gpu made after the net was built."""
-        device = runtime.device()
-        if next(iter(self._module.parameters()), torch.empty(0)).device == device:
-            if all(b.data_tensor().device == device for b in self._blobs.values()):
-                return
-        self._module.to(device)
-        for blob in self._blobs.values():
-            blob.set_data(blob.data_tensor().to(device))
-            blob.set_diff(blob.diff_tensor().to(device))
+        self._executor.follow(runtime.device())

@@ -3,10 +3,11 @@ and ``caffe.NCCL``, which joins the solvers of several processes as pycaffe's py
 does (one process per GPU) into the training ``caffe-alex train --gpu 0,1`` runs.
 
 Each runs caffe_alex's Solver (Caffe's training loop and update rules) with Caffe's Split
-layers in its nets; ``solver.net`` and ``solver.test_nets`` are pycaffe Nets over the same
-modules and the same data feeds, so ``solver.net.forward()`` draws the batch the next step
-would have drawn, as Caffe's shared data layer does, and after ``step`` their blobs hold the
-last iteration's values.
+layers in its nets, run as Caffe runs them (the solver's ``layerwise`` engines: persistent
+blobs, layer by layer); ``solver.net`` and ``solver.test_nets`` are pycaffe Nets over those
+very blobs and the same data feeds, so ``solver.net.forward()`` draws the batch the next step
+would have drawn, as Caffe's shared data layer does, after ``step`` every blob holds the last
+iteration's data and diff, and ``net.after_backward`` callbacks run within each iteration.
 """
 
 from __future__ import annotations
@@ -46,12 +47,11 @@ class Solver:
         count = runtime.solver_count()
         rank = Waiting(runtime.solver_rank(), count) if count > 1 else None
         self._solver = CoreSolver(param, source_path=filename, device=runtime.device(),
-                                  seed=seed, insert_splits=True, world=rank)  # fmt: skip
+                                  seed=seed, insert_splits=True, world=rank,
+                                  layerwise=True)  # fmt: skip
         core = self._solver
-        self.net = Net.wrap(core.train_net, feed=core.feed("train"))
-        self.test_nets = [Net.wrap(n, feed=core.feed(i)) for i, n in enumerate(core.test_nets)]
-        # the train net's blobs show each iteration's forward by the time callbacks run
-        core.gradient_hooks.append(self.net.sync_from_module)
+        self.net = Net.wrap(core.engines["train"].executor)
+        self.test_nets = [Net.wrap(core.engines[i].executor) for i in range(len(core.test_nets))]
 
     @property
     def iter(self) -> int:
@@ -72,11 +72,9 @@ class Solver:
 
     def step(self, iters: int) -> None:
         self._solver.step(int(iters))
-        self._sync()
 
     def solve(self, resume=None) -> None:
         self._solver.solve(os.fspath(resume) if resume is not None else None)
-        self._sync()
 
     def snapshot(self) -> None:
         self._solver.snapshot()
@@ -99,11 +97,6 @@ class Solver:
             return
         self._solver.start_hooks.append(on_start)
         self._solver.gradient_hooks.append(on_gradients_ready)
-
-    def _sync(self) -> None:
-        self.net.sync_from_module()
-        for net in self.test_nets:
-            net.sync_from_module()
 
 
 class NCCL:

@@ -23,13 +23,18 @@ def _display_names(net):
     return names
 
 
-def forward_info(net) -> None:
+def forward_info(net, blob=None) -> None:
+    """``blob(name)``: a blob's values after the forward (default: the module's last)."""
     names = _display_names(net)
+    blob = blob or net.blobs.__getitem__
     for step in net.steps:
         for top in step.tops:
-            if top in net.blobs:
-                log.info("    [Forward] Layer %s, top blob %s data: %g", step.layer, top,
-                         _mean_abs(net.blobs[top]))  # fmt: skip
+            try:
+                value = blob(top)
+            except KeyError:  # not computed by the last forward
+                continue
+            log.info("    [Forward] Layer %s, top blob %s data: %g", step.layer, top,
+                     _mean_abs(value))  # fmt: skip
         for i, blob in enumerate(net.layers[step.key].blobs):
             log.info("    [Forward] Layer %s, param blob %s data: %g", step.layer,
                      names.get((step.layer, i), str(i)), _mean_abs(blob))  # fmt: skip

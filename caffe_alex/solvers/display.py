@@ -53,12 +53,14 @@ class SmoothedLoss:
             self._losses[index] = loss
 
 
-def log_outputs(net, kind: str, values=None) -> dict:
+def log_outputs(net, kind: str, values=None, blobs=None) -> dict:
     """Log every element of the net's outputs (``values`` flattened in output order, or the
-    blobs of the last forward) with its loss note; return them by output name."""
+    blobs of the last forward: ``blobs(name)``, by default the module's) with its loss note;
+    return them by output name."""
     weights = net.blob_loss_weights
     if values is None:
-        parts = [net.blobs[n].detach().float().reshape(-1) for n in net.output_names]
+        blobs = blobs or net.blobs.__getitem__
+        parts = [blobs(n).detach().float().reshape(-1) for n in net.output_names]
         values = torch.cat(parts).cpu().numpy() if parts else np.zeros(0, np.float32)
     result, position = {}, 0
     for name in net.output_names:

@@ -34,7 +34,9 @@ from ..proto import caffe_pb2
 from . import checkpoint
 from .coordination import Ranked, coordination
 from .debug import backward_info, forward_info
+from .devices import choose_device
 from .display import SmoothedLoss, log_outputs
+from .engines import BlobEngine, GraphEngine
 from .feeds import SolverFeeds, name_the_record
 from .lr_policy import check_policy, learning_rate
 from .nets import (
@@ -46,22 +48,12 @@ from .nets import (
 )
 from .precision import Precision
 from .rules import RULES
+from .scoring import score
 from .update import ParameterUpdate
 
 log = get_logger()
 f32 = np.float32
 SP = caffe_pb2.SolverParameter
-
-
-def pick_device(param, device) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    if param.solver_mode == SP.GPU:
-        if torch.cuda.is_available() and param.device_id < torch.cuda.device_count():
-            return torch.device("cuda", param.device_id)
-        log.warning("solver_mode is GPU (the default) but CUDA device %d is not available; "
-                    "using the CPU", param.device_id)  # fmt: skip
-    return torch.device("cpu")
 
 
 def check_param(param) -> None:
@@ -100,8 +92,9 @@ def prepared_param(solver_param, source_path, seed) -> caffe_pb2.SolverParameter
 class Solver:
     """Training from a SolverParameter, as Caffe's Solver does (``Solver.from_file(path)``).
 
-    ``device``: where the nets run (default: the solver's solver_mode/device_id, falling back
-    to the CPU); ``weights``: files to fine-tune from (after the solver's own ``weights``);
+    ``device``: where the nets run (default: the solver file's solver_mode/device_id when it
+    sets solver_mode, else the CPU: devices.py); ``weights``: files to fine-tune from (after
+    the solver's own ``weights``);
     ``feeds``: where batches come from (default: ``make_feed`` over each net's data layers;
     else a callable ``(net, test_index or None) -> iterable of input dicts``, or
     ``{"train": iterable, "test": [iterables]}``); ``seed`` overrides random_seed;
@@ -117,6 +110,9 @@ class Solver:
     coordination.Waiting(rank, size): that rank, to ``join`` its world later);
     ``precision`` ("fp32", "bf16", "fp16"), ``channels_last`` and ``compile`` (True or a
     torch.compile backend name) trade Caffe's exact float32 numbers for speed.
+    ``layerwise``: the nets run as Caffe runs them (engines.py's BlobEngine: persistent blobs,
+    layer by layer, every blob's diff kept after each iteration), as pycaffe's solvers do;
+    ``engines["train"]`` and ``engines[i]`` are how each net runs.
 
     (About 360 lines, past the 250 the code aims at: these are Caffe's Solver methods, Step,
     Solve, Test, Snapshot and Restore, which share the iteration counters, the requests and
@@ -126,18 +122,20 @@ class Solver:
 
     def __init__(self, solver_param, *, source_path=None, device=None, weights=None,
                  feeds=None, seed=None, feed_options=None, insert_splits=False, world=None,
-                 precision=None, channels_last=False, compile=False):  # fmt: skip
+                 precision=None, channels_last=False, compile=False,
+                 layerwise=False):  # fmt: skip
         param = self.param = prepared_param(solver_param, source_path, seed)
         self.source_path = os.fspath(source_path) if source_path else None
         self.ranks = coordination(world)
         self.world = self.ranks.world if isinstance(self.ranks, Ranked) else None
         self.rank, self.is_root = self.ranks.rank, self.ranks.is_root
         log.info("Initializing solver from parameters: \n%s", param)
-        self.device = pick_device(param, device)
+        self.device = choose_device(device, param)  # the given device, else the file's
         self.precision = Precision(precision, channels_last, self.device)
         with self.ranks.together():
             self._build(weights, insert_splits, feeds, feed_options)
         apply_speed_options([self.train_net, *self.test_nets], channels_last, compile)
+        self.engines = self._engines(layerwise)
         self._prepare_update()
         self.iter = self.current_step = 0
         self.callbacks: list = []
@@ -150,6 +148,18 @@ class Solver:
         self._batch_size = None
         self._display_clock = (time.perf_counter(), 0)  # (when, iteration) of the last display
         log.info("Solver scaffolding done.")
+
+    def _engines(self, layerwise: bool) -> dict:
+        """How each net runs (engines.py): as one autograd graph, or Caffe's way."""
+        nets = {"train": self.train_net, **dict(enumerate(self.test_nets))}
+        if not layerwise:
+            return {key: GraphEngine(net, self.precision) for key, net in nets.items()}
+        if self.precision.autocast is not None or self.precision.channels_last:
+            raise CaffeAlexError("precision and channels_last need the nets run as one graph "
+                                 "(not layerwise)")  # fmt: skip
+        feeds = self.feeds
+        return {key: BlobEngine(net, self.device, source=lambda key=key: next(feeds[key]))
+                for key, net in nets.items()}  # fmt: skip
 
     def _prepare_update(self) -> None:
         """The learnable parameters, the update rule over them, and what the ranks and the
@@ -259,7 +269,7 @@ class Solver:
         log.info("Iteration %d (%g iter/s, %gs/%d iters), loss = %g", self.iter, f32(per_s),
                  f32(lapse), self.param.display, self._loss.value)  # fmt: skip
         self._display_clock = (time.perf_counter(), self.iter)
-        log_outputs(self.train_net, "Train")
+        log_outputs(self.train_net, "Train", blobs=self.engines["train"].blob)
 
     def _test_and_agree(self) -> bool:
         """The test pass (rank 0), then what the ranks asked meanwhile; False: stop."""
@@ -294,33 +304,31 @@ class Solver:
         )
 
     def _forward_backward(self, debug: bool) -> torch.Tensor:
-        net, total, passes = self.train_net, None, self.param.iter_size
+        engine, total, passes = self.engines["train"], None, self.param.iter_size
         for index in range(passes):
             batch = next(self.feeds["train"])
             if self._batch_size is None:
                 self._batch_size = next((int(v.shape[0]) for v in batch.values()), 1)
             self.ranks.arm(index == passes - 1)  # the last pass's gradients are final
-            self._forward(net, batch, "train")
-            loss = net.loss
+            _, loss = self._forward("train", batch)
+            engine.backward(loss)
             if loss is None:
                 loss = torch.zeros((), device=self.device)
-            elif loss.requires_grad:
-                self.precision.backward(loss)
             if debug:
-                forward_info(net)
-                backward_info(net)
+                forward_info(self.train_net, engine.blob)
+                backward_info(self.train_net)
             loss = loss.detach().float()
             total = loss if total is None else total + loss
         return total if passes == 1 else total / passes
 
-    def _forward(self, net, batch: dict, feed=None) -> dict:
-        """Run ``net`` on ``batch``; an error about one item of the batch (a bad label) also
-        names the record it came from, which only the feed knows."""
+    def _forward(self, key, batch: dict, grad: bool = True):
+        """Run net ``key`` ("train" or a test net's index) on ``batch``: (outputs, loss). An
+        error about one item of the batch (a bad label) also names the record it came from,
+        which only the feed knows."""
         try:
-            return self.precision.run(net, batch)
+            return self.engines[key].forward(batch, grad)
         except CaffeAlexError as exc:
-            if feed is not None:
-                name_the_record(exc, self.feeds[feed])
+            name_the_record(exc, self.feeds[key])
             raise
 
     def _notify(self, rate: float, seconds: float) -> None:
@@ -354,22 +362,20 @@ class Solver:
         """Run test_iter[index] batches of test net ``index``; log and return mean outputs."""
         log.info("Iteration %d, Testing net (#%d)", self.iter, index)
         net, iters = self.test_nets[index], self.param.test_iter[index]
-        sums, loss = None, f32(0)
-        with torch.no_grad():
-            for _ in range(iters):
-                if self._handle_requests_in_test():
-                    log.info("Test interrupted.")
-                    return {}
-                outputs = self._forward(net, next(self.feeds[index]), index)
-                if self.param.test_compute_loss and net.loss is not None:
-                    loss += f32(net.loss.item())
-                flat = torch.cat([outputs[n].detach().float().reshape(-1)
-                                  for n in net.output_names]) if outputs else None  # fmt: skip
-                sums = flat if sums is None else sums + flat
-        if self.param.test_compute_loss:
-            log.info("Test loss: %g", loss / f32(iters))
-        means = (sums / iters).cpu().numpy() if sums is not None else np.zeros(0, np.float32)
-        return log_outputs(net, "Test", means)
+        with_loss = self.param.test_compute_loss
+
+        def forward(batch):
+            outputs, loss = self._forward(index, batch, grad=False)
+            return outputs, loss if with_loss else None
+
+        scores = score(forward, self.feeds[index], iters, net.output_names,
+                       stop=self._handle_requests_in_test)  # fmt: skip
+        if scores is None:
+            log.info("Test interrupted.")
+            return {}
+        if with_loss:
+            log.info("Test loss: %g", scores.loss / f32(iters))
+        return log_outputs(net, "Test", scores.means)
 
     def _handle_requests_in_test(self) -> bool:
         while (action := self._take_request()) is not None:
@@ -400,8 +406,7 @@ class Solver:
             return
         if param.display and self.iter % param.display == 0:
             with torch.no_grad():
-                self._forward(self.train_net, next(self.feeds["train"]), "train")
-            loss = self.train_net.loss
+                _, loss = self._forward("train", next(self.feeds["train"]), grad=False)
             value = f32(loss.item()) if loss is not None else f32(0)
             self._loss.add(value, self.iter)
             log.info("Iteration %d, loss = %g", self.iter, self._loss.value)

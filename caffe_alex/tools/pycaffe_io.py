@@ -3,12 +3,15 @@ does (RGB float32 in [0, 1], H x W x K), its resize, centre crop and 10-crop ``o
 and its ``Transformer`` (HWC -> CHW, channel swap, raw scale, mean, input scale).
 
 ``resize_image`` is pycaffe's: the image is stretched to [0, 1] by its own min and max, resized
-with skimage's order-1 interpolation, and stretched back. Written here in NumPy after the
-skimage of Caffe's time (<= 0.14): bilinear at pixel centres, no antialiasing, samples beyond
-the border count as the constant 0 of the stretched image (i.e. the image minimum), which only
-matters when enlarging. skimage >= 0.15 blurs before shrinking (``anti_aliasing``), so pycaffe
-on a recent skimage gives slightly different pixels when shrinking; images of another channel
-count than 1 or 3 go through the same code (pycaffe uses scipy's zoom for them).
+by scikit-image's ``resize`` (order 1, mode 'constant'), and stretched back; images of another
+channel count than 1 or 3 go through scipy's ``zoom``. With scikit-image installed (the
+``pycaffe`` extra, ``pip install 'caffe-alex[pycaffe]'``) those very functions run, so the
+numbers are those of the pycaffe a user installs today, whatever its version (since 0.15 it
+blurs before shrinking: ``anti_aliasing``). Without it, a NumPy transcription of the
+scikit-image of Caffe's time (<= 0.14) runs, order 1 only: bilinear at pixel centres, no
+anti-aliasing, samples beyond the border count as the constant 0 of the stretched image; on a
+shrunk photo it differs from today's pycaffe by up to ~0.1 of the value range (a note in the
+log says so once). ``resize_behaviour()`` names the one in use.
 
 Decoding is Pillow's (pycaffe used scikit-image, which reads through Pillow or imageio).
 """
@@ -16,14 +19,18 @@ Decoding is Pillow's (pycaffe used scikit-image, which reads through Pillow or i
 from __future__ import annotations
 
 import glob
+import io
 import os
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
 from ..data.datum import ImageError
-from ..errors import CaffeAlexError
+from ..errors import CaffeAlexError, describe
+from ..formats.atomic import atomic_path
+from ..log import get_logger
 
 IMAGE_EXTENSIONS = frozenset(
     ".jpg .jpeg .jpe .png .bmp .gif .tif .tiff .webp .ppm .pgm .pbm .pnm".split()
@@ -90,13 +97,67 @@ def _bilinear(im: np.ndarray, dims) -> np.ndarray:
     return rows[:, c0] * b0[None, :, None] + rows[:, c1] * b1[None, :, None]
 
 
-def resize_image(im: np.ndarray, new_dims) -> np.ndarray:
-    """pycaffe's caffe.io.resize_image (order 1) of an H x W x K array -> float32."""
-    im = np.asarray(im, dtype=np.float64)
+def _skimage():
+    """scikit-image's transform module and version, or None where it is not installed."""
+    try:
+        import skimage  # optional (the pycaffe extra): pycaffe's own resize
+        import skimage.transform  # noqa: F401  (the submodule resize lives in)
+    except ImportError:
+        return None
+    return skimage
+
+
+_NOTED: list[bool] = []
+
+
+def resize_behaviour() -> str:
+    """Which resize ``resize_image`` runs, in words (deploy logs it)."""
+    found = _skimage()
+    if found is not None:
+        return f"scikit-image {found.__version__}'s resize, as pycaffe calls it"
+    return ("NumPy, as scikit-image <= 0.14 resized (no anti-aliasing when shrinking; "
+            "pip install 'caffe-alex[pycaffe]' for today's pycaffe numbers)")  # fmt: skip
+
+
+def announce_resize() -> None:
+    """Say in the log, once, which resize runs (deploy says it before its first image)."""
+    _NOTED.append(True)
+    get_logger().info("Resizing images with %s", resize_behaviour())
+
+
+def resize_image(im: np.ndarray, new_dims, interp_order: int = 1) -> np.ndarray:
+    """pycaffe's caffe.io.resize_image of an H x W x K array -> float32 (see the module's
+    notes: scikit-image's resize when installed, else NumPy, order 1 only)."""
+    im = np.asarray(im)
+    dims = (int(new_dims[0]), int(new_dims[1]))
+    skimage = _skimage()
+    if skimage is None:
+        if interp_order != 1:
+            raise NotImplementedError(
+                f"resize_image: interp_order={interp_order} needs scikit-image "
+                "(pip install 'caffe-alex[pycaffe]'); without it, order 1 only"
+            )
+        if not _NOTED:
+            announce_resize()
+        return _numpy_resize(np.asarray(im, dtype=np.float64), dims)
+    if im.shape[-1] not in (1, 3):  # pycaffe: scikit-image reads 1 or 3 channels only
+        from scipy.ndimage import zoom  # scikit-image's own dependency
+
+        scale = tuple(np.array(dims, dtype=float) / np.array(im.shape[:2]))
+        return zoom(im, (*scale, 1), order=interp_order).astype(np.float32)
     low, high = im.min(), im.max()
     if high == low:  # a constant image: pycaffe fills instead of dividing by zero
-        return np.full((int(new_dims[0]), int(new_dims[1]), im.shape[-1]), low, np.float32)
-    stretched = _bilinear((im - low) / (high - low), new_dims)
+        return np.full((*dims, im.shape[-1]), low, np.float32)
+    std = (im - low) / (high - low)
+    resized = skimage.transform.resize(std, dims, order=interp_order, mode="constant")
+    return (resized * (high - low) + low).astype(np.float32)
+
+
+def _numpy_resize(im: np.ndarray, dims) -> np.ndarray:
+    low, high = im.min(), im.max()
+    if high == low:
+        return np.full((*dims, im.shape[-1]), low, np.float32)
+    stretched = _bilinear((im - low) / (high - low), dims)
     return (np.clip(stretched, 0.0, 1.0) * (high - low) + low).astype(np.float32)
 
 
@@ -268,3 +329,47 @@ def expand_images(args: Iterable[str], on_error: Callable[[str, str], None]) -> 
                 on_error(arg, f"no file matches '{arg}'")
             found += matches
     return found
+
+
+# ---- writing --------------------------------------------------------------------------------
+def write_png(path, array: np.ndarray, palette: np.ndarray | None = None) -> None:
+    """Write an H x W x 3 uint8 RGB image, or an H x W uint8 / uint16 map, as PNG, atomically
+    (an interrupted write leaves no file under ``path``). A uint8 map with a ``palette``
+    (N x 3 RGB) is stored as a paletted PNG: the pixel values stay the map's, viewers show
+    the colours (as PASCAL VOC's label files)."""
+    image = Image.fromarray(np.ascontiguousarray(array))  # uint16 becomes mode I;16
+    if palette is not None and array.ndim == 2 and array.dtype == np.uint8:
+        image.putpalette(np.asarray(palette, np.uint8)[:256].reshape(-1).tolist())
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(buffer.getvalue())
+
+
+class OutputFolder:
+    """A folder that deploy writes its PNGs into: created if missing and tried before any
+    work (so an unusable folder is one line, before anything is written), and one file name
+    per image, ``<image stem><suffix>.png``, numbered when two images share a stem."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.path):
+                pass
+        except FileExistsError:
+            raise CaffeAlexError(f"cannot write to {self.path}: not a folder") from None
+        except OSError as exc:
+            raise CaffeAlexError(f"cannot write to {self.path}: {describe(exc)}") from None
+        self._stems: dict[str, str] = {}  # image path -> its stem here
+
+    def file(self, image_path: str, suffix: str) -> str:
+        stem = self._stems.get(image_path)
+        if stem is None:
+            base = os.path.splitext(os.path.basename(image_path))[0] or "image"
+            taken, stem, n = set(self._stems.values()), base, 1
+            while stem in taken:
+                n += 1
+                stem = f"{base}-{n}"
+            self._stems[image_path] = stem
+        return os.path.join(self.path, f"{stem}{suffix}.png")

@@ -1,21 +1,21 @@
 """Layer-by-layer timing of a net, like ``caffe time``.
 
-Caffe times each layer's Forward and, in reverse order, each layer's Backward. Autograd runs a
-whole backward graph at once, so to time layers one by one every layer here reads detached copies
-of its bottoms; its backward is then ``autograd.backward`` from its tops to those copies, and the
-resulting bottom gradients are handed to the layer that produced each bottom (summed when a blob
-has several readers, as Caffe's Split does). The whole-net forward and backward are timed too,
-through the ordinary module, since that is what training runs.
+Caffe times each layer's Forward and, in reverse order, each layer's Backward. Here the layers
+run as Caffe runs them (layerwise.py's BlobExecutor: persistent blobs, each layer's forward
+and backward one at a time, a diff from every layer that computes one) and the executor's
+callbacks time them; a net without a loss is timed from its outputs (each output's diff 1), as
+every layer a net has counts in ``caffe time``. The whole-net forward and backward are timed
+too, through the ordinary module, since that is what training runs.
 """
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from ..layerwise import BlobExecutor
 from ..net import Net
 
 
@@ -68,67 +68,45 @@ def _timed(fn, device: torch.device) -> tuple[object, float]:
     return result, (time.perf_counter() - start) * 1000.0
 
 
-def _layerwise_iteration(net: Net, inputs, device, fwd: list[float], bwd: list[float]) -> None:
-    values = {name: (tensor, None) for name, tensor in inputs.items()}
-    records = []
-    for i, step in enumerate(net.steps):
-        layer = net.layers[step.key]
-        if layer.is_source:
-            records.append(None)
-            continue
-        sources = [values[b] for b in step.bottoms]
-        # net inputs get no gradient, as Caffe's data layers need none
-        leaves = [
-            t.detach().requires_grad_(t.is_floating_point() and not d and o is not None)
-            for (t, o), d in zip(sources, step.detach)
-        ]
-        out, ms = _timed(lambda layer=layer, leaves=leaves: layer(*leaves), device)
-        out = (out,) if isinstance(out, torch.Tensor) else tuple(out)
-        fwd[i] += ms
-        records.append((leaves, [origin for _, origin in sources], out))
-        for j, top in enumerate(step.tops):
-            values[top] = (out[j], (i, j))
-    grads = _seed_gradients(net, records)
-    for i in reversed(range(len(net.steps))):
-        if records[i] is None:
-            continue
-        leaves, origins, out = records[i]
-        pairs = [
-            (o, grads.pop((i, j))) for j, o in enumerate(out) if (i, j) in grads and o.requires_grad
-        ]
-        layer = net.layers[net.steps[i].key]
-        wanted = [leaf for leaf in leaves if leaf.requires_grad]
-        wanted += [p for p in layer.parameters() if p.requires_grad]
-        if not pairs or not wanted:
-            continue
-        tops, top_grads = zip(*pairs)
-        _, ms = _timed(
-            functools.partial(torch.autograd.backward, tops, top_grads, inputs=wanted), device
-        )
-        bwd[i] += ms
-        for leaf, origin in zip(leaves, origins):
-            if origin is not None and leaf.grad is not None:
-                grads[origin] = grads[origin] + leaf.grad if origin in grads else leaf.grad
+class LayerClock:
+    """Milliseconds per layer of an executor's forward and backward passes, summed over the
+    passes it saw (its callbacks start and stop the clock around each layer)."""
+
+    def __init__(self, executor: BlobExecutor, device: torch.device):
+        n = len(executor.steps)
+        self.forward_ms, self.backward_ms = [0.0] * n, [0.0] * n
+        self._device, self._started = device, 0.0
+        executor.hooks["before_forward"].append(self._start)
+        executor.hooks["after_forward"].append(lambda i: self._stop(self.forward_ms, i))
+        executor.hooks["before_backward"].append(self._start)
+        executor.hooks["after_backward"].append(lambda i: self._stop(self.backward_ms, i))
+
+    def _start(self, position: int) -> None:
+        _sync(self._device)
+        self._started = time.perf_counter()
+
+    def _stop(self, times: list[float], position: int) -> None:
+        _sync(self._device)
+        times[position] += (time.perf_counter() - self._started) * 1000.0
+
+    @property
+    def total_ms(self) -> float:
+        return sum(self.forward_ms) + sum(self.backward_ms)
 
 
-def _seed_gradients(net: Net, records) -> dict[tuple[int, int], torch.Tensor]:
-    grads = {}
-    for i, step in enumerate(net.steps):
-        if records[i] is None:
-            continue
-        for j, weight in step.loss_weights:
-            grads[(i, j)] = torch.full_like(records[i][2][j], weight)
-    if not grads:  # no loss: start from the outputs with unit gradients, so backward still runs
-        last_writer = {}
-        for i, step in enumerate(net.steps):
-            for j, top in enumerate(step.tops):
-                if records[i] is not None:
-                    last_writer[top] = (i, j)
-        for name in net.output_names:
-            if name in last_writer:
-                i, j = last_writer[name]
-                grads[(i, j)] = torch.ones_like(records[i][2][j])
-    return grads
+def layerwise_executor(net: Net, inputs: dict, device: torch.device) -> BlobExecutor:
+    """The net run as Caffe runs it, its input blobs holding ``inputs``."""
+    executor = BlobExecutor(net, device, outputs_as_losses=True)
+    for name, value in inputs.items():
+        executor.blobs[name].put(value)
+    return executor
+
+
+def layerwise_iteration(executor: BlobExecutor) -> None:
+    """One forward and one backward, layer by layer; the parameter diffs start from zero."""
+    executor.net.zero_grad(set_to_none=True)
+    executor.forward()
+    executor.backward()
 
 
 def time_net(
@@ -138,23 +116,22 @@ def time_net(
     net.to(device)
     inputs = make_inputs(net, device)
     log = log or (lambda message: None)
-    n = len(net.steps)
     # Caffe's warm-up: one forward (its loss is printed) and one backward, both untimed
     log("Performing Forward")
     net(**inputs)
     initial_loss = float(net.loss.detach()) if net.loss is not None else 0.0
     log(f"Initial loss: {initial_loss}")
     log("Performing Backward")
-    _layerwise_iteration(net, inputs, device, [0.0] * n, [0.0] * n)
-    net.zero_grad(set_to_none=True)
+    executor = layerwise_executor(net, inputs, device)
+    layerwise_iteration(executor)
+    clock = LayerClock(executor, device)
     log("*** Benchmark begins ***")
     log(f"Testing for {iterations} iterations.")
-    fwd, bwd = [0.0] * n, [0.0] * n
     iteration_ms, net_fwd, net_bwd = [], 0.0, 0.0
     for it in range(iterations):
-        before = sum(fwd) + sum(bwd)
-        _layerwise_iteration(net, inputs, device, fwd, bwd)
-        iteration_ms.append(sum(fwd) + sum(bwd) - before)
+        before = clock.total_ms
+        layerwise_iteration(executor)
+        iteration_ms.append(clock.total_ms - before)
         log(f"Iteration: {it + 1} forward-backward time: {iteration_ms[-1]:.4g} ms.")
         outputs, ms = _timed(lambda: net(**inputs), device)
         net_fwd += ms
@@ -170,8 +147,8 @@ def time_net(
     return TimingReport(
         iterations,
         list(net.layer_names),
-        [f / iterations for f in fwd],
-        [b / iterations for b in bwd],
+        [f / iterations for f in clock.forward_ms],
+        [b / iterations for b in clock.backward_ms],
         iteration_ms,
         net_fwd / iterations,
         net_bwd / iterations,

@@ -80,7 +80,7 @@ def test_alexnet_agrees_with_opencv(tmp_path, image):
     assert table["conv1"][0] == "relu1" and table["fc6"][0] == "drop6"
 
 
-@pytest.mark.skipif(not CORPUS.is_dir(), reason="../shared/corpus not present")
+@pytest.mark.corpus
 def test_googlenet_agrees_with_opencv(tmp_path, image):
     net = random_caffemodel(GOOGLENET, tmp_path / "googlenet.caffemodel")
     table = check_agreement(GOOGLENET, tmp_path / "googlenet.caffemodel", image, 84)

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from caffe_alex.cli import main
 from caffe_alex.commands import train as train_command
-from caffe_alex.commands.train import gpu_from_solver, progress_bar, score, signal_effects
+from caffe_alex.commands.train import progress_bar, score, signal_effects
 from caffe_alex.errors import CaffeAlexError
 from caffe_alex.net import Net
 from caffe_alex.proto import caffe_pb2
@@ -107,17 +107,6 @@ def test_missing_solver_file_is_one_line(tmp_path):
     result = run("train", "--solver", tmp_path / "nope.prototxt")
     assert result.exit_code == 1
     assert result.stderr.strip().count("\n") == 0 or "error:" in result.stderr
-
-
-def test_gpu_from_solver():
-    param = caffe_pb2.SolverParameter()
-    assert gpu_from_solver(None, param) is None  # CPU: solver_mode's default
-    param.solver_mode = caffe_pb2.SolverParameter.GPU
-    assert gpu_from_solver(None, param) == "0"
-    param.device_id = 2
-    assert gpu_from_solver(None, param) == "2"
-    assert gpu_from_solver("1", param) == "1"  # --gpu wins
-    assert gpu_from_solver("none", param) == "none"
 
 
 # -- signals and progress -------------------------------------------------------------------
@@ -290,7 +279,7 @@ def test_gpu_lists_are_checked_against_the_machine(tmp_path, two_gpus, monkeypat
 def test_gpu_all_or_a_list_without_cuda(tmp_path):
     solver = write_tiny_problem(tmp_path)["solver"]
     assert _error(run("train", "--solver", solver, "--gpu", "all")).endswith(
-        "--gpu all: no CUDA device is available (--gpu none trains on the CPU)"
+        "--gpu all: no CUDA device is available (--gpu none runs on the CPU)"
     )
     assert "no CUDA device is available" in _error(run("train", "-solver", solver, "-gpu", "0,1"))
 

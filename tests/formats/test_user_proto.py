@@ -57,6 +57,7 @@ def _binary_net(schema, *, warp: bool = False) -> bytes:
     return net.SerializeToString()
 
 
+@pytest.mark.subprocess  # the fork fixture runs protoc
 def test_binary_net_read_with_the_forks_numbers(tmp_path, fork):
     path = tmp_path / "net.binaryproto"
     path.write_bytes(_binary_net(fork))
@@ -71,6 +72,7 @@ def test_binary_net_read_with_the_forks_numbers(tmp_path, fork):
     assert not layer.HasField("interp_param")
 
 
+@pytest.mark.subprocess  # the fork fixture runs protoc
 def test_a_field_we_cannot_name_is_one_error(tmp_path, fork):
     path = tmp_path / "net.binaryproto"
     path.write_bytes(_binary_net(fork, warp=True))
@@ -79,6 +81,7 @@ def test_a_field_we_cannot_name_is_one_error(tmp_path, fork):
         read_net(str(path))
 
 
+@pytest.mark.subprocess  # the fork fixture runs protoc
 def test_cli_option_and_its_errors(tmp_path, fork):
     path = tmp_path / "net.binaryproto"
     path.write_bytes(_binary_net(fork))

@@ -142,6 +142,94 @@ def test_softmax_loss_gradcheck(params):
     gradcheck_net(text, outputs=["loss"], inputs={"l": label}, check_inputs=["s"])
 
 
+# -- caffe-segnet's class weighting (loss_param weight_by_label_freqs, class_weighting) ------
+def segnet_softmax_loss(x, label, weights, normalize, ignore=None):
+    """caffe-segnet's SoftmaxWithLossLayer Forward_cpu / Backward_cpu (axis 1) as loops: each
+    element's -log p is scaled by its label's weight, the normalizer counts elements, and the
+    backward scales the element's whole diff row (p - onehot) by that weight."""
+    outer, c, inner = x.shape[0], x.shape[1], int(np.prod(x.shape[2:]))
+    s = x.reshape(outer, c, inner).astype(np.float32)
+    e = np.exp(s - s.max(axis=1, keepdims=True))
+    prob = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+    lab = label.reshape(outer, inner)
+    loss, count, grad = 0.0, 0, prob.astype(np.float64).copy()
+    for i in range(outer):
+        for j in range(inner):
+            v = int(lab[i, j])
+            if ignore is not None and v == ignore:
+                grad[i, :, j] = 0
+                continue
+            loss -= np.log(max(prob[i, v, j], FLT_MIN)) * np.float32(weights[v])
+            grad[i, v, j] -= 1
+            grad[i, :, j] *= np.float32(weights[v])
+            count += 1
+    norm = count if normalize else outer
+    return loss / norm, (grad / norm).reshape(x.shape)
+
+
+SEGNET_WEIGHTS = (0.2595, 0.1826, 4.5640, 0.1417)
+
+
+@pytest.mark.parametrize(
+    "s_shape,l_shape,normalize,ignore",
+    [
+        ((2, 4, 3, 5), (2, 1, 3, 5), True, None),
+        ((2, 4, 3, 5), (2, 1, 3, 5), True, 2),  # SegNet's nets ignore a class this way
+        ((3, 4, 6), (3, 6), False, 0),
+        ((5, 4), (5,), True, None),
+    ],
+)
+def test_segnet_class_weighting_matches_the_fork(s_shape, l_shape, normalize, ignore):
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(s_shape) * 3).astype(np.float32)
+    label = rng.integers(0, s_shape[1], size=l_shape).astype(np.float32)
+    weights = " ".join(f"class_weighting: {w}" for w in SEGNET_WEIGHTS)
+    ignore_field = "" if ignore is None else f"ignore_label: {ignore}"
+    params = (
+        f"loss_param {{ weight_by_label_freqs: true {weights} {ignore_field} "
+        f"normalize: {'true' if normalize else 'false'} }}"
+    )
+    _, out, grad = run(loss_net("SoftmaxWithLoss", s_shape, l_shape, params=params), x, label)
+    want, want_grad = segnet_softmax_loss(x, label, SEGNET_WEIGHTS, normalize, ignore)
+    np.testing.assert_allclose(out["loss"].item(), want, rtol=2e-6)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-7)
+    # the weights change the numbers: the unweighted loss differs
+    plain = params.replace("weight_by_label_freqs: true", "")
+    _, unweighted, _ = run(loss_net("SoftmaxWithLoss", s_shape, l_shape, params=plain), x, label)
+    assert abs(unweighted["loss"].item() - want) > 1e-3
+
+
+def test_class_weighting_without_weight_by_label_freqs_is_not_read():
+    # the fork reads the weights only when weight_by_label_freqs is set (a wrong count too)
+    x = np.random.default_rng(4).standard_normal((3, 4)).astype(np.float32)
+    label = np.array([0, 3, 1], np.float32)
+    params = "loss_param { class_weighting: 5 class_weighting: 7 }"
+    _, out, _ = run(loss_net("SoftmaxWithLoss", (3, 4), (3,), params=params), x, label)
+    want, _, _ = caffe_softmax_loss(x, label, 1, 1)
+    np.testing.assert_allclose(out["loss"].item(), want, rtol=2e-6)
+
+
+def test_class_weighting_count_must_match_the_channels():
+    params = "loss_param { weight_by_label_freqs: true class_weighting: 1 class_weighting: 2 }"
+    with pytest.raises(CaffeAlexError, match=r"layer 'loss'.*class_weighting has 2 values.*3 ch"):
+        Net(parse_net(loss_net("SoftmaxWithLoss", (2, 3, 4), (2, 4), params=params)))
+    # the fork counts axis 1's channels; another softmax axis with more classes would index
+    # past the weights there
+    params = params[:-2] + " class_weighting: 3 } softmax_param { axis: 2 }"
+    with pytest.raises(CaffeAlexError, match=r"3 values .*softmax_param.axis 2 has 4 classes"):
+        Net(parse_net(loss_net("SoftmaxWithLoss", (2, 3, 4), (2, 3), params=params)))
+
+
+def test_segnet_class_weighting_gradcheck():
+    label = torch.tensor([[0.0, 1, 2], [1, 2, 0]])
+    params = (
+        "loss_param { weight_by_label_freqs: true class_weighting: 0.5 class_weighting: 2 "
+        "class_weighting: 3.5 ignore_label: 1 }"
+    )
+    text = loss_net("SoftmaxWithLoss", (2, 3, 3), (2, 3), params=params)
+    gradcheck_net(text, outputs=["loss"], inputs={"l": label}, check_inputs=["s"])
+
+
 def caffe_euclidean(a, b):
     diff = a.astype(np.float64) - b.reshape(a.shape)
     n = a.shape[0]
@@ -273,6 +361,11 @@ def test_losses_compile_without_graph_breaks():
     "kind,params",
     [
         ("SoftmaxWithLoss", "loss_param { ignore_label: 1 }"),
+        (
+            "SoftmaxWithLoss",
+            "loss_param { weight_by_label_freqs: true class_weighting: 0.5 class_weighting: 2 "
+            "class_weighting: 3 }",
+        ),
         ("SigmoidCrossEntropyLoss", "loss_param { ignore_label: 1 normalization: VALID }"),
         ("EuclideanLoss", ""),
     ],

@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from caffe_alex.cli import main
-from caffe_alex.errors import CaffeAlexError
+from caffe_alex.errors import CaffeAlexError, SourceMap, one_line
 from caffe_alex.net import Net
 from caffe_alex.solvers import Solver
 from tests.reference import assert_caffemodel_round_trip, parse_net
@@ -252,7 +252,6 @@ def test_learnable_blobs_round_trip_through_a_caffemodel(tmp_path):
         ("no_such_module", "X", "", r"cannot import python_param.module 'no_such_module': "
          r"ModuleNotFoundError"),
         ("my_layers", "Missing", "", r"module 'my_layers' has no class 'Missing'"),
-        ("my_layers", "Broken", "setup", r"my_layers.Broken.setup raised ValueError: bad param"),
     ],
 )  # fmt: skip
 def test_build_errors_name_the_layer_and_the_module(module, cls, param_str, message):
@@ -263,6 +262,21 @@ def test_build_errors_name_the_layer_and_the_module(module, cls, param_str, mess
     with pytest.raises(CaffeAlexError, match=message) as info:
         Net(parse_net(text))
     assert "layer 'p' (Python)" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_python_layers_own_exception_reaches_the_caller_with_a_note_and_one_line():
+    # pycaffe lets the layer's exception through (BVLC's test_python_layer.test_exception
+    # asserts RuntimeError); a note names the layer and its code, and the command line's one
+    # line (errors.one_line) names the file and line too
+    text = input_layer((1, 3)) + (
+        'layer { name: "p" type: "Python" bottom: "x" top: "y" python_param { '
+        'module: "my_layers" layer: "Broken" param_str: "setup" } }'
+    )
+    with pytest.raises(ValueError, match="bad param") as info:
+        Net(parse_net(text), source=SourceMap(path="net.prototxt", layer_lines={"p": 7}))
+    assert info.value.__notes__ == ["(caffe-alex: in my_layers.Broken.setup of layer 'p')"]
+    assert str(one_line(info.value)) == ("net.prototxt:7: layer 'p' (Python): my_layers.Broken."
+                                         "setup raised ValueError: bad param_str")  # fmt: skip
 
 
 def test_a_top_shape_later_layers_refuse_names_that_layer():
@@ -285,8 +299,8 @@ def test_forward_errors_are_one_line_in_the_cli_and_tracebacks_with_debug(tmp_pa
     )
     debug = runner.invoke(main, ["--debug", "time", "--model", str(tmp_path / "n.prototxt"),
                                  "--iterations", "1"])  # fmt: skip
-    assert isinstance(debug.exception, CaffeAlexError)
-    assert isinstance(debug.exception.__cause__, RuntimeError)
+    assert isinstance(debug.exception, RuntimeError)  # the layer's own, with its note
+    assert "my_layers.Broken.forward of layer 'p'" in debug.exception.__notes__[0]
 
 
 def test_caffe_alex_train_trains_a_python_loss(tmp_path):

@@ -10,6 +10,7 @@ from PIL import Image
 from caffe_alex.data.datum import ImageError, encode_image
 from caffe_alex.proto import caffe_pb2
 from caffe_alex.pycaffe import io as cio
+from caffe_alex.tools import pycaffe_io
 
 RNG = np.random.default_rng(0)
 
@@ -174,7 +175,8 @@ def test_load_image_error_is_oserror_too(tmp_path):
             cio.load_image(str(tmp_path / "missing.png"))
 
 
-def test_resize_image():
+def test_resize_image(monkeypatch):
+    monkeypatch.setattr(pycaffe_io, "_skimage", lambda: None)  # without the pycaffe extra
     im = RNG.random((4, 6, 3)).astype(np.float32)
     out = cio.resize_image(im, (8, 3))
     assert out.shape == (8, 3, 3) and out.dtype == np.float32

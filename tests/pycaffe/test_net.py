@@ -145,10 +145,17 @@ def test_diffs_written_into_blobs_drive_backward(small):
     assert net.blobs["pool1"].diff.any()
 
 
-def test_without_force_backward_input_diffs_stay_zero(small):
+def test_without_force_backward_a_net_without_loss_runs_no_backward(small):
+    # Caffe's Net::Init: no blob leads to a loss, so no layer runs backward (deep-dream code
+    # sets force_backward for this reason); with a loss, the input still gets no diff
     net = caffe.Net(small, caffe.TEST)
     net.forward(data=np.random.default_rng(6).normal(size=(4, 2, 6, 6)).astype(np.float32))
     net.blobs["prob"].diff[...] = np.random.default_rng(5).normal(size=(4, 5))
+    net.backward()
+    assert not net.blobs["data"].diff.any() and not net.params["conv1"][0].diff.any()
+    lossy = NET + 'layer { name: "l" type: "EuclideanLoss" bottom: "prob" bottom: "ip" top: "l" }'
+    net = caffe.Net(_write(small, lossy), caffe.TEST)
+    net.forward(data=np.random.default_rng(6).normal(size=(4, 2, 6, 6)).astype(np.float32))
     net.backward()
     assert not net.blobs["data"].diff.any() and net.params["conv1"][0].diff.any()
 
@@ -259,3 +266,18 @@ def _write(path: str, text: str) -> str:
     with open(path, "w") as f:
         f.write(text)
     return path
+
+
+def test_blob_reshape_keeps_what_caffes_keeps(small):
+    """Blob::Reshape: while the count fits in the memory the blob has had (its capacity), the
+    values stay, read in the new shape; a larger count gets new memory (zeros here)."""
+    blob = caffe.Net(small, caffe.TEST).blobs["ip"]  # 4 x 5
+    blob.data[...] = np.arange(20).reshape(4, 5)
+    blob.diff[...] = 1
+    blob.reshape(2, 5)
+    np.testing.assert_array_equal(blob.data, np.arange(10).reshape(2, 5))
+    assert (blob.diff == 1).all()
+    blob.reshape(20)  # back within the capacity: Caffe's memory still holds all 20 values
+    np.testing.assert_array_equal(blob.data, np.arange(20))
+    blob.reshape(3, 10)  # more than it ever held
+    assert blob.shape == (3, 10) and not blob.data.any() and not blob.diff.any()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 import caffe
 from caffe import layers as L
@@ -124,3 +125,56 @@ def test_net_surgery_notebook(tmp_path):
     reloaded.params["fc6-conv"][1].data[...] = 0
     out = reloaded.forward(data=x)["fc6-conv"]
     assert out[:, 0, 0, 0] == pytest.approx(x[:, 0, 1, 1])
+
+
+DREAM_NET = """name: "dream" force_backward: true
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 12 dim: 12 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+        convolution_param { num_output: 6 kernel_size: 3 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "norm1" type: "LRN" bottom: "conv1" top: "norm1" lrn_param { local_size: 3 } }
+layer { name: "pool1" type: "Pooling" bottom: "norm1" top: "pool1"
+        pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "conv2" type: "Convolution" bottom: "pool1" top: "conv2"
+        convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "fc" type: "InnerProduct" bottom: "conv2" top: "fc"
+        inner_product_param { num_output: 5 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
+"""  # noqa: E501
+
+
+def test_deepdream_step_and_saliency_read_the_input_gradient(tmp_path):
+    """google/deepdream's make_step (objective L2: dst.diff = dst.data, backward(start=end))
+    and a saliency map (a one-hot diff on prob, backward()): the gradient at the input equals
+    autograd of the same net as one graph to 1e-5."""
+    (tmp_path / "dream.prototxt").write_text(DREAM_NET)
+    net = caffe.Net(str(tmp_path / "dream.prototxt"), caffe.TEST)
+    x = np.random.default_rng(3).normal(size=(1, 3, 12, 12)).astype(np.float32)
+    src = net.blobs["data"]
+    src.data[0] = x[0]
+    end = "conv2"
+    net.forward(end=end)
+    dst = net.blobs[end]
+    dst.diff[:] = dst.data  # objective_L2
+    net.backward(start=end)
+    g = src.diff[0].copy()
+    xt = torch.from_numpy(x).requires_grad_()
+    module = net.module  # the same weights, as one autograd graph
+    module(data=xt)
+    (0.5 * (module.blobs[end] ** 2).sum()).backward()
+    np.testing.assert_allclose(g, xt.grad[0].numpy(), rtol=1e-5, atol=1e-6 * abs(g).max())
+    src.data[:] += 1.5 / np.abs(g).mean() * g  # the notebook's ascent step, then again
+    net.forward(end=end)
+    dst.diff[:] = dst.data
+    net.backward(start=end)
+    assert not np.allclose(src.diff[0], g)
+    # saliency: d prob[c] / d data, from a diff written on prob by hand
+    net.forward(data=x)
+    c = int(net.blobs["prob"].data[0].argmax())
+    net.blobs["prob"].diff[...] = 0
+    net.blobs["prob"].diff[0, c] = 1
+    saliency = net.backward()["data"][0]
+    xt = torch.from_numpy(x).requires_grad_()
+    module(data=xt)["prob"][0, c].backward()
+    np.testing.assert_allclose(saliency, xt.grad[0].numpy(), rtol=1e-5,
+                               atol=1e-6 * abs(saliency).max())  # fmt: skip

@@ -6,6 +6,7 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 import caffe
@@ -55,6 +56,24 @@ def test_nets_share_the_solvers_data_and_weights(tiny):
     test.forward(start="ip")
     bias = np.broadcast_to(solver.net.params["ip"][1].data, first.shape)
     np.testing.assert_allclose(test.blobs["ip"].data, bias)
+
+
+def test_step_keeps_every_blobs_diff_as_caffe_does(tiny):
+    """After step, an intermediate blob's diff is the last iteration's gradient of the loss
+    with respect to it (Caffe keeps every blob's diff); here: ip's, against autograd of the
+    net as one graph on the batch and the weights that iteration used."""
+    solver = caffe.SGDSolver(str(tiny["solver"]))
+    weights = [b.data.copy() for b in solver.net.params["ip"]]
+    seen = []
+    solver.net.after_backward(lambda i: seen.append(i))  # called within the iteration
+    solver.step(1)
+    assert seen == list(range(len(solver.net.layers) - 1, -1, -1))
+    data, label = solver.net.blobs["data"].data, solver.net.blobs["label"].data
+    ip = torch.tensor(data @ weights[0].T + weights[1], requires_grad=True)
+    torch.nn.functional.cross_entropy(ip, torch.tensor(label).long()).backward()
+    np.testing.assert_allclose(solver.net.blobs["ip"].diff, ip.grad.numpy(), rtol=1e-5,
+                               atol=1e-7)  # fmt: skip
+    assert solver.net.blobs["loss"].diff == 1  # the loss weight, as SetLossWeights leaves it
 
 
 def test_callbacks_type_dispatch_lr_and_snapshots(tiny, tmp_path):

@@ -17,8 +17,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from caffe_alex.cli import main
+from caffe_alex.errors import CaffeAlexError
 from caffe_alex.net import Net
-from caffe_alex.tools.deploy import Classifier
+from caffe_alex.tools import pycaffe_io
+from caffe_alex.tools.deploy import Classifier, class_names, output_task
 from caffe_alex.tools.pycaffe_io import (
     Transformer,
     center_crop,
@@ -27,6 +29,13 @@ from caffe_alex.tools.pycaffe_io import (
     resize_image,
 )
 from tests.reference import parse_net
+
+
+@pytest.fixture(autouse=True)
+def _numpy_resize(monkeypatch):
+    """The references here restate scikit-image <= 0.14's resize: the NumPy path runs, as
+    without the pycaffe extra (tests/tools/test_pycaffe_io.py checks scikit-image's)."""
+    monkeypatch.setattr(pycaffe_io, "_skimage", lambda: None)
 
 # ---- the reference: pycaffe's steps, transcribed ---------------------------------------------
 
@@ -294,3 +303,48 @@ def test_deploy_with_nothing_readable_fails(colour_files):
     result = run_deploy(colour_files, str(colour_files / "imgs" / "2bad.png"))
     assert result.exit_code == 1
     assert "no image could be classified" in result.stderr
+
+
+# ---- labels files ---------------------------------------------------------------------------
+
+LABELMAP = """# SSD's labelmap_voc.prototxt, shortened
+item {
+  name: "none_of_the_above"
+  label: 0
+  display_name: "background"
+}
+item { name: "aeroplane" label: 1 display_name: "aeroplane" }
+item { name: "n02084071" label: 12 }
+"""
+
+
+def test_class_names_from_lines_and_labelmaps(tmp_path):
+    (tmp_path / "voc.txt").write_text("background\naeroplane\n\nbicycle\n")
+    assert class_names(tmp_path / "voc.txt") == {0: "background", 1: "aeroplane", 2: "bicycle"}
+    (tmp_path / "labelmap.prototxt").write_text(LABELMAP)
+    assert class_names(tmp_path / "labelmap.prototxt") == {0: "background", 1: "aeroplane",
+                                                           12: "n02084071"}  # fmt: skip
+    (tmp_path / "bad.prototxt").write_text("item { name: 'x' label: one }")
+    with pytest.raises(CaffeAlexError, match=r"bad.prototxt: not a labelmap prototxt: 1:"):
+        class_names(tmp_path / "bad.prototxt")
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(CaffeAlexError, match="binary.txt: not a text file"):
+        class_names(tmp_path / "binary.txt")
+    with pytest.raises(CaffeAlexError, match="no such file"):
+        class_names(tmp_path / "missing.txt")
+
+
+def test_output_task_by_shape_and_by_request():
+    pooled = Net(parse_net(COLOUR_NET.replace("global_pooling: true", "kernel_size: 2")))
+    assert output_task(pooled) == ("classify", "prob")  # InnerProduct flattens: N x 3
+    conv = Net(parse_net(COLOUR_NET.split('layer { name: "fc"')[0]), "TEST")
+    assert output_task(colour_net()) == ("classify", "prob")
+    assert output_task(conv) == ("classify", "pool")  # N x 3 x 1 x 1: one value per class
+    local = Net(parse_net(COLOUR_NET.split('layer { name: "fc"')[0].replace(
+        "global_pooling: true", "kernel_size: 2")), "TEST")  # fmt: skip
+    assert output_task(local) == ("segment", "pool")  # N x 3 x 5 x 5
+    assert output_task(local, "classify") == ("classify", "pool")
+    with pytest.raises(CaffeAlexError, match=r"--task detect: output 'pool' has shape \[2, 3, 5"):
+        output_task(local, "detect")
+    with pytest.raises(CaffeAlexError, match=r"--task segment: output 'prob' has shape \[2, 3\]"):
+        output_task(colour_net(), "segment")

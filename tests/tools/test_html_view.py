@@ -378,7 +378,7 @@ def test_views_and_odd_names_in_the_browser(browser, tmp_path):
     assert page.errors() == []
 
 
-@pytest.mark.skipif(not CORPUS.is_dir(), reason="../shared/corpus not present")
+@pytest.mark.corpus
 def test_googlenet_in_the_browser(browser, tmp_path):
     out = tmp_path / "googlenet.html"
     result = draw(GOOGLENET, out, "--input-shape", "data=32,3,224,224", "--input-shape",

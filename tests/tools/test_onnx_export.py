@@ -14,6 +14,7 @@ from caffe_alex.cli import main
 from caffe_alex.errors import CaffeAlexError
 from caffe_alex.net import Net
 from caffe_alex.tools.onnx_export import to_onnx_model
+from tests.corpus import CORPUS
 from tests.paths import ROOT
 from tests.reference import caffemodel_bytes, parse_net, randomize, relative_error
 
@@ -215,3 +216,185 @@ def test_dynamic_batch_refused_where_the_net_fixes_it():
     with pytest.raises(CaffeAlexError, match="fixes the batch size to 2"):
         to_onnx_model(net, dynamic_batch=True)
     assert to_onnx_model(net).graph.output[0].name == "r"
+
+
+# ---- fork layers ----------------------------------------------------------------------------
+# One net holding the fork types that trace to plain ONNX operators; each top is exported as
+# an output (``outputs``), compared with onnxruntime, and its ONNX operators checked. (A blob
+# named "permute" also checks that blob names may equal the names the exporter gives values.)
+FORK_ZOO = """name: "fork_zoo"
+layer { name: "data" type: "Input" top: "data"
+  input_param { shape { dim: 2 dim: 8 dim: 6 dim: 6 } } }
+layer { name: "relu6" type: "ReLU6" bottom: "data" top: "relu6" }
+layer { name: "shuffle" type: "ShuffleChannel" bottom: "relu6" top: "shuffle"
+  shuffle_channel_param { group: 2 } }
+layer { name: "dw" type: "ConvolutionDepthwise" bottom: "shuffle" top: "dw"
+  convolution_param { num_output: 8 kernel_size: 3 pad: 1 } }
+layer { name: "dw2" type: "DepthwiseConvolution" bottom: "dw" top: "dw2"
+  convolution_param { num_output: 8 group: 8 kernel_size: 3 pad: 1 stride: 2 } }
+layer { name: "interp" type: "Interp" bottom: "dw2" top: "interp" interp_param { zoom_factor: 2 } }
+layer { name: "bn_segnet" type: "BN" bottom: "interp" top: "bn_segnet"
+  bn_param { bn_mode: INFERENCE } }
+layer { name: "bn_pspnet" type: "BN" bottom: "interp" top: "bn_pspnet" bn_param { eps: 1e-5 } }
+layer { name: "nearest" type: "Upsample" bottom: "bn_segnet" top: "nearest"
+  upsample_param { scale: 2 } }
+layer { name: "pool" type: "Pooling" bottom: "data" top: "pool" top: "mask"
+  pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "unpool" type: "Upsample" bottom: "pool" bottom: "mask" top: "unpool"
+  upsample_param { scale: 2 } }
+layer { name: "reorg" type: "Reorg" bottom: "data" top: "reorg" reorg_param { stride: 2 } }
+layer { name: "region" type: "Region" bottom: "data" top: "region"
+  region_param { classes: 3 coords: 4 boxes_of_each_grid: 1 softmax: true } }
+layer { name: "gap" type: "Pooling" bottom: "data" top: "gap"
+  pooling_param { pool: AVE global_pooling: true } }
+layer { name: "axpy" type: "Axpy" bottom: "gap" bottom: "data" bottom: "relu6" top: "axpy" }
+layer { name: "floor_pool" type: "Pooling" bottom: "data" top: "floor_pool"
+  pooling_param { pool: MAX kernel_size: 3 stride: 2 ceil_mode: false } }
+layer { name: "permute" type: "Permute" bottom: "dw" top: "permute"
+  permute_param { order: 0 order: 2 order: 3 order: 1 } }
+layer { name: "norm" type: "Normalize" bottom: "data" top: "norm"
+  norm_param { across_spatial: false channel_shared: false } }
+layer { name: "norm_all" type: "Normalize" bottom: "relu6" top: "norm_all" }
+layer { name: "priors" type: "PriorBox" bottom: "dw2" bottom: "data" top: "priors"
+  prior_box_param { min_size: 2 max_size: 4 aspect_ratio: 2 flip: true
+                    variance: 0.1 variance: 0.1 variance: 0.2 variance: 0.2 } }
+"""
+ZOO_OUTPUTS = ["relu6", "shuffle", "dw", "dw2", "interp", "bn_segnet", "bn_pspnet", "nearest",
+               "unpool", "reorg", "region", "axpy", "floor_pool", "permute", "norm", "norm_all",
+               "priors"]  # fmt: skip
+
+
+def test_fork_layers_export_to_onnx_operators():
+    net = Net(parse_net(FORK_ZOO), "TEST")
+    randomize(net, 3)
+    with torch.no_grad():
+        variance = net.params["bn_pspnet"][3]
+        variance.copy_(variance.abs() + 0.5)
+    model = to_onnx_model(net, outputs=ZOO_OUTPUTS)
+    assert [o.name for o in model.graph.output] == ZOO_OUTPUTS
+    # PriorBox depends on shapes only: its output is stored, not computed
+    assert "priors" in {i.name for i in model.graph.initializer}
+    assert not [n for n in model.graph.node if "priors" in n.output]
+    ops = {node.op_type for node in model.graph.node}
+    assert {"Clip", "Transpose", "Conv", "MaxPool"} <= ops
+    depthwise = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert [a.i for n in depthwise for a in n.attribute if a.name == "group"] == [8, 8]
+    x = np.random.default_rng(4).standard_normal((2, 8, 6, 6)).astype(np.float32) * 4
+    theirs = session(model).run(ZOO_OUTPUTS, {"data": x})
+    with torch.no_grad():
+        net(torch.from_numpy(x))
+    for name, value in zip(ZOO_OUTPUTS, theirs):
+        ours = net.blobs[name].numpy()
+        assert value.shape == ours.shape, name
+        assert relative_error(value, ours) <= TOL, name
+
+
+ROI_NET = """layer { name: "in" type: "Input" top: "data" top: "rois"
+  input_param { shape { dim: 2 dim: 5 dim: 12 dim: 14 } shape { dim: 300 dim: 5 } } }
+layer { name: "roi_pool" type: "ROIPooling" bottom: "data" bottom: "rois" top: "pooled"
+  roi_pooling_param { pooled_h: 3 pooled_w: 4 spatial_scale: 0.5 } }
+"""
+
+
+def test_roi_pooling_exports_as_max_roi_pool_with_equal_values():
+    net = Net(parse_net(ROI_NET), "TEST")
+    model = to_onnx_model(net)
+    assert [n.op_type for n in model.graph.node if n.op_type != "Reshape"] == ["MaxRoiPool"]
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 5, 12, 14)).astype(np.float32)
+    corners = rng.uniform(-8, 36, (300, 4))
+    corners[:100] = np.round(corners[:100]) + 0.5  # halves: rounded away from zero by both
+    corners[100:120, 2:] = corners[100:120, :2] - 3  # corners out of order
+    rois = np.concatenate([rng.integers(0, 2, (300, 1)), corners], axis=1).astype(np.float32)
+    [theirs] = session(model).run(["pooled"], {"data": x, "rois": rois})
+    with torch.no_grad():
+        ours = net(torch.from_numpy(x), torch.from_numpy(rois))["pooled"].numpy()
+    np.testing.assert_array_equal(theirs, ours)
+
+
+PROPOSAL_NET = """layer { name: "in" type: "Input" top: "data"
+  input_param { shape { dim: 1 dim: 4 dim: 5 dim: 6 } } }
+layer { name: "info" type: "Input" top: "im_info" input_param { shape { dim: 1 dim: 3 } } }
+layer { name: "cls" type: "Convolution" bottom: "data" top: "cls"
+  convolution_param { num_output: 18 kernel_size: 1 } }
+layer { name: "cls_prob" type: "Softmax" bottom: "cls" top: "cls_prob" }
+layer { name: "bbox" type: "Convolution" bottom: "data" top: "bbox"
+  convolution_param { num_output: 36 kernel_size: 1 } }
+layer { name: "proposal" type: "Proposal" bottom: "cls_prob" bottom: "bbox" bottom: "im_info"
+  top: "rois" proposal_param { feat_stride: 16 } }
+"""
+
+
+def test_layers_without_an_onnx_operator_are_named_and_outputs_export_around_them(tmp_path):
+    net = Net(parse_net(PROPOSAL_NET), "TEST")
+    randomize(net, 6)
+    with pytest.raises(CaffeAlexError) as error:
+        to_onnx_model(net)
+    assert str(error.value) == (
+        "layer 'proposal' (Proposal): cannot export to ONNX: no ONNX operator does "
+        "py-faster-rcnn's anchor decoding and NMS; export the blobs it reads with --outputs "
+        "cls_prob,bbox,im_info and run it after the model"
+    )
+    (tmp_path / "net.prototxt").write_text(PROPOSAL_NET)
+    result = run_cli("--model", str(tmp_path / "net.prototxt"), str(tmp_path / "a.onnx"))
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert not (tmp_path / "a.onnx").exists()
+    # up to the blobs Proposal reads: im_info's layer, which nothing else reads, is dropped
+    model = to_onnx_model(net, outputs=["cls_prob", "bbox"])
+    assert [v.name for v in model.graph.input] == ["data"]
+    x = np.random.default_rng(7).standard_normal((1, 4, 5, 6)).astype(np.float32)
+    theirs = session(model).run(["cls_prob", "bbox"], {"data": x})
+    with torch.no_grad():
+        net(torch.from_numpy(x), torch.zeros(1, 3))
+    for value, name in zip(theirs, ["cls_prob", "bbox"]):
+        assert relative_error(value, net.blobs[name].numpy()) <= TOL
+    with pytest.raises(CaffeAlexError, match="--outputs: the net has no blob named 'nope'"):
+        to_onnx_model(net, outputs=["bbox", "nope"])
+
+
+MOBILENET_SSD = CORPUS / "chuanqi305__MobileNet-SSD" / "deploy.prototxt"
+SSD_HEADS = ["mbox_loc", "mbox_conf_flatten", "mbox_priorbox"]
+
+
+@pytest.mark.skipif(not MOBILENET_SSD.is_file(), reason="../shared/corpus not present")
+def test_mobilenet_ssd_exports_up_to_its_detection_output(tmp_path):
+    proto, weights, onnx_path = MOBILENET_SSD, tmp_path / "w.caffemodel", tmp_path / "ssd.onnx"
+    net = Net.from_prototxt(str(proto), "TEST")
+    randomize(net, 8, 0.1)
+    weights.write_bytes(caffemodel_bytes(net))
+    whole = run_cli("--model", str(proto), "--weights", str(weights), str(onnx_path))
+    assert whole.exit_code == 1 and not onnx_path.exists()
+    assert whole.output.splitlines()[-1] == (
+        f"caffe-alex: error: {proto}:3080: layer 'detection_out' (DetectionOutput): cannot "
+        "export to ONNX: no ONNX operator does SSD's box decoding, per-class NMS and "
+        "keep_top_k; export the blobs it reads with --outputs "
+        "mbox_loc,mbox_conf_flatten,mbox_priorbox and run it after the model"
+    )
+    heads = run_cli("--model", str(proto), "--weights", str(weights), "--outputs",
+                    ",".join(SSD_HEADS), str(onnx_path))  # fmt: skip
+    assert heads.exit_code == 0, heads.output
+    model = onnx.load(str(onnx_path))
+    assert [v.name for v in model.graph.output] == SSD_HEADS
+    assert "data" not in _ancestors(model, "mbox_priorbox")  # PriorBoxes as constants
+    assert "data" in _ancestors(model, "mbox_loc")
+    ops = {n.op_type for n in model.graph.node}
+    assert "Transpose" in ops and "DetectionOutput" not in ops  # Permute as Transpose
+    x = np.random.default_rng(9).standard_normal((1, 3, 300, 300)).astype(np.float32)
+    theirs = session(str(onnx_path)).run(SSD_HEADS, {"data": x})
+    with torch.no_grad():
+        net(torch.from_numpy(x))
+    for name, value in zip(SSD_HEADS, theirs):
+        assert relative_error(value, net.blobs[name].numpy()) <= TOL, name
+
+
+def _ancestors(model, name: str) -> set[str]:
+    """Every value the graph computes ``name`` from."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    found, todo = set(), [name]
+    while todo:
+        node = producer.get(todo.pop())
+        for value in node.input if node is not None else ():
+            if value not in found:
+                found.add(value)
+                todo.append(value)
+    return found

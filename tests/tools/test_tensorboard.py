@@ -126,7 +126,7 @@ def test_test_nets_beyond_the_first_get_their_own_prefix():
     assert [tensorboard.scalars(p) for p in found] == [[("test1/accuracy", 0.5)]]
 
 
-@pytest.mark.subprocess  # each rank is a process
+@pytest.mark.subprocess  # ranks are processes
 def test_only_rank_zero_writes_events(tmp_path):
     from tests.solvers.test_distributed import Ranks
 

@@ -10,7 +10,14 @@ from click.testing import CliRunner
 
 from caffe_alex.cli import main
 from caffe_alex.net import Net
-from caffe_alex.tools.timing import _layerwise_iteration, make_inputs, report_lines, time_net
+from caffe_alex.tools.timing import (
+    LayerClock,
+    layerwise_executor,
+    layerwise_iteration,
+    make_inputs,
+    report_lines,
+    time_net,
+)
 from tests.paths import ROOT
 from tests.reference import parse_net, randomize
 from tests.test_devices import MIXED_NET
@@ -23,14 +30,13 @@ def test_layerwise_backward_matches_whole_module_gradients():
     net(**inputs)
     net.loss.backward()
     expected = [p.grad.clone() for p in net.parameters() if p.requires_grad]
-    net.zero_grad(set_to_none=True)
-    n = len(net.layer_names)
-    fwd, bwd = [0.0] * n, [0.0] * n
-    _layerwise_iteration(net, inputs, torch.device("cpu"), fwd, bwd)
+    executor = layerwise_executor(net, inputs, torch.device("cpu"))
+    clock = LayerClock(executor, torch.device("cpu"))
+    layerwise_iteration(executor)
     for got, want in zip([p.grad for p in net.parameters() if p.requires_grad], expected):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
-    assert all(f > 0 for f, name in zip(fwd[1:], net.layer_names[1:]))
-    assert bwd[net.layer_names.index("conv1")] > 0
+    assert all(f > 0 for f, name in zip(clock.forward_ms[1:], net.layer_names[1:]))
+    assert clock.backward_ms[net.layer_names.index("conv1")] > 0
 
 
 def test_report_has_a_forward_and_backward_line_per_layer():
