@@ -579,10 +579,9 @@ class Net(nn.Module):
         given, runs each layer in place of ``layer(*bottoms)`` (layerwise.py: Caffe's blobs,
         one graph per layer) and is also called for a source layer, with ``bottoms`` None."""
         loss = None
-        modules = self._modules["layers"]._modules  # (a dict: no nn.Module lookup per layer)
         for position in range(first, len(self._steps) if last is None else last + 1):
             step = self._steps[position]
-            layer = modules[step.key]
+            layer = self.layers[step.key]
             if layer.is_source:
                 if call is not None:
                     call(position, layer, None)

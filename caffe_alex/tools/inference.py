@@ -153,14 +153,15 @@ def fold_batchnorm(net: Net, keep: Iterable[str] = ()) -> tuple[list[str], set[s
     readers = _readers(steps)
     folded: list[str] = []
     changed: set[str] = set()
+    modules = [net.layers[step.key] for step in steps]  # (read, never run, here)
     for i, step in enumerate(steps):
-        conv = net.layers[step.key]
+        conv = modules[i]
         if not _foldable_conv(net.layer_types[i], conv, step):
             continue
         chain = _chain(net, steps, readers, i, keep)
         if not chain:
             continue
-        weight, bias = _folded_params(conv, [net.layers[steps[j].key] for j in chain],
+        weight, bias = _folded_params(conv, [modules[j] for j in chain],
                                       [net.layer_types[j] for j in chain])  # fmt: skip
         conv.blobs[0].copy_(weight)
         if conv.bias_term:
