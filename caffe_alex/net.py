@@ -506,8 +506,8 @@ class Net(nn.Module):
     def threads(self) -> contextlib.AbstractContextManager:
         """A context running PyTorch's CPU ops on one thread where ``one_thread()`` says so
         (the previous count comes back at its end); otherwise it changes nothing."""
-        if not self.one_thread() or torch.get_num_threads() == 1:
-            return contextlib.nullcontext()
+        if _compiling() or not self.one_thread() or torch.get_num_threads() == 1:
+            return contextlib.nullcontext()  # (torch.compile and export trace no thread count)
         return _OneThread()
 
     def reshape(self, **input_shapes: Sequence[int]) -> None:
@@ -602,6 +602,11 @@ class Net(nn.Module):
                     term = term.sum() * weight
                 loss = term if loss is None else loss + term
         return loss
+
+
+def _compiling() -> bool:
+    probe = getattr(torch.compiler, "is_compiling", None)
+    return bool(probe and probe()) or exporting()
 
 
 class _OneThread:
