@@ -22,11 +22,12 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
-from google.protobuf import text_format
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import caffe_alex  # noqa: E402, F401, I001  (first: it sets OMP_WAIT_POLICY before torch loads)
+import torch  # noqa: E402
+from google.protobuf import text_format  # noqa: E402
 
 from benchmarks.alexnet_cpu import HandWrittenAlexNet, timed  # noqa: E402
 from caffe_alex.proto import caffe_pb2  # noqa: E402

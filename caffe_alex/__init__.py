@@ -19,9 +19,19 @@ The entry points, importable from here (each loads its module on first use, so t
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+# PyTorch's OpenMP threads spin at each barrier by default (libgomp's active wait): on a machine
+# whose cores other processes also use, a spinning thread holds the core the thread it waits
+# for needs, and a forward pass took 5 to 10 times as long (AlexNet at batch 1: 340-880 ms
+# against 60-130 ms passive, docs/benchmarks.md). libgomp reads this when torch loads, so it
+# is set here, before any torch import, unless the user chose a policy.
+if "torch" not in sys.modules:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # public name -> module that defines it
 _EXPORTS = {

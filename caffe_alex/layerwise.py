@@ -208,7 +208,8 @@ class BlobExecutor:
         for blob in _flatten(self.param_blobs[first : None if last is None else last + 1]):
             blob.sync()  # values Python wrote to a GPU net's host copy
         try:
-            loss = self.net.run(self._live, first, last, call=self._forward_layer)
+            with self.net.threads():  # a small net on one thread (Net.thread_policy)
+                loss = self.net.run(self._live, first, last, call=self._forward_layer)
         finally:
             self._batch = None
         return loss.detach() if loss is not None else None
@@ -280,6 +281,10 @@ class BlobExecutor:
         """Caffe's BackwardFromTo: positions ``first`` (default: the last layer) down to
         ``last``, each from the data and diffs its blobs hold now."""
         first = len(self.steps) - 1 if first is None else first
+        with self.net.threads():  # a small net on one thread (Net.thread_policy)
+            self._backward_from_to(first, last)
+
+    def _backward_from_to(self, first: int, last: int) -> None:
         written: set[tuple[str, int]] = set()
         for position in range(first, last - 1, -1):
             self._run_hooks("before_backward", position)

@@ -12,6 +12,7 @@ dimension, at most INT_MAX elements, at most 32 axes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 from collections import OrderedDict
@@ -34,6 +35,13 @@ from .registry import CaffeLayer, Shape, exporting, get_layer_class
 
 # Fields of a *_param message that mean "which implementation", not "what": always accepted.
 _IMPLEMENTATION_FIELDS = frozenset({"engine"})
+# A net whose every blob and learnable blob is under this many elements runs on one thread
+# (thread_policy "auto"): its ops are too short for a second thread to pay for its wake-up, and
+# some of PyTorch's kernels (softmax, log_softmax and their backward over the last axis) start
+# the pool for any input, even 10 x 2, which costs milliseconds on a busy machine. PyTorch's
+# own element-wise kernels split work only above this size (at::internal::GRAIN_SIZE).
+ONE_THREAD_ELEMENTS = 32768
+THREAD_POLICIES = ("auto", "pool", "one")
 
 
 @dataclass
@@ -61,6 +69,7 @@ class LayerStep:
     tops: list[str]
     detach: list[bool]
     loss_weights: list[tuple[int, float]] = field(default_factory=list)
+    overwritten: set[int] = field(default_factory=set)  # tops a later layer overwrites in place
 
 
 class Net(nn.Module):
@@ -72,7 +81,14 @@ class Net(nn.Module):
     Parameters are in ``net.params[layer_name]`` in Caffe's blob order and layout.
     ``insert_splits=True`` adds Caffe's implicit Split layers (as Caffe's Net::Init does), for
     code that expects Caffe's exact layer and blob lists (the pycaffe layer).
+
+    ``thread_policy``: "auto" (default) runs a small net (every blob and parameter under
+    ONE_THREAD_ELEMENTS) on one thread, "one" always, "pool" never limits PyTorch's threads;
+    forward applies it, and ``with net.threads():`` applies it to a backward pass or a whole
+    training iteration (the Solver does).
     """
+
+    thread_policy = "auto"
 
     def __init__(
         self,
@@ -112,6 +128,7 @@ class Net(nn.Module):
         self._overrides = {k: _input_dims(k, v) for k, v in (input_shapes or {}).items()}
         self._anonymous: set[str] = set()  # automatic tops of loss layers: no layer reads them
         self._input_shapes: dict[str, Shape] = {}
+        self._small: bool | None = None  # every blob under ONE_THREAD_ELEMENTS (None: unknown)
         self._build(filtered)
 
     @classmethod
@@ -202,6 +219,7 @@ class Net(nn.Module):
         layer read the blob between the producer and this layer."""
         writer: dict[str, CaffeLayer] = {}  # blob -> layer that wrote the current version
         readers: dict[str, int] = {}  # blob -> layers that read it since
+        written: dict[str, tuple[LayerStep, int]] = {}  # blob -> (its writer's step, top index)
         for step in self._steps:
             layer = self.layers[step.key]
             blob = step.bottoms[0] if step.bottoms else None
@@ -214,10 +232,13 @@ class Net(nn.Module):
                 and not producer.output_needed_by_backward
                 and readers.get(blob, 0) == 0
             )
+            if layer.in_place:
+                earlier, index = written[blob]
+                earlier.overwritten.add(index)
             for bottom in step.bottoms:
                 readers[bottom] = readers.get(bottom, 0) + 1
-            for top in step.tops:
-                writer[top], readers[top] = layer, 0
+            for index, top in enumerate(step.tops):
+                writer[top], readers[top], written[top] = layer, 0, (step, index)
 
     def _add_automatic_tops(self, lp, cls) -> tuple[caffe_pb2.LayerParameter, set[str]]:
         # Caffe gives a loss layer declared without a top an anonymous one: its loss still
@@ -469,6 +490,26 @@ class Net(nn.Module):
         return [info for info in self.param_infos if info.owner is None]
 
     # -- running ------------------------------------------------------------------------
+    def one_thread(self) -> bool:
+        """Whether this net runs on one thread under its thread_policy (see the class)."""
+        if self.thread_policy != "auto":
+            if self.thread_policy not in THREAD_POLICIES:
+                raise CaffeAlexError(f"thread_policy must be one of {THREAD_POLICIES}, got "
+                                     f"{self.thread_policy!r}")  # fmt: skip
+            return self.thread_policy == "one"
+        if self._small is None:
+            sizes = [math.prod(s) for s in self.blob_shapes.values()]
+            sizes += [info.param.numel() for info in self.param_infos]
+            self._small = max(sizes, default=0) < ONE_THREAD_ELEMENTS
+        return self._small
+
+    def threads(self) -> contextlib.AbstractContextManager:
+        """A context running PyTorch's CPU ops on one thread where ``one_thread()`` says so
+        (the previous count comes back at its end); otherwise it changes nothing."""
+        if _compiling() or not self.one_thread() or torch.get_num_threads() == 1:
+            return contextlib.nullcontext()  # (torch.compile and export trace no thread count)
+        return _OneThread()
+
     def reshape(self, **input_shapes: Sequence[int]) -> None:
         """Re-run shape inference for new input shapes (Caffe's Net::Reshape)."""
         shapes = dict(self.blob_shapes)
@@ -493,6 +534,7 @@ class Net(nn.Module):
                 shapes[top] = shape
         self.blob_shapes = shapes
         self._input_shapes = {n: shapes[n] for n in self.input_names}
+        self._small = None
 
     def _bind_inputs(self, args, kwargs) -> dict[str, torch.Tensor]:
         if len(args) > len(self.input_names):
@@ -513,17 +555,19 @@ class Net(nn.Module):
         return blobs
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> dict[str, torch.Tensor]:
-        # drop the previous pass's blobs first, or they would double the peak memory
-        self.blobs, self.loss = {}, None
+        # drop the previous pass's blobs first, or they would double the peak memory (set in
+        # __dict__: nn.Module's __setattr__ costs more than some small layers' math)
+        state = self.__dict__
+        state["blobs"], state["loss"] = {}, None
         blobs = self._bind_inputs(args, kwargs)
         shapes = {n: tuple(blobs[n].shape) for n in self.input_names}
         # Under torch.export the check would pin a symbolic batch size to the example's; the
         # layers read their shapes from the tensors anyway.
         if not exporting() and shapes != self._input_shapes:
             self.reshape(**shapes)
-        loss = self.run(blobs)
-        self.blobs = blobs
-        self.loss = loss
+        with self.threads():
+            loss = self.run(blobs)
+        state["blobs"], state["loss"] = blobs, loss
         return {name: blobs[name] for name in self.output_names}
 
     def run(self, blobs, first: int = 0, last: int | None = None, call=None):
@@ -551,9 +595,29 @@ class Net(nn.Module):
             for top, value in zip(step.tops, out):
                 blobs[top] = value
             for index, weight in step.loss_weights:
-                term = out[index].sum() * weight
+                term = out[index]
+                # a 0-axis loss of weight 1 is its own term (no autograd node for x.sum() * 1),
+                # unless a later layer overwrites it in place
+                if term.dim() or weight != 1 or index in step.overwritten:
+                    term = term.sum() * weight
                 loss = term if loss is None else loss + term
         return loss
+
+
+def _compiling() -> bool:
+    probe = getattr(torch.compiler, "is_compiling", None)
+    return bool(probe and probe()) or exporting()
+
+
+class _OneThread:
+    """Sets PyTorch's intra-op threads to 1 for its block, then back to what they were."""
+
+    def __enter__(self):
+        self.previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.previous)
 
 
 def _input_dims(name: str, shape) -> Shape:

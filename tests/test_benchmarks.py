@@ -18,6 +18,8 @@ SMALL = {
     "data_throughput": ["--records", "12", "--batches", "1", "--batch", "4", "--repeats", "1"],
     "pycaffe_path": ["--model", "lenet", "--batch", "2", "--rounds", "1"],
     "train_alexnet": ["--batch", "1", "--rounds", "1", "--iters", "1"],
+    "small_nets": ["--nets", "logreg", "--rounds", "1", "--iters", "5"],
+    "inference_vs_opencv": ["--nets", "alexnet", "--batches", "1", "--rounds", "1"],
 }
 
 

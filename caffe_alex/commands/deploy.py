@@ -21,6 +21,7 @@ from ..tools import features
 from ..tools.deploy import Classifier, class_names, labels_blob, load_mean, output_task, top_k
 from ..tools.detection import detect_files
 from ..tools.detection import draw_boxes as draw_boxes_on  # the option takes the name
+from ..tools.inference import for_inference
 from ..tools.pycaffe_io import OutputFolder, announce_resize, expand_images, write_png
 from ..tools.segmentation import class_shares, overlay, segment_files, voc_palette
 from .options import option, user_errors
@@ -61,15 +62,20 @@ def _preprocessing(fn):
         option("gpu", default=None, help="GPU id to run on (default: CPU)."),
         option("channels-last", is_flag=True, help="NHWC memory order for convolutions "
                "(often faster; results equal up to float rounding)."),
+        option("fast", is_flag=True, help="The inference fast path: BatchNorm/Scale folded "
+               "into the convolutions, channels_last (within 1e-5 of Caffe's numbers)."),
+        option("bf16", is_flag=True, help="Run in bfloat16 (about 1e-2 off; the difference on "
+               "the first batch is printed)."),
     ]  # fmt: skip
     for add_option in reversed(options):
         fn = add_option(fn)
     return fn
 
 
-def _classifier(opts: dict, net=None, image_dims=None):
+def _classifier(opts: dict, net=None, image_dims=None, keep=()):
     """The Classifier the preprocessing options describe; ``image_dims`` (default: the
-    --image-dims option, else 256,256) is the size images are resized to before cropping."""
+    --image-dims option, else 256,256) is the size images are resized to before cropping;
+    ``keep``: blobs read besides the outputs (the fast path leaves them unfolded)."""
     values = _floats(opts["mean_values"], "--mean-values")
     mean = load_mean(opts["mean"], values, opts["mean_mode"])
     swap = [int(v) for v in _floats(opts["channel_swap"], "--channel-swap") or []]
@@ -78,7 +84,8 @@ def _classifier(opts: dict, net=None, image_dims=None):
     clf = Classifier(net or opts["model"], None if net else opts["weights"], image_dims=image_dims,
                      raw_scale=opts["raw_scale"], input_scale=opts["input_scale"],
                      device=choose_device(opts["gpu"]), batch_size=opts["batch_size"],
-                     channels_last=opts["channels_last"])  # fmt: skip
+                     channels_last=opts["channels_last"], fast=opts["fast"], bf16=opts["bf16"],
+                     keep=keep)  # fmt: skip
     if mean is not None and mean.ndim == 1 and mean.size == 1:
         mean = mean.repeat(clf.channels)  # one value for all channels, as Caffe's mean_value
     if mean is not None:
@@ -87,6 +94,16 @@ def _classifier(opts: dict, net=None, image_dims=None):
         clf.transformer.set_channel_swap(clf.input, swap)
     announce_resize()
     return clf
+
+
+def _report_cost(clf) -> None:
+    """With --bf16: how far its first batch's output was from the exact path's (stderr)."""
+    if clf.cost:
+        c = clf.cost
+        click.echo(f"caffe-alex: bf16 cost on the first batch: {c['output']} within "
+                   f"{c['relative_difference']:.2e} of the exact output (relative to its "
+                   f"largest value), top-1 agreement {c['top1_agreement']:.0%}",
+                   err=True)  # fmt: skip
 
 
 class _Skips:
@@ -139,10 +156,11 @@ def deploy(labels, task, top, oversample, threshold, draw_boxes, label_maps, fmt
         clf = _classifier(opts, net)
         results = _classify(clf, paths, top, oversample, skips)
     else:
-        clf = _classifier(opts, net, image_dims=net.blob_shapes[net.input_names[0]][2:])
+        clf = _classifier(opts, net, net.blob_shapes[net.input_names[0]][2:], keep=[blob])
         run = _detect if task == "detect" else _segment
         results = run(clf, net, blob, paths, names, folder, threshold, skips)
     PRINTERS[task, fmt](results, names)
+    _report_cost(clf)
     if skips.count:
         click.echo(f"caffe-alex: {skips.count} input(s) skipped, {len(results)} "
                    f"{_DONE[task]}", err=True)  # fmt: skip
@@ -309,11 +327,15 @@ def extract_features(blobs, source, out, num_batches, **opts) -> None:
     skips = _Skips()
     database = _database(source)
     if source and database is None:
-        clf, paths = _classifier(opts), _source_images(source, skips)
+        clf, paths = _classifier(opts, keep=names), _source_images(source, skips)
         features.extract_features(clf, names, out, images=paths, num_batches=num_batches,
                                   on_error=skips)  # fmt: skip
+        _report_cost(clf)
     else:
         net = _data_net(opts["model"], database, opts["weights"])
+        if opts["fast"] or opts["bf16"]:
+            net = for_inference(net, fast=opts["fast"], bf16=opts["bf16"], keep=names,
+                                copy_net=False)  # fmt: skip
         device = choose_device(opts["gpu"])
         features.extract_features(net, names, out, num_batches=num_batches, device=device)
 

@@ -7,6 +7,7 @@ import click
 
 from ..log import get_logger
 from ..net import Net
+from ..tools.inference import for_inference
 from ..tools.onnx_export import DEFAULT_OPSET, export_onnx
 from ..tools.torch_export import export_torch
 from .options import input_shape_option, option, parse_input_shapes, user_errors
@@ -20,11 +21,14 @@ from .options import input_shape_option, option, parse_input_shapes, user_errors
 @input_shape_option("Declare an input's shape (e.g. data=1,3,227,227). Repeatable.")
 @option("outputs", default=None, metavar="BLOB,...", help="Export only what these blobs need, "
          "with them as the outputs (e.g. the bottoms of a DetectionOutput layer).")  # fmt: skip
+@option("fast", is_flag=True, help="Fold BatchNorm/Scale into the convolutions first (the "
+        "inference fast path: within 1e-5 of Caffe's numbers; ONNX only).")  # fmt: skip
 @click.option("--torch", "as_torch", is_flag=True, help="Write OUTPUT (a .py) as plain PyTorch "
               "source, runnable with torch alone, and the weights beside it (.pt).")  # fmt: skip
 @click.argument("output")
 @user_errors
-def export(model, weights, opset, dynamic_batch, input_shape, outputs, as_torch, output) -> None:
+def export(model, weights, opset, dynamic_batch, input_shape, outputs, fast, as_torch,
+           output) -> None:  # fmt: skip
     """Write MODEL (with --weights) as the ONNX model OUTPUT, or with --torch as PyTorch source
     and a state dict; inputs and outputs keep the Caffe blob names. Without --weights the
     layers keep their fillers' values."""
@@ -32,6 +36,10 @@ def export(model, weights, opset, dynamic_batch, input_shape, outputs, as_torch,
     if weights:
         net.load_weights(weights)  # logs what it copied and which layers it lacked
     names = [name for name in (outputs or "").split(",") if name] or None
+    if fast and as_torch:
+        raise click.UsageError("--fast folds the net for ONNX; --torch writes it as Caffe has it")
+    if fast:
+        net = for_inference(net, channels_last=False, keep=names or (), copy_net=False)
     if as_torch:
         written = export_torch(net, output, dynamic_batch=dynamic_batch, outputs=names)
         get_logger().info(f"Wrote {written.source} and {written.weights}: inputs "

@@ -34,6 +34,8 @@ class HDF5Source(Source):
         if self.total == 0:
             raise self.fail(f"the HDF5 files listed in '{p.source}' hold no row")
         self._load = lru_cache(maxsize=2)(self._read)
+        self._order = lru_cache(maxsize=4)(self._epoch_order)  # a few epochs' orders
+        self._row_order = lru_cache(maxsize=4)(self._file_row_order)
 
     def __len__(self):
         return self.total
@@ -59,18 +61,38 @@ class HDF5Source(Source):
 
     def locate(self, position: int) -> tuple[int, int]:
         """(file index, row) of a stream position."""
-        epoch, offset = divmod(position, self.total)
+        files, rows = self.locate_many(np.array([position], dtype=np.int64))
+        return int(files[0]), int(rows[0])
+
+    def locate_many(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(file indices, rows) of an array of stream positions."""
+        if len(self.files) == 1 and not self.shuffle:  # the common case, in one operation
+            return np.zeros_like(positions), positions % self.total
+        epochs, offsets = np.divmod(positions, self.total)
+        files = np.empty_like(positions)
+        rows = np.empty_like(positions)
+        for epoch in np.unique(epochs):
+            here = epochs == epoch
+            order, ends = self._order(int(epoch))
+            slots = np.searchsorted(ends, offsets[here], side="right")
+            files[here] = order[slots]
+            rows[here] = offsets[here] - (ends[slots] - self.sizes[order[slots]])
+            if self.shuffle:
+                for file_index in np.unique(files[here]):
+                    pick = here & (files == file_index)
+                    rows[pick] = self._row_order(int(epoch), int(file_index))[rows[pick]]
+        return files, rows
+
+    def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The file order of an epoch and the stream offset where each of its files ends."""
         order = np.arange(len(self.files))
         if self.shuffle:
             order = np.random.default_rng((self.seed, 3, epoch)).permutation(order)
-        ends = np.cumsum(self.sizes[order])
-        slot = int(np.searchsorted(ends, offset, side="right"))
-        file_index = int(order[slot])
-        row = offset - int(ends[slot] - self.sizes[file_index])
-        if self.shuffle:
-            rows = np.random.default_rng((self.seed, 4, epoch, file_index))
-            row = int(rows.permutation(int(self.sizes[file_index]))[row])
-        return file_index, row
+        return order, np.cumsum(self.sizes[order])
+
+    def _file_row_order(self, epoch: int, file_index: int) -> np.ndarray:
+        rows = np.random.default_rng((self.seed, 4, epoch, file_index))
+        return rows.permutation(int(self.sizes[file_index]))
 
     def where(self, position: int) -> str:
         file_index, row = self.locate(position)
@@ -79,6 +101,24 @@ class HDF5Source(Source):
     def sample(self, position: int, rng) -> list[np.ndarray]:
         file_index, row = self.locate(position)
         return [array[row] for array in self._load(file_index)]
+
+    def batch(self, positions) -> list[np.ndarray] | None:
+        """Each top's rows for ``positions`` at once (what ``sample`` gives one at a time);
+        None where the rows' files differ in a top's row shape (``sample`` names the row)."""
+        files, rows = self.locate_many(np.asarray(positions, dtype=np.int64))
+        if (files == files[0]).all():  # the usual case: one file, one fancy index per top
+            return [array[rows] for array in self._load(int(files[0]))]
+        loaded = {int(f): self._load(int(f)) for f in np.unique(files)}
+        first = next(iter(loaded.values()))
+        if any(a.shape[1:] != b.shape[1:] for arrays in loaded.values()
+               for a, b in zip(arrays, first)):  # fmt: skip
+            return None
+        out = [np.empty((len(rows), *a.shape[1:]), a.dtype) for a in first]
+        for file_index, arrays in loaded.items():
+            pick = files == file_index
+            for array, whole in zip(out, arrays):
+                array[pick] = whole[rows[pick]]
+        return out
 
 
 class MemorySource(Source):
@@ -111,3 +151,12 @@ class MemorySource(Source):
             self._seen, self._base = arrays, position
         row = (position - self._base) % len(arrays[0])
         return [arrays[0][row], arrays[1][row]]
+
+    def batch(self, positions) -> list[np.ndarray]:
+        """Both arrays' rows for ``positions`` at once (as ``sample`` one at a time)."""
+        arrays = self._arrays()
+        positions = np.asarray(positions, dtype=np.int64)
+        if arrays is not self._seen:
+            self._seen, self._base = arrays, int(positions[0])
+        rows = (positions - self._base) % len(arrays[0])
+        return [np.asarray(arrays[0])[rows], np.asarray(arrays[1])[rows]]

@@ -108,6 +108,8 @@ class _LayerFeed:
         key = f"{self.index}/"
         if self.travel == "boxes":
             return self._fill_boxes(views[key + "0"], b, seed, rank, world)
+        if self.travel == "arrays" and self._fill_at_once(views, key, b, rank, world):
+            return None
         for i, position in enumerate(self._positions(b, rank, world)):
             rng = self._rng(seed, position)
             if self.travel == "pixels":
@@ -117,6 +119,21 @@ class _LayerFeed:
                 if np.shape(value) != self.shapes[k]:
                     raise self._mismatch(position, k, np.shape(value))
                 views[f"{key}{k}"][i] = value
+
+    def _fill_at_once(self, views, key, b, rank, world) -> bool:
+        """Arrays from a source that reads a whole batch at once (HDF5Data, MemoryData: one
+        fancy index per top instead of a Python call per record); False where it cannot or
+        a row's shape is not the declared one (the per-record path then names the row)."""
+        if self.source.needs_rng or not hasattr(self.source, "batch"):
+            return False
+        got = self.source.batch(self._positions(b, rank, world))
+        if got is None or len(got) < len(self.shapes):
+            return False
+        if any(np.shape(v)[1:] != s for v, s in zip(got, self.shapes)):
+            return False
+        for k, values in enumerate(got[: len(self.shapes)]):
+            views[f"{key}{k}"][...] = values
+        return True
 
     def _fill_boxes(self, images, b, seed, rank, world) -> np.ndarray:
         rows = []

@@ -6,7 +6,7 @@ import torch
 
 from ..errors import LayerConfigError
 from ..registry import CaffeLayer, canonical_axis, count, register
-from .labels import DEBUG_ONLY, check_label_count, check_labels, class_targets, whole
+from .labels import DEBUG_ONLY, check_label_count, checked_targets, whole
 
 
 @register("Accuracy")
@@ -16,7 +16,7 @@ class AccuracyLayer(CaffeLayer):
     Top 0 is a 0-axis scalar; the optional top 1 holds the accuracy of each class (0 for a class
     with no sample). The true class ranks by how many scores are >= its own, itself included,
     so a tie with another class counts as a miss, as in Caffe. No backward: outputs are detached.
-    A label that names no class raises CaffeAlexError (``labels.check_labels``); where that is
+    A label that names no class raises CaffeAlexError (``labels.checked_targets``); where that is
     not checked (off the CPU, or compiling) it counts as a miss of no class.
     """
 
@@ -46,23 +46,37 @@ class AccuracyLayer(CaffeLayer):
         axis = canonical_axis(self.axis, scores.dim(), "accuracy_param.axis")
         outer, inner = count(scores.shape, 0, axis), count(scores.shape, axis + 1)
         classes = scores.shape[axis]
-        x = scores.detach().reshape(outer, classes, inner)
-        label = label.detach()
-        check_labels(self, label, classes, self.ignore_label, caffe_checks=DEBUG_ONLY)
-        target, inside = class_targets(label.reshape(outer, inner), classes)
-        if self.ignore_label is None:
-            valid = torch.ones_like(target, dtype=torch.bool)
-        else:
+        # (detach and reshape only where they change something: each op counts in a small net)
+        x = scores.detach() if scores.requires_grad else scores
+        label = label.detach() if label.requires_grad else label
+        labels = label if label.shape == (outer, inner) else label.reshape(outer, inner)
+        target, inside = checked_targets(self, labels, classes, self.ignore_label,
+                                         caffe_checks=DEBUG_ONLY)  # fmt: skip
+        valid = None  # None: every position is labelled (no ignore_label)
+        if self.ignore_label is not None:
             valid = (whole(label) != self.ignore_label).reshape(outer, inner)
-        true_score = x.gather(1, target.unsqueeze(1))
-        better = (x >= true_score).sum(dim=1) - 1  # the true class counts itself once
-        hit = (better < self.top_k) & valid & inside
-        dtype = torch.promote_types(scores.dtype, torch.float32)
-        n_valid = valid.sum().to(dtype)
-        accuracy = hit.sum().to(dtype) / n_valid.clamp(min=1)  # no labelled position gives 0
+        # a hit: fewer than top_k other scores >= the true one (which counts itself once)
+        if inner == 1 and valid is None and inside is None and self.n_top == 1:
+            rows = x if x.dim() == 2 else x.reshape(outer, classes)  # classification scores
+            hit = (rows >= rows.gather(1, target)).sum(dim=1) <= self.top_k
+        else:
+            if x.shape != (outer, classes, inner):
+                x = x.reshape(outer, classes, inner)
+            hit = (x >= x.gather(1, target.unsqueeze(1))).sum(dim=1) <= self.top_k
+        counted = _both(valid, inside)
+        if counted is not None:
+            hit = hit & counted
+        dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32  # >= float
+        n_valid = float(outer * inner) if valid is None else valid.sum().to(dtype)
+        if valid is None:
+            accuracy = hit.sum().to(dtype) / max(n_valid, 1.0)
+        else:  # no labelled position gives 0
+            accuracy = hit.sum().to(dtype) / n_valid.clamp(min=1)
         if self.n_top == 1:
             return accuracy
-        return accuracy, self._per_class(target, valid & inside, hit, classes, dtype)
+        if counted is None:
+            counted = torch.ones_like(target, dtype=torch.bool)
+        return accuracy, self._per_class(target, counted, hit, classes, dtype)
 
     @staticmethod
     def _per_class(target, valid, hit, classes: int, dtype) -> torch.Tensor:
@@ -71,3 +85,10 @@ class AccuracyLayer(CaffeLayer):
         seen = zeros.scatter_add(0, flat, valid.reshape(-1).to(dtype))
         right = zeros.scatter_add(0, flat, hit.reshape(-1).to(dtype))
         return torch.where(seen > 0, right / seen.clamp(min=1), 0.0)
+
+
+def _both(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """The and of two optional masks (None: all true)."""
+    if a is None or b is None:
+        return b if a is None else a
+    return a & b

@@ -23,6 +23,7 @@ class BatchNormLayer(CaffeLayer):
 
     params = {"batch_norm_param": None}
     output_needed_by_backward = False  # a following ReLU may work in place
+    can_overwrite_bottom = True  # where no gradient is recorded (inference): see forward
 
     def __init__(self, layer_param, bottom_shapes, phase):
         super().__init__(layer_param, bottom_shapes, phase)
@@ -65,7 +66,10 @@ class BatchNormLayer(CaffeLayer):
             dims = [d for d in range(x.dim()) if d != 1]
             var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
             self._update_stats(mean.detach().view(-1), var.detach().view(-1), x.numel())
-        return (x - mean) / torch.sqrt(var + self.eps)
+        std = torch.sqrt(var + self.eps)
+        if self.may_overwrite(x, mean, std):  # the same two operations, without two new blobs
+            return x.sub_(mean).div_(std)
+        return (x - mean) / std
 
     def _global_stats(self):
         s = self.blobs[2]

@@ -35,6 +35,35 @@ def class_targets(label: torch.Tensor, classes: int) -> tuple[torch.Tensor, torc
     return torch.where(inside, whole_labels, 0).long(), inside
 
 
+def checked_targets(
+    layer: CaffeLayer,
+    label: torch.Tensor,
+    classes: int,
+    ignore: int | None = None,
+    *,
+    caffe_checks: str = "",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``check_labels`` then ``class_targets``, in as few ops as a small net can afford: where
+    the check runs (CPU, not compiling) and every label names a class, ``inside`` is None (no
+    label to mask) and the targets are one conversion; otherwise as the two calls."""
+    if label.device.type == "cpu" and label.numel() and label.dtype != torch.bool and not tracing():
+        if _all_classes(label, classes):
+            return label.long(), None  # the float -> long conversion truncates toward zero
+        check_labels(layer, label, classes, ignore, caffe_checks=caffe_checks)
+    return class_targets(label, classes)
+
+
+def _all_classes(label: torch.Tensor, classes: int) -> bool:
+    """Every label in (-1, classes), so that truncated it names a class (NaN fails)."""
+    if label.numel() <= _FEW_LABELS:  # read in Python: cheaper than two ops and their syncs
+        return all(-1 < v < classes for v in label.reshape(-1).tolist())
+    low, high = (v.item() for v in torch.aminmax(label))
+    return low > -1 and high < classes
+
+
+_FEW_LABELS = 256  # a classification batch's labels
+
+
 def check_labels(
     layer: CaffeLayer,
     label: torch.Tensor,

@@ -15,11 +15,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import LayerConfigError
 from ..proto import caffe_pb2
 from ..registry import CaffeLayer, canonical_axis, count, register
-from .labels import DEBUG_ONLY, check_batch, check_label_count, check_labels, class_targets, whole
+from .labels import DEBUG_ONLY, check_batch, check_label_count, checked_targets, whole
 
 _Mode = caffe_pb2.LossParameter
 # Caffe takes log(max(p, FLT_MIN)): a hopeless prediction costs at most -log(FLT_MIN) ~ 87.34.
@@ -115,29 +116,59 @@ class SoftmaxWithLossLayer(LossLayer):
         axis = canonical_axis(self.axis, scores.dim(), "softmax_param.axis")
         outer, inner = count(scores.shape, 0, axis), count(scores.shape, axis + 1)
         classes = scores.shape[axis]
-        x = widened(scores).reshape(outer, classes, inner)
-        label = label.detach()
-        check_labels(self, label, classes, self.ignore_label, caffe_checks=DEBUG_ONLY)
-        target, inside = class_targets(label.reshape(outer, inner), classes)
-        valid = None if self.ignore_label is None else whole(label) != self.ignore_label
-        if valid is not None:
-            valid = valid.reshape(outer, inner)
-        nll = -torch.log_softmax(x, dim=1).gather(1, target.unsqueeze(1)).squeeze(1)
-        # Caffe's value clamp, but with the gradient p - onehot that Caffe keeps past the clamp.
-        nll = torch.where(nll > _MAX_NLL, nll - nll.detach() + _MAX_NLL, nll)
-        nll = torch.where(inside, nll, _MAX_NLL)  # an unchecked bad label: the clamp's cost
-        if self.class_weights is not None:
-            # The true gradient of w[label] * -log p is w[label] * (p - onehot): the fork's
-            # backward, which scales the element's whole diff row by its label's weight.
-            nll = nll * self.class_weights.to(nll.dtype)[target]
-        if valid is not None:
-            nll = torch.where(valid, nll, 0.0)
-            valid = valid.sum()
-        loss = nll.sum() / normalizer(self.mode, outer, inner, valid, nll)
+        # (detach and reshape only where they change something: each op counts in a small net)
+        label = label.detach() if label.requires_grad else label
+        shape = (outer,) if inner == 1 else (outer, inner)
+        labels = label if label.shape == shape else label.reshape(shape)
+        target, inside = checked_targets(self, labels, classes, self.ignore_label,
+                                         caffe_checks=DEBUG_ONLY)  # fmt: skip
+        valid = None
+        if self.ignore_label is not None:
+            valid = whole(labels) != self.ignore_label
+        x = widened(scores)
+        norm = normalizer(self.mode, outer, inner, None if valid is None else valid.sum(), x)
+        plain = inside is None and valid is None and self.class_weights is None
+        if plain and inner == 1:  # classification: fewest ops
+            rows = x if x.dim() == 2 else x.reshape(outer, classes)
+            loss = _picked_loss(rows, target, norm)
+        else:
+            masks = [m if m is None else m.reshape(outer, inner) for m in (inside, valid)]
+            x, target = x.reshape(outer, classes, inner), target.reshape(outer, inner)
+            loss = _masked_loss(x, target, *masks, norm, self.class_weights)
         if self.n_top == 1:
             return loss
         # Caffe's backward ignores the probability top's diff.
         return loss, torch.softmax(widened(scores.detach()), dim=axis)
+
+
+def _picked_loss(x, target, norm) -> torch.Tensor:
+    """-log p[label] summed and divided by ``norm``, for (N, C) scores whose labels all name a
+    class; log p clamped at log(FLT_MIN) as Caffe's log(max(p, FLT_MIN)), but with the
+    gradient p - onehot that Caffe keeps past the clamp. Autograd's own nodes (C++) cost a
+    small net less than one Python autograd.Function."""
+    log_prob = torch.log_softmax(x, dim=1)
+    clamped = log_prob.clamp(min=-_MAX_NLL)
+    if log_prob.requires_grad:
+        clamped = log_prob + (clamped - log_prob).detach()
+    return F.nll_loss(clamped, target, reduction="sum") / norm
+
+
+def _masked_loss(x, target, inside, valid, norm, weights=None) -> torch.Tensor:
+    """The general case of (outer, C, inner) scores: a bad label that went unchecked
+    (``inside`` False) costs the clamp's value; an ignored one (``valid`` False) nothing;
+    ``weights``: caffe-segnet's class weights, by label."""
+    nll = -torch.log_softmax(x, dim=1).gather(1, target.unsqueeze(1)).squeeze(1)
+    # Caffe's value clamp, but with the gradient p - onehot that Caffe keeps past the clamp.
+    nll = torch.where(nll > _MAX_NLL, nll - nll.detach() + _MAX_NLL, nll)
+    if inside is not None:
+        nll = torch.where(inside, nll, _MAX_NLL)  # an unchecked bad label: the clamp's cost
+    if weights is not None:
+        # The true gradient of w[label] * -log p is w[label] * (p - onehot): the fork's
+        # backward, which scales the element's whole diff row by its label's weight.
+        nll = nll * weights.to(nll.dtype)[target]
+    if valid is not None:
+        nll = torch.where(valid, nll, 0.0)
+    return nll.sum() / norm
 
 
 @register("EuclideanLoss")

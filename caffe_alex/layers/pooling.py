@@ -142,10 +142,14 @@ class PoolingLayer(CaffeLayer):
     def forward(self, x):
         kernel, out = self._geometry(x.shape[2], x.shape[3])
         native = self.method != "STOCHASTIC" and self._native(x.shape[2:], kernel, out)
+        if native and self.method == "MAX" and self.n_top == 1:
+            # without indices PyTorch takes its faster kernel where no gradient is recorded
+            # (the same maxima); with one, it keeps the indices for backward as below
+            return F.max_pool2d(x, kernel, self.stride, self.pad, 1, self.ceil)
         if native and self.method == "MAX":
             y, idx = F.max_pool2d(x, kernel, self.stride, self.pad, 1, self.ceil, True)
             # Same first-maximum rule; indices are already h * W + w in the unpadded bottom.
-            return y if self.n_top == 1 else (y, idx.to(_mask_dtype(y)))
+            return y, idx.to(_mask_dtype(y))
         if native:  # its count_include_pad divisor is Caffe's window clipped to [-pad, n + pad)
             return F.avg_pool2d(x, kernel, self.stride, self.pad, self.ceil, True)
         stride = self._window_stride(x.shape[2:], out)

@@ -116,14 +116,22 @@ class ScaleLayer(_BroadcastLayer):
             broadcast_axis(bottom_shapes[0], self.blobs[-1].shape, self.axis)
         return shapes
 
+    can_overwrite_bottom = True  # where no gradient is recorded (inference): see forward
+
     def forward(self, *bottoms):
         x, scale = self._operand(bottoms)
-        out = x * scale
+        bias = None
         if self.bias_term:
             bias = self.blobs[-1]
             axis = broadcast_axis(x.shape, bias.shape, self.axis)
-            out = out + bias.reshape(apply_shape(x.dim(), bias.shape, axis))
-        return out
+            bias = bias.reshape(apply_shape(x.dim(), bias.shape, axis))
+        operands = (scale,) if bias is None else (scale, bias)
+        # (the operands broadcast to x's shape: _operand shapes them from x's axes)
+        if self.may_overwrite(x, *operands):  # the same operations, without new blobs
+            out = x.mul_(scale)
+            return out if bias is None else out.add_(bias)
+        out = x * scale
+        return out if bias is None else out + bias
 
 
 def _constant(value: float) -> caffe_pb2.FillerParameter:

@@ -92,10 +92,15 @@ class TrackedFeed:
         self.feed = None
 
     def __next__(self) -> dict:
-        # a DataLoader draws its base seed from torch's global RNG whenever it (re)starts: keep
-        # that draw away from the RNG that dropout uses, or a resumed run would drift
-        with torch.random.fork_rng(devices=[]):
-            batch = next(self._open())
+        feed = self._open()
+        if self.owned:  # make_feed's DataFeed draws from numpy generators of its own
+            batch = next(feed)
+        else:
+            # a DataLoader given by hand draws its base seed from torch's global RNG whenever
+            # it (re)starts: keep that draw away from the RNG that dropout uses, or a resumed
+            # run would drift
+            with torch.random.fork_rng(devices=[]):
+                batch = next(feed)
         self.batches += 1
         return batch
 

@@ -32,6 +32,9 @@ class UpdateRule:
             for info in self.infos
         ]
         self._scratch: dict[tuple[str, int], torch.Tensor] = {}
+        self._lr_groups: dict[float, list[int]] = {}  # lr_mult -> the blobs that have it
+        for i, info in enumerate(self.infos):
+            self._lr_groups.setdefault(info.lr_mult, []).append(i)
         self.check()
 
     def check(self) -> None:
@@ -58,6 +61,15 @@ class UpdateRule:
     def compute_update(self, i: int, rate: float) -> None:
         raise NotImplementedError
 
+    def compute_updates(self, grads: list[torch.Tensor], rate: float) -> None:
+        """compute_update for every parameter (a rule may do them all at once)."""
+        for i in range(len(self.infos)):
+            self.compute_update(i, rate)
+
+    def rate_groups(self, rate: float) -> list[tuple[float, list[int]]]:
+        """(local rate, parameter indices) for each distinct lr_mult."""
+        return [(self.local_rate(blobs[0], rate), blobs) for blobs in self._lr_groups.values()]
+
 
 def _scalar(value) -> float:
     return float(f32(value))
@@ -74,6 +86,16 @@ class SGD(UpdateRule):
         history.mul_(_scalar(self.param.momentum)).add_(grad, alpha=self.local_rate(i, rate))
         grad.copy_(history)
 
+    def compute_updates(self, grads, rate: float) -> None:
+        if not grads:
+            return
+        history = self.history[: len(grads)]
+        torch._foreach_mul_(history, _scalar(self.param.momentum))
+        for local_rate, blobs in self.rate_groups(rate):
+            torch._foreach_add_([history[i] for i in blobs], [grads[i] for i in blobs],
+                                alpha=local_rate)  # fmt: skip
+        torch._foreach_copy_(grads, history)
+
 
 class Nesterov(UpdateRule):
     """V_new = momentum*V + local_rate*g; update = (1+momentum)*V_new - momentum*V."""
@@ -88,6 +110,21 @@ class Nesterov(UpdateRule):
         history.mul_(momentum).add_(grad, alpha=self.local_rate(i, rate))
         previous.mul_(-momentum).add_(history, alpha=float(f32(1) + f32(momentum)))
         grad.copy_(previous)
+
+    def compute_updates(self, grads, rate: float) -> None:
+        if not grads:
+            return
+        history = self.history[: len(grads)]
+        momentum = _scalar(self.param.momentum)
+        previous = [self.scratch("update", i) for i in range(len(grads))]
+        torch._foreach_copy_(previous, history)
+        torch._foreach_mul_(history, momentum)
+        for local_rate, blobs in self.rate_groups(rate):
+            torch._foreach_add_([history[i] for i in blobs], [grads[i] for i in blobs],
+                                alpha=local_rate)  # fmt: skip
+        torch._foreach_mul_(previous, -momentum)
+        torch._foreach_add_(previous, history, alpha=float(f32(1) + f32(momentum)))
+        torch._foreach_copy_(grads, previous)
 
 
 def require_no_momentum(param, name: str) -> None:

@@ -229,8 +229,9 @@ class Solver:
         stop_iter = self.iter + iters
         self._loss = SmoothedLoss(self.param.average_loss, self.iter)
         self._display_clock = (time.perf_counter(), self.iter)
-        while self.iter < stop_iter and self._iteration():
-            pass
+        with self.train_net.threads():  # a small net's backward and update on one thread too
+            while self.iter < stop_iter and self._iteration():
+                pass
         self._loss.flush()
 
     def _iteration(self) -> bool:
@@ -318,7 +319,7 @@ class Solver:
                 backward_info(self.train_net)
             loss = loss.detach().float()
             total = loss if total is None else total + loss
-        return total / self.param.iter_size
+        return total if passes == 1 else total / passes
 
     def _forward(self, key, batch: dict, grad: bool = True):
         """Run net ``key`` ("train" or a test net's index) on ``batch``: (outputs, loss). An

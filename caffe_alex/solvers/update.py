@@ -4,6 +4,10 @@ In Caffe's order: the rate from lr_policy; the gradients clipped by their global
 (clip_gradients); then per parameter, normalised by 1/iter_size, regularised (weight_decay x
 decay_mult, L2 or L1), turned into the update by the rule with its history (rules.py), and
 subtracted. Arithmetic keeps Caffe's float32 steps (f32) where they change the result.
+
+The steps run over all parameters at once (``torch._foreach_*``, one call per step and per
+distinct multiplier instead of a Python loop over the blobs): each parameter still sees
+Caffe's operations in Caffe's order, so the numbers are those of the loop.
 """
 
 from __future__ import annotations
@@ -24,6 +28,12 @@ class ParameterUpdate:
 
     def __init__(self, param, learnable, rule: UpdateRule):
         self.param, self.learnable, self.rule = param, learnable, rule
+        self.params = [info.param for info in learnable]
+        decays = [float(f32(param.weight_decay) * f32(info.decay_mult)) for info in learnable]
+        self._decays = {d: i for d, i in same_values(decays).items() if d}  # decay -> blobs
+        self._l2 = param.regularization_type == "L2"
+        iter_size = param.iter_size
+        self._normalize = float(f32(1) / f32(iter_size)) if iter_size != 1 else None
 
     def apply(self, iteration: int, current_step: int, display: bool = False):
         """Update the parameters once; returns (rate, current_step) for the next call."""
@@ -31,21 +41,20 @@ class ParameterUpdate:
         if display:
             log.info("Iteration %d, lr = %g", iteration, rate)
         grads = self._gradients()
-        self._clip(grads)
-        self.rule.iter = iteration
-        for i, (info, grad) in enumerate(zip(self.learnable, grads)):
-            self._normalize_and_regularize(info, grad)
-            self.rule.compute_update(i, rate)
         with torch.no_grad():
-            torch._foreach_sub_([info.param for info in self.learnable], grads)
+            self._clip(grads)
+            self.rule.iter = iteration
+            self._normalize_and_regularize(grads)
+            self.rule.compute_updates(grads, rate)
+            torch._foreach_sub_(self.params, grads)
         return rate, current_step
 
     def _gradients(self) -> list[torch.Tensor]:
         grads = []
-        for info in self.learnable:
-            if info.param.grad is None:  # unused or frozen: Caffe's diff stays zero
-                info.param.grad = torch.zeros_like(info.param)
-            grads.append(info.param.grad)
+        for param in self.params:
+            if param.grad is None:  # unused or frozen: Caffe's diff stays zero
+                param.grad = torch.zeros_like(param)
+            grads.append(param.grad)
         return grads
 
     def _clip(self, grads) -> None:
@@ -60,10 +69,19 @@ class ParameterUpdate:
                      "factor %g", l2norm, clip, scale)  # fmt: skip
             torch._foreach_mul_(grads, float(scale))
 
-    def _normalize_and_regularize(self, info, grad) -> None:
-        if self.param.iter_size != 1:
-            grad.mul_(float(f32(1) / f32(self.param.iter_size)))
-        decay = float(f32(self.param.weight_decay) * f32(info.decay_mult))
-        if decay:
-            data = info.param.detach()
-            grad.add_(data if self.param.regularization_type == "L2" else data.sign(), alpha=decay)
+    def _normalize_and_regularize(self, grads) -> None:
+        if self._normalize is not None and grads:
+            torch._foreach_mul_(grads, self._normalize)
+        for decay, blobs in self._decays.items():  # (under no_grad: no detach needed)
+            data = [self.params[i] for i in blobs]
+            if not self._l2:
+                data = torch._foreach_sign(data)
+            torch._foreach_add_([grads[i] for i in blobs], data, alpha=decay)
+
+
+def same_values(values) -> dict:
+    """{value: [indices holding it]}, in first-seen order."""
+    groups: dict = {}
+    for index, value in enumerate(values):
+        groups.setdefault(value, []).append(index)
+    return groups

@@ -26,6 +26,7 @@ from ..errors import CaffeAlexError, reading
 from ..formats.caffemodel import read_binaryproto
 from ..net import Net
 from ..proto import caffe_pb2
+from .inference import for_inference, output_cost
 from .pycaffe_io import Transformer, center_crop, load_batches, resize_image
 from .pycaffe_io import oversample as oversample_crops  # predict's flag takes the name
 
@@ -59,12 +60,19 @@ class Classifier:
 
     def __init__(self, model, weights=None, image_dims=None, mean=None, input_scale=None,
                  raw_scale=None, channel_swap=None, *, device="cpu", batch_size=None,
-                 channels_last=False, transformer=Transformer):  # fmt: skip
+                 channels_last=False, transformer=Transformer, fast=False, bf16=False,
+                 keep=()):  # fmt: skip
         net = model if isinstance(model, Net) else Net.from_prototxt(model, "TEST")
         if weights:
             net.load_weights(weights)
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
+        # the inference fast path on request (inference.py: ``keep`` names blobs read besides
+        # the outputs); with bf16 the exact net stays, to measure bf16's cost (``cost``)
+        self.exact, self.cost = (self.net if bf16 else None), None
+        if fast or bf16:
+            self.net = for_inference(self.net, fast=fast, bf16=bf16, keep=keep,
+                                     copy_net=bf16 or isinstance(model, Net))  # fmt: skip
         # NHWC kernels and inputs: other convolution and pooling code, often faster on CPUs
         # (MobileNet-SSD and SSD300 about 10%), with float results equal up to rounding
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -118,8 +126,15 @@ class Classifier:
     def run(self, chunk: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
         """One chunk of preprocessed inputs through the net: the named blobs (pycaffe's
         Classifier runs its own caffe.Net here, pycaffe/classifier.py)."""
+        folded = set(getattr(self.net, "folded_blobs", ())) & set(names)
+        if folded:
+            raise CaffeAlexError(f"blob(s) {sorted(folded)} were folded into a convolution by "
+                                 "the fast path: name them in keep")  # fmt: skip
         tensor = torch.from_numpy(chunk).to(self.device)
-        self.net(**self._inputs(tensor.contiguous(memory_format=self.memory_format)))
+        inputs = self._inputs(tensor.contiguous(memory_format=self.memory_format))
+        self.net(**inputs)
+        if self.exact is not None and self.cost is None:
+            self.cost = output_cost(self.exact, self.net, inputs)
         return [self.net.blobs[n].float().cpu().numpy() for n in names]
 
     def _inputs(self, chunk: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,0 +1,271 @@
+"""The inference fast path: a TEST-phase net made faster for deploy, extract-features,
+Classifier and export, at a stated cost in exactness.
+
+``for_inference(net, fast=True, bf16=False, compile=False, keep=())`` returns the net
+prepared (a copy by default; still a Net, called the same way, run under
+``torch.inference_mode``). What ``fast`` does:
+- BatchNorm (with global statistics) and Scale layers that follow a Convolution are folded
+  into its weights and bias (W k, (b - mean) k + beta, k = gamma / sqrt(var + eps), computed
+  in float64), and run as nothing. The numbers move by float32 rounding: within 1e-5 of each
+  output's largest value on ResNet-50 (tests/tools/test_inference.py). A chain is folded only
+  where nothing but the chain reads its intermediate blobs and none of them is a net output or
+  named in ``keep`` (extract-features' blobs): those keep their exact values.
+- 4-D convolution weights and inputs in channels_last memory order, which oneDNN's CPU
+  convolutions run faster (measured in docs/benchmarks.md); the numbers are those of NCHW up to
+  the order of the sums.
+``bf16=True`` runs the forward under torch.autocast in bfloat16 (outputs back in float32):
+faster on CPUs with AVX512-BF16 or AMX, about 1e-2 relative off (measured and printed by
+``caffe-alex deploy --bf16``, see ``compare_outputs``). ``compile=True`` (or a backend name)
+wraps the net in torch.compile: a one-time compilation of minutes on a small machine.
+
+The default path stays Caffe's numbers: fast is an option (``--fast``), see docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import CaffeAlexError
+from ..log import get_logger
+from ..net import Net
+from ..registry import BlobList
+
+# What for_inference does, by flag, for docs and messages
+OPTIONS = {
+    "fast": "BatchNorm/Scale folded into the convolutions, channels_last (within 1e-5 relative)",
+    "bf16": "bfloat16 autocast (about 1e-2 relative)",
+    "compile": "torch.compile",
+}
+
+
+class _FastForward:
+    """The prepared net's forward: inputs in channels_last, bf16 autocast, torch.compile, all
+    under torch.inference_mode, around the Net's own forward (set as the instance's
+    ``forward``, so the prepared net stays a Net for every caller)."""
+
+    def __init__(self, net: Net, *, channels_last: bool, bf16: bool, compile=False):
+        self.net, self.forward = net, Net.forward.__get__(net)
+        self.channels_last, self.bf16 = channels_last, bf16
+        if compile:
+            backend = compile if isinstance(compile, str) else "inductor"
+            self.forward = torch.compile(self.forward, backend=backend, dynamic=False)
+
+    def __call__(self, *args, **inputs) -> dict[str, torch.Tensor]:
+        if self.channels_last:
+            args = tuple(_nhwc(a) for a in args)
+            inputs = {k: _nhwc(v) for k, v in inputs.items()}
+        with torch.inference_mode():
+            if not self.bf16:
+                return self.forward(*args, **inputs)
+            with torch.autocast(_device(self.net).type, dtype=torch.bfloat16):
+                outputs = self.forward(*args, **inputs)
+            blobs = self.net.blobs
+            for name, value in blobs.items():  # callers read float32, as from the exact path
+                if value.is_floating_point() and value.dtype != torch.float32:
+                    blobs[name] = value.float()
+            return {name: blobs[name] for name in outputs}
+
+
+def for_inference(net: Net, *, fast: bool = True, bf16: bool = False, compile=False,
+                  channels_last: bool | None = None, keep: Iterable[str] = (),
+                  copy_net: bool = True) -> Net:  # fmt: skip
+    """``net`` made faster for inference (see the module's notes): a Net still, its forward
+    wrapped. ``channels_last`` defaults to ``fast`` (False for an export: folding only);
+    ``copy_net=False`` changes ``net`` itself instead of a copy. The result's ``folded`` lists
+    the layers folded away, ``folded_blobs`` the blobs whose values folding changed."""
+    if net.phase != "TEST":
+        raise CaffeAlexError(f"the inference fast path is for TEST-phase nets, not {net.phase}")
+    if copy_net and (fast or compile):
+        net = copy.deepcopy(net)
+    net.eval()
+    folded, changed = [], set()
+    channels_last = fast if channels_last is None else channels_last
+    if fast:
+        with torch.no_grad():
+            folded, changed = fold_batchnorm(net, keep)
+    channels_last = channels_last and _has_4d_weights(net)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    if bf16 and _device(net).type == "cpu" and not _native_bf16():
+        get_logger().warning("bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX): "
+                             "PyTorch emulates it, several times slower than float32")  # fmt: skip
+    if channels_last or bf16 or compile:
+        net.forward = _FastForward(net, channels_last=channels_last, bf16=bf16, compile=compile)
+    net.folded, net.folded_blobs = folded, changed
+    return net
+
+
+def _device(net: Net) -> torch.device:
+    return next((p.device for p in net.parameters()), torch.device("cpu"))
+
+
+def _native_bf16() -> bool:
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(probe()) if probe is not None else True
+    except RuntimeError:  # an op missing from this build: assume nothing
+        return True
+
+
+def _nhwc(value):
+    if isinstance(value, torch.Tensor) and value.dim() == 4:
+        return value.contiguous(memory_format=torch.channels_last)
+    return value
+
+
+def _has_4d_weights(net: Net) -> bool:
+    return any(p.dim() == 4 for p in net.parameters())
+
+
+# -- BatchNorm / Scale folding -----------------------------------------------------------------
+class _Folded(nn.Module):
+    """Stands where a folded BatchNorm or Scale layer stood: its top is its bottom."""
+
+    is_source = False
+    in_place = False
+    can_overwrite_bottom = False
+    output_needed_by_backward = False
+
+    def __init__(self, name: str, type_name: str):
+        super().__init__()
+        self.name, self.type_name = name, type_name
+        self.blobs = BlobList()
+
+    def top_shapes(self, bottom_shapes):
+        return [tuple(bottom_shapes[0])]
+
+    def forward(self, x):
+        return x
+
+
+def fold_batchnorm(net: Net, keep: Iterable[str] = ()) -> tuple[list[str], set[str]]:
+    """Fold each Convolution -> BatchNorm (global statistics) [-> Scale] chain, and each
+    Convolution -> Scale, into the convolution; returns the names of the layers folded away and
+    of the blobs whose values changed (the chain's tops before its last)."""
+    keep = set(keep) | set(net.output_names)
+    steps = net.steps
+    readers = _readers(steps)
+    folded: list[str] = []
+    changed: set[str] = set()
+    modules = [net.layers[step.key] for step in steps]  # (read, never run, here)
+    for i, step in enumerate(steps):
+        conv = modules[i]
+        if not _foldable_conv(net.layer_types[i], conv, step):
+            continue
+        chain = _chain(net, steps, readers, i, keep)
+        if not chain:
+            continue
+        weight, bias = _folded_params(conv, [modules[j] for j in chain],
+                                      [net.layer_types[j] for j in chain])  # fmt: skip
+        conv.blobs[0].copy_(weight)
+        if conv.bias_term:
+            conv.blobs[1].copy_(bias)
+        else:
+            conv.bias_term = True
+            conv.add_blob(bias.to(conv.blobs[0].dtype), requires_grad=False)
+        last = steps[chain[-1]].tops[0]
+        for j in [i, *chain[:-1]]:
+            changed.update(t for t in steps[j].tops if t != last)
+        for j in chain:
+            name = net.layer_names[j]
+            net.layers[steps[j].key] = _Folded(name, net.layer_types[j])
+            folded.append(name)
+    return folded, changed
+
+
+def _readers(steps) -> dict[tuple[str, int], list[int]]:
+    """(blob name, index of the step that wrote this version) -> the steps that read it."""
+    writer: dict[str, int] = {}
+    readers: dict[tuple[str, int], list[int]] = {}
+    for i, step in enumerate(steps):
+        for bottom in step.bottoms:
+            readers.setdefault((bottom, writer.get(bottom, -1)), []).append(i)
+        for top in step.tops:
+            writer[top] = i
+    return readers
+
+
+def _foldable_conv(kind: str, conv, step) -> bool:
+    return (kind == "Convolution" and conv.axis == 1 and len(step.bottoms) == 1
+            and len(step.tops) == 1 and not any(step.detach))  # fmt: skip
+
+
+def _chain(net: Net, steps, readers, start: int, keep: set[str]) -> list[int]:
+    """The BatchNorm/Scale steps right after convolution ``start`` that can fold into it."""
+    chain, current, wanted = [], start, ("BatchNorm", "Scale")
+    while wanted:
+        top = steps[current].tops[0]
+        after = readers.get((top, current), [])
+        if len(after) != 1:
+            break
+        nxt = after[0]
+        kind, layer = net.layer_types[nxt], net.layers[steps[nxt].key]
+        if kind not in wanted or not _foldable(kind, layer, steps[nxt]):
+            break
+        if top != steps[nxt].tops[0] and top in keep:  # a blob the caller reads would change
+            break
+        chain.append(nxt)
+        current = nxt
+        wanted = wanted[wanted.index(kind) + 1 :]
+    return chain
+
+
+def _foldable(kind: str, layer, step) -> bool:
+    if len(step.bottoms) != 1 or len(step.tops) != 1:
+        return False
+    if kind == "BatchNorm":
+        return bool(layer.use_global_stats)
+    shape = tuple(layer.blobs[0].shape)
+    return layer.axis == 1 and len(shape) == 1 and not layer.two_bottoms
+
+
+def _folded_params(conv, layers, kinds) -> tuple[torch.Tensor, torch.Tensor]:
+    """The convolution's weight and bias with the chain's affine maps folded in (float64)."""
+    weight = conv.blobs[0].detach().double()
+    channels = weight.shape[0]
+    bias = (conv.blobs[1].detach().double() if conv.bias_term
+            else torch.zeros(channels, dtype=torch.float64, device=weight.device))  # fmt: skip
+    scale = torch.ones(channels, dtype=torch.float64, device=weight.device)
+    for layer, kind in zip(layers, kinds):
+        if kind == "BatchNorm":
+            mean, var = (t.double() for t in layer._global_stats())
+            k = 1.0 / torch.sqrt(var + layer.eps)
+            scale, bias = scale * k, (bias - mean) * k
+        else:
+            gamma = layer.blobs[0].detach().double()
+            scale, bias = scale * gamma, bias * gamma
+            if layer.bias_term:
+                bias = bias + layer.blobs[-1].detach().double()
+    view = (channels,) + (1,) * (weight.dim() - 1)
+    return (weight * scale.view(view)).to(conv.blobs[0].dtype), bias.to(conv.blobs[0].dtype)
+
+
+# -- the cost of an option -----------------------------------------------------------------------
+def compare_outputs(exact: dict, other: dict) -> dict[str, float]:
+    """Per output: the largest |difference| relative to the exact output's largest |value|."""
+    result = {}
+    for name, value in exact.items():
+        a = np.asarray(value, dtype=np.float64)
+        b = np.asarray(other[name], dtype=np.float64)
+        result[name] = float(np.abs(a - b).max() / max(np.abs(a).max(), math.ulp(1.0)))
+    return result
+
+
+def output_cost(exact: Net, prepared: Net, inputs: dict) -> dict:
+    """What the prepared net's options cost on ``inputs`` (its last outputs are kept): the
+    largest difference of its first output to the exact path's, relative to that output's
+    largest value, and the share of items whose top-1 class agrees."""
+    name = prepared.output_names[0]
+    got = prepared.blobs[name].float()
+    with torch.inference_mode():
+        want = exact(**inputs)[name].float()
+    diff = compare_outputs({name: want.cpu().numpy()}, {name: got.cpu().numpy()})[name]
+    rows = want.reshape(len(want), -1), got.reshape(len(got), -1)
+    agree = float((rows[0].argmax(1) == rows[1].argmax(1)).float().mean())
+    return {"output": name, "relative_difference": diff, "top1_agreement": agree}
