@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import caffe_alex  # noqa: E402, F401, I001  (first: it sets OMP_WAIT_POLICY before torch loads)
+import caffe_alex  # noqa: E402, F401, I001  (first: it sets GOMP_SPINCOUNT before torch loads)
 import torch  # noqa: E402
 
 from caffe_alex.formats.prototxt import read_net, read_solver  # noqa: E402

@@ -25,13 +25,15 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-# PyTorch's OpenMP threads spin at each barrier by default (libgomp's active wait): on a machine
-# whose cores other processes also use, a spinning thread holds the core the thread it waits
-# for needs, and a forward pass took 5 to 10 times as long (AlexNet at batch 1: 340-880 ms
-# against 60-130 ms passive, docs/benchmarks.md). libgomp reads this when torch loads, so it
-# is set here, before any torch import, unless the user chose a policy.
-if "torch" not in sys.modules:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# PyTorch's OpenMP threads spin at each barrier for 300,000 turns by default (libgomp): on a
+# machine whose cores other processes also use, a spinning thread holds the core that the
+# thread it waits for needs, and AlexNet's forward at batch 1 took 340-880 ms instead of 60-140
+# (docs/benchmarks.md). Waiting passively at once costs an idle machine a wake-up per parallel
+# region (GoogLeNet at batch 1: 50-68 ms instead of 36-40); 10,000 turns keeps the idle speed
+# and most of the gain under load. libgomp reads this when torch loads, so it is set here,
+# before any torch import, unless the user chose a spin count or a wait policy.
+if "torch" not in sys.modules and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):
+    os.environ["GOMP_SPINCOUNT"] = "10000"
 
 # public name -> module that defines it
 _EXPORTS = {

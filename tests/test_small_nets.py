@@ -206,16 +206,16 @@ def test_a_batch_read_at_once_holds_the_rows_in_the_readers_order(tmp_path):
 
 
 @pytest.mark.subprocess
-def test_openmp_threads_wait_passively_unless_the_user_chose():
+def test_openmp_threads_spin_briefly_unless_the_user_chose():
     import os
     import subprocess
     import sys
 
-    code = "import os, caffe_alex, torch; print(os.environ.get('OMP_WAIT_POLICY'))"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    for given, want in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
-        if given:
-            env["OMP_WAIT_POLICY"] = given
-        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                              text=True, check=True)  # fmt: skip
+    code = ("import os, caffe_alex, torch; e = os.environ; "
+            "print(e.get('GOMP_SPINCOUNT'), e.get('OMP_WAIT_POLICY'))")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    for given, want in (({}, "10000 None"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "None ACTIVE"),
+                        ({"GOMP_SPINCOUNT": "5"}, "5 None")):  # fmt: skip
+        done = subprocess.run([sys.executable, "-c", code], env={**env, **given},
+                              capture_output=True, text=True, check=True)  # fmt: skip
         assert done.stdout.strip() == want
