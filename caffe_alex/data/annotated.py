@@ -41,7 +41,7 @@ from .ssd_augment import (
     resize_image,
     transform_boxes,
 )
-from .transformer import load_mean_file
+from .transformer import channel_means, load_mean_file
 
 f32 = np.float32
 _Resize = caffe_pb2.ResizeParameter
@@ -192,14 +192,10 @@ class AnnotatedTransformer:
         return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 
     def _channel_means(self, channels: int, where: str) -> np.ndarray:
-        if self.mean_values.size == 1:
-            return np.repeat(self.mean_values, channels)
-        if self.mean_values.size != channels:
-            raise CaffeAlexError(
-                f"{where}: specify either 1 mean_value or as many as channels ({channels}); "
-                f"got {self.mean_values.size}"
-            )
-        return self.mean_values
+        try:
+            return channel_means(self.mean_values, channels)
+        except LayerConfigError as exc:
+            raise CaffeAlexError(f"{where}: {exc.message}") from None
 
     def _expand(self, image, boxes, raw, rng, where):
         p = self.expand

@@ -125,11 +125,16 @@ class DataTransformer:
             )
 
     def _channel_means(self, channels: int) -> np.ndarray:
-        if self.mean_values.size == 1:
-            return np.repeat(self.mean_values, channels)
-        if self.mean_values.size != channels:
-            raise LayerConfigError(
-                f"specify either 1 mean_value or as many as channels ({channels}); "
-                f"got {self.mean_values.size}"
-            )
-        return self.mean_values
+        return channel_means(self.mean_values, channels)
+
+
+def channel_means(mean_values: np.ndarray, channels: int) -> np.ndarray:
+    """transform_param.mean_value for ``channels`` channels: one value for all, or one each."""
+    if mean_values.size == 1:
+        return np.repeat(mean_values, channels)
+    if mean_values.size != channels:
+        raise LayerConfigError(
+            f"specify either 1 mean_value or as many as channels ({channels}); "
+            f"got {mean_values.size}"
+        )
+    return mean_values
