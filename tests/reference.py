@@ -55,7 +55,8 @@ def fan_in_weights(net: Net, seed: int = 0) -> None:
                 blob.copy_(values)
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """A protobuf varint, encoded here (independent of caffe_alex's wire writer)."""
     out = bytearray()
     while True:
         byte, value = value & 0x7F, value >> 7
@@ -66,7 +67,7 @@ def _varint(value: int) -> bytes:
 
 def _field(number: int, payload: bytes) -> bytes:
     """One length-delimited protobuf field (wire type 2)."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
 
 
 def _blob_bytes(array: np.ndarray) -> bytes:
@@ -243,3 +244,16 @@ layer {{ name: "in" type: "Input" top: "s" top: "l"
   input_param {{ shape {{ {dims(s_shape)} }} shape {{ {dims(l_shape)} }} }} }}
 layer {{ name: "{name}" type: "{kind}" bottom: "s" bottom: "l" {top_lines} {extra} {params} }}
 """
+
+
+def build_error(tmp_path, text: str):
+    """The CaffeAlexError building net ``text`` (written as tmp_path/net.prototxt) raises."""
+    import pytest
+
+    from caffe_alex.errors import CaffeAlexError
+
+    path = tmp_path / "net.prototxt"
+    path.write_text(text)
+    with pytest.raises(CaffeAlexError) as info:
+        Net.from_prototxt(str(path))
+    return info.value

@@ -16,15 +16,7 @@ from caffe_alex.errors import CaffeAlexError
 from caffe_alex.formats.caffemodel import read_caffemodel
 from caffe_alex.formats.prototxt import parse_net_text
 from caffe_alex.net import Net
-
-
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
+from tests.reference import varint
 
 
 def field(number: int, wire: int, payload: bytes) -> bytes:

@@ -12,6 +12,7 @@ import torch
 from caffe_alex.errors import CaffeAlexError
 from caffe_alex.net import Net
 from tests.reference import (
+    build_error,
     check_runtime_variants,
     compare_with_opencv,
     gradcheck_net,
@@ -39,14 +40,6 @@ def run(text: str, *arrays, phase: str = "TEST", seed: int = 0):
     feed = dict(zip(net.input_names, (torch.from_numpy(a) for a in arrays), strict=True))
     with torch.no_grad():
         return net, net(**feed)
-
-
-def error_of(tmp_path, text: str) -> CaffeAlexError:
-    path = tmp_path / "net.prototxt"
-    path.write_text(text)
-    with pytest.raises(CaffeAlexError) as info:
-        Net.from_prototxt(str(path))
-    return info.value
 
 
 # ---- ShuffleChannel --------------------------------------------------------------------------
@@ -111,7 +104,7 @@ def test_shuffle_channel_default_group_is_identity():
 
 def test_shuffle_channel_group_not_dividing_channels_names_file_line_layer_value(tmp_path):
     text = one_layer("ShuffleChannel", "shuffle_channel_param { group: 4 }", (1, 6, 3, 3), "sh")
-    error = error_of(tmp_path, text)
+    error = build_error(tmp_path, text)
     assert (error.file, error.line, error.layer) == (str(tmp_path / "net.prototxt"), 3, "sh")
     assert error.message == (
         "shuffle_channel_param.group 4 does not divide the bottom's 6 channels"
@@ -310,7 +303,7 @@ def test_relu6_in_place_after_a_convolution_gives_the_same_values_and_gradients(
 
 def test_relu6_has_no_negative_slope(tmp_path):
     # chuanqi305's ReLU6Parameter holds only the engine: a slope is an unknown field.
-    error = error_of(tmp_path, one_layer("ReLU6", "relu6_param { negative_slope: 0.1 }", (1, 1)))
+    error = build_error(tmp_path, one_layer("ReLU6", "relu6_param { negative_slope: 0.1 }", (1, 1)))
     assert error.line == 3 and 'unknown field "negative_slope"' in error.message
 
 
@@ -394,7 +387,7 @@ def test_axpy_gradcheck():
 
 
 def test_axpy_shape_mismatch_names_file_line_layer_value(tmp_path):
-    error = error_of(tmp_path, axpy_net((2, 3, 1, 1), (2, 3, 4, 5), (2, 3, 4, 4), name="se"))
+    error = build_error(tmp_path, axpy_net((2, 3, 1, 1), (2, 3, 4, 5), (2, 3, 4, 4), name="se"))
     assert (error.file, error.line, error.layer) == (str(tmp_path / "net.prototxt"), 4, "se")
     assert error.message == (
         "x (bottom 1) shape [2, 3, 4, 5] and y (bottom 2) shape [2, 3, 4, 4] differ"

@@ -11,6 +11,7 @@ import torch
 from caffe_alex.errors import CaffeAlexError
 from caffe_alex.net import Net
 from tests.reference import (
+    build_error,
     caffemodel_bytes,
     check_runtime_variants,
     compare_with_opencv,
@@ -34,14 +35,6 @@ def forward(text: str, x: np.ndarray, requires_grad: bool = False):
     net = Net(parse_net(text), "TEST")
     xt = torch.from_numpy(x).requires_grad_(requires_grad)
     return net, xt, net(data=xt)["out"]
-
-
-def error_of(tmp_path, text: str) -> CaffeAlexError:
-    path = tmp_path / "net.prototxt"
-    path.write_text(text)
-    with pytest.raises(CaffeAlexError) as info:
-        Net.from_prototxt(str(path))
-    return info.value
 
 
 # ---- Reorg ---------------------------------------------------------------------------------
@@ -146,7 +139,7 @@ def test_reorg_errors(params, shape, message):
 
 def test_reorg_in_place_is_refused(tmp_path):
     text = one_layer("Reorg", "reorg_param { stride: 2 }", (1, 8, 4, 4), "reorg", top="data")
-    error = error_of(tmp_path, text)
+    error = build_error(tmp_path, text)
     assert (error.line, error.layer) == (3, "reorg")
     assert "does not allow in-place computation (top 'data' is its bottom)" in error.message
 
@@ -246,7 +239,7 @@ def test_region_errors(params, shape, message):
 
 def test_region_in_place_is_refused(tmp_path):
     text = one_layer("Region", region_params(2, 3), (1, 16, 2, 2), "region", top="data")
-    error = error_of(tmp_path, text)
+    error = build_error(tmp_path, text)
     assert (error.line, error.layer) == (3, "region")
     assert "does not allow in-place computation" in error.message
 
