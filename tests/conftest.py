@@ -9,7 +9,9 @@
 - ``slow``: left out of the fast tier, ``bash scripts/test.sh -m "not slow"``; every
   ``corpus`` and ``subprocess`` test is ``slow`` too, and so is every test of the whole
   AlexNet's weights (fixture ``alexnet``), every test whose name says it compiles
-  (torch.compile), the fuzz suite and a few marked one by one (seconds each). CI runs
+  (torch.compile), every test in the browser (fixture ``browser``: Chromium), the fuzz suite,
+  and the tests marked one by one that each take a quarter of a second or more (whole fork
+  nets, ONNX Runtime): the fast tier runs in about half a minute on two cores. CI runs
   everything.
 """
 
@@ -84,7 +86,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(no_corpus)
         if item.get_closest_marker("corpus") or item.get_closest_marker("subprocess"):
             item.add_marker(pytest.mark.slow)
-        if "alexnet" in getattr(item, "fixturenames", ()):  # a 233 MB AlexNet weights file
+        fixtures = getattr(item, "fixturenames", ())
+        if "alexnet" in fixtures:  # a 233 MB AlexNet weights file
+            item.add_marker(pytest.mark.slow)
+        if "browser" in fixtures:  # headless Chromium: seconds to start, and each page loads
             item.add_marker(pytest.mark.slow)
         if "compile" in item.name:  # torch.compile: a second or two each, 30 such tests
             item.add_marker(pytest.mark.slow)

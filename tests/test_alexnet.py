@@ -141,6 +141,7 @@ def test_deploy_shapes_and_parameter_count():
     assert net.output_names == ["prob"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phase", ["TRAIN", "TEST"])
 def test_train_val_builds_in_both_phases(phase):
     net = Net.from_prototxt(str(OURS / "train_val.prototxt"), phase, input_shapes=INPUTS)

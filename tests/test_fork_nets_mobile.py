@@ -54,6 +54,7 @@ def test_every_owner_folder_has_nets_and_sources_rows():
     assert set(pending()) <= set(mobile_nets())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phase", ["TRAIN", "TEST"])
 @pytest.mark.parametrize("rel", mobile_nets())
 def test_fork_net_builds(rel, phase):
@@ -87,6 +88,7 @@ def depthwise_as_convolution(layer) -> None:
         layer.type = "Convolution"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "rel",
     [
@@ -100,6 +102,7 @@ def test_whole_net_matches_opencv(rel):
     assert len(errors) >= 25
 
 
+@pytest.mark.slow
 def test_depthwise_convolution_mobilenet_matches_opencv_convolution():
     rel = "yonghenglh6__DepthwiseConvolution/example/depthwised_mobilenet_deploy.prototxt"
     text = edited(rel, depthwise_as_convolution)
@@ -107,6 +110,7 @@ def test_depthwise_convolution_mobilenet_matches_opencv_convolution():
     assert net.layer_types.count("DepthwiseConvolution") == 13
 
 
+@pytest.mark.slow
 def test_se_resnet_50_matches_opencv_with_axpy_bottoms_swapped():
     rel = "hujie-frank__SENet/models/SE-ResNet-50.prototxt"
     net, _, _, errors = compare_net_with_opencv(
@@ -116,6 +120,7 @@ def test_se_resnet_50_matches_opencv_with_axpy_bottoms_swapped():
     assert len(axpy) == 16 and set(axpy) <= set(errors)  # each compared (after its ReLU)
 
 
+@pytest.mark.slow
 def test_yolov2_with_reorg_matches_opencv():
     # 64 x 64 keeps every layer (the reorg's bottom is 4 x 4, the grid 2 x 2) at a fraction of
     # the cost of 416 x 416.
@@ -126,6 +131,7 @@ def test_yolov2_with_reorg_matches_opencv():
     assert net.blob_shapes["reorg1"] == (1, 2048, 2, 2) and "reorg1" in errors
 
 
+@pytest.mark.slow
 def test_tiny_yolo_with_region_matches_opencv_region():
     rel = "lwplw__caffe_yolov2/examples/yolov2/yolov2_tiny_3.prototxt"
     text = (FORK_NETS / rel).read_text()

@@ -124,6 +124,7 @@ def test_the_fetched_files_are_listed_in_sources():
         assert f"`{path.relative_to(FORK_NETS).as_posix()}`" in table, path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.relative_to(FORK_NETS).as_posix())
 def test_every_file_builds_in_both_phases(path):
     built_types = set()
@@ -160,6 +161,7 @@ def randomize_resnet(net: Net, seed: int = 0) -> None:
                     blob.copy_(noise * 0.1)
 
 
+@pytest.mark.slow
 def test_deeplab_v2_resnet101_single_scale_matches_opencv():
     # 33 x 33 keeps the net's 8k + 1 alignment: fc1_voc12 is 5 x 5, zoomed by 8 to 33 x 33.
     path = DEEPLAB / "test_Scale1.prototxt"
@@ -187,6 +189,7 @@ def test_deeplab_v2_resnet101_single_scale_matches_opencv():
         assert relative_error(net.blobs[name].numpy(), reference) <= 1e-3, name
 
 
+@pytest.mark.slow
 def test_deeplab_v2_msc_interp_layers_follow_the_fork():
     # Three scales (shrink_factor 2; shrink 4 then zoom 3), fused after Interp back to the full
     # scale (zoom 2; shrink 3 then zoom 4): each Interp top against the fork's interp2.
@@ -275,6 +278,7 @@ def test_segnet_basic_inference_layer_by_layer():
     assert sum(kind == "Upsample" for kind in net.layer_types) == 4
 
 
+@pytest.mark.slow
 def test_segnet_basic_train_learn_mode_layer_by_layer():
     net = build(SEGNET / "segnet_basic_train.prototxt", "TRAIN", (24, 32))
     seen = record(net, {"BN", "Upsample", "Pooling"})
@@ -347,6 +351,7 @@ def test_bayesian_segnet_samples_at_test_time():
 PSPNET = FORK_NETS / "hszhao__PSPNet" / "evaluation" / "prototxt"
 
 
+@pytest.mark.slow
 def test_pspnet_pyramid_pooling_module_layer_by_layer():
     # The whole net runs at 473 x 473 only (its pooling kernels and Interp sizes are fixed):
     # here its pyramid pooling module, cut from the file as it stands, fed a 60 x 60 conv5_3.

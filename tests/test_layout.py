@@ -159,6 +159,7 @@ def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+@pytest.mark.slow
 def test_the_scan_sees_the_package():
     assert {"caffe_alex.net", "caffe_alex.formats.prototxt", "caffe_alex.cli"} <= set(MODULES)
     assert "caffe_alex.formats.prototxt" in _scan()[0]["caffe_alex.net"]
@@ -282,6 +283,7 @@ _CONTAINER_METHODS = {"append", "add", "extend", "insert", "setdefault", "remove
 _LOOKS_AT_OBJECTS = {"isinstance", "id", "getattr", "hasattr", "setattr", "type", "len", "repr"}
 
 
+@pytest.mark.slow
 def test_one_executor_no_second_forward_loop_anywhere():
     """The builder's plan (Net.steps) has one loop that runs its layers, Net.run: the module's
     forward, pycaffe's Net, the solvers and caffe-alex time all go through it (layerwise.py

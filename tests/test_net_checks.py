@@ -206,6 +206,7 @@ def _net_with(kind, group, name, repeated, value) -> caffe_pb2.NetParameter:
     return net
 
 
+@pytest.mark.slow
 def test_extreme_numbers_in_every_layer_field_never_reach_torch():
     """Every numeric field of every layer type at INT_MAX, 2^32 - 1, -1, 2^40, 3e38, NaN...:
     built and run forward on a small input, the outcome is a result or one CaffeAlexError."""

@@ -73,6 +73,7 @@ def check_agreement(prototxt, weights, image, expected_blobs: int):
     return table
 
 
+@pytest.mark.slow
 def test_alexnet_agrees_with_opencv(tmp_path, image):
     random_caffemodel(ALEXNET, tmp_path / "alexnet.caffemodel")
     table = check_agreement(ALEXNET, tmp_path / "alexnet.caffemodel", image, 14)
@@ -89,6 +90,7 @@ def test_googlenet_agrees_with_opencv(tmp_path, image):
     assert set(table) == {b for b in net.blob_shapes if b != "data"}
 
 
+@pytest.mark.slow
 def test_open_nsfw_resnet50_agrees_with_opencv(tmp_path, image):
     random_caffemodel(OPEN_NSFW, tmp_path / "nsfw.caffemodel")
     table = check_agreement(OPEN_NSFW, tmp_path / "nsfw.caffemodel", image, 73)
@@ -96,6 +98,7 @@ def test_open_nsfw_resnet50_agrees_with_opencv(tmp_path, image):
     assert table["prob"][1] > 0 or table["fc_nsfw"][1] > 0  # not a saturated softmax
 
 
+@pytest.mark.slow
 def test_one_changed_weight_is_found_and_named(tmp_path, image):
     right, wrong = tmp_path / "right.caffemodel", tmp_path / "wrong.caffemodel"
     net = random_caffemodel(OPEN_NSFW, right)

@@ -209,6 +209,7 @@ def expected_boxes(rows, height, width, threshold):
     return sorted(boxes, key=lambda b: -b[1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not MOBILENET_SSD.is_file(), reason="../shared/corpus not present")
 def test_detector_boxes_json_table_csv(ssd_files):
     street = ssd_files / "imgs" / "street.png"
@@ -240,6 +241,7 @@ def test_detector_boxes_json_table_csv(ssd_files):
     assert [line.split(",")[1] for line in csv_lines[1:]] == [str(b[0]) for b in want]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not MOBILENET_SSD.is_file(), reason="../shared/corpus not present")
 def test_detector_batches_split_by_image_id_and_channels_last(ssd_files):
     folder = ssd_files / "imgs"
@@ -308,6 +310,7 @@ def test_detector_draws_boxes_only_near_them(ssd_files, tmp_path):
     assert not (changed & ~near).any()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not MOBILENET_SSD.is_file(), reason="../shared/corpus not present")
 def test_detector_errors_are_one_line_and_write_nothing(ssd_files, tmp_path):
     (tmp_path / "blocker").write_text("")

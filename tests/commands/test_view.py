@@ -59,6 +59,7 @@ def _shape_options(net_param) -> list[str]:
     return options
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", fork_nets(), ids=_name)
 def test_fork_net_summarises_and_draws(path, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(CORPUS_LAYERS))  # py-faster-rcnn's Python layers

@@ -199,6 +199,7 @@ def test_worker_errors_are_one_line_and_stop_the_workers(tmp_path):
     feed.close()
 
 
+@pytest.mark.slow
 def test_a_dead_worker_is_an_error_not_a_hang(tmp_path):
     net = net_over(raw(), tmp_path, "TEST", batch=2)
     feed = make_feed(net, seed=0, workers=1, prefetch=1)
@@ -212,6 +213,7 @@ def test_a_dead_worker_is_an_error_not_a_hang(tmp_path):
     feed.close()
 
 
+@pytest.mark.slow
 def test_workers_leave_interrupts_to_the_feeding_process(tmp_path):
     net = net_over(raw(), tmp_path, "TEST", batch=2)
     feed = make_feed(net, seed=0, workers=1)

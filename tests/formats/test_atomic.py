@@ -87,6 +87,7 @@ def _big_caffemodel(path) -> None:
     path.write_bytes(net.SerializeToString())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ext", ["caffemodel", "caffemodel.h5", "pt", "safetensors", "npy"])
 def test_convert_onto_a_full_disk(tmp_path, ext):
     src = tmp_path / ("w.caffemodel" if ext != "npy" else "m.binaryproto")

@@ -119,6 +119,7 @@ SSD_SAMPLERS = "batch_sampler { max_sample: 1 max_trials: 1 }" + "".join(
 )
 
 
+@pytest.mark.slow
 def test_ssd_augmentation_is_repeatable_and_keeps_boxes_valid(voc):
     text = layer(voc["lmdb"], SSD_TRANSFORM, SSD_SAMPLERS)
     _, a = batches(text, 4)

@@ -581,12 +581,14 @@ def compare_whole_net(folder, path: Path, threshold: float, size: int, minimum: 
     np.testing.assert_allclose(ours_rows, their_rows, rtol=0, atol=1e-3 * scale)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("threshold,minimum", [(0.25, 50), (0.15, 100)])
 def test_mobilenet_ssd_matches_opencv(tmp_path, threshold, minimum):
     # 0.25 (the file's own) keeps ~70 boxes after NMS; 0.15 keeps more than keep_top_k (100)
     compare_whole_net(tmp_path, SSD_NETS[0], threshold=threshold, size=300, minimum=minimum)
 
 
+@pytest.mark.slow
 def test_mobilenet_v2_ssdlite_matches_opencv(tmp_path):
     # ReLU6 and depthwise (grouped) convolutions from the mobile family, and a layer name the
     # file uses twice, end to end. At 300x300 the last head's maps are 1x1, where OpenCV's
@@ -594,6 +596,7 @@ def test_mobilenet_v2_ssdlite_matches_opencv(tmp_path):
     compare_whole_net(tmp_path, SSD_NETS[2], threshold=0.2, size=544, minimum=50)
 
 
+@pytest.mark.slow
 def test_vgg_ssd300_matches_opencv(tmp_path):
     # the smallest input whose conv9_2 still has a cell keeps the test short
     compare_whole_net(tmp_path, SSD_NETS[1], threshold=0.1, size=260, minimum=200)

@@ -585,6 +585,7 @@ def test_float64_gives_the_same_numbers():
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "options",
     ["code_type: CENTER_SIZE", "mining_type: NONE conf_loss_type: LOGISTIC loc_loss_type: L2",
@@ -700,6 +701,7 @@ def test_fork_train_nets_are_all_listed_here():
     assert {p for p in nets if "MultiBoxLoss" in p.read_text()} <= set(TRAIN_NETS)
 
 
+@pytest.mark.slow
 def test_mobilenet_ssd_trains_from_convert_annoset_at_a_reduced_size(tmp_path):
     """MobileNet-SSD's train.prototxt as published (AnnotatedData with SSD's augmentation,
     PriorBox, Permute, MultiBoxLoss), reading a small LMDB made by convert-annoset, at 96 x 96

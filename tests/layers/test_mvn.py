@@ -148,6 +148,7 @@ def test_opencv_adds_eps_to_the_variance_caffe_to_the_std():
     assert np.abs(ours - theirs).max() > 1e-2
 
 
+@pytest.mark.slow
 def test_float64_and_runtime_variants():
     net = Net(parse_net(mvn_net("")))
     x = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(0))

@@ -322,6 +322,7 @@ def test_ceil_mode_with_round_mode_names_file_line_layer_and_both_values(tmp_pat
     )
 
 
+@pytest.mark.slow
 def test_densenet_121_with_ceil_mode_false_builds_and_matches_opencv():
     path = CORPUS / "shicai__DenseNet-Caffe" / "DenseNet_121.prototxt"
     if not path.is_file():

@@ -196,6 +196,7 @@ def test_carried_state_follows_caffe_blob_memory():
 GRAD_CONT = np.array([[0, 0], [1, 0], [0, 1]], dtype=np.float64)  # resets mid-sequence
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["RNN", "LSTM"])
 @pytest.mark.parametrize("static,expose", [(None, False), ((3,), False), ((3,), True)])
 def test_gradcheck(kind, static, expose):

@@ -169,6 +169,7 @@ def test_roipooling_clips_a_roi_partly_outside_to_the_map():
     torch.testing.assert_close(out.reshape(-1), x[0, :, :3, :4].amax(dim=(1, 2)))
 
 
+@pytest.mark.slow
 def test_roipooling_gradcheck_away_from_ties():
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 2, 6, 7, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -298,6 +299,7 @@ def test_psroipooling_forward_and_backward_match_the_fork():
     np.testing.assert_allclose(xt.grad.numpy(), grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_psroipooling_gradcheck():
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(1, 2 * 4, 5, 6, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -504,6 +506,7 @@ def zf_inputs(im_scale: float):
     return {"data": data, "im_info": np.array([[100, 132, im_scale]], np.float32)}
 
 
+@pytest.mark.slow
 def test_faster_rcnn_python_proposal_layer_equals_builtin_proposal(monkeypatch, tmp_path):
     """py-faster-rcnn's ZF test net as published (its Python proposal layer, here the NumPy
     re-implementation in py-faster-rcnn's style, imported through `import caffe`) and the same
@@ -524,6 +527,7 @@ def test_faster_rcnn_python_proposal_layer_equals_builtin_proposal(monkeypatch, 
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_py_faster_rcnn_im_detect_calls_through_pycaffe(monkeypatch):
     """What py-faster-rcnn's lib/fast_rcnn/test.py does with `import caffe`: reshape the inputs,
     forward with keyword blobs, read rois, cls_prob and bbox_pred, whose row counts follow the
@@ -598,6 +602,7 @@ def fork_net_files() -> list[Path]:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", fork_net_files(), ids=lambda p: str(p.relative_to(FORK_NETS)))
 @pytest.mark.parametrize("phase", ["TRAIN", "TEST"])
 def test_region_detector_nets_build(path, phase, monkeypatch):

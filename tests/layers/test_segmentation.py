@@ -211,6 +211,7 @@ def test_interp_backward_is_the_forks_interp2_backward(shape, params):
     np.testing.assert_allclose(x.grad.numpy(), ref.reshape(shape), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape,params", [FORWARD_CASES[i] for i in (0, 1, 3, 6)])
 def test_interp_gradcheck(shape, params):
     net = Net(parse_net(interp_net(params, shape)), "TEST").double()
@@ -502,6 +503,7 @@ def yolo_upsample_backward(dtop: np.ndarray, scale: int) -> np.ndarray:
     return grad
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale", [1, 2, 3])
 def test_nearest_upsample_repeats_pixels_and_sums_back(scale):
     net = Net(parse_net(nearest_net(f"scale: {scale}")), "TEST").double()

@@ -105,6 +105,7 @@ def test_segnet_learn_uses_batch_statistics_in_every_phase(phase):
     np.testing.assert_allclose(net.params["bn"][1].grad.numpy(), dshift, rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_segnet_learn_gradcheck():
     net, x = make("bn_mode: LEARN")
     params = list(net.params["bn"])
@@ -216,6 +217,7 @@ def test_pspnet_test_phase_backward_is_not_the_true_gradient():
     assert (x.grad - slope * inv_std).abs().max() > 0.1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("params,phase", [("momentum: 0.9", "TRAIN"), ("frozen: true", "TRAIN")])
 def test_pspnet_gradcheck_where_the_fork_takes_the_true_gradient(params, phase):
     net, x = make(params, phase)

@@ -236,6 +236,7 @@ def test_normalize_blobs_and_fillers():
     assert Net(parse_net(one_layer_net("Normalize", "", (1, 3, 2, 2)))).params["out"][0].shape == ()
 
 
+@pytest.mark.slow
 def test_runtime_variants():
     # channels_last, bf16 and torch.compile (forward and SSD's backward) on a Permute after a
     # per-channel Normalize (as SSD's conv4_3_norm feeds its heads)

@@ -194,6 +194,7 @@ def test_kernel_given_per_axis_and_record_characters():
     assert {"in{1}\n(Input)", "a|b"} <= labels
 
 
+@pytest.mark.slow
 def test_shapes_label_blobs():
     net_param, source = read_net(str(ALEXNET))
     notes = draw.shape_notes(net_param, None, ALEX_INPUTS, source)
@@ -213,6 +214,7 @@ def _png_size(data: bytes):
     return image
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not shutil.which("dot"), reason="Graphviz's dot is not installed")
 def test_alexnet_png_renders(tmp_path):
     out = tmp_path / "alexnet.png"

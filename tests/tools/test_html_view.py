@@ -101,6 +101,7 @@ def test_page_is_self_contained_and_describes_each_layer(tmp_path):
     assert data["notes"] == [] and data["weights"] is None
 
 
+@pytest.mark.slow
 def test_weight_statistics(tmp_path, alexnet_weights):
     net, weights = alexnet_weights
     out = tmp_path / "alexnet.html"
@@ -152,6 +153,7 @@ def test_shapes_of_a_net_that_does_not_build_are_left_out_with_a_note(tmp_path):
     assert "shapes unknown for the TRAIN net" in result.stderr
 
 
+@pytest.mark.slow
 def test_dot_failing_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
     """A net dot cannot lay out (here a dot that fails as it does on such a graph)."""
     fake = tmp_path / "bin"

@@ -245,6 +245,7 @@ def test_extract_features_fast_keeps_the_blobs_it_writes(bn_files):
     np.testing.assert_allclose(got[("--fast",)]["fc"], got[()]["fc"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_export_fast_writes_the_folded_net(bn_files):
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")

@@ -109,6 +109,7 @@ def run_cli(*args):
     return CliRunner().invoke(main, ["export", *args])
 
 
+@pytest.mark.slow
 def test_alexnet_matches_onnxruntime(alexnet_export):
     net, _, sess = alexnet_export
     errors = run_both(net, sess)
@@ -116,6 +117,7 @@ def test_alexnet_matches_onnxruntime(alexnet_export):
     assert max(errors.values()) <= TOL, errors
 
 
+@pytest.mark.slow
 def test_alexnet_graph_names_lrn_and_dynamic_batch(alexnet_export):
     net, path, sess = alexnet_export
     model = onnx.load(path)
@@ -127,6 +129,7 @@ def test_alexnet_graph_names_lrn_and_dynamic_batch(alexnet_export):
     assert not [f for f in os.listdir(os.path.dirname(path)) if f.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_small_resnet_matches_onnxruntime():
     net = Net(parse_net(expose(SMALL_RESNET, "fc", "logits")), "TEST")
     randomize(net, seed=3)
@@ -139,6 +142,7 @@ def test_small_resnet_matches_onnxruntime():
         assert max(errors.values()) <= TOL, errors
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not RESNET50.is_file(), reason="corpus not present")
 def test_resnet50_matches_onnxruntime(tmp_path):
     prototxt = tmp_path / "resnet50.prototxt"  # legacy input: fields, upgraded on reading
@@ -149,6 +153,7 @@ def test_resnet50_matches_onnxruntime(tmp_path):
     assert max(errors.values()) <= TOL, errors
 
 
+@pytest.mark.slow
 def test_older_opset():  # written at 18, then converted by onnx
     opset = 17
     net = Net(parse_net(SMALL_RESNET), "TEST")
@@ -170,6 +175,7 @@ def test_cli_errors_are_one_line(tmp_path):
     assert os.listdir(tmp_path) == ["net.prototxt"]
 
 
+@pytest.mark.slow
 def test_cli_writes_the_file_atomically(tmp_path):
     proto = tmp_path / "net.prototxt"
     proto.write_text(SMALL_RESNET)
@@ -199,6 +205,7 @@ HEAD = """layer { name: "data" type: "Input" top: "data"
 """
 
 
+@pytest.mark.slow
 def test_unexportable_layer_is_named():
     # ArgMax sorts, and this exporter has no ONNX translation of a stable sort.
     net = Net(parse_net(HEAD + 'layer { name: "top2" type: "ArgMax" bottom: "data" top: "i" '
@@ -207,6 +214,7 @@ def test_unexportable_layer_is_named():
         to_onnx_model(net)
 
 
+@pytest.mark.slow
 def test_dynamic_batch_refused_where_the_net_fixes_it():
     text = HEAD + (
         'layer { name: "r" type: "Reshape" bottom: "data" top: "r" '
@@ -264,6 +272,7 @@ ZOO_OUTPUTS = ["relu6", "shuffle", "dw", "dw2", "interp", "bn_segnet", "bn_pspne
                "priors"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_fork_layers_export_to_onnx_operators():
     net = Net(parse_net(FORK_ZOO), "TEST")
     randomize(net, 3)
@@ -296,6 +305,7 @@ layer { name: "roi_pool" type: "ROIPooling" bottom: "data" bottom: "rois" top: "
 """
 
 
+@pytest.mark.slow
 def test_roi_pooling_exports_as_max_roi_pool_with_equal_values():
     net = Net(parse_net(ROI_NET), "TEST")
     model = to_onnx_model(net)
@@ -325,6 +335,7 @@ layer { name: "proposal" type: "Proposal" bottom: "cls_prob" bottom: "bbox" bott
 """
 
 
+@pytest.mark.slow
 def test_layers_without_an_onnx_operator_are_named_and_outputs_export_around_them(tmp_path):
     net = Net(parse_net(PROPOSAL_NET), "TEST")
     randomize(net, 6)
@@ -356,6 +367,7 @@ MOBILENET_SSD = CORPUS / "chuanqi305__MobileNet-SSD" / "deploy.prototxt"
 SSD_HEADS = ["mbox_loc", "mbox_conf_flatten", "mbox_priorbox"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not MOBILENET_SSD.is_file(), reason="../shared/corpus not present")
 def test_mobilenet_ssd_exports_up_to_its_detection_output(tmp_path):
     proto, weights, onnx_path = MOBILENET_SSD, tmp_path / "w.caffemodel", tmp_path / "ssd.onnx"

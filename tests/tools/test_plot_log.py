@@ -141,6 +141,7 @@ def test_new_year_and_non_numbers():
     assert log.train[1]["Seconds"] == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_plot_log_command(tmp_path):
     path = tmp_path / "caffe.log"
     path.write_text(CAFFE_LOG)
@@ -161,6 +162,7 @@ def test_plot_log_rejects_a_log_without_iterations(tmp_path):
     assert result.stderr == f"caffe-alex: error: {path}: no training iterations found in the log\n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ext,magic", [("svg", b"<?xml"), ("pdf", b"%PDF"), ("", b"\x89PNG")])
 def test_plot_log_formats_by_extension_and_refuses_unknown_ones(tmp_path, ext, magic):
     path = tmp_path / "caffe.log"

@@ -97,6 +97,7 @@ def _tiled_random(net: Net, seed: int) -> None:
                 blob.view(-1).copy_(pattern.repeat(n // len(pattern) + 1)[:n])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not FCN8S.is_file(), reason="../shared/corpus not present")
 def test_fcn8s_label_map_is_the_argmax_of_its_score(tmp_path):
     net = Net.from_prototxt(str(FCN8S), "TEST", input_shapes={"data": (1, 3, 40, 36)})

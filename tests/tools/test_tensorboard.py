@@ -95,6 +95,7 @@ def test_training_writes_the_logs_numbers(tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_a_caffe_log_converts(tmp_path):
     path = tmp_path / "caffe.log"
     path.write_text(CAFFE_LOG)

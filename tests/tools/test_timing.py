@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -74,6 +75,7 @@ def test_time_command_prints_caffe_summary(tmp_path):
     assert re.match(r"I\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ \w+\.py:\d+\] ", first)
 
 
+@pytest.mark.slow
 def test_time_accepts_input_shapes_for_data_layers_without_source(tmp_path):
     model = str(ROOT / "models/bvlc_alexnet/train_val.prototxt")
     args = ["time", "--model", model, "--iterations", "1"]

@@ -48,6 +48,7 @@ def test_the_written_module_gives_the_nets_outputs(tmp_path):
     assert {n for n, _ in model.named_parameters()} >= {"conv1__0", "fc__0", "scale1__1"}
 
 
+@pytest.mark.slow
 def test_a_fork_net_round_trips_and_the_cli_writes_both_files(tmp_path):
     result = CliRunner().invoke(main, ["export", "--model", str(SHUFFLENET), "--torch",
                                        str(tmp_path / "shuffle.py")])  # fmt: skip
