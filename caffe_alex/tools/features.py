@@ -40,7 +40,7 @@ def output_plan(out, blobs: list[str]) -> dict[str, tuple[str, list[str]]]:
     paths = out.split(",") if isinstance(out, str) else list(out)
     if len(paths) not in (1, len(blobs)):
         raise CaffeAlexError(f"{len(paths)} output paths for {len(blobs)} blobs")
-    kinds = [_kind(p) for p in paths]
+    kinds = [_output_format(p) for p in paths]
     if len(paths) == len(blobs):
         plan: dict[str, tuple[str, list[str]]] = {}
         for path, kind, blob in zip(paths, kinds, blobs):
@@ -58,7 +58,7 @@ def output_plan(out, blobs: list[str]) -> dict[str, tuple[str, list[str]]]:
     return plan
 
 
-def _kind(path: str) -> str:
+def _output_format(path: str) -> str:
     kind = _KINDS.get(os.path.splitext(path)[1].lower())
     if kind is None:
         raise CaffeAlexError(
