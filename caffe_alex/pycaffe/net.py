@@ -17,7 +17,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from ..blob import Blob, ParamBlob
+from ..blob import Blob
 from ..data.loader import make_feed
 from ..errors import CaffeAlexError
 from ..formats.prototxt import read_net
@@ -25,7 +25,8 @@ from ..formats.weights import save_weights
 from ..layerwise import BlobExecutor
 from ..net import Net as Module
 from ..solvers.nets import share_trained_layers
-from . import runtime
+from . import batching, runtime
+from .net_views import LayerView, NetViews
 
 PHASES = {0: "TRAIN", 1: "TEST"}
 
@@ -38,41 +39,11 @@ def phase_name(phase) -> str:
     raise CaffeAlexError(f"phase must be caffe.TRAIN (0) or caffe.TEST (1), got {phase!r}")
 
 
-class LayerView:
-    """One entry of ``net.layers``: ``type``, ``blobs`` (its learnable blobs), ``setup`` and
-    ``reshape`` (recompute the top shapes from the bottoms')."""
-
-    def __init__(self, net: Net, index: int):
-        self._net, self._index = net, index
-        self.type = net._module.layer_types[index]
-        self.blobs: list[ParamBlob] = net._executor.param_blobs[index]
-
-    def reshape(self, bottom, top) -> None:
-        step = self._net._steps[self._index]
-        shapes = self._net._module.layers[step.key].top_shapes([b.shape for b in bottom])
-        for blob, shape in zip(top, shapes):
-            blob.reshape(*shape)
-
-    setup = reshape  # the layer was set up when the net was built
-
-    def __getattr__(self, name: str):
-        # pycaffe's net.layers holds a Python layer's own object: its methods and attributes
-        # are reachable (py-faster-rcnn's trainer calls net.layers[0].set_roidb(roidb))
-        net = self.__dict__.get("_net")
-        if net is None or name.startswith("__"):
-            raise AttributeError(name)
-        impl = getattr(net._module.layers[net._steps[self._index].key], "impl", None)
-        if impl is None:
-            raise AttributeError(f"{type(self).__name__} has no attribute '{name}'")
-        return getattr(impl, name)
-
-    def __repr__(self) -> str:
-        return f"<Layer {self._net._layer_names[self._index]!r} ({self.type})>"
-
-
-class Net:
+class Net(NetViews):
     """``Net(network_file, phase, level=0, stages=None, weights=None)`` or the older
-    ``Net(network_file, weights, phase)``."""
+    ``Net(network_file, weights, phase)``. What pycaffe code reads of it (blobs, params,
+    layer names, inputs, outputs) is net_views.py's; forward_all and forward_backward_all run
+    it in batches (batching.py)."""
 
     def __init__(self, network_file, *args, phase=None, level=0, stages=None, weights=None):
         if args and isinstance(args[0], (str, os.PathLike)):  # (file, weights, phase)
@@ -106,58 +77,6 @@ class Net:
         self._steps = list(executor.steps)
         self._blobs: OrderedDict[str, Blob] = executor.blobs
         self.layers = [LayerView(self, i) for i in range(len(self._steps))]
-
-    # -- what pycaffe code reads ---------------------------------------------------------
-    @property
-    def blobs(self) -> OrderedDict[str, Blob]:
-        return self._blobs
-
-    @property
-    def params(self) -> OrderedDict[str, list[ParamBlob]]:
-        return OrderedDict(
-            (name, layer.blobs) for name, layer in zip(self._layer_names, self.layers)
-            if layer.blobs
-        )  # fmt: skip
-
-    @property
-    def layer_dict(self) -> OrderedDict:
-        return OrderedDict(zip(self._layer_names, self.layers))
-
-    @property
-    def _layer_names(self) -> list[str]:
-        return list(self._module.layer_names)
-
-    @property
-    def _blob_names(self) -> list[str]:
-        return list(self._blobs)
-
-    @property
-    def inputs(self) -> list[str]:
-        """Tops of Input layers (Caffe's net inputs)."""
-        return [t for s, kind in zip(self._steps, self._module.layer_types) if kind == "Input"
-                for t in s.tops]  # fmt: skip
-
-    @property
-    def outputs(self) -> list[str]:
-        return list(self._module.output_names)
-
-    @property
-    def top_names(self) -> OrderedDict[str, list[str]]:
-        return OrderedDict((n, list(s.tops)) for n, s in zip(self._layer_names, self._steps))
-
-    @property
-    def bottom_names(self) -> OrderedDict[str, list[str]]:
-        return OrderedDict((n, list(s.bottoms)) for n, s in zip(self._layer_names, self._steps))
-
-    @property
-    def blob_loss_weights(self) -> OrderedDict[str, float]:
-        weights = self._module.blob_loss_weights
-        return OrderedDict((name, weights.get(name, 0.0)) for name in self._blobs)
-
-    @property
-    def module(self) -> Module:
-        """The caffe_alex.Net (a torch.nn.Module) underneath."""
-        return self._module
 
     # -- callbacks -------------------------------------------------------------------------
     def before_forward(self, callback) -> None:
@@ -233,53 +152,14 @@ class Net:
         self._follow_mode()
         self._executor.backward(start, end)
 
-    # -- batches of many items --------------------------------------------------------------
-    def _batch(self, arrays: dict[str, np.ndarray]):
-        """Split arrays into the net's batch size; the last batch padded with zeros."""
-        count = len(next(iter(arrays.values())))
-        size = next(iter(self._blobs.values())).shape[0]
-        for begin in range(0, count - count % size, size):
-            yield {name: value[begin : begin + size] for name, value in arrays.items()}
-        remainder = count % size
-        if remainder:
-            yield {
-                name: np.concatenate([value[-remainder:],
-                                      np.zeros((size - remainder, *value.shape[1:]))])
-                for name, value in arrays.items()
-            }  # fmt: skip
-
+    # -- inputs of any length (batching.py) -----------------------------------------------
     def forward_all(self, blobs=None, **kwargs) -> dict[str, np.ndarray]:
         """forward() over inputs of any length, in batches; outputs concatenated."""
-        collected = {name: [] for name in set(self.outputs + list(blobs or []))}
-        for batch in self._batch(kwargs):
-            for name, value in self.forward(blobs=blobs, **batch).items():
-                collected[name].extend(value.copy())
-        result = {name: np.asarray(values) for name, values in collected.items()}
-        return self._unpad(result, kwargs)
+        return batching.forward_all(self, blobs, kwargs)
 
     def forward_backward_all(self, blobs=None, diffs=None, **kwargs):
         """forward() and backward() over inputs (and output diffs) of any length."""
-        outs = {name: [] for name in set(self.outputs + list(blobs or []))}
-        grads = {name: [] for name in set(self.inputs + list(diffs or []))}
-        forward = list(self._batch({n: kwargs[n] for n in self.inputs if n in kwargs}))
-        backward = list(self._batch({n: kwargs[n] for n in self.outputs if n in kwargs}))
-        for i in range(max(len(forward), len(backward))):
-            got = self.forward(blobs=blobs, **(forward[i] if i < len(forward) else {}))
-            back = self.backward(diffs=diffs, **(backward[i] if i < len(backward) else {}))
-            for name, value in got.items():
-                outs[name].extend(value.copy())
-            for name, value in back.items():
-                grads[name].extend(value.copy())
-        outs = {name: np.asarray(values) for name, values in outs.items()}
-        grads = {name: np.asarray(values) for name, values in grads.items()}
-        return self._unpad(outs, kwargs), self._unpad(grads, kwargs)
-
-    @staticmethod
-    def _unpad(result: dict, given: dict) -> dict:
-        if not result or not given:
-            return result
-        pad = len(next(iter(result.values()))) - len(next(iter(given.values())))
-        return {name: value[:-pad] for name, value in result.items()} if pad > 0 else result
+        return batching.forward_backward_all(self, blobs, diffs, kwargs)
 
     # -- shapes, weights, state --------------------------------------------------------------
     def reshape(self) -> None:

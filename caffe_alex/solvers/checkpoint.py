@@ -70,6 +70,21 @@ def write(solver, ranks: list | None) -> tuple[str, str]:
     return model, state_path
 
 
+def restore(solver, path: str) -> None:
+    """Solver.restore: rank 0 (or a process alone) reads the files, the ranks get its state,
+    each takes its own train-feed position and random state."""
+    counters = doc = None
+    with solver.ranks.together():
+        if solver.is_root or solver.ranks.reads_alone:
+            counters, doc = read(solver, path)
+    tensors = [info.param for info in solver.learnable] + list(solver.rule.history)
+    counters, doc = solver.ranks.share(tensors, (counters, doc))
+    log.info("SGDSolver: restoring history")
+    solver.iter, solver.current_step = counters
+    with solver.ranks.together():  # a rank whose feed cannot resume stops them all
+        restore_data(solver, path, doc)
+
+
 def read(solver, path: str) -> tuple[tuple[int, int], dict | None]:
     """Load a .solverstate[.h5]'s weights and history into ``solver``; returns its counters
     (iter, current_step) and the saved data position (None without one)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 
+from ..errors import CaffeAlexError
 from . import distributed
 
 
@@ -101,6 +102,21 @@ class Ranked:
     def close(self) -> None:
         if self._reducer is not None:
             self._reducer.close()
+
+
+def join_world(solver, world: distributed.World) -> None:
+    """Solver.join: ``solver``, built as Waiting(rank, size), becomes that rank of ``world``
+    (or an error): the ranks agree on its train feed's seed and sum its gradients."""
+    if (world.rank, world.size) != (solver.rank, solver.ranks.size):
+        raise CaffeAlexError(
+            f"this solver was built as rank {solver.rank} of {solver.ranks.size}; it cannot "
+            f"join as rank {world.rank} of {world.size}"
+        )
+    solver.world, solver.ranks = world, Ranked(world)
+    solver.feeds.ranks = solver.ranks
+    params = [info.param for info in solver.learnable]
+    train, layer_wise = solver.feeds["train"], solver.param.layer_wise_reduce
+    solver.feeds.seed = solver.ranks.start(params, solver.feeds.seed, train, layer_wise, False)
 
 
 def coordination(world) -> Alone | Ranked:

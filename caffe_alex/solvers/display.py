@@ -1,8 +1,11 @@
 """What the solver shows while it trains, in Caffe's words so tools/extra/parse_log.py reads our
-logs: the smoothed loss of the display lines (Solver::UpdateSmoothedLoss) and the
-'Train/Test net output #i: name = v (* w = l loss)' lines."""
+logs: the smoothed loss of the display lines (Solver::UpdateSmoothedLoss), the display lines
+themselves with their speed, and the 'Train/Test net output #i: name = v (* w = l loss)' lines.
+"""
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import torch
@@ -51,6 +54,50 @@ class SmoothedLoss:
             index = (iteration - self.start_iter) % self.average
             self._value = f32(self._value + (loss - self._losses[index]) / f32(self.average))
             self._losses[index] = loss
+
+
+class Progress:
+    """What Step's loop shows and tells its callbacks: the smoothed loss, the display line's
+    speed (since the last display line), the images per second; ``batch_size``: the train
+    batch's, once seen."""
+
+    def __init__(self, param):
+        self.param = param
+        self.loss = SmoothedLoss(param.average_loss)
+        self.batch_size = None
+        self._clock = (time.perf_counter(), 0)  # (when, iteration) of the last display
+
+    def restart(self, iteration: int) -> None:
+        """A new Step: the loss smoothed afresh and the speed measured from here."""
+        self.loss = SmoothedLoss(self.param.average_loss, iteration)
+        self._clock = (time.perf_counter(), iteration)
+
+    def due(self, iteration: int) -> bool:
+        return bool(self.param.display) and iteration % self.param.display == 0
+
+    def show(self, iteration: int, net, blobs) -> None:
+        """Caffe's display lines: speed and smoothed loss, then the train net's outputs."""
+        since, first = self._clock
+        lapse = time.perf_counter() - since
+        per_s = (iteration - first) / (lapse or 1)
+        log.info("Iteration %d (%g iter/s, %gs/%d iters), loss = %g", iteration, f32(per_s),
+                 f32(lapse), self.param.display, self.loss.value)  # fmt: skip
+        self._clock = (time.perf_counter(), iteration)
+        log_outputs(net, "Train", blobs=blobs)
+
+    def show_last(self, iteration: int, loss) -> None:
+        """Solve's display after the last update, with ``loss`` (a tensor or None) of one more
+        forward pass."""
+        value = f32(loss.item()) if loss is not None else f32(0)
+        self.loss.add(value, iteration)
+        log.info("Iteration %d, loss = %g", iteration, self.loss.value)
+
+    def notify(self, callbacks, iteration: int, rate: float, seconds: float, ranks: int):
+        """Each of ``callbacks`` with (iteration, smoothed loss, rate, images per second)."""
+        loss = self.loss.value
+        images = (self.batch_size or 1) * self.param.iter_size * ranks / max(seconds, 1e-9)
+        for callback in callbacks:
+            callback(iteration, loss, rate, images)
 
 
 def log_outputs(net, kind: str, values=None, blobs=None) -> dict:

@@ -16,7 +16,20 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import CaffeAlexError
 from ..layerwise import BlobExecutor
+
+
+def make_engines(nets: dict, precision, device, feeds, layerwise: bool) -> dict:
+    """An engine for each of a solver's ``nets`` (by feed key: "train", a test net's index):
+    GraphEngines, or with ``layerwise`` BlobEngines drawing their batches from ``feeds``."""
+    if not layerwise:
+        return {key: GraphEngine(net, precision) for key, net in nets.items()}
+    if precision.autocast is not None or precision.channels_last:
+        raise CaffeAlexError("precision and channels_last need the nets run as one graph "
+                             "(not layerwise)")  # fmt: skip
+    return {key: BlobEngine(net, device, source=lambda key=key: next(feeds[key]))
+            for key, net in nets.items()}  # fmt: skip
 
 
 class GraphEngine:

@@ -137,6 +137,30 @@ def share_trained_layers(test_net: Net, train_net: Net) -> None:
         info.param = test_net.layer(info.layer).blobs[info.index]
 
 
+def seed_rank(param, rank: int, device) -> None:
+    """A seeded run repeats: torch's generator (fillers, dropout masks) seeded apart for each
+    rank, random_seed + rank as Caffe seeds them, and cuDNN's fixed algorithms."""
+    if param.random_seed < 0:
+        return
+    torch.manual_seed(param.random_seed + rank)
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def build_solver_nets(param, source_path, device, splits, is_root, weights) -> tuple:
+    """(train net, test nets): the test nets (rank 0's alone) share the train net's trained
+    layers; rank 0 loads the initial ``weights`` (param.weights, then the given files)."""
+    train_net = build_train_net(param, source_path, device, splits)
+    # Only rank 0 tests (as Caffe), so the other ranks need neither test nets nor test data
+    test_nets = build_test_nets(param, source_path, device, splits) if is_root else []
+    for net in test_nets:
+        share_trained_layers(net, train_net)
+    if is_root:  # the other ranks receive rank 0's weights
+        load_initial_weights(train_net, test_nets, list(param.weights) + list(weights or []))
+    return train_net, test_nets
+
+
 def apply_speed_options(nets, channels_last: bool = False, compile=False) -> None:
     """channels_last: 4-D parameters (convolution kernels) in NHWC memory order, which cuDNN's
     tensor-core kernels prefer (the solver converts 4-D inputs to match); shared parameters

@@ -1,6 +1,7 @@
-"""Caffe's scoring loop, shared by Solver::Test (a solver's test pass) and caffe.cpp's test()
-(``caffe-alex test``): run a number of batches and sum every value of the net's outputs, batch
-by batch, in float32 as Caffe's test_score vector holds them, and the loss."""
+"""Caffe's scoring loop, shared by Solver::Test (a solver's test pass: SolverTests) and
+caffe.cpp's test() (``caffe-alex test``): run a number of batches and sum every value of the
+net's outputs, batch by batch, in float32 as Caffe's test_score vector holds them, and the loss.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..log import get_logger
+from .display import log_outputs
+
+log = get_logger()
 f32 = np.float32
 
 
@@ -46,3 +51,43 @@ def score(forward, batches, iterations: int, names, *, each=None, stop=None) -> 
                 each(i, flat.cpu().numpy())
     values = sums.cpu().numpy() if sums is not None else np.zeros(0, np.float32)
     return Scores(values, loss, iterations)
+
+
+class SolverTests:
+    """Solver::Test over a solver's test ``nets``: when a test is due, and each net's pass with
+    Caffe's log lines. ``forward(index, batch, grad)``: the solver's run of test net ``index``;
+    ``requests`` (requests.py) are taken before each batch, a stop ending the pass."""
+
+    def __init__(self, param, nets, feeds, forward, requests):
+        self.param, self.nets, self.feeds = param, nets, feeds
+        self._forward, self._requests = forward, requests
+
+    def due(self, iteration: int) -> bool:
+        interval = self.param.test_interval
+        return (
+            bool(interval)
+            and iteration % interval == 0
+            and (iteration > 0 or self.param.test_initialization)
+        )
+
+    def run(self, index: int, iteration: int, ranks, snapshot) -> dict:
+        """test_iter[index] batches of test net ``index``: log and return the mean outputs
+        ({} when a stop ended it); ``snapshot()`` takes a snapshot asked meanwhile."""
+        log.info("Iteration %d, Testing net (#%d)", iteration, index)
+        net, iters = self.nets[index], self.param.test_iter[index]
+        with_loss = self.param.test_compute_loss
+
+        def forward(batch):
+            outputs, loss = self._forward(index, batch, grad=False)
+            return outputs, loss if with_loss else None
+
+        def stop() -> bool:
+            return self._requests.during_test(ranks, snapshot)
+
+        scores = score(forward, self.feeds[index], iters, net.output_names, stop=stop)
+        if scores is None:
+            log.info("Test interrupted.")
+            return {}
+        if with_loss:
+            log.info("Test loss: %g", scores.loss / f32(iters))
+        return log_outputs(net, "Test", scores.means)

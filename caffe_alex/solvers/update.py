@@ -17,10 +17,21 @@ import torch
 
 from ..log import get_logger
 from .lr_policy import learning_rate
+from .rules import RULES
 from .sgd import UpdateRule
 
 log = get_logger()
 f32 = np.float32
+
+
+def net_update(param, net) -> ParameterUpdate:
+    """The update of ``net``'s learnable parameters by ``param``'s rule (rules.py); a parameter
+    with lr_mult 0 computes no diff, as in Caffe."""
+    learnable = net.learnable_params()
+    for info in learnable:
+        if info.lr_mult == 0:
+            info.param.requires_grad_(False)
+    return ParameterUpdate(param, learnable, RULES[param.type](learnable, param))
 
 
 class ParameterUpdate:
