@@ -14,8 +14,9 @@ functions of the scores, so the true gradient of that sum is the fork's: only th
 mined predictions get one, priors and labels none. As in the fork, a term whose bottom has
 propagate_down false is left out of the loss value too.
 
-The ground truth is read on the host (the fork reads it on the CPU, too); matching, mining and
-the losses run on the blobs' device. Box arithmetic is float32, as in the fork's NormalizedBBox.
+The ground truth is read on the host (the fork reads it on the CPU, too); matching, mining (both
+in multibox_match.py) and the losses run on the blobs' device. Box arithmetic is float32, as in
+the fork's NormalizedBBox.
 """
 
 from __future__ import annotations
