@@ -59,6 +59,36 @@ def parse_annotated(value: bytes, where: str) -> caffe_pb2.AnnotatedDatum:
     return record
 
 
+def _resize_param(t):
+    """transform_param.resize_param, checked, or None."""
+    if not t.HasField("resize_param"):
+        return None
+    r = t.resize_param
+    if r.resize_mode == _Resize.FIT_SMALL_SIZE:
+        raise LayerConfigError(
+            "resize_param.resize_mode FIT_SMALL_SIZE is not supported (its images keep "
+            "their aspect, so the data shape changes from batch to batch); use WARP or "
+            "FIT_LARGE_SIZE_AND_PAD"
+        )
+    if r.height <= 0 or r.width <= 0:
+        raise LayerConfigError("resize_param.height and width must be > 0")
+    return r
+
+
+def _expand_param(t, mean):
+    """transform_param.expand_param, checked against the ``mean`` file, or None."""
+    if not t.HasField("expand_param"):
+        return None
+    if t.expand_param.max_expand_ratio <= 1:
+        raise LayerConfigError("expand_param.max_expand_ratio must be > 1")
+    if mean is not None:
+        raise LayerConfigError(
+            "expand_param with mean_file is not supported (the fork fills the canvas "
+            "from the mean only when it has the expanded image's size); use mean_value"
+        )
+    return t.expand_param
+
+
 class AnnotatedTransformer:
     """transform_param (scale, mirror, crop_size, crop_h, crop_w, mean_file, mean_value,
     force_color, force_gray, resize_param, distort_param, expand_param, emit_constraint) and
@@ -81,29 +111,11 @@ class AnnotatedTransformer:
             raise LayerConfigError("transform_param: set crop_h and crop_w together")
         self.mean = load_mean_file(t.mean_file) if t.HasField("mean_file") else None
         self.mean_values = np.asarray(t.mean_value, f32)
-        self.resize = t.resize_param if t.HasField("resize_param") else None
-        if self.resize is not None:
-            r = self.resize
-            if r.resize_mode == _Resize.FIT_SMALL_SIZE:
-                raise LayerConfigError(
-                    "resize_param.resize_mode FIT_SMALL_SIZE is not supported (its images keep "
-                    "their aspect, so the data shape changes from batch to batch); use WARP or "
-                    "FIT_LARGE_SIZE_AND_PAD"
-                )
-            if r.height <= 0 or r.width <= 0:
-                raise LayerConfigError("resize_param.height and width must be > 0")
+        self.resize = _resize_param(t)
         self.distort = t.distort_param if t.HasField("distort_param") else None
         if self.distort is not None:
             check_distortion(self.distort, "transform_param.distort_param")
-        self.expand = t.expand_param if t.HasField("expand_param") else None
-        if self.expand is not None:
-            if self.expand.max_expand_ratio <= 1:
-                raise LayerConfigError("expand_param.max_expand_ratio must be > 1")
-            if self.mean is not None:
-                raise LayerConfigError(
-                    "expand_param with mean_file is not supported (the fork fills the canvas "
-                    "from the mean only when it has the expanded image's size); use mean_value"
-                )
+        self.expand = _expand_param(t, self.mean)
         self.emit = t.emit_constraint if t.HasField("emit_constraint") else None
         self.samplers = list(a.batch_sampler)
         for i, sampler in enumerate(self.samplers):
@@ -217,20 +229,33 @@ class AnnotatedTransformer:
                 )
             image = resize_image(image, self.resize, rng)
         h, w = image.shape[:2]
-        y = x = 0
-        height, width = h, w
-        if self.crop_h:
-            height, width = self.crop_h, self.crop_w
-            if self.phase == "TRAIN":
-                y = int(rng.integers(h - height + 1))
-                x = int(rng.integers(w - width + 1))
-            else:
-                y, x = (h - height) // 2, (w - width) // 2
+        y, x, height, width = self._crop_window(h, w, rng)
         crop = np.array([f32(x) / f32(w), f32(y) / f32(h), f32(x + width) / f32(w),
                          f32(y + height) / f32(h)], f32)  # fmt: skip
         pixels = image[y : y + height, x : x + width].transpose(2, 0, 1).astype(f32)
+        pixels = self._centred(pixels, mirror, (c, h, w), (y, x, height, width), raw, where)
+        pixels = np.ascontiguousarray(pixels * self.scale, dtype=f32)
+        resize = None if self.resize is None else (self.resize, old_w, old_h)
+        return pixels, transform_boxes(boxes, crop, self.emit, mirror, resize)
+
+    def _crop_window(self, h: int, w: int, rng) -> tuple[int, int, int, int]:
+        """(y, x, height, width) of the crop of an h x w image: random in TRAIN, centred
+        otherwise; the whole image without a crop."""
+        if not self.crop_h:
+            return 0, 0, h, w
+        height, width = self.crop_h, self.crop_w
+        if self.phase == "TRAIN":
+            y = int(rng.integers(h - height + 1))
+            x = int(rng.integers(w - width + 1))
+        else:
+            y, x = (h - height) // 2, (w - width) // 2
+        return y, x, height, width
+
+    def _centred(self, pixels, mirror: bool, shape, window, raw: bool, where: str):
+        """The cropped ``pixels`` less the mean (mean_file or mean_value), mirrored where
+        ``mirror``; ``shape`` (C, H, W) is the image's before the crop ``window``."""
         if self.mean is not None:
-            mean = self._mean_region(c, h, w, y, x, height, width, raw, where)
+            mean = self._mean_region(*shape, *window, raw, where)
             if raw:  # raw records: the mean at the pixel's source position moves with it
                 pixels -= mean
                 if mirror:
@@ -239,14 +264,12 @@ class AnnotatedTransformer:
                 if mirror:
                     pixels = pixels[:, :, ::-1]
                 pixels = pixels - mean
-        else:
-            if mirror:
-                pixels = pixels[:, :, ::-1]
-            if self.mean_values.size:
-                pixels = pixels - self._channel_means(c, where)[:, None, None]
-        pixels = np.ascontiguousarray(pixels * self.scale, dtype=f32)
-        resize = None if self.resize is None else (self.resize, old_w, old_h)
-        return pixels, transform_boxes(boxes, crop, self.emit, mirror, resize)
+            return pixels
+        if mirror:
+            pixels = pixels[:, :, ::-1]
+        if self.mean_values.size:
+            pixels = pixels - self._channel_means(shape[0], where)[:, None, None]
+        return pixels
 
     def _mean_region(self, c, h, w, y, x, height, width, raw, where):
         if tuple(self.mean.shape) != (c, h, w):

@@ -266,39 +266,11 @@ class ImageSegSource(_ListSource):
         label = self._label(position, second, rows, cols)
         means = self._means(channels)
         do_mirror = self.mirror and bool(rng.integers(2))
-        h, w = rows, cols
         if self.factors.size:
-            factor = self.factors[int(rng.integers(self.factors.size))]
-            if factor != 1:  # the fork's int *= float: the product truncated
-                h, w = int(np.float32(h) * factor), int(np.float32(w) * factor)
-                image, label = self._rescaled(position, image, label, h, w)
-        data = image.astype(np.float64)
-        crop_h, crop_w = self.crop
-        pad_h, pad_w = max(crop_h - h, 0), max(crop_w - w, 0)
-        if pad_h or pad_w:
-            if means is None:
-                raise self.fail(
-                    f"{self.where(position)}: the {h}x{w} image is smaller than the crop "
-                    f"{crop_h}x{crop_w}; the fork pads it with mean_value, which is not set"
-                )
-            data = np.concatenate([np.pad(data[c], ((0, pad_h), (0, pad_w)),
-                                          constant_values=np.float64(means[c]))[None]
-                                   for c in range(channels)])  # fmt: skip
-            label = np.pad(label, ((0, 0), (0, pad_h), (0, pad_w)), constant_values=self.ignore)
-            h, w = h + pad_h, w + pad_w
+            image, label = self._scaled(position, image, label, rng)
+        data, label = self._padded(position, image.astype(np.float64), label, means)
         out_h, out_w = self.size
-        if crop_h:
-            if self.phase == "TRAIN":
-                h_off, w_off = int(rng.integers(h - crop_h + 1)), int(rng.integers(w - crop_w + 1))
-            else:
-                h_off, w_off = (h - crop_h) // 2, (w - crop_w) // 2
-        elif h < out_h or w < out_w:  # the fork would read past the image
-            raise self.fail(
-                f"{self.where(position)}: the {h}x{w} image is smaller than the {out_h}x{out_w} "
-                "data top (set by the first image; give crop_size or new_height/new_width)"
-            )
-        else:  # a larger image: the fork copies its top-left part
-            h_off = w_off = 0
+        h_off, w_off = self._crop_offsets(position, *data.shape[1:], rng)
         rows_, cols_ = slice(h_off, h_off + out_h), slice(w_off, w_off + out_w)
         pixels = data[:, rows_, cols_].astype(np.float32)
         if means is not None:
@@ -309,6 +281,50 @@ class ImageSegSource(_ListSource):
             pixels, label = pixels[:, :, ::-1], label[:, :, ::-1]
         dims = np.array([[[min(out_h, rows), min(out_w, cols)]]], np.float32)
         return [np.ascontiguousarray(pixels), np.ascontiguousarray(label), dims]
+
+    def _scaled(self, position, image, label, rng):
+        """The image and labels rescaled by a factor drawn from scale_factors."""
+        factor = self.factors[int(rng.integers(self.factors.size))]
+        if factor == 1:
+            return image, label
+        h, w = image.shape[1:]  # the fork's int *= float: the product truncated
+        h, w = int(np.float32(h) * factor), int(np.float32(w) * factor)
+        return self._rescaled(position, image, label, h, w)
+
+    def _padded(self, position, data, label, means):
+        """The image (float64) and labels padded at the bottom and right to the crop, with
+        mean_value and ignore_label."""
+        channels, h, w = data.shape
+        crop_h, crop_w = self.crop
+        pad_h, pad_w = max(crop_h - h, 0), max(crop_w - w, 0)
+        if not (pad_h or pad_w):
+            return data, label
+        if means is None:
+            raise self.fail(
+                f"{self.where(position)}: the {h}x{w} image is smaller than the crop "
+                f"{crop_h}x{crop_w}; the fork pads it with mean_value, which is not set"
+            )
+        data = np.concatenate([np.pad(data[c], ((0, pad_h), (0, pad_w)),
+                                      constant_values=np.float64(means[c]))[None]
+                               for c in range(channels)])  # fmt: skip
+        label = np.pad(label, ((0, 0), (0, pad_h), (0, pad_w)), constant_values=self.ignore)
+        return data, label
+
+    def _crop_offsets(self, position, h: int, w: int, rng) -> tuple[int, int]:
+        """Where the data top's window starts in the h x w (padded) image: a crop random in
+        TRAIN and centred in TEST, else the top-left corner (the fork copies that part)."""
+        crop_h, crop_w = self.crop
+        out_h, out_w = self.size
+        if crop_h:
+            if self.phase == "TRAIN":
+                return int(rng.integers(h - crop_h + 1)), int(rng.integers(w - crop_w + 1))
+            return (h - crop_h) // 2, (w - crop_w) // 2
+        if h < out_h or w < out_w:  # the fork would read past the image
+            raise self.fail(
+                f"{self.where(position)}: the {h}x{w} image is smaller than the {out_h}x{out_w} "
+                "data top (set by the first image; give crop_size or new_height/new_width)"
+            )
+        return 0, 0
 
     def _rescaled(self, position, image, label, h, w):
         try:

@@ -325,46 +325,50 @@ def _hsv_channel(image: np.ndarray, channel: int, alpha, beta) -> np.ndarray:
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
 
 
+def _brightness(img, p, rng):
+    if rng.random() < p.brightness_prob:
+        delta = rng.uniform(-p.brightness_delta, p.brightness_delta)
+        if abs(delta) > 0:
+            return _convert(img, 1, delta)
+    return img
+
+
+def _contrast(img, p, rng):
+    if rng.random() < p.contrast_prob:
+        delta = rng.uniform(p.contrast_lower, p.contrast_upper)
+        if abs(delta - 1) > 1e-3:
+            return _convert(img, delta, 0)
+    return img
+
+
+def _saturation(img, p, rng):
+    if rng.random() < p.saturation_prob:
+        # the fork adjusts whatever the factor (its test compares with != 1e-3)
+        return _hsv_channel(img, 1, rng.uniform(p.saturation_lower, p.saturation_upper), 0)
+    return img
+
+
+def _hue(img, p, rng):
+    if rng.random() < p.hue_prob:
+        delta = rng.uniform(-p.hue_delta, p.hue_delta)
+        if abs(delta) > 0:
+            return _hsv_channel(img, 0, 1, delta)
+    return img
+
+
+def _channel_order(img, p, rng):
+    if rng.random() < p.random_order_prob:
+        return np.ascontiguousarray(img[..., rng.permutation(img.shape[2])])
+    return img
+
+
 def distort_image(image: np.ndarray, p, rng) -> np.ndarray:
     """ApplyDistort: random brightness, contrast, saturation and hue (contrast first or
     fourth, by a coin), then a random channel order, each with its probability."""
-
-    def brightness(img):
-        if rng.random() < p.brightness_prob:
-            delta = rng.uniform(-p.brightness_delta, p.brightness_delta)
-            if abs(delta) > 0:
-                return _convert(img, 1, delta)
-        return img
-
-    def contrast(img):
-        if rng.random() < p.contrast_prob:
-            delta = rng.uniform(p.contrast_lower, p.contrast_upper)
-            if abs(delta - 1) > 1e-3:
-                return _convert(img, delta, 0)
-        return img
-
-    def saturation(img):
-        if rng.random() < p.saturation_prob:
-            # the fork adjusts whatever the factor (its test compares with != 1e-3)
-            return _hsv_channel(img, 1, rng.uniform(p.saturation_lower, p.saturation_upper), 0)
-        return img
-
-    def hue(img):
-        if rng.random() < p.hue_prob:
-            delta = rng.uniform(-p.hue_delta, p.hue_delta)
-            if abs(delta) > 0:
-                return _hsv_channel(img, 0, 1, delta)
-        return img
-
-    def order(img):
-        if rng.random() < p.random_order_prob:
-            return np.ascontiguousarray(img[..., rng.permutation(img.shape[2])])
-        return img
-
-    steps = [brightness, contrast, saturation, hue] if rng.random() > 0.5 else [
-        brightness, saturation, hue, contrast]  # fmt: skip
-    for step in [*steps, order]:
-        image = step(image)
+    steps = [_brightness, _contrast, _saturation, _hue] if rng.random() > 0.5 else [
+        _brightness, _saturation, _hue, _contrast]  # fmt: skip
+    for step in [*steps, _channel_order]:
+        image = step(image, p, rng)
     return image
 
 

@@ -124,10 +124,21 @@ def match(
         else torch.zeros(n, p, dtype=torch.bool, device=candidates.device)
     )
     counted = (overlaps > 1e-6) & gt_valid[:, None, :] & ~ignored[:, :, None]
+    index, best = _match_bipartite(overlaps, counted, ignored)
+    if match_type == _MatchType.PER_PREDICTION and g:
+        eligible = counted & (overlaps >= threshold)
+        index, best = _match_per_prediction(overlaps, eligible, index, best)
+    return index, best
+
+
+def _match_bipartite(overlaps, counted, ignored):
+    """match's bipartite rounds over the (N, P, G) ``overlaps`` of the ``counted`` pairs:
+    (index, best overlap) per prior, -2 where ``ignored``."""
+    n, p, g = counted.shape
     best = torch.where(counted, overlaps, 0.0).amax(-1) if g else overlaps.new_zeros(n, p)
-    index = torch.full((n, p), -1, dtype=torch.long, device=candidates.device)
+    index = torch.full((n, p), -1, dtype=torch.long, device=overlaps.device)
     index = torch.where(ignored, -2, index)
-    rows = torch.arange(n, device=candidates.device)
+    rows = torch.arange(n, device=overlaps.device)
     free = counted.clone()
     for _ in range(g):  # each round pairs one gt per image, while any pair is left
         scores = torch.where(free, overlaps, -1.0).reshape(n, p * g)
@@ -139,12 +150,14 @@ def match(
         best[rows[found], prior[found]] = value[found]
         free[rows[found], prior[found], :] = False
         free[rows[found], :, gt[found]] = False
-    if match_type == _MatchType.PER_PREDICTION and g:
-        eligible = counted & (overlaps >= threshold)
-        scores = torch.where(eligible, overlaps, -1.0)
-        value, gt = scores.max(-1)
-        gt = scores.argmax(-1)  # first occurrence among equal overlaps
-        take = (index == -1) & eligible.any(-1)
-        index = torch.where(take, gt, index)
-        best = torch.where(take, value, best)
     return index, best
+
+
+def _match_per_prediction(overlaps, eligible, index, best):
+    """match's PER_PREDICTION pass: each prior still unmatched takes its ``eligible`` gt of
+    largest overlap."""
+    scores = torch.where(eligible, overlaps, -1.0)
+    value, gt = scores.max(-1)
+    gt = scores.argmax(-1)  # first occurrence among equal overlaps
+    take = (index == -1) & eligible.any(-1)
+    return torch.where(take, gt, index), torch.where(take, value, best)

@@ -51,6 +51,65 @@ def legacy_dim(shape, index: int, what: str) -> int:
     return int(shape[index]) if index < len(shape) else 1
 
 
+def _check_box_sizes(p) -> None:
+    """prior_box_param's min_size (one at least, each positive) and max_size (none, or one
+    larger per min_size)."""
+    if not p.min_size:
+        raise LayerConfigError("prior_box_param.min_size is required (none given)")
+    for value in p.min_size:
+        if not value > 0:
+            raise LayerConfigError(f"prior_box_param.min_size {value:g} must be positive")
+    if p.max_size and len(p.max_size) != len(p.min_size):
+        raise LayerConfigError(
+            f"prior_box_param has {len(p.max_size)} max_size for {len(p.min_size)} min_size: "
+            "give one per min_size or none"
+        )
+    for low, high in zip(p.min_size, p.max_size):
+        if not high > low:
+            raise LayerConfigError(
+                f"prior_box_param.max_size {high:g} must be greater than min_size {low:g}"
+            )
+
+
+def _aspect_ratios(p) -> list[float]:
+    """1, then each new aspect_ratio (and its inverse in float32 with flip)."""
+    ratios = [1.0]
+    for ar in p.aspect_ratio:
+        if all(abs(ar - r) >= 1e-6 for r in ratios):
+            ratios.append(ar)
+            if p.flip:
+                ratios.append(f32(1.0 / ar))
+    return ratios
+
+
+def _variances(p) -> list[float]:
+    """prior_box_param.variance: 1 or 4 positive values, 0.1 where none is given."""
+    if len(p.variance) not in (0, 1, 4):
+        raise LayerConfigError(
+            f"prior_box_param.variance has {len(p.variance)} values: give 1 or 4"
+        )
+    for value in p.variance:
+        if not value > 0:
+            raise LayerConfigError(f"prior_box_param.variance {value:g} must be positive")
+    return list(p.variance) or [f32(0.1)]
+
+
+def _prior_sizes(p, ratios) -> list[tuple[float, float]]:
+    """(width, height) of each prior of a cell, as the fork's float arithmetic gives them."""
+    sizes = []
+    for s, low in enumerate(p.min_size):
+        low = int(low)
+        sizes.append((float(low), float(low)))
+        if p.max_size:
+            side = f32(math.sqrt(low * int(p.max_size[s])))
+            sizes.append((side, side))
+        for ar in ratios:
+            if abs(ar - 1.0) >= 1e-6:
+                root = f32(math.sqrt(ar))
+                sizes.append((f32(low * root), f32(low / root)))
+    return sizes
+
+
 @register("PriorBox")
 class PriorBoxLayer(CaffeLayer):
     """Default boxes of one feature map (bottom 0) for an image (bottom 1, read for its size
@@ -69,51 +128,13 @@ class PriorBoxLayer(CaffeLayer):
     def __init__(self, layer_param, bottom_shapes, phase):
         super().__init__(layer_param, bottom_shapes, phase)
         p = layer_param.prior_box_param
-        if not p.min_size:
-            raise LayerConfigError("prior_box_param.min_size is required (none given)")
-        for value in p.min_size:
-            if not value > 0:
-                raise LayerConfigError(f"prior_box_param.min_size {value:g} must be positive")
-        if p.max_size and len(p.max_size) != len(p.min_size):
-            raise LayerConfigError(
-                f"prior_box_param has {len(p.max_size)} max_size for {len(p.min_size)} min_size: "
-                "give one per min_size or none"
-            )
-        for low, high in zip(p.min_size, p.max_size):
-            if not high > low:
-                raise LayerConfigError(
-                    f"prior_box_param.max_size {high:g} must be greater than min_size {low:g}"
-                )
-        ratios = [1.0]
-        for ar in p.aspect_ratio:
-            if all(abs(ar - r) >= 1e-6 for r in ratios):
-                ratios.append(ar)
-                if p.flip:
-                    ratios.append(f32(1.0 / ar))
-        if len(p.variance) not in (0, 1, 4):
-            raise LayerConfigError(
-                f"prior_box_param.variance has {len(p.variance)} values: give 1 or 4"
-            )
-        for value in p.variance:
-            if not value > 0:
-                raise LayerConfigError(f"prior_box_param.variance {value:g} must be positive")
-        self.variance = list(p.variance) or [f32(0.1)]
+        _check_box_sizes(p)
+        ratios = _aspect_ratios(p)
+        self.variance = _variances(p)
         self.img_h, self.img_w = self._pair(p, "img_size", "img_h", "img_w")
         self.step_h, self.step_w = self._pair(p, "step", "step_h", "step_w")
         self.offset, self.clip = p.offset, p.clip
-        # (width, height) of each prior of a cell, as the fork's float arithmetic gives them
-        sizes = []
-        for s, low in enumerate(p.min_size):
-            low = int(low)
-            sizes.append((float(low), float(low)))
-            if p.max_size:
-                side = f32(math.sqrt(low * int(p.max_size[s])))
-                sizes.append((side, side))
-            for ar in ratios:
-                if abs(ar - 1.0) >= 1e-6:
-                    root = f32(math.sqrt(ar))
-                    sizes.append((f32(low * root), f32(low / root)))
-        self.sizes = sizes
+        self.sizes = _prior_sizes(p, ratios)
 
     @staticmethod
     def _pair(p, both: str, first: str, second: str) -> tuple[float, float]:
@@ -331,6 +352,20 @@ class DetectionOutputLayer(CaffeLayer):
         return _NoBackward.apply(self, loc, conf, prior)
 
     def detect(self, loc, conf, prior) -> torch.Tensor:
+        num = loc.shape[0]
+        boxes, scores = self._host_inputs(loc, conf, prior)
+        rows = [self._image_rows(i, boxes[i], scores[i]) for i in range(num)]
+        rows = [r for r in rows if r is not None]
+        work = boxes.dtype
+        out = torch.cat(rows) if rows else torch.empty(0, 7, dtype=work)
+        if len(out) == 0:  # the fork's placeholder: one row per image, -1 but the image index
+            out = torch.full((num, 7), -1, dtype=work)
+            out[:, 0] = torch.arange(num, dtype=work)
+        return out.to(loc.device, loc.dtype).view(1, 1, -1, 7)
+
+    def _host_inputs(self, loc, conf, prior):
+        """The decoded boxes [num, loc classes, priors, 4] and the scores [num, priors,
+        classes], on the host, float64 for double nets and float32 otherwise."""
         num, priors = loc.shape[0], legacy_dim(prior.shape, 2, "bottom 2 (priors)") // 4
         work = torch.float64 if loc.dtype == torch.float64 else torch.float32
 
@@ -342,40 +377,43 @@ class DetectionOutputLayer(CaffeLayer):
         prior_h = host(prior, 2 * priors * 4).view(2, priors, 4)
         boxes = bbox.decode(
             prior_h[0], prior_h[1], loc_h.transpose(1, 2), self.code_type, self.encoded
-        ).to(work)  # [num, loc classes, priors, 4]
+        ).to(work)
+        return boxes, conf_h
+
+    def _image_rows(self, i: int, boxes, scores):
+        """Image ``i``'s detections as top rows, or None where NMS keeps none."""
+        kept = self._nms_per_class(boxes, scores)
+        if kept is None:
+            return None
+        label, pick = kept
+        score = scores[pick, label]
+        if -1 < self.keep_top_k < len(pick):
+            best = torch.sort(score, descending=True, stable=True).indices[: self.keep_top_k]
+            best = best[torch.sort(label[best], stable=True).indices]
+            label, pick, score = label[best], pick[best], score[best]
+        box = boxes[0 if self.share_location else label, pick]
+        image = torch.full_like(score, i)
+        return torch.cat((image[:, None], label[:, None].to(boxes.dtype), score[:, None], box), 1)
+
+    def _nms_per_class(self, boxes, scores):
+        """(label, prior) of each box NMS keeps, class by class but the background; None
+        where every class is the background."""
         threshold = -_FLT_MAX if self.confidence is None else self.confidence
-        rows = []
-        for i in range(num):
-            sizes = [bbox.box_sizes(b) for b in boxes[i]]
-            labels, picks = [], []
-            for c in range(self.num_classes):
-                if c == self.background:
-                    continue
-                k = 0 if self.share_location else c
-                kept = nms_fast(
-                    boxes[i, k], sizes[k], conf_h[i, :, c], threshold,
-                    self.nms_threshold, self.eta, self.top_k,
-                )  # fmt: skip
-                labels.append(torch.full_like(kept, c))
-                picks.append(kept)
-            if not picks:
+        sizes = [bbox.box_sizes(b) for b in boxes]
+        labels, picks = [], []
+        for c in range(self.num_classes):
+            if c == self.background:
                 continue
-            label, pick = torch.cat(labels), torch.cat(picks)
-            score = conf_h[i, pick, label]
-            if -1 < self.keep_top_k < len(pick):
-                best = torch.sort(score, descending=True, stable=True).indices[: self.keep_top_k]
-                best = best[torch.sort(label[best], stable=True).indices]
-                label, pick, score = label[best], pick[best], score[best]
-            box = boxes[i, 0 if self.share_location else label, pick]
-            image = torch.full_like(score, i)
-            rows.append(
-                torch.cat((image[:, None], label[:, None].to(work), score[:, None], box), 1)
-            )
-        out = torch.cat(rows) if rows else torch.empty(0, 7, dtype=work)
-        if len(out) == 0:  # the fork's placeholder: one row per image, -1 but the image index
-            out = torch.full((num, 7), -1, dtype=work)
-            out[:, 0] = torch.arange(num, dtype=work)
-        return out.to(loc.device, loc.dtype).view(1, 1, -1, 7)
+            k = 0 if self.share_location else c
+            kept = nms_fast(
+                boxes[k], sizes[k], scores[:, c], threshold,
+                self.nms_threshold, self.eta, self.top_k,
+            )  # fmt: skip
+            labels.append(torch.full_like(kept, c))
+            picks.append(kept)
+        if not picks:
+            return None
+        return torch.cat(labels), torch.cat(picks)
 
     def extra_repr(self) -> str:
         return (

@@ -14,8 +14,9 @@ functions of the scores, so the true gradient of that sum is the fork's: only th
 mined predictions get one, priors and labels none. As in the fork, a term whose bottom has
 propagate_down false is left out of the loss value too.
 
-The ground truth is read on the host (the fork reads it on the CPU, too); matching, mining and
-the losses run on the blobs' device. Box arithmetic is float32, as in the fork's NormalizedBBox.
+The ground truth is read on the host (the fork reads it on the CPU, too); matching, mining (both
+in multibox_match.py) and the losses run on the blobs' device. Box arithmetic is float32, as in
+the fork's NormalizedBBox.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ..errors import CaffeAlexError, LayerConfigError
 from ..proto import caffe_pb2
 from ..registry import CaffeLayer, count, register
 from . import bbox
+from .multibox_match import Matcher
 
 _P = caffe_pb2.MultiBoxLossParameter
 _Norm = caffe_pb2.LossParameter
@@ -62,14 +64,52 @@ def _smooth_l1(d: torch.Tensor) -> torch.Tensor:
     return torch.where(a < 1, 0.5 * d * d, a - 0.5)
 
 
-class _Truth:
-    """The usable ground truth, per image: boxes (N, G, 4) float32, labels (N, G) long,
-    valid (N, G) bool, has (N,) bool (an image with at least one box)."""
+def _split_priors(priors: torch.Tensor, num_priors: int):
+    """The PriorBox blob's boxes and variances, (P, 4) float32 each."""
+    flat = priors.detach().reshape(-1)
+    boxes = flat[: num_priors * 4].reshape(num_priors, 4).float()
+    variances = flat[num_priors * 4 : num_priors * 8].reshape(num_priors, 4).float()
+    return boxes, variances
 
-    def __init__(self, boxes, labels, valid, device):
-        self.boxes, self.labels = boxes.to(device), labels.to(device)
-        self.valid = valid.to(device)
-        self.has = self.valid.any(1)
+
+def _check_options(p) -> None:
+    """The fork's checks of multibox_loss_param, in its order."""
+    if not p.HasField("num_classes"):
+        raise LayerConfigError("multibox_loss_param.num_classes must be given")
+    classes, background, mining = int(p.num_classes), int(p.background_label_id), p.mining_type
+    if classes < 1:
+        raise LayerConfigError("multibox_loss_param.num_classes should not be less than 1")
+    if p.HasField("do_neg_mining") and p.do_neg_mining != (mining != _P.NONE):
+        raise LayerConfigError(
+            f"multibox_loss_param.do_neg_mining ({str(p.do_neg_mining).lower()}, deprecated) "
+            f"contradicts mining_type {_P.MiningType.Name(mining)}"
+        )
+    if mining != _P.NONE and not p.share_location:
+        raise LayerConfigError(
+            f"negative mining (mining_type {_P.MiningType.Name(mining)}) needs share_location: true"
+        )
+    if mining == _P.HARD_EXAMPLE and p.sample_size <= 0:
+        raise LayerConfigError("HARD_EXAMPLE mining needs multibox_loss_param.sample_size > 0")
+    if p.conf_loss_type == _P.SOFTMAX and background >= classes:
+        raise LayerConfigError(
+            f"background_label_id {background} should be within [0, num_classes {classes}) "
+            "for the SOFTMAX confidence loss"
+        )
+    if mining != _P.NONE and background >= classes:
+        raise LayerConfigError(
+            f"background_label_id {background} must be < num_classes {classes} for negative mining"
+        )
+    if p.map_object_to_agnostic and classes != 2:
+        raise LayerConfigError(
+            f"map_object_to_agnostic needs num_classes 2 (background and object), got {classes}"
+        )
+
+
+def _normalization(lp) -> int:
+    """loss_param's normalization, or the deprecated normalize where it alone is given."""
+    if not lp.HasField("normalization") and lp.HasField("normalize"):
+        return _Norm.VALID if lp.normalize else _Norm.BATCH_SIZE
+    return lp.normalization
 
 
 @register("MultiBoxLoss")
@@ -90,49 +130,16 @@ class MultiBoxLossLayer(CaffeLayer):
     def __init__(self, layer_param, bottom_shapes, phase):
         super().__init__(layer_param, bottom_shapes, phase)
         p = self.p = layer_param.multibox_loss_param
-        if not p.HasField("num_classes"):
-            raise LayerConfigError("multibox_loss_param.num_classes must be given")
+        _check_options(p)
         self.classes = int(p.num_classes)
-        if self.classes < 1:
-            raise LayerConfigError("multibox_loss_param.num_classes should not be less than 1")
         self.loc_classes = 1 if p.share_location else self.classes
         self.background = int(p.background_label_id)
         self.mining = p.mining_type
-        if p.HasField("do_neg_mining") and p.do_neg_mining != (self.mining != _P.NONE):
-            raise LayerConfigError(
-                f"multibox_loss_param.do_neg_mining ({str(p.do_neg_mining).lower()}, deprecated) "
-                f"contradicts mining_type {_P.MiningType.Name(self.mining)}"
-            )
-        if self.mining != _P.NONE and not p.share_location:
-            raise LayerConfigError(
-                "negative mining (mining_type "
-                f"{_P.MiningType.Name(self.mining)}) needs share_location: true"
-            )
-        if self.mining == _P.HARD_EXAMPLE and p.sample_size <= 0:
-            raise LayerConfigError("HARD_EXAMPLE mining needs multibox_loss_param.sample_size > 0")
-        if p.conf_loss_type == _P.SOFTMAX and self.background >= self.classes:
-            raise LayerConfigError(
-                f"background_label_id {self.background} should be within [0, num_classes "
-                f"{self.classes}) for the SOFTMAX confidence loss"
-            )
-        if self.mining != _P.NONE and self.background >= self.classes:
-            raise LayerConfigError(
-                f"background_label_id {self.background} must be < num_classes {self.classes} "
-                "for negative mining"
-            )
-        if p.map_object_to_agnostic and self.classes != 2:
-            raise LayerConfigError(
-                f"map_object_to_agnostic needs num_classes 2 (background and object), got "
-                f"{self.classes}"
-            )
-        lp = layer_param.loss_param
-        if not lp.HasField("normalization") and lp.HasField("normalize"):
-            self.normalization = _Norm.VALID if lp.normalize else _Norm.BATCH_SIZE
-        else:
-            self.normalization = lp.normalization
+        self.normalization = _normalization(layer_param.loss_param)
         # The fork adds each term only where its bottom propagates down (default: both).
         down = list(layer_param.propagate_down) or [True, True]
         self.use_loc, self.use_conf = bool(down[0]), bool(down[1])
+        self.matcher = Matcher(p)
 
     def top_shapes(self, bottom_shapes):
         loc, conf, priors, label = bottom_shapes
@@ -165,86 +172,8 @@ class MultiBoxLossLayer(CaffeLayer):
             )
         return [()]
 
-    # -- the ground truth -----------------------------------------------------------------
-    def _truth(self, label: torch.Tensor, n: int, device) -> _Truth:
-        """GetGroundTruth: rows with image -1 are padding; difficult boxes dropped unless
-        use_difficult_gt; boxes grouped by image in row order."""
-        rows = label.detach().reshape(-1, 8).to("cpu", torch.float32)
-        image = torch.trunc(rows[:, 0])
-        keep = image != -1
-        cls = torch.trunc(rows[:, 1])
-        if bool((keep & (cls == self.background)).any()):
-            row = int(torch.nonzero(keep & (cls == self.background))[0, 0])
-            raise self._bad(
-                f"found background label {self.background} in the dataset (label row {row})"
-            )
-        if not self.p.use_difficult_gt:
-            keep &= rows[:, 7] == 0
-        keep &= (image >= 0) & (image < n)  # the fork looks images 0..N-1 up by id
-        checked = not (self.p.map_object_to_agnostic and self.mining == _P.NONE)
-        if checked:
-            bad = keep & ((cls < 0) | (cls >= self.classes))
-            if bool(bad.any()):
-                row = int(torch.nonzero(bad)[0, 0])
-                raise self._bad(
-                    f"label {rows[row, 1].item():g} in label row {row} is not a class in "
-                    f"[0, {self.classes - 1}] (num_classes {self.classes})"
-                )
-        ids = image[keep].long()
-        counts = torch.bincount(ids, minlength=n)
-        g = max(int(counts.max()) if len(ids) else 0, 1)  # one padding slot at least
-        boxes = torch.zeros(n, g, 4)
-        labels = torch.zeros(n, g, dtype=torch.long)
-        valid = torch.zeros(n, g, dtype=torch.bool)
-        if len(ids):
-            order = torch.argsort(ids, stable=True)
-            sorted_ids = ids[order]
-            start = torch.cumsum(counts, 0) - counts
-            slot = torch.arange(len(ids)) - start[sorted_ids]
-            kept = rows[keep][order]
-            boxes[sorted_ids, slot] = kept[:, 3:7]
-            labels[sorted_ids, slot] = torch.trunc(kept[:, 1]).long()
-            valid[sorted_ids, slot] = True
-        return _Truth(boxes, labels, valid, device)
-
     def _bad(self, message: str) -> CaffeAlexError:
         return CaffeAlexError(message, layer=self.name, layer_type=self.type_name)
-
-    # -- matching ---------------------------------------------------------------------------
-    def _find_matches(self, loc, priors, variances, truth):
-        """FindMatches: (match index (N, L, P), overlap (N, L, P)) with L loc classes."""
-        p = self.p
-        if p.use_prior_for_matching:
-            index, overlap = bbox.match(
-                priors, truth.boxes, truth.valid, p.match_type, p.overlap_threshold,
-                p.ignore_cross_boundary_bbox,
-            )  # fmt: skip
-            if p.share_location:
-                return index[:, None], overlap[:, None]
-            # each class keeps the matches to its own boxes; the background none
-            gt_label = truth.labels.gather(1, index.clamp(min=0))
-            per_class = [
-                torch.where((index >= 0) & (gt_label == c) & (c != self.background), index, -1)
-                for c in range(self.loc_classes)
-            ]
-            return torch.stack(per_class, 1), overlap[:, None].expand(-1, self.loc_classes, -1)
-        indices, overlaps = [], []
-        for c in range(self.loc_classes):
-            decoded = bbox.decode(
-                priors, variances, loc[:, :, c], p.code_type, p.encode_variance_in_target
-            )
-            valid = truth.valid if p.share_location else truth.valid & (truth.labels == c)
-            if not p.share_location and c == self.background:
-                valid = torch.zeros_like(valid)
-            index, overlap = bbox.match(
-                decoded, truth.boxes, valid, p.match_type, p.overlap_threshold,
-                p.ignore_cross_boundary_bbox,
-            )  # fmt: skip
-            if not p.share_location and c == self.background:
-                index = torch.full_like(index, -1)  # the fork keeps no entry for it
-            indices.append(index)
-            overlaps.append(overlap)
-        return torch.stack(indices, 1), torch.stack(overlaps, 1)
 
     # -- the losses per prior -------------------------------------------------------------
     def _loc_terms(self, loc, priors, variances, truth, index):
@@ -281,74 +210,55 @@ class MultiBoxLossLayer(CaffeLayer):
         target = torch.nn.functional.one_hot(label, self.classes).to(scores.dtype)
         return _logistic(scores, target).sum(-1)
 
-    def _mine(self, scores, label, index, overlap, truth, loc_per_prior):
-        """MineHardExamples (share_location: one loc class): the negatives (N, P) and the
-        positives that stay (N, P)."""
-        p = self.p
-        index, overlap = index[:, 0], overlap[:, 0]
-        positive = index >= 0
-        loss = self._conf_loss_per_prior(scores, label).float()
-        if self.mining == _P.MAX_NEGATIVE:
-            eligible = (index == -1) & (overlap < p.neg_overlap)
-            # int(num_pos * neg_pos_ratio), the product in float32
-            wanted = (positive.sum(1).float() * p.neg_pos_ratio).trunc().long()
-        else:
-            loss = loss + loc_per_prior
-            eligible = torch.ones_like(positive)
-            wanted = torch.full_like(positive.sum(1), int(p.sample_size))
-        eligible &= truth.has[:, None]  # an image without boxes has no entry to mine from
-        n_sel = torch.minimum(wanted, eligible.sum(1))
-        ranked = torch.where(eligible, loss, -torch.inf)
-        order = torch.argsort(ranked, dim=1, descending=True, stable=True)
-        rank = torch.empty_like(order)
-        rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-        selected = eligible & (rank < n_sel[:, None])
-        if self.mining == _P.HARD_EXAMPLE:
-            positive = positive & selected
-        return selected & (index == -1), positive
+    def _loc_loss(self, diff):
+        """The loc loss of each coordinate's ``diff``: Smooth L1, or half its square (L2)."""
+        return _smooth_l1(diff) if self.p.loc_loss_type == _P.SMOOTH_L1 else 0.5 * diff * diff
 
-    # -- forward ---------------------------------------------------------------------------
-    def forward(self, loc, conf, priors, label):
-        p = self.p
-        n = loc.shape[0]
-        num_priors = _legacy_height(priors.shape) // 4
-        flat = priors.detach().reshape(-1)
-        boxes = flat[: num_priors * 4].reshape(num_priors, 4).float()
-        variances = flat[num_priors * 4 : num_priors * 8].reshape(num_priors, 4).float()
-        dtype = torch.promote_types(_wide(loc).dtype, _wide(conf).dtype)
-        loc = loc.to(dtype).reshape(n, num_priors, self.loc_classes, 4)
-        scores = conf.to(dtype).reshape(n, num_priors, self.classes)
-        truth = self._truth(label, n, loc.device)
-
-        index, overlap = self._find_matches(loc.detach(), boxes, variances, truth)
-        pred, target, positive = self._loc_terms(loc, boxes, variances, truth, index)
+    def _mine(self, scores, gt_label, positive, index, overlap, truth, pred, target):
+        """The mined negatives (N, P) and the positives that stay (N, P), ranked by each
+        prior's confidence loss (plus its loc loss for HARD_EXAMPLE)."""
         # each prior's class: its first loc class with a match (the fork's map order)
-        gt_label = truth.labels[:, None].expand(-1, index.shape[1], -1)
-        gt_label = gt_label.gather(2, index.clamp(min=0))
         matched_class = torch.where(positive, gt_label, self.background)
         first = positive.float().argmax(1, keepdim=True)
         prior_label = torch.where(
             positive.any(1), matched_class.gather(1, first).squeeze(1), self.background
         )
+        loc_per_prior = 0.0
+        if self.mining == _P.HARD_EXAMPLE:
+            diff = (pred - target).detach().float()[:, 0]
+            loc_per_prior = torch.where(positive[:, 0], self._loc_loss(diff).sum(-1), 0.0)
+        conf_loss = self._conf_loss_per_prior(scores.detach(), prior_label).float()
+        return self.matcher.mine(conf_loss, index, overlap, truth, loc_per_prior)
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, loc, conf, priors, label):
+        n = loc.shape[0]
+        num_priors = _legacy_height(priors.shape) // 4
+        boxes, variances = _split_priors(priors, num_priors)
+        dtype = torch.promote_types(_wide(loc).dtype, _wide(conf).dtype)
+        loc = loc.to(dtype).reshape(n, num_priors, self.loc_classes, 4)
+        scores = conf.to(dtype).reshape(n, num_priors, self.classes)
+        truth = self.matcher.ground_truth(label, n, loc.device, self._bad)
+
+        index, overlap = self.matcher.find_matches(loc.detach(), boxes, variances, truth)
+        pred, target, positive = self._loc_terms(loc, boxes, variances, truth, index)
+        gt_label = truth.labels[:, None].expand(-1, index.shape[1], -1)
+        gt_label = gt_label.gather(2, index.clamp(min=0))
         negative = None
         if self.mining != _P.NONE:
-            loc_per_prior = 0.0
-            if self.mining == _P.HARD_EXAMPLE:
-                diff = (pred - target).detach().float()[:, 0]
-                per = _smooth_l1(diff) if p.loc_loss_type == _P.SMOOTH_L1 else 0.5 * diff * diff
-                loc_per_prior = torch.where(positive[:, 0], per.sum(-1), 0.0)
             negative, kept = self._mine(
-                scores.detach(), prior_label, index, overlap, truth, loc_per_prior
+                scores, gt_label, positive, index, overlap, truth, pred, target
             )
             positive = kept[:, None]
-        matches = positive.sum()
+        return self._total(scores, pred, target, positive, negative, gt_label, num_priors)
 
+    def _total(self, scores, pred, target, positive, negative, gt_label, num_priors):
+        """The loss: each term kept (see use_loc, use_conf) over the normalizer."""
         total = scores.new_zeros(())
-        norm = self._normalizer(n, num_priors, matches, total)
+        norm = self._normalizer(scores.shape[0], num_priors, positive.sum(), total)
         if self.use_loc:
             diff = torch.where(positive[..., None], pred - target, 0.0)
-            per = _smooth_l1(diff) if p.loc_loss_type == _P.SMOOTH_L1 else 0.5 * diff * diff
-            total = total + p.loc_weight * per.sum() / norm
+            total = total + self.p.loc_weight * self._loc_loss(diff).sum() / norm
         if self.use_conf:
             total = total + self._conf_loss(scores, positive, negative, gt_label) / norm
         return total

@@ -116,38 +116,56 @@ def roi_max_pool(x, batch, hs, he, ws, we, with_argmax: bool = True):
     budget = _GATHER_BUDGET.get(x.device.type, _GATHER_BUDGET_DEVICE)
     sentinel = n * h * w
     table = torch.cat([x.permute(0, 2, 3, 1).reshape(sentinel, c), x.new_full((1, c), -math.inf)])
-    lo = 0
-    while lo < r:
-        kh, kw = sizes[lo]
-        hi = lo + 1
-        while hi < r:
-            grow_h, grow_w = max(kh, sizes[hi][0]), max(kw, sizes[hi][1])
-            if (hi + 1 - lo) * ph * pw * grow_h * grow_w * c > budget:
-                break
-            kh, kw, hi = grow_h, grow_w, hi + 1
+    for lo, hi, kh, kw in _chunks(sizes, ph * pw * c, budget):
         if kh and kw:
             pick = order[lo:hi]
-            rows = hs[pick][:, :, None] + torch.arange(kh, device=x.device)
-            cols = ws[pick][:, :, None] + torch.arange(kw, device=x.device)
-            inside = (rows < he[pick][:, :, None])[:, :, None, :, None] & (
-                cols < we[pick][:, :, None]
-            )[:, None, :, None, :]
-            spatial = rows[:, :, None, :, None] * w + cols[:, None, :, None, :]
-            cell = torch.where(
-                inside, batch[pick][:, None, None, None, None] * (h * w) + spatial, sentinel
-            )
-            k = hi - lo
-            window = table[cell.reshape(-1)].view(k, ph, pw, kh * kw, c)
+            best, at = _window_max(
+                table, (h, w), batch[pick], hs[pick], he[pick], ws[pick], we[pick], kh, kw,
+                with_argmax,
+            )  # fmt: skip
             if with_argmax:
-                best, at = window.max(dim=3)  # the first maximum along the row-major window
-                argmax[pick] = spatial.reshape(k, ph, pw, kh * kw).gather(3, at)
-            else:
-                best = window.amax(dim=3)  # several times faster than max with indices
+                argmax[pick] = at
             values[pick] = best
-        lo = hi
     nonempty = ((he > hs)[:, :, None] & (we > ws)[:, None, :])[..., None]
     values = torch.where(nonempty, values, values.new_zeros(()))
     return values, torch.where(nonempty, argmax, -1) if with_argmax else None
+
+
+def _chunks(sizes, per_cell: int, budget: int):
+    """(lo, hi, kh, kw): the rois [lo, hi) of ``sizes`` (each roi's largest bin, in the order
+    pooled) read together with one kh x kw window, as many as keep
+    rois x ``per_cell`` x window within ``budget`` elements (one roi at least)."""
+    lo = 0
+    while lo < len(sizes):
+        kh, kw = sizes[lo]
+        hi = lo + 1
+        while hi < len(sizes):
+            grow_h, grow_w = max(kh, sizes[hi][0]), max(kw, sizes[hi][1])
+            if (hi + 1 - lo) * per_cell * grow_h * grow_w > budget:
+                break
+            kh, kw, hi = grow_h, grow_w, hi + 1
+        yield lo, hi, kh, kw
+        lo = hi
+
+
+def _window_max(table, size, batch, hs, he, ws, we, kh: int, kw: int, with_argmax: bool):
+    """The max of each bin of these rois, read as a kh x kw window from ``table`` (every
+    cell's channels, row (b * H + y) * W + x, then a row of -inf the cells outside a bin
+    read): (values [R, PH, PW, C], argmax h * W + w of the first maximum or None)."""
+    h, w = size
+    sentinel = table.shape[0] - 1
+    rows = hs[:, :, None] + torch.arange(kh, device=table.device)
+    cols = ws[:, :, None] + torch.arange(kw, device=table.device)
+    inside_h = (rows < he[:, :, None])[:, :, None, :, None]
+    inside = inside_h & (cols < we[:, :, None])[:, None, :, None, :]
+    spatial = rows[:, :, None, :, None] * w + cols[:, None, :, None, :]
+    cell = torch.where(inside, batch[:, None, None, None, None] * (h * w) + spatial, sentinel)
+    k, ph, pw = hs.shape[0], hs.shape[1], ws.shape[1]
+    window = table[cell.reshape(-1)].view(k, ph, pw, kh * kw, table.shape[1])
+    if not with_argmax:
+        return window.amax(dim=3), None  # several times faster than max with indices
+    best, at = window.max(dim=3)  # the first maximum along the row-major window
+    return best, spatial.reshape(k, ph, pw, kh * kw).gather(3, at)
 
 
 class _ROIMaxPool(torch.autograd.Function):
@@ -372,6 +390,25 @@ def greedy_nms(boxes: torch.Tensor, threshold: float, limit: int) -> torch.Tenso
     return torch.tensor(keep, dtype=torch.long)
 
 
+def _clipped_boxes(anchors, d, im_h, im_w) -> torch.Tensor:
+    """py-faster-rcnn's bbox_transform_inv of the deltas ``d`` (in their precision) from the
+    ``anchors``, then clip_boxes to the image: (K, 4) x1, y1, x2, y2."""
+    widths = anchors[:, 2] - anchors[:, 0] + 1.0
+    heights = anchors[:, 3] - anchors[:, 1] + 1.0
+    ctr_x = anchors[:, 0] + 0.5 * widths
+    ctr_y = anchors[:, 1] + 0.5 * heights
+    px = d[:, 0] * widths + ctr_x
+    py = d[:, 1] * heights + ctr_y
+    pw = torch.exp(d[:, 2]) * widths
+    ph = torch.exp(d[:, 3]) * heights
+    zero = im_h.new_zeros(())
+    x1 = torch.maximum(torch.minimum(px - 0.5 * pw, im_w - 1), zero)
+    y1 = torch.maximum(torch.minimum(py - 0.5 * ph, im_h - 1), zero)
+    x2 = torch.maximum(torch.minimum(px + 0.5 * pw, im_w - 1), zero)
+    y2 = torch.maximum(torch.minimum(py + 0.5 * ph, im_h - 1), zero)
+    return torch.stack([x1, y1, x2, y2], dim=1)
+
+
 @register("Proposal")
 class ProposalLayer(CaffeLayer):
     """Region proposals from a region proposal network, as py-faster-rcnn's Python layer
@@ -451,30 +488,13 @@ class ProposalLayer(CaffeLayer):
         _, _, h, w = scores.shape
         device = scores.device
         # (h, w, a) order, slowest to fastest, for anchors, scores and deltas alike
-        shift_x = torch.arange(w, device=device, dtype=torch.float64) * self.feat_stride
-        shift_y = torch.arange(h, device=device, dtype=torch.float64) * self.feat_stride
-        sy, sx = torch.meshgrid(shift_y, shift_x, indexing="ij")
-        shifts = torch.stack([sx, sy, sx, sy], dim=-1).reshape(-1, 1, 4)
-        anchors = (self.anchors.to(device)[None] + shifts).reshape(-1, 4).to(dtype)
+        anchors = self._shifted_anchors(h, w, device).to(dtype)
         fg = scores[:, a:].permute(0, 2, 3, 1).reshape(-1)
         d = deltas.permute(0, 2, 3, 1).reshape(-1, 4)
-        # bbox_transform_inv, in the deltas' precision
-        widths = anchors[:, 2] - anchors[:, 0] + 1.0
-        heights = anchors[:, 3] - anchors[:, 1] + 1.0
-        ctr_x = anchors[:, 0] + 0.5 * widths
-        ctr_y = anchors[:, 1] + 0.5 * heights
-        px = d[:, 0] * widths + ctr_x
-        py = d[:, 1] * heights + ctr_y
-        pw = torch.exp(d[:, 2]) * widths
-        ph = torch.exp(d[:, 3]) * heights
         info = im_info.reshape(-1)[:3].to(dtype)
         im_h, im_w, im_scale = info[0], info[1], info[2]
-        zero = im_h.new_zeros(())
-        x1 = torch.maximum(torch.minimum(px - 0.5 * pw, im_w - 1), zero)
-        y1 = torch.maximum(torch.minimum(py - 0.5 * ph, im_h - 1), zero)
-        x2 = torch.maximum(torch.minimum(px + 0.5 * pw, im_w - 1), zero)
-        y2 = torch.maximum(torch.minimum(py + 0.5 * ph, im_h - 1), zero)
-        boxes = torch.stack([x1, y1, x2, y2], dim=1)
+        boxes = _clipped_boxes(anchors, d, im_h, im_w)
+        x1, y1, x2, y2 = boxes.unbind(1)
         least = self.min_size * im_scale
         big = ((x2 - x1 + 1) >= least) & ((y2 - y1 + 1) >= least)
         boxes, fg = boxes[big], fg[big]
@@ -486,6 +506,14 @@ class ProposalLayer(CaffeLayer):
         boxes, fg = boxes[keep], fg[keep]
         rois = torch.cat([boxes.new_zeros(boxes.shape[0], 1), boxes], dim=1)
         return rois, fg.reshape(-1, 1)
+
+    def _shifted_anchors(self, h: int, w: int, device) -> torch.Tensor:
+        """The anchors of every cell of an h x w map, (h * w * A, 4) float64, cell by cell."""
+        shift_x = torch.arange(w, device=device, dtype=torch.float64) * self.feat_stride
+        shift_y = torch.arange(h, device=device, dtype=torch.float64) * self.feat_stride
+        sy, sx = torch.meshgrid(shift_y, shift_x, indexing="ij")
+        shifts = torch.stack([sx, sy, sx, sy], dim=-1).reshape(-1, 1, 4)
+        return (self.anchors.to(device)[None] + shifts).reshape(-1, 4)
 
     def extra_repr(self) -> str:
         return (
