@@ -206,8 +206,8 @@ class AnnotatedTransformer:
     def _channel_means(self, channels: int, where: str) -> np.ndarray:
         try:
             return channel_means(self.mean_values, channels)
-        except LayerConfigError as exc:
-            raise CaffeAlexError(f"{where}: {exc.message}") from None
+        except LayerConfigError as exc:  # a ValueError: its text is str(exc)
+            raise CaffeAlexError(f"{where}: {exc}") from None
 
     def _expand(self, image, boxes, raw, rng, where):
         p = self.expand

@@ -35,9 +35,9 @@ def forward_info(net, blob=None) -> None:
                 continue
             log.info("    [Forward] Layer %s, top blob %s data: %g", step.layer, top,
                      _mean_abs(value))  # fmt: skip
-        for i, blob in enumerate(net.layers[step.key].blobs):
+        for i, param in enumerate(net.layers[step.key].blobs):  # not `blob`: the reader above
             log.info("    [Forward] Layer %s, param blob %s data: %g", step.layer,
-                     names.get((step.layer, i), str(i)), _mean_abs(blob))  # fmt: skip
+                     names.get((step.layer, i), str(i)), _mean_abs(param))  # fmt: skip
 
 
 def backward_info(net) -> None:

@@ -198,3 +198,10 @@ def test_raw_records_cannot_be_resized(tmp_path):
     _one_line(info)
     net, got = batches(layer(db, "crop_size: 30", batch=1), 1, "TEST")  # no resize: fine
     assert got[0]["data"].shape == (1, 3, 30, 30)
+
+
+def test_a_mean_value_count_that_fits_no_channel_count_is_one_line(voc):
+    text = layer(voc["lmdb"], f"{WARP} mean_value: 1 mean_value: 2", batch=1)
+    with pytest.raises(CaffeAlexError, match="mean_value") as info:
+        batches(text, 1)
+    assert "\n" not in str(info.value)

@@ -80,3 +80,15 @@ def test_test_iter_must_match_test_nets(tmp_path):
     with pytest.raises(CaffeAlexError, match="test_iter"):
         text = f"base_lr: 0.1 lr_policy: 'fixed' test_net_param {{ {tiny_net()} }}"
         make_solver(tiny_net(), text, batches(2))
+
+
+def test_debug_info_logs_every_layer_after_one_with_parameters(tmp_path):
+    stream = io.StringIO()
+    setup_logging(logging.INFO, stream)
+    text = SOLVER.format(prefix=tmp_path / "m", display=1, max_iter=1) + " debug_info: true"
+    feeds = {"train": batches(2), "test": [batches(2, 1)]}
+    make_solver(tiny_net(), text, None, feeds=feeds).step(1)
+    log = stream.getvalue()
+    assert re.search(r"\[Forward\] Layer ip, param blob \S+ data: ", log)
+    assert re.search(r"\[Forward\] Layer loss, top blob loss data: ", log)  # the layer after ip
+    assert "[Backward] All net params (data, diff)" in log
