@@ -26,7 +26,10 @@ STAGES = [
     ("data", ["caffe_alex.data"]),
     ("registry, fillers", ["caffe_alex.registry", "caffe_alex.fillers"]),
     ("layers", ["caffe_alex.layers"]),
-    ("net: the plan and its executors", ["caffe_alex.net", "caffe_alex.layerwise"]),
+    (
+        "net: the plan and its executors",
+        ["caffe_alex.net", "caffe_alex.netparts", "caffe_alex.layerwise"],
+    ),
     ("solvers", ["caffe_alex.solvers"]),
     ("tools", ["caffe_alex.tools"]),
     ("pycaffe", ["caffe_alex.pycaffe"]),

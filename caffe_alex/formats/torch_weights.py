@@ -44,7 +44,7 @@ from .wire import length_delimited
 
 _KEY = re.compile(r"^layers\.(.+)\.blobs\.([0-9]+)$")
 def module_keys(names) -> list[str]:
-    """The module keys Net gives layers of these names, in order (see Net._module_key)."""
+    """The module keys Net gives layers of these names, in order (netparts.builder.module_key)."""
     probe, used, keys = nn.ModuleDict(), set(), []
     for name in names:
         base = shown(name).replace(".", "_") or "_"  # keys are UTF-8 (safetensors needs it)
