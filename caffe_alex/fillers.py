@@ -21,16 +21,6 @@ import torch
 from .blob import INT_MAX, MAX_BLOB_AXES, blob_shape_problem  # noqa: F401  (re-exported)
 from .errors import LayerConfigError
 
-FILLER_TYPES = (
-    "constant",
-    "uniform",
-    "gaussian",
-    "positive_unitball",
-    "xavier",
-    "msra",
-    "bilinear",
-)
-
 
 def check_blob_shape(shape: Sequence, what: str) -> tuple[int, ...]:
     """``shape`` as a tuple of ints, or LayerConfigError naming ``what`` (e.g. "learnable blob
@@ -62,35 +52,47 @@ def fill(
     out = torch.empty(shape, dtype=torch.float32)
     if out.numel() == 0:
         return out
-    if kind == "constant":
-        return out.fill_(filler.value if filler is not None else 0.0)
-    if kind == "uniform":
-        # Caffe's caffe_rng_uniform CHECKs min <= max; torch also needs finite bounds
-        if not (math.isfinite(filler.min) and math.isfinite(filler.max)) or filler.min > filler.max:
-            raise LayerConfigError(
-                f"uniform filler needs finite min <= max, got min {filler.min}, max {filler.max}"
-            )
-        return out.uniform_(filler.min, filler.max, generator=generator)
-    if kind == "gaussian":
-        # Caffe's caffe_rng_gaussian CHECKs std > 0 (a std of 0 stops Caffe too)
-        if not (filler.std > 0 and math.isfinite(filler.std) and math.isfinite(filler.mean)):
-            raise LayerConfigError(
-                f"gaussian filler needs a finite std > 0 and a finite mean, got std "
-                f"{filler.std}, mean {filler.mean}"
-            )
-        out.normal_(filler.mean, filler.std, generator=generator)
-        if sparse >= 0:
-            _sparsify(out, sparse, generator)
-        return out
-    if kind == "positive_unitball":
-        return _positive_unitball(out, generator)
-    if kind == "bilinear":
-        return _bilinear(out)
-    n = _variance_norm_count(shape, filler)
-    if kind == "xavier":
-        scale = math.sqrt(3.0 / n)
-        return out.uniform_(-scale, scale, generator=generator)
-    return out.normal_(0.0, math.sqrt(2.0 / n), generator=generator)  # msra
+    return _FILLERS[kind](out, filler, generator)
+
+
+# One function per filler type: (the empty tensor, the FillerParameter, the generator) -> the
+# tensor filled in place. Only "constant" is given a None filler (Caffe's default).
+
+
+def _constant(out: torch.Tensor, filler, generator) -> torch.Tensor:
+    return out.fill_(filler.value if filler is not None else 0.0)
+
+
+def _uniform(out: torch.Tensor, filler, generator) -> torch.Tensor:
+    # Caffe's caffe_rng_uniform CHECKs min <= max; torch also needs finite bounds
+    if not (math.isfinite(filler.min) and math.isfinite(filler.max)) or filler.min > filler.max:
+        raise LayerConfigError(
+            f"uniform filler needs finite min <= max, got min {filler.min}, max {filler.max}"
+        )
+    return out.uniform_(filler.min, filler.max, generator=generator)
+
+
+def _gaussian(out: torch.Tensor, filler, generator) -> torch.Tensor:
+    # Caffe's caffe_rng_gaussian CHECKs std > 0 (a std of 0 stops Caffe too)
+    if not (filler.std > 0 and math.isfinite(filler.std) and math.isfinite(filler.mean)):
+        raise LayerConfigError(
+            f"gaussian filler needs a finite std > 0 and a finite mean, got std "
+            f"{filler.std}, mean {filler.mean}"
+        )
+    out.normal_(filler.mean, filler.std, generator=generator)
+    if filler.sparse >= 0:
+        _sparsify(out, filler.sparse, generator)
+    return out
+
+
+def _xavier(out: torch.Tensor, filler, generator) -> torch.Tensor:
+    scale = math.sqrt(3.0 / _variance_norm_count(tuple(out.shape), filler))
+    return out.uniform_(-scale, scale, generator=generator)
+
+
+def _msra(out: torch.Tensor, filler, generator) -> torch.Tensor:
+    n = _variance_norm_count(tuple(out.shape), filler)
+    return out.normal_(0.0, math.sqrt(2.0 / n), generator=generator)
 
 
 def _variance_norm_count(shape: tuple[int, ...], filler) -> float:
@@ -115,7 +117,7 @@ def _sparsify(out: torch.Tensor, sparse: int, generator) -> None:
     out.mul_(mask)
 
 
-def _positive_unitball(out: torch.Tensor, generator) -> torch.Tensor:
+def _positive_unitball(out: torch.Tensor, filler, generator) -> torch.Tensor:
     # Uniform in [0, 1), then each row (first axis) scaled to sum to one.
     out.uniform_(0.0, 1.0, generator=generator)
     rows = out.reshape(out.shape[0], -1)
@@ -123,7 +125,7 @@ def _positive_unitball(out: torch.Tensor, generator) -> torch.Tensor:
     return out
 
 
-def _bilinear(out: torch.Tensor) -> torch.Tensor:
+def _bilinear(out: torch.Tensor, filler, generator) -> torch.Tensor:
     # The upsampling kernel for a Deconvolution initialised to bilinear interpolation.
     if out.dim() != 4 or out.shape[2] != out.shape[3]:
         raise LayerConfigError(
@@ -137,3 +139,16 @@ def _bilinear(out: torch.Tensor) -> torch.Tensor:
     kernel = (profile[:, None] * profile[None, :]).to(torch.float32)
     out.copy_(kernel.expand_as(out))
     return out
+
+
+# in the order of Caffe's GetFiller, which the unknown-type error lists
+_FILLERS = {
+    "constant": _constant,
+    "uniform": _uniform,
+    "gaussian": _gaussian,
+    "positive_unitball": _positive_unitball,
+    "xavier": _xavier,
+    "msra": _msra,
+    "bilinear": _bilinear,
+}
+FILLER_TYPES = tuple(_FILLERS)

@@ -314,50 +314,94 @@ def convert_annoset(
 ) -> int:
     """The fork's convert_annoset; returns the number of records written. An image that
     cannot be read is skipped with a warning, as the fork skips it; a bad annotation stops."""
-    log = get_logger()
+    _check_types(anno_type, label_type)
+    names = _label_names(anno_type, label_type, label_map_file, check_label)
+    lines = _listed_images(list_file, anno_type, shuffle, seed)
+    if encode_type and not encoded:
+        get_logger().info("encode_type specified, assuming encoded=true.")
+    size = [max(0, v) for v in (resize_height, resize_width, min_dim, max_dim)]
+    records = _records(root, lines, anno_type, label_type, names, not gray, size, encoded,
+                       encode_type, progress)  # fmt: skip
+    return _write_records(db_path, backend, records, check_size)
+
+
+def _check_types(anno_type: str, label_type: str) -> None:
     if anno_type not in ANNO_TYPES:
         raise CaffeAlexError(f"unknown anno_type '{anno_type}' ({', '.join(ANNO_TYPES)})")
     if label_type not in LABEL_TYPES:
         raise CaffeAlexError(f"unknown label_type '{label_type}' ({', '.join(LABEL_TYPES)})")
-    names: dict[str, int] = {}
+
+
+def _label_names(anno_type, label_type, label_map_file, check_label) -> dict[str, int]:
+    """Name -> label from the label map, which only XML and JSON detection annotations need."""
     if anno_type == "detection" and label_type != "txt":
         if not label_map_file:
             raise CaffeAlexError("--anno_type detection needs --label_map_file")
-        names = name_to_label(read_label_map(label_map_file), label_map_file, check_label)
+        return name_to_label(read_label_map(label_map_file), label_map_file, check_label)
+    return {}
+
+
+def _listed_images(list_file, anno_type, shuffle, seed) -> list[tuple[str, str | int]]:
+    """The list file's pairs, shuffled on request, their number logged."""
+    log = get_logger()
     lines = read_annoset_list(list_file, anno_type)
     if shuffle:
         log.info("Shuffling data")
         random.Random(seed).shuffle(lines)
     log.info("A total of %d images.", len(lines))
-    if encode_type and not encoded:
-        log.info("encode_type specified, assuming encoded=true.")
-    size = [max(0, v) for v in (resize_height, resize_width, min_dim, max_dim)]
+    return lines
+
+
+def _encoding(name: str, encode_type: str, encoded: bool) -> tuple[str, bool]:
+    """(the encoding to store ``name`` in, "" for raw pixels; whether it was guessed from the
+    file's extension, as the fork guesses it when --encoded comes without --encode_type)."""
+    encoding = encode_type.lower().lstrip(".")
+    if encoded and not encoding:
+        if "." not in name:
+            raise CaffeAlexError(
+                f"cannot guess the encoding of '{name}' (no extension); give --encode_type"
+            )
+        return name.rpartition(".")[2].lower(), True
+    return encoding, False
+
+
+def _records(root, lines, anno_type, label_type, names, color, size, encoded, encode_type,
+             progress):  # fmt: skip
+    """(key, image name, AnnotatedDatum) for each line whose image can be read, in order."""
+    for line_id, (name, target) in enumerate(lines):
+        encoding, guessed = _encoding(name, encode_type, encoded)
+        record = _record(root, name, target, anno_type, label_type, names, color, size,
+                         encoding, guessed)  # fmt: skip
+        progress(1)
+        if record is None:
+            get_logger().warning("Failed to read %s", name)
+            continue
+        yield f"{line_id:08d}_{name}", name, record
+
+
+def _check_shape(first, datum, name: str):
+    """--check_size: ``first`` is the (C x H x W, name) of the first record, None before it;
+    returns it."""
+    shape = (datum.channels, datum.height, datum.width)
+    first = first or (shape, name)
+    if shape != first[0]:
+        raise CaffeAlexError(
+            f"--check_size: '{name}' has shape {shape} but '{first[1]}' has {first[0]} (C x H x W)"
+        )
+    return first
+
+
+def _write_records(db_path, backend, records, check_size: bool) -> int:
+    """Put ``records`` into a new database, committing every COMMIT_EVERY as the fork does;
+    returns how many."""
+    log = get_logger()
     count, first = 0, None
     with open_db(db_path, backend, mode="new") as db:
         txn = db.transaction()
-        for line_id, (name, target) in enumerate(lines):
-            encoding, guessed = encode_type.lower().lstrip("."), False
-            if encoded and not encoding:
-                if "." not in name:
-                    raise CaffeAlexError(
-                        f"cannot guess the encoding of '{name}' (no extension); give --encode_type"
-                    )
-                encoding, guessed = name.rpartition(".")[2].lower(), True
-            record = _record(root, name, target, anno_type, label_type, names, not gray, size,
-                             encoding, guessed)  # fmt: skip
-            progress(1)
-            if record is None:
-                log.warning("Failed to read %s", name)
-                continue
+        for key, name, record in records:
             if check_size:
-                shape = (record.datum.channels, record.datum.height, record.datum.width)
-                first = first or (shape, name)
-                if shape != first[0]:
-                    raise CaffeAlexError(
-                        f"--check_size: '{name}' has shape {shape} but '{first[1]}' has "
-                        f"{first[0]} (C x H x W)"
-                    )
-            txn.put(f"{line_id:08d}_{name}", record.SerializeToString())
+                first = _check_shape(first, record.datum, name)
+            txn.put(key, record.SerializeToString())
             count += 1
             if count % COMMIT_EVERY == 0:
                 txn.commit()

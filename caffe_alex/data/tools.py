@@ -103,11 +103,7 @@ def convert_imageset(
     Caffe does) -> Datums keyed ``%08d_<name>`` in a new database. Returns the count written;
     unreadable images are skipped with an error line, as Caffe skips them."""
     log = get_logger()
-    lines = read_list_file(list_file)
-    if shuffle:
-        log.info("Shuffling data")
-        random.Random(seed).shuffle(lines)  # Caffe's own RNG order cannot be reproduced
-    log.info("A total of %d images.", len(lines))
+    lines = _listed_images(list_file, shuffle, seed)
     if encode_type and not encoded:
         log.info("encode_type specified, assuming encoded=true.")
     encoding = encode_type.lower() if (encoded or encode_type) else ""
@@ -119,19 +115,38 @@ def convert_imageset(
             made = pool.map(
                 lambda it: _one(root, it, gray, height, width, encoded, encoding), chunk
             )
-            txn = db.transaction()
-            for (line_id, (name, _)), record in zip(chunk, made):
-                if record is not None:
-                    datum, shape = record
-                    if check_size:
-                        first = first or (shape, name)
-                        _same_size(first, shape, name)
-                    txn.put(f"{line_id:08d}_{name}", datum.SerializeToString())
-            count += len(txn)
-            txn.commit()
+            written, first = _write_chunk(db, chunk, made, check_size, first)
+            count += written
             progress(len(chunk))
             log.info("Processed %d files.", count)
     return count
+
+
+def _listed_images(list_file: str, shuffle: bool, seed) -> list[tuple[str, int]]:
+    """The list file's lines, shuffled on request, their number logged."""
+    log = get_logger()
+    lines = read_list_file(list_file)
+    if shuffle:
+        log.info("Shuffling data")
+        random.Random(seed).shuffle(lines)  # Caffe's own RNG order cannot be reproduced
+    log.info("A total of %d images.", len(lines))
+    return lines
+
+
+def _write_chunk(db, chunk, made, check_size: bool, first):
+    """One transaction: the records read from ``chunk``'s lines (None: unreadable, skipped).
+    Returns (records written, the first record's (shape, name) for --check_size)."""
+    txn = db.transaction()
+    for (line_id, (name, _)), record in zip(chunk, made):
+        if record is not None:
+            datum, shape = record
+            if check_size:
+                first = first or (shape, name)
+                _same_size(first, shape, name)
+            txn.put(f"{line_id:08d}_{name}", datum.SerializeToString())
+    written = len(txn)
+    txn.commit()
+    return written, first
 
 
 def _one(root, item, gray, height, width, encoded, encoding):

@@ -270,18 +270,9 @@ def compare(
     cv2 = opencv()
     net = classifier.net
     result = Comparison()
-    inputs = {classifier.input: np.ascontiguousarray(batch, dtype=np.float32)}
-    for name in net.input_names[1:]:  # e.g. a label input: zeros, as the Classifier feeds
-        inputs[name] = np.zeros((len(batch), *net.blob_shapes[name][1:]), np.float32)
+    inputs = _inputs(classifier, batch)
     with tempfile.TemporaryDirectory(prefix="caffe-alex-compare-") as workdir:
-        cv_weights = opencv_weights or weights
-        if not opencv_weights and not is_caffemodel(weights):
-            cv_weights = os.path.join(workdir, "weights.caffemodel")
-            save_weights(net, cv_weights, kind="caffemodel")
-            result.notes.append(
-                f"OpenCV reads a .caffemodel written by caffe-alex from {weights} (give "
-                "--opencv-weights ORIGINAL.caffemodel to check the conversion as well)"
-            )
+        cv_weights = _opencv_weights(net, weights, opencv_weights, workdir, result.notes)
         cv_model = opencv_model or model
         cv_net = OpenCVNet(cv2, cv_model, cv_weights, test_layers(cv_model), workdir)
         cv_net.prepare(inputs)
@@ -290,15 +281,44 @@ def compare(
     ours = classifier.forward_all(batch, blobs=[blob for blob, _, _ in plan])
     theirs = cv_net.forward(inputs, [cv_name for _, _, cv_name in plan])
     result.diffs = [_diff(b, layer, ours[b], ref) for (b, layer, _), ref in zip(plan, theirs)]
+    _agreement_on_output(result, classifier.output, ours, theirs)
+    return result
+
+
+def _inputs(classifier, batch: np.ndarray) -> dict[str, np.ndarray]:
+    """What both nets are fed: the batch, and zeros for any further input, as the Classifier
+    feeds them (e.g. a label input)."""
+    net = classifier.net
+    inputs = {classifier.input: np.ascontiguousarray(batch, dtype=np.float32)}
+    for name in net.input_names[1:]:
+        inputs[name] = np.zeros((len(batch), *net.blob_shapes[name][1:]), np.float32)
+    return inputs
+
+
+def _opencv_weights(net, weights: str, opencv_weights, workdir: str, notes: list[str]) -> str:
+    """The .caffemodel OpenCV reads: the one given, else a copy of the loaded net's weights
+    written to ``workdir`` when ``weights`` is not one .caffemodel (said in ``notes``)."""
+    if opencv_weights or is_caffemodel(weights):
+        return opencv_weights or weights
+    path = os.path.join(workdir, "weights.caffemodel")
+    save_weights(net, path, kind="caffemodel")
+    notes.append(
+        f"OpenCV reads a .caffemodel written by caffe-alex from {weights} (give "
+        "--opencv-weights ORIGINAL.caffemodel to check the conversion as well)"
+    )
+    return path
+
+
+def _agreement_on_output(result: Comparison, output: str, ours, theirs) -> None:
+    """Top-1 and top-5 agreement on the net's output, where that blob was compared with a
+    finite difference."""
     found = {d.blob: (d, ref) for d, ref in zip(result.diffs, theirs)}
-    output = classifier.output
     if output in found and np.isfinite(found[output][0].max_abs):
         mine = ours[output]
         reference = found[output][1].reshape(mine.shape)
         result.output = output
         result.top1 = (_agreement(mine, reference, 1), len(mine))
         result.top5 = (_agreement(mine, reference, 5), len(mine))
-    return result
 
 
 def _shape(shape) -> str:

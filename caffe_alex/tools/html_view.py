@@ -174,46 +174,61 @@ def _fill(view: View, number: int, built: Mapping, stats, display_lrm: bool, ran
     ids = {key: f"v{number}n{i}" for i, key in enumerate(graph.nodes)}
     for key, attrs in graph.nodes.items():
         attrs["id"] = ids[key]
-    macs = _macs(nets) if nets else {}
-    blob_rows = _Blobs(nets, stats)
-    layers: dict[str, list[caffe_pb2.LayerParameter]] = {}
-    producers: dict[str, list[str]] = {}
-    readers: dict[str, list[str]] = {}
-    for layer in view.net_param.layer:
-        key = f"layer:{layer.name}:{layer.type}"
-        layers.setdefault(key, []).append(layer)
-        for bottom in layer.bottom:
-            readers.setdefault(bottom, []).append(ids[key])
-        for top in layer.top:
-            producers.setdefault(top, []).append(ids[key])
-
-    def wired(names) -> list[list]:
-        names = list(dict.fromkeys(names))
-        return [[n, notes.get(n, ""), ids[f"blob:{n}"]] for n in names]
-
+    nodes = _Nodes(view.net_param, ids, notes, nets, stats)
     for key, node_id in ids.items():
         if key.startswith("blob:"):
-            name = key[len("blob:") :]
-            view.nodes[node_id] = {
-                "kind": "blob", "name": name, "shape": notes.get(name, ""),
-                "producers": list(dict.fromkeys(producers.get(name, []))),
-                "readers": list(dict.fromkeys(readers.get(name, []))),
-            }  # fmt: skip
-            continue
-        group = layers[key]
-        name, kind = group[0].name, group[0].type
-        blobs = blob_rows.rows(name)
-        view.nodes[node_id] = {
-            "kind": "layer", "name": name, "type": kind,
-            "parameters": "\n\n".join(_parameters(layer) for layer in group),
-            "bottoms": wired(b for layer in group for b in layer.bottom),
-            "tops": wired(t for layer in group for t in layer.top),
-            "blobs": blobs, "count": sum(b["count"] for b in blobs if not b["shared"]),
-            # summary counts the multiply-adds of the weight layers only: no 0 for the others
-            "macs": macs.get(name) or None, "stored": name in stats,
-        }  # fmt: skip
+            view.nodes[node_id] = nodes.blob(key[len("blob:") :])
+        else:
+            view.nodes[node_id] = nodes.layer(key)
     svg = render(graph, "svg").decode("utf-8")
     view.svg = svg[svg.index("<svg") :]
+
+
+class _Nodes:
+    """What each node of one view shows when clicked: from the view's layers (keyed as draw's
+    graph keys them, ``layer:<name>:<type>``), the page ids of the graph's nodes, the blob
+    shapes, the nets built for the view's phases and the stored weights' statistics."""
+
+    def __init__(self, net_param, ids: dict[str, str], notes: Mapping, nets: Mapping, stats):
+        self.ids, self.notes, self.stats = ids, notes, stats
+        self.macs = _macs(nets) if nets else {}
+        self.blob_rows = _Blobs(nets, stats)
+        self.layers: dict[str, list[caffe_pb2.LayerParameter]] = {}
+        self.producers: dict[str, list[str]] = {}
+        self.readers: dict[str, list[str]] = {}
+        for layer in net_param.layer:
+            key = f"layer:{layer.name}:{layer.type}"
+            self.layers.setdefault(key, []).append(layer)
+            for bottom in layer.bottom:
+                self.readers.setdefault(bottom, []).append(ids[key])
+            for top in layer.top:
+                self.producers.setdefault(top, []).append(ids[key])
+
+    def blob(self, name: str) -> dict:
+        return {
+            "kind": "blob", "name": name, "shape": self.notes.get(name, ""),
+            "producers": list(dict.fromkeys(self.producers.get(name, []))),
+            "readers": list(dict.fromkeys(self.readers.get(name, []))),
+        }  # fmt: skip
+
+    def layer(self, key: str) -> dict:
+        """The layer (or the layers of one name and type, shown as one node) under ``key``."""
+        group = self.layers[key]
+        name, kind = group[0].name, group[0].type
+        blobs = self.blob_rows.rows(name)
+        return {
+            "kind": "layer", "name": name, "type": kind,
+            "parameters": "\n\n".join(_parameters(layer) for layer in group),
+            "bottoms": self._wired(b for layer in group for b in layer.bottom),
+            "tops": self._wired(t for layer in group for t in layer.top),
+            "blobs": blobs, "count": sum(b["count"] for b in blobs if not b["shared"]),
+            # summary counts the multiply-adds of the weight layers only: no 0 for the others
+            "macs": self.macs.get(name) or None, "stored": name in self.stats,
+        }  # fmt: skip
+
+    def _wired(self, names) -> list[list]:
+        names = list(dict.fromkeys(names))
+        return [[n, self.notes.get(n, ""), self.ids[f"blob:{n}"]] for n in names]
 
 
 def _asset(name: str) -> str:
@@ -243,11 +258,7 @@ def html_page(
     ``level``/``stages``; ``weights`` adds per-blob statistics; ``label_shapes`` writes the
     shapes under the blob names in the drawing too (draw's --shapes)."""
     views = _views(net_param, phase, level, stages)
-    phases = list(dict.fromkeys(p for view in views for p in view.phases))
-    built, problems = _build_all(net_param, phases, level, stages, input_shapes, source)
-    notes = [f"shapes unknown for the {p}" for p in problems]
-    for problem in problems:
-        log.warning("draw: shapes unknown for the %s", problem)
+    built, notes = _built_nets(net_param, views, level, stages, input_shapes, source)
     stats = weight_statistics(weights) if weights else {}
     for number, view in enumerate(views):
         _fill(view, number, built, stats, display_lrm, rankdir, label_shapes)
@@ -257,11 +268,26 @@ def html_page(
         "notes": notes,
         "views": [{"label": v.label, "nodes": v.nodes} for v in views],
     }
+    return _page(net_param.name or "Net", views, data)
+
+
+def _built_nets(net_param, views, level, stages, input_shapes, source) -> tuple[dict, list[str]]:
+    """The nets built for the views' phases, and the page's notes on those that cannot be."""
+    phases = list(dict.fromkeys(p for view in views for p in view.phases))
+    built, problems = _build_all(net_param, phases, level, stages, input_shapes, source)
+    notes = [f"shapes unknown for the {p}" for p in problems]
+    for problem in problems:
+        log.warning("draw: shapes unknown for the %s", problem)
+    return built, notes
+
+
+def _page(title: str, views: list[View], data: dict) -> str:
+    """The page template filled in: the views' drawings, the nodes' table, style and script."""
     sections = "\n".join(
         f'<div class="view" data-view="{i}" hidden>{view.svg}</div>' for i, view in enumerate(views)
     )
     parts = {
-        "title": html.escape(net_param.name or "Net"),
+        "title": html.escape(title),
         "style": _asset("html_view.css"),
         "views": sections,
         "data": _script_json(data),

@@ -355,15 +355,7 @@ def to_onnx_model(net, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = Fals
     """The net as a checked ``onnx.ModelProto`` (inputs and outputs named after the blobs).
     ``outputs`` (blob names) exports only the layers those blobs need, with them as the
     outputs; by default the net's own outputs."""
-    try:
-        # imported on use: the optional onnx extra, and a heavy import (~1 s)
-        import onnx
-        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
-    except ImportError as exc:
-        raise CaffeAlexError(
-            f"ONNX export needs the '{exc.name}' package: pip install 'caffe-alex[onnx]'"
-        ) from None
-
+    onnx = _import_onnx()
     if outputs:
         net = net_up_to(net, outputs)
     outputs = list(outputs or net.output_names)
@@ -374,23 +366,42 @@ def to_onnx_model(net, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = Fals
     try:
         with _quiet(), _onnx_forms(net, inputs):
             program = _trace(net, inputs, dynamic_batch, outputs)
-            try:
-                onnx_program = torch.onnx.export(
-                    program,
-                    opset_version=opset,
-                    custom_translation_table={_LRN_OP: _lrn_to_onnx, _ROI_OP: _roi_pool_to_onnx},
-                    external_data=False,
-                    verbose=False,
-                )
-                _name_io(onnx_program.model, list(net.input_names), outputs)
-                model = onnx_program.model_proto
-                onnx.checker.check_model(model)
-            except Exception as exc:
-                where = _layer_of_node(net, program, exc)
-                raise _fail(where, f"cannot export to ONNX: {_innermost(exc)}") from exc
+            return _checked_model(onnx, net, program, opset, outputs)
     finally:
         net.train(was_training)
         net.blobs, net.loss = {}, None  # drop traced values
+
+
+def _import_onnx():
+    """The onnx module, or a one-line error naming the package of the onnx extra missing."""
+    try:
+        # imported on use: the optional onnx extra, and a heavy import (~1 s)
+        import onnx
+        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
+    except ImportError as exc:
+        raise CaffeAlexError(
+            f"ONNX export needs the '{exc.name}' package: pip install 'caffe-alex[onnx]'"
+        ) from None
+    return onnx
+
+
+def _checked_model(onnx, net, program, opset: int, outputs: list[str]):
+    """The traced ``program`` translated to ONNX, its inputs and outputs named after the
+    blobs, checked by onnx; a failure names the layer it comes from where it can."""
+    try:
+        onnx_program = torch.onnx.export(
+            program,
+            opset_version=opset,
+            custom_translation_table={_LRN_OP: _lrn_to_onnx, _ROI_OP: _roi_pool_to_onnx},
+            external_data=False,
+            verbose=False,
+        )
+        _name_io(onnx_program.model, list(net.input_names), outputs)
+        model = onnx_program.model_proto
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        where = _layer_of_node(net, program, exc)
+        raise _fail(where, f"cannot export to ONNX: {_innermost(exc)}") from exc
     return model
 
 

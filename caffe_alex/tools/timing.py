@@ -116,14 +116,7 @@ def time_net(
     net.to(device)
     inputs = make_inputs(net, device)
     log = log or (lambda message: None)
-    # Caffe's warm-up: one forward (its loss is printed) and one backward, both untimed
-    log("Performing Forward")
-    net(**inputs)
-    initial_loss = float(net.loss.detach()) if net.loss is not None else 0.0
-    log(f"Initial loss: {initial_loss}")
-    log("Performing Backward")
-    executor = layerwise_executor(net, inputs, device)
-    layerwise_iteration(executor)
+    executor, initial_loss = _warm_up(net, inputs, device, log)
     clock = LayerClock(executor, device)
     log("*** Benchmark begins ***")
     log(f"Testing for {iterations} iterations.")
@@ -133,17 +126,9 @@ def time_net(
         layerwise_iteration(executor)
         iteration_ms.append(clock.total_ms - before)
         log(f"Iteration: {it + 1} forward-backward time: {iteration_ms[-1]:.4g} ms.")
-        outputs, ms = _timed(lambda: net(**inputs), device)
-        net_fwd += ms
-        target = (
-            net.loss
-            if net.loss is not None
-            else sum(o.sum() for o in outputs.values() if o.requires_grad)
-        )
-        if isinstance(target, torch.Tensor) and target.requires_grad:
-            _, ms = _timed(target.backward, device)
-            net_bwd += ms
-        net.zero_grad(set_to_none=True)
+        forward_ms, backward_ms = _whole_module_iteration(net, inputs, device)
+        net_fwd += forward_ms
+        net_bwd += backward_ms
     return TimingReport(
         iterations,
         list(net.layer_names),
@@ -154,6 +139,35 @@ def time_net(
         net_bwd / iterations,
         initial_loss,
     )
+
+
+def _warm_up(net: Net, inputs: dict, device: torch.device, log) -> tuple[BlobExecutor, float]:
+    """Caffe's warm-up: one forward (its loss is printed) and one backward, both untimed.
+    Returns the layer-by-layer executor, warmed up too, and the loss."""
+    log("Performing Forward")
+    net(**inputs)
+    initial_loss = float(net.loss.detach()) if net.loss is not None else 0.0
+    log(f"Initial loss: {initial_loss}")
+    log("Performing Backward")
+    executor = layerwise_executor(net, inputs, device)
+    layerwise_iteration(executor)
+    return executor, initial_loss
+
+
+def _whole_module_iteration(net: Net, inputs: dict, device: torch.device) -> tuple[float, float]:
+    """Milliseconds of one forward and one backward of the ordinary module (one autograd
+    graph); the backward is 0 where nothing needs a gradient."""
+    outputs, forward_ms = _timed(lambda: net(**inputs), device)
+    target = (
+        net.loss
+        if net.loss is not None
+        else sum(o.sum() for o in outputs.values() if o.requires_grad)
+    )
+    backward_ms = 0.0
+    if isinstance(target, torch.Tensor) and target.requires_grad:
+        _, backward_ms = _timed(target.backward, device)
+    net.zero_grad(set_to_none=True)
+    return forward_ms, backward_ms
 
 
 def report_lines(report: TimingReport) -> list[str]:

@@ -91,22 +91,16 @@ def export_torch(net: Net, path, *, dynamic_batch: bool = False, outputs=None) -
 
 def _module_source(net: Net, graph, names, outputs, first: int) -> str:
     python = graph.graph.python_code(root_module="self")
-    imports = []
-    used = [name for name in sorted(python.globals) if re.search(rf"\b{name}\b", python.src)]
-    for name in used:
-        if name not in _GLOBALS:
-            raise CaffeAlexError(f"the traced net uses '{name}', which the written source "
-                                 "cannot import from torch alone")  # fmt: skip
-        imports.append(_GLOBALS[name])
     body = python.src.replace("def forward(self, ", "def _graph(", 1)
     inputs = list(net.input_names)
+    arguments = ", ".join(_identifier(n) for n in inputs)
     lines = [
         f'"""{net.name or "net"}, written by caffe-alex export --torch: plain PyTorch (ATen',
         "operators), runnable with torch alone. Its weights: the .pt file of the same name",
         "(model.load_state_dict(torch.load(path))). Inputs and outputs keep Caffe's blob",
         'names."""',
         "",
-        *dict.fromkeys(imports),
+        *dict.fromkeys(_imports(python)),
         "",
         f"INPUTS = {inputs!r}",
         f"OUTPUTS = {list(outputs)!r}",
@@ -114,27 +108,9 @@ def _module_source(net: Net, graph, names, outputs, first: int) -> str:
         f"PARAMETERS = {[name for name, learnable in names if learnable]!r}  # the rest: buffers",
         "",
         "",
-        "class Net(torch.nn.Module):",
-        "    def __init__(self):",
-        "        super().__init__()",
-        "        for name in ARGUMENTS:  # shapes and values come with load_state_dict",
-        "            self._make(name, torch.empty(0))",
-        "",
-        "    def _make(self, name, value):",
-        "        if name in PARAMETERS:",
-        "            self.register_parameter(name, torch.nn.Parameter(value))",
-        "        else:",
-        "            self.register_buffer(name, value)",
-        "",
-        "    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):",
-        "        for name in ARGUMENTS:  # take the stored shapes",
-        "            if prefix + name in state_dict:",
-        "                self._make(name, torch.empty_like(state_dict[prefix + name]))",
-        "        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)",
-        "",
-        f"    def forward(self, {', '.join(_identifier(n) for n in inputs)}):",
-        "        values = _graph(*[getattr(self, name) for name in ARGUMENTS], "
-        f"{', '.join(_identifier(n) for n in inputs)})",
+        _NET_CLASS,
+        f"    def forward(self, {arguments}):",
+        f"        values = _graph(*[getattr(self, name) for name in ARGUMENTS], {arguments})",
         f"        return dict(zip(OUTPUTS, values[{first}:]))",
         "",
         "",
@@ -142,6 +118,42 @@ def _module_source(net: Net, graph, names, outputs, first: int) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _imports(python) -> list[str]:
+    """The import lines of the names the traced code uses, or an error naming one that torch
+    alone does not give."""
+    imports = []
+    used = [name for name in sorted(python.globals) if re.search(rf"\b{name}\b", python.src)]
+    for name in used:
+        if name not in _GLOBALS:
+            raise CaffeAlexError(f"the traced net uses '{name}', which the written source "
+                                 "cannot import from torch alone")  # fmt: skip
+        imports.append(_GLOBALS[name])
+    return imports
+
+
+# the written module's class up to its forward: the parameters under Caffe's names, each made
+# with the shape the loaded state dict gives it
+_NET_CLASS = """\
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        for name in ARGUMENTS:  # shapes and values come with load_state_dict
+            self._make(name, torch.empty(0))
+
+    def _make(self, name, value):
+        if name in PARAMETERS:
+            self.register_parameter(name, torch.nn.Parameter(value))
+        else:
+            self.register_buffer(name, value)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ARGUMENTS:  # take the stored shapes
+            if prefix + name in state_dict:
+                self._make(name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+"""
 
 
 def _identifier(name: str) -> str:
