@@ -16,7 +16,10 @@ prepared (a copy by default; still a Net, called the same way, run under
 ``bf16=True`` runs the forward under torch.autocast in bfloat16 (outputs back in float32):
 faster on CPUs with AVX512-BF16 or AMX, about 1e-2 relative off (measured and printed by
 ``caffe-alex deploy --bf16``, see ``compare_outputs``). ``compile=True`` (or a backend name)
-wraps the net in torch.compile: a one-time compilation of minutes on a small machine.
+traces the prepared net whole with torch.export and compiles that graph with torch.compile
+(inductor with weight freezing: convolution + bias + ReLU fused, weights prepacked): a
+one-time compilation of a minute or more per input shape on a small machine, then each call
+is one compiled graph; only the outputs and the ``keep`` blobs are written back to ``blobs``.
 
 The default path stays Caffe's numbers: fast is an option (``--fast``), see docs/benchmarks.md.
 """
@@ -34,7 +37,9 @@ from torch import nn
 from ..errors import CaffeAlexError
 from ..log import get_logger
 from ..net import Net
+from ..netparts.inputs import bind_inputs
 from ..registry import BlobList
+from .tracing import quiet_export, trace_net
 
 # What for_inference does, by flag, for docs and messages
 OPTIONS = {
@@ -49,12 +54,13 @@ class _FastForward:
     under torch.inference_mode, around the Net's own forward (set as the instance's
     ``forward``, so the prepared net stays a Net for every caller)."""
 
-    def __init__(self, net: Net, *, channels_last: bool, bf16: bool, compile=False):
+    def __init__(self, net: Net, *, channels_last: bool, bf16: bool, compile=False,
+                 keep: Iterable[str] = ()):  # fmt: skip
         self.net, self.forward = net, Net.forward.__get__(net)
         self.channels_last, self.bf16 = channels_last, bf16
         if compile:
             backend = compile if isinstance(compile, str) else "inductor"
-            self.forward = torch.compile(self.forward, backend=backend, dynamic=False)
+            self.forward = _CompiledForward(net, keep, backend)
 
     def __call__(self, *args, **inputs) -> dict[str, torch.Tensor]:
         if self.channels_last:
@@ -96,9 +102,56 @@ def for_inference(net: Net, *, fast: bool = True, bf16: bool = False, compile=Fa
         get_logger().warning("bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX): "
                              "PyTorch emulates it, several times slower than float32")  # fmt: skip
     if channels_last or bf16 or compile:
-        net.forward = _FastForward(net, channels_last=channels_last, bf16=bf16, compile=compile)
+        net.forward = _FastForward(
+            net, channels_last=channels_last, bf16=bf16, compile=compile, keep=keep
+        )
     net.folded, net.folded_blobs = folded, changed
     return net
+
+
+class _CompiledForward:
+    """torch.compile over the net traced whole (torch.export, non-strict), compiled once per
+    input shapes. Compiling Net.forward itself would not give one graph: its loop calls each
+    layer's forward, and dynamo compiles those shared code objects again for every shape met
+    until its recompile limit, then runs them eagerly. The outputs (and the ``keep`` blobs that
+    exist) are written to ``blobs``, as the exact path leaves them."""
+
+    def __init__(self, net: Net, keep: Iterable[str], backend: str):
+        self.net, self.backend = net, backend
+        wanted = [*net.output_names, *(name for name in keep if name in net.blob_shapes)]
+        self.names = list(dict.fromkeys(wanted))
+        self.compiled = {}
+
+    def __call__(self, *args, **inputs) -> dict[str, torch.Tensor]:
+        bound = bind_inputs(self.net.input_names, args, inputs)
+        values = [bound[name] for name in self.net.input_names]
+        shapes = {name: tuple(v.shape) for name, v in bound.items()}
+        if any(self.net.blob_shapes[name] != shape for name, shape in shapes.items()):
+            self.net.reshape(**shapes)  # blob_shapes as the exact path leaves them
+        key = tuple((v.shape, v.dtype, v.device, v.stride()) for v in values)
+        compiled = self.compiled.get(key)
+        if compiled is None:
+            compiled = self.compiled[key] = self._compile(values)
+        import torch._inductor.config as inductor  # imported on use: heavy, compile only
+
+        with inductor.patch(freezing=True):  # the first call of a shape compiles
+            outputs = compiled(*values)
+        blobs = {**bound, **dict(zip(self.names, outputs))}  # no stale blob of an earlier pass
+        self.net.__dict__["blobs"] = blobs  # as Net.forward sets it (no Module __setattr__)
+        return {name: blobs[name] for name in self.net.output_names}
+
+    def _compile(self, values):
+        wrapped = self.net.__dict__.pop("forward", None)  # trace Net.forward, not this wrapper
+        try:
+            with torch.inference_mode(False), torch.no_grad(), quiet_export():
+                program = trace_net(self.net, tuple(values), False, self.names,
+                                 what="torch.compile")  # fmt: skip
+        finally:
+            if wrapped is not None:
+                self.net.forward = wrapped
+        get_logger().info("compiling the net for inputs %s (once per input shape)",
+                          [tuple(v.shape) for v in values])  # fmt: skip
+        return torch.compile(program.module(), backend=self.backend, dynamic=False)
 
 
 def _device(net: Net) -> torch.device:

@@ -24,22 +24,26 @@ them instead.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import re
 import time
-import warnings
 from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
-from torch import nn
 
 from ..errors import CaffeAlexError
 from ..formats.atomic import atomic_path
 from ..layers.lrn import LRNLayer, cross_channel_lrn
 from ..layers.roi import ROIPoolingLayer
-from ..net import Net
+from .tracing import (
+    example_inputs,
+    innermost_error,
+    layer_error,
+    net_up_to,
+    quiet_export,
+    trace_net,
+)
 
 # 18 is the lowest opset the torch.export-based exporter writes natively; lower ones go
 # through onnx's version converter.
@@ -156,18 +160,6 @@ class ExportResult:
     size_bytes: int
 
 
-class _Outputs(nn.Module):
-    """The net with the blobs ``names`` as a tuple, in that order."""
-
-    def __init__(self, net, names):
-        super().__init__()
-        self.net, self.names = net, list(names)
-
-    def forward(self, *inputs):
-        self.net(*inputs)
-        return tuple(self.net.blobs[name] for name in self.names)
-
-
 def _check_net(net, outputs) -> None:
     if net.phase != "TEST":
         raise CaffeAlexError(f"ONNX export needs a TEST-phase net, got {net.phase}")
@@ -189,100 +181,6 @@ def _check_net(net, outputs) -> None:
             )
 
 
-def net_up_to(net, outputs) -> Net:
-    """A copy of ``net`` with only the layers its blobs ``outputs`` need (the last writer of
-    each, back to the inputs), sharing nothing with it: weights are copied. The inputs no kept
-    layer reads are dropped."""
-    unknown = [name for name in outputs if name not in net.blob_shapes]
-    if unknown:
-        raise CaffeAlexError(f"--outputs: the net has no blob named '{unknown[0]}'")
-    needed, kept = set(outputs), []
-    for layer in reversed(net.net_param.layer):
-        if needed & set(layer.top):
-            kept.append(layer)
-            needed = (needed - set(layer.top)) | set(layer.bottom)
-    param = type(net.net_param)()
-    param.CopyFrom(net.net_param)
-    del param.layer[:]
-    param.layer.extend(reversed(kept))
-    shapes = {name: net.blob_shapes[name] for name in net.input_names}
-    pruned = Net(param, net.phase, input_shapes=shapes, source=net.source)
-    reference = next(net.parameters(), None)
-    if reference is not None:
-        pruned.to(device=reference.device, dtype=reference.dtype)
-    with torch.no_grad():
-        for name, blobs in pruned.params.items():
-            for mine, theirs in zip(blobs, net.params[name]):
-                mine.copy_(theirs)
-    return pruned
-
-
-def _example_inputs(net, dynamic_batch: bool) -> tuple[torch.Tensor, ...]:
-    param = next(net.parameters(), None)
-    dtype = param.dtype if param is not None else torch.float32
-    device = param.device if param is not None else torch.device("cpu")
-    examples = []
-    for name in net.input_names:
-        shape = list(net.blob_shapes[name])
-        if dynamic_batch and shape and shape[0] < 2:
-            shape[0] = 2  # torch.export takes a size of 0 or 1 for a constant
-        examples.append(torch.zeros(shape, dtype=dtype, device=device))
-    return tuple(examples)
-
-
-class _LayerTracker:
-    """Remembers which layer was running when tracing failed, to name it in the error."""
-
-    def __init__(self, net):
-        self.current = None
-        self.handles = []
-        for name, kind in zip(net.layer_names, net.layer_types, strict=True):
-            layer = net.layer(name)
-            self.handles.append(layer.register_forward_pre_hook(self._enter(name, kind)))
-            self.handles.append(layer.register_forward_hook(self._leave))
-
-    def _enter(self, name, kind):
-        def hook(module, args):
-            self.current = (name, kind)
-
-        return hook
-
-    def _leave(self, module, args, output):
-        self.current = None
-
-    def remove(self):
-        for handle in self.handles:
-            handle.remove()
-
-
-@contextlib.contextmanager
-def _quiet():
-    """The exporter warns about things that do not concern the user (blobs kept on the net,
-    optional torchvision ops, deprecations): keep those out of the command's output."""
-    # symbolic_shapes prints a whole graph when a layer's sizes depend on the data; onnx_ir's
-    # optimizer notes the constants (PriorBox) it leaves as they are
-    names = ("torch.onnx", "torch.fx.experimental.symbolic_shapes", "onnx_ir", "onnxscript")
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-
-def _innermost(exc: BaseException) -> str:
-    # torch wraps the real cause in a long explanation: report the innermost message.
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
-
-
 def _layer_of_node(net, program, exc: BaseException) -> tuple[str, str] | None:
     """The layer whose code produced the graph node named in a conversion error."""
     match = None
@@ -300,35 +198,6 @@ def _layer_of_node(net, program, exc: BaseException) -> tuple[str, str] | None:
                 if name is not None:
                     return name, net.layer_types[net.layer_names.index(name)]
     return None
-
-
-def _fail(where, message: str) -> CaffeAlexError:
-    if where is None:
-        return CaffeAlexError(message)
-    return CaffeAlexError(message, layer=where[0], layer_type=where[1])
-
-
-def _trace(net, inputs, dynamic_batch: bool, outputs, what: str = "ONNX"):
-    """torch.export of the net (non-strict: the Python of the layers runs as usual);
-    ``what`` names the export in an error (ONNX, or torch_export.py's PyTorch source)."""
-    wrapper = _Outputs(net, outputs)
-    dynamic = None
-    if dynamic_batch:
-        batch = torch.export.Dim("batch")
-        dynamic = (tuple({0: batch} for _ in inputs),)
-    tracker = _LayerTracker(net)
-    try:
-        return torch.export.export(wrapper, inputs, dynamic_shapes=dynamic, strict=False)
-    except Exception as exc:
-        if dynamic_batch and "specialized it to be a constant" in str(exc):
-            raise CaffeAlexError(
-                f"--dynamic-batch: the net fixes the batch size to {inputs[0].shape[0]} (a "
-                "layer computes sizes from it, e.g. Reshape with explicit dims); export "
-                "without it, or with --input-shape for the batch you need"
-            ) from exc
-        raise _fail(tracker.current, f"cannot export to {what}: {_innermost(exc)}") from exc
-    finally:
-        tracker.remove()
 
 
 def _name_io(model, inputs: list[str], outputs: list[str]) -> None:
@@ -360,12 +229,12 @@ def to_onnx_model(net, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = Fals
         net = net_up_to(net, outputs)
     outputs = list(outputs or net.output_names)
     _check_net(net, outputs)
-    inputs = _example_inputs(net, dynamic_batch)
+    inputs = example_inputs(net, dynamic_batch)
     was_training = net.training
     net.eval()
     try:
-        with _quiet(), _onnx_forms(net, inputs):
-            program = _trace(net, inputs, dynamic_batch, outputs)
+        with quiet_export(), _onnx_forms(net, inputs):
+            program = trace_net(net, inputs, dynamic_batch, outputs)
             return _checked_model(onnx, net, program, opset, outputs)
     finally:
         net.train(was_training)
@@ -401,7 +270,7 @@ def _checked_model(onnx, net, program, opset: int, outputs: list[str]):
         onnx.checker.check_model(model)
     except Exception as exc:
         where = _layer_of_node(net, program, exc)
-        raise _fail(where, f"cannot export to ONNX: {_innermost(exc)}") from exc
+        raise layer_error(where, f"cannot export to ONNX: {innermost_error(exc)}") from exc
     return model
 
 

@@ -24,7 +24,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from ..errors import CaffeAlexError
 from ..formats.atomic import atomic_path
 from ..net import Net
-from .onnx_export import _example_inputs, _quiet, _trace, net_up_to
+from .tracing import example_inputs, net_up_to, quiet_export, trace_net
 
 # what the generated code may name besides torch's operators
 _GLOBALS = {"torch": "import torch", "operator": "import operator", "math": "import math",
@@ -58,9 +58,9 @@ def export_torch(net: Net, path, *, dynamic_batch: bool = False, outputs=None) -
     if not net.input_names:
         raise CaffeAlexError("the net has no inputs (Input or data layers) to export")
     net.eval()
-    inputs = _example_inputs(net, dynamic_batch)
-    with _quiet():
-        program = _trace(net, inputs, dynamic_batch, outputs, what="PyTorch source")
+    inputs = example_inputs(net, dynamic_batch)
+    with quiet_export():
+        program = trace_net(net, inputs, dynamic_batch, outputs, what="PyTorch source")
     graph = program.graph_module
     code = graph.code
     foreign = sorted(set(re.findall(r"torch\.ops\.(\w+)\.", code)) - {"aten", "prims"})

@@ -171,6 +171,25 @@ def test_compare_outputs_is_relative_to_the_largest_value():
     }
 
 
+@pytest.mark.subprocess  # inductor's compile workers
+def test_compile_runs_the_net_as_one_graph_per_input_shape():
+    import torch._dynamo.utils as dynamo_utils
+
+    net = Net(parse_net(BN_NET), "TEST")
+    random_weights(net, seed=7)
+    compiled = for_inference(net, compile=True, keep=["gap"])
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    for batch in (2, 5, 2):  # the third call reuses the first shape's graph
+        x = torch.randn(batch, 3, 8, 8, generator=torch.Generator().manual_seed(batch))
+        exact, got = run_both(net, compiled, ["prob", "gap"], {"data": x})
+        assert max(compare_outputs(exact, got).values()) < 1e-5
+        assert set(compiled.blobs) == {"data", "prob", "gap"}  # nothing stale of an old pass
+        assert compiled.blob_shapes["prob"] == (batch, 3)
+    # one graph per shape: compiling Net.forward instead would capture each layer apart
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == 2
+
+
 # ---- the hook: deploy, extract-features, export ------------------------------------------------
 BN_NET = """name: "bn_net"
 layer { name: "data" type: "Input" top: "data"
