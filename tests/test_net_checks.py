@@ -316,6 +316,15 @@ DEFINITION_CASES = {
         "inner_product_param { num_output: 3 } }\n",
         "shared parameter 'w' (blob 0) has shape [3, 2], but owner layer 'a' has [2, 3]",
     ),
+    "shared blob of another shape, a layer after it": (
+        input_layer(2, 3)
+        + f'layer {{ name: "a" type: "InnerProduct" bottom: "data" top: "a" param {{ name: "w" }} '
+        f"{FC} }}\n"
+        'layer { name: "b" type: "InnerProduct" bottom: "a" top: "b" param { name: "w" } '
+        "inner_product_param { num_output: 3 } }\n"
+        'layer { name: "c" type: "ReLU" bottom: "b" top: "c" }\n',
+        "shared parameter 'w' (blob 0) has shape [3, 2], but owner layer 'a' has [2, 3]",
+    ),
     "shared blob with another lr_mult": (
         input_layer(2, 2) + f'layer {{ name: "a" type: "InnerProduct" bottom: "data" top: "a" '
         f'param {{ name: "w" lr_mult: 1 }} {FC} }}\n'
@@ -331,7 +340,10 @@ def test_caffes_net_definition_checks(tmp_path, text, message):
     with pytest.raises(CaffeAlexError) as info:
         build_file(tmp_path, text)
     assert message in str(info.value)
-    assert info.value.line is not None
+    # the line is the named layer's own block (build_file adds a first line)
+    lines = ('name: "checks"\n' + text).splitlines()
+    block = [i for i, line in enumerate(lines, 1) if f'name: "{info.value.layer}"' in line]
+    assert info.value.line == block[-1], (info.value.line, block, str(info.value))
 
 
 def test_tops_repeated_in_place_are_allowed_as_in_caffe():

@@ -61,8 +61,8 @@ class PlanBuilder:
         return self.steps
 
     def add_layer(self, lp: caffe_pb2.LayerParameter) -> None:
-        # an error located at the layer being built (its name and type, the net's count)
-        fail = functools.partial(self.net._fail, lp)
+        # an error located at the layer being built, also after _record has counted it
+        fail = functools.partial(self.net._fail, lp, position=len(self.net.layer_names))
         try:
             cls = get_layer_class(lp.type)
         except LayerConfigError as exc:
