@@ -205,14 +205,22 @@ class BlobExecutor:
         test pass), so no layer keeps a graph."""
         self._batch, self._given = batch, batch is not None
         self._record = record and torch.is_grad_enabled()  # (torch.no_grad around: no graph)
-        for blob in _flatten(self.param_blobs[first : None if last is None else last + 1]):
-            blob.sync()  # values Python wrote to a GPU net's host copy
+        self.sync_params(first, last)
         try:
             with self.net.threads():  # a small net on one thread (Net.thread_policy)
                 loss = self.net.run(self._live, first, last, call=self._forward_layer)
         finally:
             self._batch = None
         return loss.detach() if loss is not None else None
+
+    def sync_params(self, first: int = 0, last: int | None = None) -> None:
+        """Values Python wrote to a GPU net's host copy of the parameters, into the net."""
+        for blob in _flatten(self.param_blobs[first : None if last is None else last + 1]):
+            blob.sync()
+
+    def has_python_layer(self) -> bool:
+        """A layer runs its own blob_forward/blob_backward (a Python layer)."""
+        return any(self._python)
 
     def _forward_layer(self, position: int, layer, bottoms):
         self._run_hooks("before_forward", position)

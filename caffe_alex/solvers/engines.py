@@ -6,7 +6,12 @@
 - ``BlobEngine``: Caffe's execution (layerwise.py's BlobExecutor): persistent blobs, layer by
   layer forward and backward, every blob's diff kept after the backward as Caffe keeps it. The
   solvers of pycaffe use it, so that ``solver.net.blobs[...]`` shows what Caffe shows after
-  ``step`` and ``net.after_backward`` callbacks run between layers.
+  ``step`` and ``net.after_backward`` callbacks run between layers. Where nothing can watch a
+  blob between two iterations (no Python layer, no layer hook), the solver asks it to skip the
+  blobs (``skip_blobs``) for every iteration but the last of a ``step`` and every test batch
+  but the last of a pass: such a pass runs as one graph (the same numbers, the same data and
+  random draws, in one backward instead of one per layer), and the blobs Python reads after
+  ``step`` or a test are those of the last pass, run layer by layer, as Caffe leaves them.
 
 Both answer ``forward(batch, grad)`` with (outputs by name, loss tensor or None),
 ``backward(loss)``, and ``blob(name)`` (a blob's values after the last forward).
@@ -28,11 +33,13 @@ def make_engines(nets: dict, precision, device, feeds, layerwise: bool) -> dict:
     if precision.autocast is not None or precision.channels_last:
         raise CaffeAlexError("precision and channels_last need the nets run as one graph "
                              "(not layerwise)")  # fmt: skip
-    return {key: BlobEngine(net, device, source=lambda key=key: next(feeds[key]))
+    return {key: BlobEngine(net, device, precision, source=lambda key=key: next(feeds[key]))
             for key, net in nets.items()}  # fmt: skip
 
 
 class GraphEngine:
+    skip_blobs = False  # it keeps no persistent blobs: nothing to skip
+
     def __init__(self, net, precision):
         self.net, self.precision = net, precision
 
@@ -50,17 +57,34 @@ class GraphEngine:
 
 
 class BlobEngine:
-    def __init__(self, net, device, source=None):
+    def __init__(self, net, device, precision, source=None):
         self.net = net
         self.executor = BlobExecutor(net, device, source=source)
+        self.graph = GraphEngine(net, precision)
+        self.skip_blobs = False  # set by the solver before each pass (see the module's notes)
+        self._as_graph = False  # how the last forward ran
+
+    def _unwatched(self) -> bool:
+        """Nothing runs between the layers: no Python layer, no before/after hook."""
+        executor = self.executor
+        return not executor.has_python_layer() and not any(executor.hooks.values())
 
     def forward(self, batch: dict, grad: bool = True):
+        self._as_graph = self.skip_blobs and batch is not None and self._unwatched()
+        if self._as_graph:
+            self.executor.sync_params()  # values Python wrote into a parameter's blob
+            return self.graph.forward(batch, grad)
         loss = self.executor.forward(batch=batch, record=grad)
         blobs = self.executor.blobs
         return {name: blobs[name].data_tensor() for name in self.net.output_names}, loss
 
     def backward(self, loss) -> None:
-        self.executor.backward()
+        if self._as_graph:
+            self.graph.backward(loss)
+        else:
+            self.executor.backward()
 
     def blob(self, name: str) -> torch.Tensor:
+        if self._as_graph:
+            return self.graph.blob(name)
         return self.executor.blobs[name].data_tensor()

@@ -77,8 +77,11 @@ class SolverTests:
         net, iters = self.nets[index], self.param.test_iter[index]
         with_loss = self.param.test_compute_loss
 
+        passes = iter(range(iters, 0, -1))  # batches left, this one included
+
         def forward(batch):
-            outputs, loss = self._forward(index, batch, grad=False)
+            # only the pass's last batch need leave its blobs (engines.py's skip_blobs)
+            outputs, loss = self._forward(index, batch, grad=False, keep_blobs=next(passes) == 1)
             return outputs, loss if with_loss else None
 
         def stop() -> bool:

@@ -184,12 +184,13 @@ class Solver:
         stop_iter = self.iter + iters
         self._progress.restart(self.iter)
         with self.train_net.threads():  # a small net's backward and update on one thread too
-            while self.iter < stop_iter and self._iteration():
+            while self.iter < stop_iter and self._iteration(self.iter == stop_iter - 1):
                 pass
         self._progress.loss.flush()
 
-    def _iteration(self) -> bool:
-        """One pass of Step's loop; False when training stops here."""
+    def _iteration(self, last: bool = True) -> bool:
+        """One pass of Step's loop; False when training stops here. ``last``: the last of a
+        ``step``, whose blobs Python may read after it (engines.py's ``skip_blobs``)."""
         began = time.perf_counter()
         for info in self.train_net.param_infos:  # ClearParamDiffs
             info.param.grad = None
@@ -198,7 +199,8 @@ class Solver:
         for hook in self.start_hooks:
             hook()
         display = self._progress.due(self.iter) and self.is_root
-        loss = self._forward_backward(display and self.param.debug_info)
+        watched = bool(last or self.start_hooks or self.gradient_hooks)
+        loss = self._forward_backward(display and self.param.debug_info, keep_blobs=watched)
         self._progress.loss.add_lazily(self.iter, loss)
         if display:
             self._progress.show(self.iter, self.train_net, self.engines["train"].blob)
@@ -223,14 +225,15 @@ class Solver:
             self._requests.after_test(self.ranks, self.snapshot)
         return not self._requests.early_exit
 
-    def _forward_backward(self, debug: bool) -> torch.Tensor:
+    def _forward_backward(self, debug: bool, keep_blobs: bool = True) -> torch.Tensor:
         engine, total, passes = self.engines["train"], None, self.param.iter_size
         for index in range(passes):
             batch = next(self.feeds["train"])
             if self._progress.batch_size is None:
                 self._progress.batch_size = next((int(v.shape[0]) for v in batch.values()), 1)
             self.ranks.arm(index == passes - 1)  # the last pass's gradients are final
-            _, loss = self._forward("train", batch)
+            last_pass = keep_blobs and index == passes - 1  # only its blobs stay to be read
+            _, loss = self._forward("train", batch, keep_blobs=last_pass)
             engine.backward(loss)
             if loss is None:
                 loss = torch.zeros((), device=self.device)
@@ -241,12 +244,15 @@ class Solver:
             total = loss if total is None else total + loss
         return total if passes == 1 else total / passes
 
-    def _forward(self, key, batch: dict, grad: bool = True):
+    def _forward(self, key, batch: dict, grad: bool = True, keep_blobs: bool = True):
         """Run net ``key`` ("train" or a test net's index) on ``batch``: (outputs, loss). An
         error about one item of the batch (a bad label) also names the record it came from,
-        which only the feed knows."""
+        which only the feed knows. ``keep_blobs`` False: Python cannot read this pass's blobs
+        (engines.py's ``skip_blobs``)."""
+        engine = self.engines[key]
+        engine.skip_blobs = not keep_blobs
         try:
-            return self.engines[key].forward(batch, grad)
+            return engine.forward(batch, grad)
         except CaffeAlexError as exc:
             name_the_record(exc, self.feeds[key])
             raise

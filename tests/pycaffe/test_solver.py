@@ -176,3 +176,68 @@ def test_nccl_trains_as_caffe_alex_train_on_two_gpus(tmp_path, layer_wise):
     for a, b in zip(two["ip"], single.net.params["ip"]):
         want = b.data
         np.testing.assert_allclose(a.data.reshape(want.shape), want, rtol=1e-5, atol=1e-6)
+
+
+BRANCHY_NET = """name: "branchy"
+layer { name: "data" type: "HDF5Data" top: "data" top: "label"
+  hdf5_data_param { source: "%s" batch_size: 8 } }
+layer { name: "ip1" type: "InnerProduct" bottom: "data" top: "ip1"
+  inner_product_param { num_output: 16 weight_filler { type: "xavier" } } }
+layer { name: "relu" type: "ReLU" bottom: "ip1" top: "ip1" }
+layer { name: "drop" type: "Dropout" bottom: "ip1" top: "drop"
+  dropout_param { dropout_ratio: 0.3 } }
+layer { name: "ip2" type: "InnerProduct" bottom: "drop" top: "ip2"
+  inner_product_param { num_output: 4 weight_filler { type: "xavier" } } }
+layer { name: "side" type: "InnerProduct" bottom: "ip1" top: "side"
+  inner_product_param { num_output: 4 weight_filler { type: "xavier" } } }
+layer { name: "sum" type: "Eltwise" bottom: "ip2" bottom: "side" top: "sum" }
+layer { name: "accuracy" type: "Accuracy" bottom: "sum" bottom: "label" top: "accuracy"
+  include { phase: TEST } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "sum" bottom: "label" top: "loss" }
+"""
+
+
+def _run_branchy(tiny, tmp_path, monkeypatch, layer_by_layer: bool):
+    """A solver over a net with a blob read twice, an in-place layer and Dropout, iter_size 2;
+    ``layer_by_layer``: every pass through the blobs (no pass run as one graph)."""
+    from caffe_alex.solvers import engines
+
+    net = tmp_path / "branchy.prototxt"
+    net.write_text(BRANCHY_NET % (tiny["prefix"].parent / "list.txt"))
+    text = tiny["solver"].read_text().replace(str(tiny["net"]), str(net))
+    solver_path = tmp_path / "branchy_solver.prototxt"
+    solver_path.write_text(text + "iter_size: 2\n")
+    graph_passes = []
+    original = engines.GraphEngine.forward
+    monkeypatch.setattr(engines.GraphEngine, "forward",
+                        lambda self, *a, **k: graph_passes.append(1) or original(self, *a, **k))
+    if layer_by_layer:
+        monkeypatch.setattr(engines.BlobEngine, "_unwatched", lambda self: False)
+    solver = caffe.SGDSolver(str(solver_path))
+    solver.step(5)
+    trained = {name: [b.data.copy() for b in blobs] for name, blobs in solver.net.params.items()}
+    train_blobs = {name: (b.data.copy(), b.diff.copy()) for name, b in solver.net.blobs.items()}
+    scores = solver._solver.test(0)
+    test_blobs = {name: b.data.copy() for name, b in solver.test_nets[0].blobs.items()}
+    monkeypatch.undo()
+    return trained, train_blobs, scores, test_blobs, len(graph_passes)
+
+
+def test_step_runs_passes_python_cannot_see_as_one_graph_with_the_same_numbers(
+    tiny, tmp_path, monkeypatch
+):
+    fast = _run_branchy(tiny, tmp_path, monkeypatch, layer_by_layer=False)
+    exact = _run_branchy(tiny, tmp_path, monkeypatch, layer_by_layer=True)
+    # as one graph: 4 iterations of 2 passes, the last iteration's first pass, and the first
+    # of the 2 batches of each test pass (at iterations 0 and 3, and the one asked after);
+    # through the blobs: the last pass of step and the last batch of each test
+    assert fast[4] == 4 * 2 + 1 + 3 and exact[4] == 0
+    for name, blobs in exact[0].items():  # the weights, bit for bit
+        for a, b in zip(fast[0][name], blobs):
+            np.testing.assert_array_equal(a, b)
+    for name, (data, diff) in exact[1].items():  # what Python reads after step
+        np.testing.assert_array_equal(fast[1][name][0], data, err_msg=name)
+        np.testing.assert_array_equal(fast[1][name][1], diff, err_msg=name)
+    assert fast[2] == exact[2]
+    for name, data in exact[3].items():
+        np.testing.assert_array_equal(fast[3][name], data, err_msg=name)
