@@ -16,7 +16,7 @@ the GFLOP/s of a large float32 matmul measured in the same run, before each net 
 2048 x 2048, the best seen so far: the reference peak, not the datasheet's).
 
     python benchmarks/inference_vs_opencv.py [--nets alexnet,googlenet,resnet50,mobilenet]
-        [--batches 1,16] [--rounds 5] [--bf16]
+        [--batches 1,16] [--rounds 5] [--bf16] [--compile]
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def _timed(fn) -> float:
     return time.perf_counter() - began
 
 
-def contenders(path: Path, batch: int, folder: str, bf16: bool):
+def contenders(path: Path, batch: int, folder: str, bf16: bool, compile: bool = False):
     """(runs {label: fn}, blobs {label: the blobs of its last call}, net, multiply-adds per
     batch)."""
     import cv2  # imported on use: only this benchmark needs OpenCV
@@ -121,6 +121,14 @@ def contenders(path: Path, batch: int, folder: str, bf16: bool):
         low = for_inference(net, bf16=True)
         runs["fast+bf16"] = lambda: low(**{name: x})
         blobs["fast+bf16"] = lambda: low.blobs
+    if compile:  # the fast path traced whole and compiled; the scores kept for the diff
+        scores = net.steps[-1].bottoms[0] if net.layer_types[-1] == "Softmax" else None
+        built = for_inference(net, compile=True, keep=[scores] if scores else ())
+        began = time.perf_counter()
+        built(**{name: x})
+        print(f"  ({path.stem} batch {batch}: compiled in {time.perf_counter() - began:.0f} s)")
+        runs["fast+compile"] = lambda: built(**{name: x})
+        blobs["fast+compile"] = lambda: built.blobs
     return runs, blobs, net, macs
 
 
@@ -130,6 +138,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--bf16", action="store_true", help="also time the fast path in bf16")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the fast path compiled (torch.compile: minutes)",
+    )
     args = parser.parse_args(argv)
     import cv2
 
@@ -142,7 +155,9 @@ def main(argv=None) -> dict:
         for name in args.nets.split(","):
             for batch in (int(b) for b in args.batches.split(",")):
                 peak = max(peak, peak_gflops())  # the best seen: load only lowers it
-                runs, blobs, net, macs = contenders(NETS[name], batch, folder, args.bf16)
+                runs, blobs, net, macs = contenders(
+                    NETS[name], batch, folder, args.bf16, args.compile
+                )
                 for fn in runs.values():  # warm-up
                     fn()
                 times = {label: [] for label in runs}

@@ -66,6 +66,8 @@ def _preprocessing(fn):
                "into the convolutions, channels_last (within 1e-5 of Caffe's numbers)."),
         option("bf16", is_flag=True, help="Run in bfloat16 (about 1e-2 off; the difference on "
                "the first batch is printed)."),
+        option("compile", is_flag=True, help="torch.compile the net traced "
+               "whole (a minute or more per batch shape first; pays on many images)."),
     ]  # fmt: skip
     for add_option in reversed(options):
         fn = add_option(fn)
@@ -85,7 +87,7 @@ def _classifier(opts: dict, net=None, image_dims=None, keep=()):
                      raw_scale=opts["raw_scale"], input_scale=opts["input_scale"],
                      device=choose_device(opts["gpu"]), batch_size=opts["batch_size"],
                      channels_last=opts["channels_last"], fast=opts["fast"], bf16=opts["bf16"],
-                     keep=keep)  # fmt: skip
+                     compile=opts["compile"], keep=keep)  # fmt: skip
     if mean is not None and mean.ndim == 1 and mean.size == 1:
         mean = mean.repeat(clf.channels)  # one value for all channels, as Caffe's mean_value
     if mean is not None:
@@ -333,9 +335,9 @@ def extract_features(blobs, source, out, num_batches, **opts) -> None:
         _report_cost(clf)
     else:
         net = _data_net(opts["model"], database, opts["weights"])
-        if opts["fast"] or opts["bf16"]:
+        if opts["fast"] or opts["bf16"] or opts["compile"]:
             net = for_inference(net, fast=opts["fast"], bf16=opts["bf16"], keep=names,
-                                copy_net=False)  # fmt: skip
+                                compile=opts["compile"], copy_net=False)  # fmt: skip
         device = choose_device(opts["gpu"])
         features.extract_features(net, names, out, num_batches=num_batches, device=device)
 

@@ -61,7 +61,7 @@ class Classifier:
     def __init__(self, model, weights=None, image_dims=None, mean=None, input_scale=None,
                  raw_scale=None, channel_swap=None, *, device="cpu", batch_size=None,
                  channels_last=False, transformer=Transformer, fast=False, bf16=False,
-                 keep=()):  # fmt: skip
+                 compile=False, keep=()):  # fmt: skip
         net = model if isinstance(model, Net) else Net.from_prototxt(model, "TEST")
         if weights:
             net.load_weights(weights)
@@ -70,8 +70,8 @@ class Classifier:
         # the inference fast path on request (inference.py: ``keep`` names blobs read besides
         # the outputs); with bf16 the exact net stays, to measure bf16's cost (``cost``)
         self.exact, self.cost = (self.net if bf16 else None), None
-        if fast or bf16:
-            self.net = for_inference(self.net, fast=fast, bf16=bf16, keep=keep,
+        if fast or bf16 or compile:
+            self.net = for_inference(self.net, fast=fast, bf16=bf16, compile=compile, keep=keep,
                                      copy_net=bf16 or isinstance(model, Net))  # fmt: skip
         # NHWC kernels and inputs: other convolution and pooling code, often faster on CPUs
         # (MobileNet-SSD and SSD300 about 10%), with float results equal up to rounding

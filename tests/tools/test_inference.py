@@ -290,3 +290,28 @@ def test_export_fast_writes_the_folded_net(bn_files):
     sess = ort.InferenceSession(paths[("--fast",)], providers=["CPUExecutionProvider"])
     (prob,) = sess.run(["prob"], {"data": x})
     np.testing.assert_allclose(prob, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.subprocess  # inductor's compile workers
+def test_deploy_and_extract_features_compile_give_the_exact_numbers(bn_files, tmp_path):
+    images = [str(bn_files / f"{i}.png") for i in range(3)]
+    runs = {flag: cli(bn_files, "deploy", "--format", "json", "--top", "3", *flag, *images)
+            for flag in ((), ("--compile",), ("--fast", "--compile"))}  # fmt: skip
+    for result in runs.values():
+        assert result.exit_code == 0, result.output
+    import json
+
+    scores = {f: [[c["probability"] for c in sorted(row["top"], key=lambda c: c["index"])]
+                  for row in json.loads(r.stdout)] for f, r in runs.items()}  # fmt: skip
+    for flag in (("--compile",), ("--fast", "--compile")):
+        np.testing.assert_allclose(scores[flag], scores[()], rtol=1e-5, atol=1e-7)
+    got = {}
+    for flag in ((), ("--compile",)):
+        out = tmp_path / f"f{len(flag)}.npz"
+        result = cli(bn_files, "extract-features", "--blobs", "gap,fc", "--out", str(out),
+                     *flag, "--source", *images[:2])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        got[flag] = dict(np.load(out))
+    for blob in ("gap", "fc"):  # a kept blob and an output, both from the compiled graph
+        np.testing.assert_allclose(got[("--compile",)][blob], got[()][blob], rtol=1e-5,
+                                   atol=1e-6)  # fmt: skip
