@@ -309,7 +309,7 @@ def test_deploy_and_extract_features_compile_give_the_exact_numbers(bn_files, tm
     for flag in ((), ("--compile",)):
         out = tmp_path / f"f{len(flag)}.npz"
         result = cli(bn_files, "extract-features", "--blobs", "gap,fc", "--out", str(out),
-                     *flag, "--source", *images[:2])  # fmt: skip
+                     *flag, "--source", images[0], "--source", images[1])  # fmt: skip
         assert result.exit_code == 0, result.output
         got[flag] = dict(np.load(out))
     for blob in ("gap", "fc"):  # a kept blob and an output, both from the compiled graph
