@@ -27,7 +27,7 @@ caffe-alex: its thread policy).
 
     python benchmarks/vs_caffe.py --caffe /path/to/build/tools/caffe \
         [--pycaffe-python PY --pycaffe-path DIR] [--cases logreg,lenet,alexnet32,...]
-        [--rounds 3] [--lenet-iters 10000]
+        [--rounds 3] [--lenet-iters 10000] [--train-args "--channels-last"]
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ class Sides:
     def __init__(self, args):
         self.caffe = args.caffe
         self.pycaffe_python, self.pycaffe_path = args.pycaffe_python, args.pycaffe_path
+        self.train_args = args.train_args.split()
 
     def train(self, side: str, solver: Path) -> tuple[float, str]:
         """(wall seconds, log text) of one training run."""
@@ -74,7 +75,8 @@ class Sides:
             command = [self.caffe, "train", f"-solver={solver}"]
             env = {**os.environ, "GLOG_logtostderr": "1"}
         else:
-            command = [sys.executable, "-m", "caffe_alex", "train", "--solver", str(solver)]
+            command = [sys.executable, "-m", "caffe_alex", "train", "--solver", str(solver),
+                       *self.train_args]  # fmt: skip
             env = {**os.environ, "PYTHONPATH": str(ROOT)}
         began = time.perf_counter()
         done = subprocess.run(command, env=env, cwd=solver.parent, capture_output=True, text=True)
@@ -132,8 +134,13 @@ def case_logreg(sides: Sides, folder: Path, args) -> None:
     _, _, listing = logreg_data(folder)
     net = text_format.Parse(LOGREG_NET % listing, caffe_pb2.NetParameter())
     solver = text_format.Parse(NOTEBOOK_SOLVER, caffe_pb2.SolverParameter())
-    cost = per_iteration(sides, lambda n: write_solver(folder, f"logreg{n}", solver, net,
-                                                       max_iter=n), 1000, 11000, args.rounds)
+    cost = per_iteration(
+        sides,
+        lambda n: write_solver(folder, f"logreg{n}", solver, net, max_iter=n),
+        1000,
+        11000,
+        args.rounds,
+    )
     _report("logreg, per training iteration", cost, "ms", 1e3)
 
 
@@ -192,8 +199,12 @@ def case_pycaffe_logreg(sides: Sides, folder: Path, args) -> None:
     for _ in range(args.rounds):
         for side in times:
             times[side].append(sides.script(side, script, folder))
-    _report("brewing-logreg notebook as a script (2 x 10,000 iterations, whole script)",
-            {side: statistics.median(t) for side, t in times.items()}, "s", 1)
+    _report(
+        "brewing-logreg notebook as a script (2 x 10,000 iterations, whole script)",
+        {side: statistics.median(t) for side, t in times.items()},
+        "s",
+        1,
+    )
 
 
 def _report(title: str, cost: dict[str, float], unit: str, scale: float) -> None:
@@ -211,6 +222,9 @@ def main(argv=None) -> None:
     parser.add_argument("--cases", default="logreg,pycaffe-logreg,alexnet32,lenet")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--lenet-iters", type=int, default=10000)
+    parser.add_argument(
+        "--train-args", default="", help="more options for caffe-alex train, e.g. '--channels-last'"
+    )
     args = parser.parse_args(argv)
     sides = Sides(args)
     cases = {
