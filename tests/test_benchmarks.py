@@ -36,3 +36,14 @@ def test_benchmarks_run_at_a_tiny_size(name):
                           env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ratio" in done.stdout or "images/s" in done.stdout
+
+
+@pytest.mark.subprocess
+def test_the_brewing_logreg_script_runs_under_our_caffe(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "benchmarks/scripts/brewing_logreg.py", str(tmp_path),
+                           "300"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    accuracies = [float(line.split()[-1]) for line in done.stdout.splitlines()]
+    assert len(accuracies) == 2 and min(accuracies) > 0.8  # a separable problem, learnt

@@ -9,7 +9,9 @@ trained by ``solver.solve()`` for 10,000 SGD iterations (the notebook's solver: 
 step policy, momentum 0.9, weight decay 5e-4, a test pass of 250 batches every 1,000); the
 test accuracy of each printed.
 
-    python benchmarks/scripts/brewing_logreg.py FOLDER
+    python benchmarks/scripts/brewing_logreg.py FOLDER [ITERATIONS]
+
+(ITERATIONS, default the notebook's 10,000, shortens both solves for a quick check.)
 """
 
 import os
@@ -75,7 +77,7 @@ def nonlinear(hdf5, batch_size):
     return n.to_proto()
 
 
-def train(folder, name, make, train_list, test_list):
+def train(folder, name, make, train_list, test_list, iterations=10000):
     paths = {}
     for part, listing in (("train", train_list), ("test", test_list)):
         paths[part] = os.path.join(folder, f"{name}_{part}.prototxt")
@@ -83,7 +85,8 @@ def train(folder, name, make, train_list, test_list):
             f.write(str(make(listing, 10)))
     solver_path = os.path.join(folder, name + "_solver.prototxt")
     with open(solver_path, "w") as f:
-        f.write(SOLVER.format(prefix=os.path.join(folder, name), **paths))
+        text = SOLVER.format(prefix=os.path.join(folder, name), **paths)
+        f.write(text.replace("max_iter: 10000", f"max_iter: {iterations}"))
     solver = caffe.get_solver(solver_path)
     solver.solve()
     accuracy = 0
@@ -93,13 +96,13 @@ def train(folder, name, make, train_list, test_list):
     return accuracy / 250
 
 
-def main(folder):
+def main(folder, iterations=10000):
     caffe.set_mode_cpu()
     train_list, test_list = write_data(folder)
     for name, make in (("logreg", logreg), ("nonlinear", nonlinear)):
-        accuracy = train(folder, name, make, train_list, test_list)
+        accuracy = train(folder, name, make, train_list, test_list, iterations)
         print(f"{name} accuracy {float(accuracy):.3f}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], *(int(n) for n in sys.argv[2:3]))
