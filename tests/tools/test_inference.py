@@ -233,16 +233,36 @@ def cli(folder, command, *args):
     return CliRunner().invoke(main, base + list(args))
 
 
-def test_deploy_fast_and_bf16_classify_as_the_exact_path(bn_files):
-    images = [str(bn_files / f"{i}.png") for i in range(3)]
-    runs = {flag: cli(bn_files, "deploy", "--format", "json", "--top", "3", *flag, *images)
-            for flag in ((), ("--fast",), ("--bf16",))}  # fmt: skip
-    for result in runs.values():
-        assert result.exit_code == 0, result.output
+def deploy_scores(folder, flags) -> tuple[dict, dict]:
+    """({flags: per image, the probabilities by class index}, {flags: the run}) of deploy on
+    the three images, once per tuple of options in ``flags``."""
     import json
 
+    images = [str(folder / f"{i}.png") for i in range(3)]
+    runs = {flag: cli(folder, "deploy", "--format", "json", "--top", "3", *flag, *images)
+            for flag in flags}  # fmt: skip
+    for result in runs.values():
+        assert result.exit_code == 0, result.output
     scores = {f: [[c["probability"] for c in sorted(row["top"], key=lambda c: c["index"])]
                   for row in json.loads(r.stdout)] for f, r in runs.items()}  # fmt: skip
+    return scores, runs
+
+
+def features(folder, out_folder, blobs: str, flags) -> dict:
+    """{flags: {blob: array}} of extract-features on two images, once per options tuple."""
+    images = [str(folder / f"{i}.png") for i in range(2)]
+    got = {}
+    for flag in flags:
+        out = out_folder / f"f{len(flag)}.npz"
+        result = cli(folder, "extract-features", "--blobs", blobs, "--out", str(out), *flag,
+                     "--source", images[0], "--source", images[1])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        got[flag] = dict(np.load(out))
+    return got
+
+
+def test_deploy_fast_and_bf16_classify_as_the_exact_path(bn_files):
+    scores, runs = deploy_scores(bn_files, ((), ("--fast",), ("--bf16",)))
     np.testing.assert_allclose(scores[("--fast",)], scores[()], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(scores[("--bf16",)], scores[()], rtol=5e-2, atol=1e-2)
     assert "bf16 cost on the first batch: prob within" in runs[("--bf16",)].stderr
@@ -250,14 +270,7 @@ def test_deploy_fast_and_bf16_classify_as_the_exact_path(bn_files):
 
 
 def test_extract_features_fast_keeps_the_blobs_it_writes(bn_files):
-    images = [str(bn_files / f"{i}.png") for i in range(3)]
-    got = {}
-    for flag in ((), ("--fast",)):
-        out = bn_files / f"f{len(flag)}.npz"
-        result = cli(bn_files, "extract-features", "--blobs", "conv,fc", "--out", str(out),
-                     *flag, "--source", *images[:1], "--source", images[1])  # fmt: skip
-        assert result.exit_code == 0, result.output
-        got[flag] = dict(np.load(out))
+    got = features(bn_files, bn_files, "conv,fc", ((), ("--fast",)))
     assert got[()]["conv"].shape == (2, 6, 8, 8)
     # "conv" is read, so its BatchNorm and Scale stay: the values are the exact path's
     np.testing.assert_array_equal(got[("--fast",)]["conv"], got[()]["conv"])
@@ -294,24 +307,10 @@ def test_export_fast_writes_the_folded_net(bn_files):
 
 @pytest.mark.subprocess  # inductor's compile workers
 def test_deploy_and_extract_features_compile_give_the_exact_numbers(bn_files, tmp_path):
-    images = [str(bn_files / f"{i}.png") for i in range(3)]
-    runs = {flag: cli(bn_files, "deploy", "--format", "json", "--top", "3", *flag, *images)
-            for flag in ((), ("--compile",), ("--fast", "--compile"))}  # fmt: skip
-    for result in runs.values():
-        assert result.exit_code == 0, result.output
-    import json
-
-    scores = {f: [[c["probability"] for c in sorted(row["top"], key=lambda c: c["index"])]
-                  for row in json.loads(r.stdout)] for f, r in runs.items()}  # fmt: skip
+    scores, _ = deploy_scores(bn_files, ((), ("--compile",), ("--fast", "--compile")))
     for flag in (("--compile",), ("--fast", "--compile")):
         np.testing.assert_allclose(scores[flag], scores[()], rtol=1e-5, atol=1e-7)
-    got = {}
-    for flag in ((), ("--compile",)):
-        out = tmp_path / f"f{len(flag)}.npz"
-        result = cli(bn_files, "extract-features", "--blobs", "gap,fc", "--out", str(out),
-                     *flag, "--source", images[0], "--source", images[1])  # fmt: skip
-        assert result.exit_code == 0, result.output
-        got[flag] = dict(np.load(out))
+    got = features(bn_files, tmp_path, "gap,fc", ((), ("--compile",)))
     for blob in ("gap", "fc"):  # a kept blob and an output, both from the compiled graph
         np.testing.assert_allclose(got[("--compile",)][blob], got[()][blob], rtol=1e-5,
                                    atol=1e-6)  # fmt: skip
