@@ -27,7 +27,7 @@ caffe-alex: its thread policy).
 
     python benchmarks/vs_caffe.py --caffe /path/to/build/tools/caffe \
         [--pycaffe-python PY --pycaffe-path DIR] [--cases logreg,lenet,alexnet32,...]
-        [--rounds 3] [--lenet-iters 10000] [--train-args "--channels-last"]
+        [--rounds 3] [--lenet-iters 10000] [--train-args=--channels-last]
 """
 
 from __future__ import annotations
@@ -223,7 +223,9 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--lenet-iters", type=int, default=10000)
     parser.add_argument(
-        "--train-args", default="", help="more options for caffe-alex train, e.g. '--channels-last'"
+        "--train-args",
+        default="",
+        help="more options for caffe-alex train: --train-args=--channels-last",
     )
     args = parser.parse_args(argv)
     sides = Sides(args)
