@@ -190,6 +190,39 @@ def test_compile_runs_the_net_as_one_graph_per_input_shape():
     assert dynamo_utils.counters["stats"]["unique_graphs"] == 2
 
 
+IP_NET = """
+layer { name: "data" type: "Input" top: "data"
+  input_param { shape { dim: 3 dim: 2 dim: 5 dim: 4 } } }
+layer { name: "plain" type: "InnerProduct" bottom: "data" top: "plain"
+  inner_product_param { num_output: 7 } }
+layer { name: "turned" type: "InnerProduct" bottom: "data" top: "turned"
+  inner_product_param { num_output: 6 transpose: true axis: 2 bias_term: false } }
+"""
+
+
+def test_inner_products_run_on_onednn_packed_weights_only_where_it_is_safe():
+    from caffe_alex.tools.inference import _PackedInnerProduct
+
+    net = Net(parse_net(IP_NET), "TEST")
+    random_weights(net, seed=9)
+    fast = for_inference(net)
+    kinds = {n: type(fast.layer(n)) for n in ("plain", "turned")}
+    assert kinds == dict.fromkeys(kinds, _PackedInnerProduct)
+    for batch in (3, 1):  # packed for a batch of 3, right for any
+        x = torch.randn(batch, 2, 5, 4, generator=torch.Generator().manual_seed(batch))
+        exact, got = run_both(net, fast, ["plain", "turned"], {"data": x})
+        assert max(compare_outputs(exact, got).values()) < 1e-5
+        assert got["turned"].shape == (batch, 2, 6)
+    assert fast.params["plain"][0] is fast.layer("plain").layer.blobs[0]  # Caffe's blobs kept
+    # an export (no run-time layouts) and compile (inductor's own) keep the layer as it is
+    for prepared in (for_inference(net, channels_last=False), for_inference(net, fast=False)):
+        assert not isinstance(prepared.layer("plain"), _PackedInnerProduct)
+    # with a gradient recorded the layer runs as is, so autograd sees F.linear
+    x = torch.randn(3, 2, 5, 4, requires_grad=True)
+    fast.forward.forward(data=x)["plain"].sum().backward()
+    assert x.grad is not None
+
+
 # ---- the hook: deploy, extract-features, export ------------------------------------------------
 BN_NET = """name: "bn_net"
 layer { name: "data" type: "Input" top: "data"
