@@ -190,9 +190,9 @@ class _PackedInnerProduct(nn.Module):
     1.5x slower at batch 1 where the weight's size sets the time). Where a gradient is
     recorded, or the input is not float32 on the CPU, or a trace runs, the layer runs as is."""
 
-    def __init__(self, layer, batch: int):
+    def __init__(self, net: Net, key: str, batch: int):
         super().__init__()
-        self.layer = layer
+        layer = self.layer = net.layers[key]  # the layer it stands for, run where unpacked
         for name in ("is_source", "in_place", "can_overwrite_bottom", "output_needed_by_backward",
                      "name", "type_name"):  # fmt: skip
             setattr(self, name, getattr(layer, name))
@@ -231,10 +231,10 @@ def pack_inner_products(net: Net) -> list[str]:
     batch = next((net.blob_shapes[n][0] for n in net.input_names if net.blob_shapes[n]), 1)
     packed = []
     for name, step, kind in zip(net.layer_names, net.steps, net.layer_types):
-        layer = net.layers[step.key]
-        weight = layer.blobs[0] if kind == "InnerProduct" and len(layer.blobs) else None
+        blobs = net.layers[step.key].blobs
+        weight = blobs[0] if kind == "InnerProduct" and len(blobs) else None
         if weight is not None and weight.device.type == "cpu" and weight.dtype == torch.float32:
-            net.layers[step.key] = _PackedInnerProduct(layer, batch)
+            net.layers[step.key] = _PackedInnerProduct(net, step.key, batch)
             packed.append(name)
     return packed
 
