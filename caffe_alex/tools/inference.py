@@ -137,12 +137,14 @@ class _CompiledForward:
             self.net.reshape(**shapes)  # blob_shapes as the exact path leaves them
         key = tuple((v.shape, v.dtype, v.device, v.stride()) for v in values)
         compiled = self.compiled.get(key)
-        if compiled is None:
-            compiled = self.compiled[key] = self._compile(values)
-        import torch._inductor.config as inductor  # imported on use: heavy, compile only
-
-        with inductor.patch(freezing=True):  # the first call of a shape compiles
+        if compiled is not None:
             outputs = compiled(*values)
+        else:
+            import torch._inductor.config as inductor  # imported on use: heavy, compile only
+
+            compiled = self.compiled[key] = self._compile(values)
+            with inductor.patch(freezing=True):  # this first call of the shape compiles
+                outputs = compiled(*values)
         blobs = {**bound, **dict(zip(self.names, outputs))}  # no stale blob of an earlier pass
         self.net.__dict__["blobs"] = blobs  # as Net.forward sets it (no Module __setattr__)
         return {name: blobs[name] for name in self.net.output_names}
