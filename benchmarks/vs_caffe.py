@@ -65,6 +65,9 @@ class Sides:
     """How to run each side's training program and pycaffe scripts."""
 
     def __init__(self, args):
+        for flag, program in (("--caffe", args.caffe), ("--pycaffe-python", args.pycaffe_python)):
+            if program and not os.access(program, os.X_OK):
+                raise SystemExit(f"{flag} {program}: no such program")
         self.caffe = args.caffe
         self.pycaffe_python, self.pycaffe_path = args.pycaffe_python, args.pycaffe_path
         self.train_args = args.train_args.split()
@@ -101,7 +104,8 @@ class Sides:
 
 
 def write_solver(folder: Path, name: str, solver, net, **fields) -> Path:
-    """A solver file with its net inline-free: the net written beside it, fields replaced."""
+    """A solver file naming its net by path (the net written beside it), CPU mode, no
+    snapshot after training, and ``fields`` set."""
     net_path = folder / f"{name}_net.prototxt"
     net_path.write_text(text_format.MessageToString(net))
     solver = type(solver).FromString(solver.SerializeToString())
@@ -166,6 +170,9 @@ def case_alexnet(sides: Sides, folder: Path, args, batch: int) -> None:
 
 
 def case_lenet(sides: Sides, folder: Path, args) -> None:
+    if not (FASHION / "train-images-idx3-ubyte.gz").is_file():
+        raise SystemExit(f"Fashion-MNIST is not in {FASHION}: apt-get install "
+                         "dataset-fashion-mnist, or set FASHION_MNIST_DIR")  # fmt: skip
     for part, name in (("train", "fashion_train_lmdb"), ("t10k", "fashion_test_lmdb")):
         subprocess.run([sys.executable, "-m", "caffe_alex", "convert-mnist",
                         str(FASHION / f"{part}-images-idx3-ubyte.gz"),
