@@ -129,9 +129,21 @@ def layer_error(where, message: str) -> CaffeAlexError:
     return CaffeAlexError(message, layer=where[0], layer_type=where[1])
 
 
+# Layer types whose tops' sizes depend on the values (the boxes kept): no traced graph holds them
+DATA_SIZED = frozenset({"DetectionOutput", "Proposal"})
+
+
 def trace_net(net, inputs, dynamic_batch: bool, outputs, what: str = "ONNX"):
     """torch.export of the net (non-strict: the Python of the layers runs as usual);
-    ``what`` names the export in an error (ONNX, or torch_export.py's PyTorch source)."""
+    ``what`` names the export in an error (ONNX, torch_export.py's PyTorch source,
+    torch.compile)."""
+    for name, kind in zip(net.layer_names, net.layer_types):
+        if kind in DATA_SIZED:  # refused before tracing: the tracer's own error dumps a graph
+            raise CaffeAlexError(
+                f"cannot trace the net for {what}: the size of its output depends on the data; "
+                "stop before it (export --outputs) or run without tracing (deploy --fast)",
+                layer=name, layer_type=kind,
+            )  # fmt: skip
     wrapper = _Outputs(net, outputs)
     dynamic = None
     if dynamic_batch:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from caffe_alex.errors import CaffeAlexError
 from caffe_alex.formats.prototxt import parse_net_text
 from caffe_alex.net import Net
 from caffe_alex.tools.inference import compare_outputs, for_inference
@@ -19,6 +20,7 @@ from tests.reference import parse_net
 
 RESNET50 = CORPUS / "KaimingHe__deep-residual-networks/prototxt/ResNet-50-deploy.prototxt"
 MOBILENET = CORPUS / "shicai__MobileNet-Caffe/mobilenet_deploy.prototxt"
+MOBILENET_SSD = CORPUS / "chuanqi305__MobileNet-SSD/deploy.prototxt"
 
 
 def random_weights(net: Net, seed: int = 0) -> None:
@@ -188,6 +190,17 @@ def test_compile_runs_the_net_as_one_graph_per_input_shape():
         assert compiled.blob_shapes["prob"] == (batch, 3)
     # one graph per shape: compiling Net.forward instead would capture each layer apart
     assert dynamo_utils.counters["stats"]["unique_graphs"] == 2
+
+
+@pytest.mark.corpus
+def test_compile_refuses_a_layer_whose_output_size_depends_on_the_data(capfd):
+    net = Net.from_prototxt(str(MOBILENET_SSD), "TEST")
+    compiled = for_inference(net, compile=True)
+    x = torch.zeros(net.blob_shapes["data"])
+    with pytest.raises(CaffeAlexError, match="the size of its output depends on the data") as info:
+        compiled(data=x)
+    assert (info.value.layer, info.value.layer_type) == ("detection_out", "DetectionOutput")
+    assert "\n" not in str(info.value) and "torch.ops" not in capfd.readouterr().err
 
 
 IP_NET = """
