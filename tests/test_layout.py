@@ -19,8 +19,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "caffe_alex"
 # Lowest first: a module may import from its own stage and the stages before it, never after.
 STAGES = [
     (
-        "errors, log, proto, blob",
-        ["caffe_alex.errors", "caffe_alex.log", "caffe_alex.proto", "caffe_alex.blob"],
+        "errors, log, proto, blob, memory",
+        ["caffe_alex.errors", "caffe_alex.log", "caffe_alex.proto", "caffe_alex.blob",
+         "caffe_alex.memory"],  # fmt: skip
     ),
     ("formats", ["caffe_alex.formats"]),
     ("data", ["caffe_alex.data"]),
@@ -47,7 +48,7 @@ LAZY_ALLOWED = {"h5py", "plyvel", "matplotlib", "onnx", "onnxscript", "torch", "
 # What may sit at the package root: entry points and the lowest shared modules.
 ROOT_MODULES = {
     "__init__", "__main__", "cli", "net", "layerwise", "registry", "fillers", "errors", "log",
-    "blob",
+    "blob", "memory",
 }  # fmt: skip
 
 
