@@ -32,6 +32,18 @@ def channel_window_sum(t: torch.Tensor, half: int, weight: float = 1.0) -> torch
     return out
 
 
+def negative_power(scale: torch.Tensor, beta: float) -> torch.Tensor:
+    """``scale ** -beta``. For AlexNet's, CaffeNet's and GoogLeNet's beta of 0.75 as
+    1 / (sqrt(s) * sqrt(sqrt(s))): cheap passes instead of pow's transcendental one (norm1 at
+    batch 32: 7 ms instead of 26), relative error under 6 * 2^-24 (pow's: 4 * 2^-24). Only
+    correctly rounded ops (not rsqrt, which MKL computes differently by alignment), so the
+    result is the same wherever the tensor lies."""
+    if beta != 0.75:
+        return scale.pow(-beta)
+    root = scale.sqrt()
+    return root.mul_(root.sqrt()).reciprocal_()
+
+
 class CrossChannelLRN(torch.autograd.Function):
     """y = x * scale^-beta, scale = k + alpha/n * window_sum(x^2), with Caffe's closed-form
     backward: dx = dy * scale^-beta - (2 alpha beta / n) * x * window_sum(dy * y / scale).
@@ -42,7 +54,7 @@ class CrossChannelLRN(torch.autograd.Function):
         half = (size - 1) // 2
         # Caffe scales each square by alpha/n before accumulating it onto k.
         scale = channel_window_sum(x * x, half, alpha / size).add_(k)
-        scale_pow = scale.pow(-beta)
+        scale_pow = negative_power(scale, beta)
         y = x * scale_pow
         ctx.save_for_backward(x, y, scale, scale_pow)
         ctx.half = half

@@ -187,3 +187,13 @@ def test_channels_last_bf16_autocast_and_compile():
 def test_bad_config_rejected(params, shape, message):
     with pytest.raises(CaffeAlexError, match=message):
         Net(parse_net(lrn_net(params, shape)))
+
+
+@pytest.mark.parametrize("beta", [0.75, 0.6])
+def test_negative_power_close_to_the_exact_power(beta):
+    from caffe_alex.layers.lrn import negative_power
+
+    scale = torch.rand(1_000_000, generator=torch.Generator().manual_seed(0)) * 1e3 + 1
+    exact = scale.double().pow(-beta)
+    relative = (negative_power(scale, beta).double() - exact).abs() / exact
+    assert relative.max() < 6 * 2.0**-24
