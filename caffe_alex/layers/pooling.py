@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ..errors import LayerConfigError
 from ..proto import caffe_pb2
 from ..registry import CaffeLayer, register
+from .indexing import tracing
 
 _P = caffe_pb2.PoolingParameter
 _FLT_MAX = 3.4028234663852886e38  # Caffe starts every MAX window at -FLT_MAX
@@ -29,6 +30,43 @@ def _pair(pp, name: str, default: int) -> tuple[int, int]:
         return getattr(pp, f"{name}_h"), getattr(pp, f"{name}_w")
     value = getattr(pp, field) if pp.HasField(field) else default
     return value, value
+
+
+_NHWC = torch.channels_last
+
+
+def _nhwc_pays(x: torch.Tensor) -> bool:
+    """PyTorch's CPU max pooling of an NCHW tensor is a scalar loop per plane, its NHWC kernel
+    vectorised over the channels: 3-4x faster on AlexNet's pool1 (batch 32: 43 -> 10 ms) even
+    with the two copies. Not worth it for one channel, and not where a graph is traced."""
+    return (x.device.type == "cpu" and x.dim() == 4 and x.shape[1] > 1
+            and x.is_contiguous() and not tracing())  # fmt: skip
+
+
+class _MaxPoolInNHWC(torch.autograd.Function):
+    """F.max_pool2d of an NCHW bottom run in NHWC order, the top back in NCHW: the same maxima
+    and the same first-maximum indices (tested bit for bit). The backward scatters through
+    those indices in NCHW, as PyTorch's own max pooling does."""
+
+    @staticmethod
+    def forward(ctx, x, kernel, stride, pad, ceil: bool):
+        nhwc = x.contiguous(memory_format=_NHWC)
+        if not ctx.needs_input_grad[0]:
+            return F.max_pool2d(nhwc, kernel, stride, pad, 1, ceil).contiguous()
+        top, indices = F.max_pool2d(nhwc, kernel, stride, pad, 1, ceil, True)
+        indices = indices.contiguous()
+        ctx.save_for_backward(x, indices)
+        ctx.geometry = (kernel, stride, pad, ceil)
+        return top.contiguous()
+
+    @staticmethod
+    def backward(ctx, top_diff):
+        x, indices = ctx.saved_tensors
+        kernel, stride, pad, ceil = ctx.geometry
+        bottom_diff = torch.ops.aten.max_pool2d_with_indices_backward(
+            top_diff.contiguous(), x, list(kernel), list(stride), list(pad), [1, 1], ceil, indices
+        )
+        return bottom_diff, None, None, None, None
 
 
 def caffe_pooled_size(size: int, kernel: int, stride: int, pad: int, ceil: bool) -> int:
@@ -143,8 +181,8 @@ class PoolingLayer(CaffeLayer):
         kernel, out = self._geometry(x.shape[2], x.shape[3])
         native = self.method != "STOCHASTIC" and self._native(x.shape[2:], kernel, out)
         if native and self.method == "MAX" and self.n_top == 1:
-            # without indices PyTorch takes its faster kernel where no gradient is recorded
-            # (the same maxima); with one, it keeps the indices for backward as below
+            if _nhwc_pays(x):
+                return _MaxPoolInNHWC.apply(x, kernel, self.stride, self.pad, self.ceil)
             return F.max_pool2d(x, kernel, self.stride, self.pad, 1, self.ceil)
         if native and self.method == "MAX":
             y, idx = F.max_pool2d(x, kernel, self.stride, self.pad, 1, self.ceil, True)

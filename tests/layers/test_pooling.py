@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from caffe_alex.errors import CaffeAlexError
 from caffe_alex.layers.pooling import PoolingLayer
@@ -333,3 +334,29 @@ def test_densenet_121_with_ceil_mode_false_builds_and_matches_opencv():
     # 16 x 16 where CEIL would give 17 x 17.
     net, *_ = compare_net_with_opencv(str(path), input_shapes={"data": (1, 3, 64, 64)})
     assert net.blob_shapes["pool1"] == (1, 64, 16, 16)
+
+
+@pytest.mark.parametrize(
+    "shape,kernel,stride,pad,ceil",
+    [((4, 8, 13, 13), 3, 2, 0, True), ((2, 5, 9, 7), 2, 2, 1, False),
+     ((3, 16, 6, 6), 3, 1, 1, True), ((1, 3, 5, 8), (2, 3), (1, 2), (0, 1), True)],
+)  # fmt: skip
+def test_nhwc_max_pooling_is_bit_for_bit_pytorchs_nchw(shape, kernel, stride, pad, ceil):
+    """The NHWC route (pooling.py's _MaxPoolInNHWC) against F.max_pool2d on the NCHW tensor:
+    the same top, and the same bottom diff (the first maximum takes it, ties included)."""
+    from caffe_alex.layers.pooling import _MaxPoolInNHWC
+
+    pair = lambda v: v if isinstance(v, tuple) else (v, v)  # noqa: E731
+    kernel, stride, pad = pair(kernel), pair(stride), pair(pad)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).relu().round()  # many ties (zeros and integers)
+    ours, ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    top = _MaxPoolInNHWC.apply(ours, kernel, stride, pad, ceil)
+    want = F.max_pool2d(ref, kernel, stride, pad, 1, ceil)
+    assert top.is_contiguous() and torch.equal(top, want)
+    diff = torch.randn(want.shape, generator=gen)
+    top.backward(diff)
+    want.backward(diff)
+    assert torch.equal(ours.grad, ref.grad)
+    with torch.no_grad():
+        assert torch.equal(_MaxPoolInNHWC.apply(x, kernel, stride, pad, ceil), want)
