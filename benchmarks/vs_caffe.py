@@ -160,7 +160,8 @@ def case_alexnet(sides: Sides, folder: Path, args, batch: int) -> None:
             if layer.transform_param.mean_file:
                 layer.transform_param.mean_file = str(ROOT / layer.transform_param.mean_file)
     solver = read_solver(str(EXAMPLE / "alexnet_solver.prototxt"))
-    short, long = (2, 6) if batch <= 64 else (1, 3)
+    # from the third iteration on: the first two grow the heap that later ones reuse (memory.py)
+    short, long = (2, 6) if batch <= 64 else (2, 5)
     cost = per_iteration(
         sides,
         lambda n: write_solver(folder, f"alexnet{batch}_{n}", solver, net, max_iter=n,

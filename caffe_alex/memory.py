@@ -19,7 +19,6 @@ nowhere but on glibc.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 
@@ -44,12 +43,12 @@ def keep_freed_memory() -> bool:
     if not sys.platform.startswith("linux") or user_chose_allocator():
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        gnu_get_libc_version = libc.gnu_get_libc_version  # only glibc has it (not musl)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+        libc = ctypes.CDLL(None)  # the process's own symbols: its libc (no ldconfig lookup)
+    except OSError:
         return False
-    del gnu_get_libc_version
+    if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
+        return False  # not glibc (musl has no gnu_get_libc_version)
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    # mallopt returns 1 on success; both or neither, so that a half-applied policy cannot leak
+    # mallopt returns 1 where it took the setting
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_ABOVE))
