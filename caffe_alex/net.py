@@ -208,10 +208,10 @@ class Net(nn.Module):
         loss = None
         # the layers by key as a plain dict, read once: ModuleDict's lookup through
         # nn.Module.__getattr__ cost a small net 5 us per layer and iteration
-        layers = self._modules["layers"]._modules
+        by_key = self._modules["layers"]._modules
         for position in range(first, len(self._steps) if last is None else last + 1):
             step = self._steps[position]
-            layer = layers[step.key]
+            layer = by_key[step.key]
             if layer.is_source:
                 if call is not None:
                     call(position, layer, None)
