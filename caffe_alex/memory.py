@@ -8,8 +8,9 @@ forward + backward 159 ms instead of 75, a whole AlexNet iteration 1.40 s instea
 (docs/benchmarks.md). Caffe allocates its blobs once; PyTorch's CUDA allocator caches; on the
 CPU PyTorch leaves it to malloc. ``keep_freed_memory`` tells glibc to serve every request from
 its heap (no mmap) and to give the heap back only beyond 2 GiB free at its top, so freed
-blocks are reused without faults. The
-process keeps its peak footprint, as Caffe and a CUDA cache do.
+blocks are reused without faults. The process keeps its peak footprint, as Caffe and a CUDA
+cache do (AlexNet at batch 256: 5.77 GB peak RSS, against 4.67 GB without this and Caffe's
+4.66 GB).
 
 Not applied where the user chose: ``CAFFE_ALEX_MALLOC=system``, any ``MALLOC_*`` setting, a
 ``GLIBC_TUNABLES`` malloc tunable, or another allocator preloaded (jemalloc, tcmalloc), and

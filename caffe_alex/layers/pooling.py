@@ -50,10 +50,8 @@ class _MaxPoolInNHWC(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, kernel, stride, pad, ceil: bool):
-        nhwc = x.contiguous(memory_format=_NHWC)
-        if not ctx.needs_input_grad[0]:
-            return F.max_pool2d(nhwc, kernel, stride, pad, 1, ceil).contiguous()
-        top, indices = F.max_pool2d(nhwc, kernel, stride, pad, 1, ceil, True)
+        top, indices = F.max_pool2d(x.contiguous(memory_format=_NHWC), kernel, stride, pad, 1,
+                                    ceil, True)  # fmt: skip
         indices = indices.contiguous()
         ctx.save_for_backward(x, indices)
         ctx.geometry = (kernel, stride, pad, ceil)
@@ -181,9 +179,12 @@ class PoolingLayer(CaffeLayer):
         kernel, out = self._geometry(x.shape[2], x.shape[3])
         native = self.method != "STOCHASTIC" and self._native(x.shape[2:], kernel, out)
         if native and self.method == "MAX" and self.n_top == 1:
-            if _nhwc_pays(x):
+            if not _nhwc_pays(x):
+                return F.max_pool2d(x, kernel, self.stride, self.pad, 1, self.ceil)
+            if torch.is_grad_enabled() and x.requires_grad:
                 return _MaxPoolInNHWC.apply(x, kernel, self.stride, self.pad, self.ceil)
-            return F.max_pool2d(x, kernel, self.stride, self.pad, 1, self.ceil)
+            nhwc = x.contiguous(memory_format=_NHWC)  # no indices to keep: the maxima only
+            return F.max_pool2d(nhwc, kernel, self.stride, self.pad, 1, self.ceil).contiguous()
         if native and self.method == "MAX":
             y, idx = F.max_pool2d(x, kernel, self.stride, self.pad, 1, self.ceil, True)
             # Same first-maximum rule; indices are already h * W + w in the unpadded bottom.

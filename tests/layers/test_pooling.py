@@ -358,5 +358,19 @@ def test_nhwc_max_pooling_is_bit_for_bit_pytorchs_nchw(shape, kernel, stride, pa
     top.backward(diff)
     want.backward(diff)
     assert torch.equal(ours.grad, ref.grad)
+    # and through the layer without a gradient (the maxima only)
+    layer = PoolingLayer(_pool_param(kernel, stride, pad, ceil), [shape], "TEST")
     with torch.no_grad():
-        assert torch.equal(_MaxPoolInNHWC.apply(x, kernel, stride, pad, ceil), want)
+        assert torch.equal(layer(x), want)
+
+
+def _pool_param(kernel, stride, pad, ceil):
+    from caffe_alex.proto import caffe_pb2
+
+    lp = caffe_pb2.LayerParameter(name="pool", type="Pooling", bottom=["x"], top=["pool"])
+    pp = lp.pooling_param
+    pp.kernel_h, pp.kernel_w = kernel
+    pp.stride_h, pp.stride_w = stride
+    pp.pad_h, pp.pad_w = pad
+    pp.round_mode = pp.CEIL if ceil else pp.FLOOR
+    return lp
