@@ -248,20 +248,33 @@ def _layer_calls_in_step_loops(modules=None) -> list[str]:
             for loop in ast.walk(fn):
                 if not isinstance(loop, ast.For) or "steps" not in ast.unparse(loop):
                     continue  # (a loop over positions reads the steps in its body)
-                if any(_runs_a_layer(call, _layer_names(loop)) for call in ast.walk(loop)):
+                names = _layer_names(loop, _layer_containers(fn))
+                if any(_runs_a_layer(call, names) for call in ast.walk(loop)):
                     found.append(f"{module}.{fn.name}")
     return sorted(set(found))
 
 
-def _layer_names(loop) -> set[str]:
-    layer = re.compile(r"\.layers\[|\.layer\(")
+def _assigned(tree, pattern: re.Pattern) -> set[str]:
+    """Names bound in ``tree`` to an expression that ``pattern`` finds."""
     return {
         t.id
-        for node in ast.walk(loop)
-        if isinstance(node, ast.Assign) and layer.search(ast.unparse(node.value))
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign) and pattern.search(ast.unparse(node.value))
         for t in node.targets
         if isinstance(t, ast.Name)
     }
+
+
+def _layer_containers(fn) -> set[str]:
+    """Names a function binds to the net's layers as a mapping (``self._modules["layers"]``)."""
+    return _assigned(fn, re.compile(r"""_modules\[['"]layers['"]\]"""))
+
+
+def _layer_names(loop, containers: set[str] = frozenset()) -> set[str]:
+    """Names a loop binds to one layer: from ``.layers[...]``, ``.layer(...)`` or a subscript
+    of a container of layers."""
+    held = "".join(rf"|\b{re.escape(name)}\[" for name in containers)
+    return _assigned(loop, re.compile(r"\.layers\[|\.layer\(" + held))
 
 
 def _runs_a_layer(call, names: set[str]) -> bool:
@@ -294,3 +307,32 @@ def test_one_executor_no_second_forward_loop_anywhere():
     runs it over Caffe's blobs). A second loop over the steps calling layers is a second
     engine that drifts from the first."""
     assert _layer_calls_in_step_loops() == ["caffe_alex.net.run"]
+
+
+SECOND_LOOPS = '''
+def by_subscript(self, blobs):
+    for step in self._steps:
+        blobs[step.tops[0]] = self.layers[step.key](blobs[step.bottoms[0]])
+
+def by_name(self, blobs):
+    for position in range(len(self._steps)):
+        layer = self.layer(self.layer_names[position])
+        layer.forward(blobs)
+
+def by_container(self, blobs):
+    held = self._modules["layers"]._modules
+    for step in self._steps:
+        layer = held[step.key]
+        blobs[step.tops[0]] = layer(blobs[step.bottoms[0]])
+
+def not_a_loop_that_runs_layers(self):
+    held = self._modules["layers"]._modules
+    return [held[step.key].extra_repr() for step in self._steps]
+'''
+
+
+def test_the_loop_detector_finds_each_form_of_a_second_loop(tmp_path):
+    path = tmp_path / "second.py"
+    path.write_text(SECOND_LOOPS)
+    found = _layer_calls_in_step_loops({"second": (path, False)})
+    assert found == ["second.by_container", "second.by_name", "second.by_subscript"]
