@@ -20,8 +20,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "caffe_alex"
 STAGES = [
     (
         "errors, log, proto, blob, memory",
-        ["caffe_alex.errors", "caffe_alex.log", "caffe_alex.proto", "caffe_alex.blob",
-         "caffe_alex.memory"],  # fmt: skip
+        [
+            "caffe_alex.errors",
+            "caffe_alex.log",
+            "caffe_alex.proto",
+            "caffe_alex.blob",
+            "caffe_alex.memory",
+        ],  # fmt: skip
     ),
     ("formats", ["caffe_alex.formats"]),
     ("data", ["caffe_alex.data"]),
@@ -309,7 +314,7 @@ def test_one_executor_no_second_forward_loop_anywhere():
     assert _layer_calls_in_step_loops() == ["caffe_alex.net.run"]
 
 
-SECOND_LOOPS = '''
+SECOND_LOOPS = """
 def by_subscript(self, blobs):
     for step in self._steps:
         blobs[step.tops[0]] = self.layers[step.key](blobs[step.bottoms[0]])
@@ -328,7 +333,7 @@ def by_container(self, blobs):
 def not_a_loop_that_runs_layers(self):
     held = self._modules["layers"]._modules
     return [held[step.key].extra_repr() for step in self._steps]
-'''
+"""
 
 
 def test_the_loop_detector_finds_each_form_of_a_second_loop(tmp_path):
