@@ -6,6 +6,7 @@ import torch
 
 from ..errors import LayerConfigError
 from ..registry import CaffeLayer, canonical_axis, count, register
+from .indexing import tracing
 from .labels import DEBUG_ONLY, check_label_count, checked_targets, whole
 
 
@@ -47,6 +48,10 @@ class AccuracyLayer(CaffeLayer):
         outer, inner = count(scores.shape, 0, axis), count(scores.shape, axis + 1)
         classes = scores.shape[axis]
         # (detach and reshape only where they change something: each op counts in a small net)
+        if inner == 1 and self.n_top == 1 and scores.numel() <= _IN_PYTHON:
+            accuracy = self._in_python(scores, label, outer, classes)
+            if accuracy is not None:
+                return accuracy
         x = scores.detach() if scores.requires_grad else scores
         label = label.detach() if label.requires_grad else label
         labels = label if label.shape == (outer, inner) else label.reshape(outer, inner)
@@ -78,6 +83,38 @@ class AccuracyLayer(CaffeLayer):
             counted = torch.ones_like(target, dtype=torch.bool)
         return accuracy, self._per_class(target, counted, hit, classes, dtype)
 
+    def _in_python(self, scores, label, outer: int, classes: int) -> torch.Tensor | None:
+        """The accuracy of a few classification scores, counted in Python: a handful of
+        scores costs less read out than the seven tensor ops of the general path (the
+        brewing-logreg net's 10 x 2: 7 against 50 us). Exact: float32 scores compare as
+        doubles in the same order, and the float32 rounding of hits / count in double is the
+        float32 division's result. None where it cannot answer (not on the CPU, tracing, a
+        label naming no class), for the tensor path to handle or refuse."""
+        if scores.device.type != "cpu" or label.device.type != "cpu" or tracing():
+            return None
+        # (tolist reads a tensor that records a gradient as it is; reshape only where needed)
+        rows = (scores if scores.dim() == 2 else scores.reshape(outer, classes)).tolist()
+        labels = (label if label.dim() == 1 else label.reshape(-1)).tolist()
+        top_k, ignore = self.top_k, self.ignore_label
+        hits = counted = 0
+        for row, value in zip(rows, labels):
+            if not -1 < value < classes:  # NaN, a label naming no class: not here
+                if ignore is not None and value == value and int(value) == ignore:
+                    continue
+                return None
+            target = int(value)  # truncated toward zero, as Caffe's static_cast<int>
+            if ignore is not None and target == ignore:
+                continue
+            counted += 1
+            true_score, ranked = row[target], 0
+            for other in row:  # a tie with another class ranks above the true one
+                if other >= true_score:
+                    ranked += 1
+            if ranked <= top_k:
+                hits += 1
+        dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+        return torch.tensor(hits / counted if counted else 0.0, dtype=dtype)
+
     @staticmethod
     def _per_class(target, valid, hit, classes: int, dtype) -> torch.Tensor:
         flat = target.reshape(-1)
@@ -85,6 +122,11 @@ class AccuracyLayer(CaffeLayer):
         seen = zeros.scatter_add(0, flat, valid.reshape(-1).to(dtype))
         right = zeros.scatter_add(0, flat, hit.reshape(-1).to(dtype))
         return torch.where(seen > 0, right / seen.clamp(min=1), 0.0)
+
+
+# Scores up to this many are counted in Python (``_in_python``): about 60 ns per score and
+# 0.3 us per row there, against 5-10 us per tensor op.
+_IN_PYTHON = 256
 
 
 def _both(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:

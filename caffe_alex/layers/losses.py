@@ -20,11 +20,14 @@ import torch.nn.functional as F
 from ..errors import LayerConfigError
 from ..proto import caffe_pb2
 from ..registry import CaffeLayer, canonical_axis, count, register
+from .indexing import tracing
 from .labels import DEBUG_ONLY, check_batch, check_label_count, checked_targets, whole
 
 _Mode = caffe_pb2.LossParameter
 # Caffe takes log(max(p, FLT_MIN)): a hopeless prediction costs at most -log(FLT_MIN) ~ 87.34.
 _MAX_NLL = -math.log(1.1754943508222875e-38)
+# the smaller of the bound and its float32 rounding (the clamp's scalar in a float32 op)
+_NO_CLAMP_BELOW = min(_MAX_NLL, float(torch.tensor(_MAX_NLL, dtype=torch.float32)))
 _LOSS_FIELDS = frozenset({"ignore_label", "normalization", "normalize"})
 
 
@@ -147,6 +150,13 @@ def _picked_loss(x, target, norm) -> torch.Tensor:
     gradient p - onehot that Caffe keeps past the clamp. Autograd's own nodes (C++) cost a
     small net less than one Python autograd.Function."""
     log_prob = torch.log_softmax(x, dim=1)
+    if x.device.type == "cpu" and not tracing():
+        # Each picked -log p is >= 0, so none exceeds the clamp's bound when their sum does
+        # not: then the clamp is the identity and its three ops (and nodes) can go. One read
+        # of a scalar, which costs no device sync on the CPU.
+        total = F.nll_loss(log_prob, target, reduction="sum")
+        if total.item() <= _NO_CLAMP_BELOW:
+            return total / norm
     clamped = log_prob.clamp(min=-_MAX_NLL)
     if log_prob.requires_grad:
         clamped = log_prob + (clamped - log_prob).detach()

@@ -109,3 +109,45 @@ def test_accuracy_on_cuda_matches_cpu():
     gpu = net.to("cuda")(s=x.cuda(), l=label.cuda())
     for name in ("acc", "pc"):
         torch.testing.assert_close(gpu[name].cpu(), cpu[name])
+
+
+FEW_SCORES = [  # (scores, labels, accuracy_param): what the Python count must get right
+    ([[1.0, 2.0, 2.0], [3.0, 1.0, 3.0], [0.0, 5.0, 1.0]], [1, 0, 1], ""),  # ties are misses
+    ([[1.0, 2.0, 2.0], [3.0, 1.0, 3.0], [0.0, 5.0, 1.0]], [1, 0, 1], "top_k: 2"),
+    ([[float("nan"), 1.0], [1.0, float("nan")], [2.0, 1.0]], [0, 0, 1], ""),  # NaN scores
+    ([[0.5, 0.2], [0.1, 0.9], [0.3, 0.3]], [1.9, -0.5, 0.0], ""),  # truncated toward zero
+    ([[0.5, 0.2], [0.1, 0.9], [0.3, 0.3]], [1, 255, 0], "ignore_label: 255"),
+    ([[0.5, 0.2], [0.1, 0.9], [0.3, 0.3]], [1, 0, 0], "ignore_label: 0"),
+    ([[0.5, 0.2], [0.1, 0.9]], [255, 255], "ignore_label: 255"),  # all ignored: 0
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scores,labels,params", FEW_SCORES)
+def test_few_scores_counted_in_python_equal_the_tensor_path(scores, labels, params, dtype,
+                                                            monkeypatch):  # fmt: skip
+    from caffe_alex.layers import accuracy
+    from tests.test_small_nets import Ops
+
+    x, label = torch.tensor(scores, dtype=dtype), torch.tensor(labels, dtype=torch.float32)
+    layer = Net(parse_net(acc_net(tuple(x.shape), (len(labels),), params))).layer("acc")
+    with Ops() as counted:
+        in_python = layer(x, label)
+    assert counted.total <= 3, counted.ops  # read out, counted, one tensor made: not the ops
+    monkeypatch.setattr(accuracy, "_IN_PYTHON", -1)  # every size through the tensor ops
+    with Ops() as counted:
+        with_tensors = layer(x, label)
+    assert counted.total > 3
+    assert in_python.dtype == with_tensors.dtype == dtype
+    assert torch.equal(in_python, with_tensors), (in_python, with_tensors)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 2.0, -1.0, 7.0])
+def test_a_bad_label_among_few_scores_is_refused_as_by_the_tensor_path(bad):
+    layer = Net(parse_net(acc_net((3, 2), (3,), "ignore_label: 7"))).layer("acc")
+    label = torch.tensor([0.0, bad, 1.0])
+    if bad == 7.0:  # the ignore_label, even outside the classes
+        assert layer(torch.randn(3, 2), label).item() == pytest.approx(0.5, abs=0.5)
+        return
+    with pytest.raises(CaffeAlexError, match="layer 'acc'"):
+        layer(torch.randn(3, 2), label)

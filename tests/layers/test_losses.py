@@ -116,6 +116,39 @@ def test_softmax_loss_clamps_at_flt_min_but_keeps_gradient():
     assert grad[0, 2] == pytest.approx(-1.0)
 
 
+@pytest.mark.parametrize("rows,spread", [(10, 1.0), (64, 3.0), (4, 300.0)])
+def test_softmax_loss_skips_the_clamp_only_where_it_changes_nothing(rows, spread, monkeypatch):
+    """Where the picked -log p sum to at most -log(FLT_MIN), no single one is clamped and the
+    loss is taken without the clamp's ops; the values and gradients are the clamped path's,
+    bit for bit. Larger sums (64 rows, or scores hundreds apart, one clamped) take the
+    clamped path."""
+    from caffe_alex.layers import losses
+    from tests.test_small_nets import Ops
+
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 5, generator=gen) * spread
+    label = torch.randint(0, 5, (rows,), generator=gen).float()
+    text = loss_net("SoftmaxWithLoss", (rows, 5), (rows,))
+
+    def loss_and_grad():
+        net = Net(parse_net(text))
+        s = x.clone().requires_grad_()
+        with Ops() as counted:
+            net(s=s, l=label)
+        net.loss.backward()
+        return net.loss.detach(), s.grad, counted.ops
+
+    loss, grad, ops = loss_and_grad()
+    monkeypatch.setattr(losses, "_NO_CLAMP_BELOW", -1.0)  # always the clamped path
+    clamped_loss, clamped_grad, clamped_ops = loss_and_grad()
+    assert torch.equal(loss, clamped_loss) and torch.equal(grad, clamped_grad)
+    picked = -torch.log_softmax(x, 1)[torch.arange(rows), label.long()]
+    skipped = picked.sum().item() <= -np.log(FLT_MIN)
+    assert skipped == (rows == 10)  # the cases are built so; the sum decides, not one term
+    assert (ops["aten.clamp.default"] == 0) == skipped
+    assert clamped_ops["aten.clamp.default"] == 1
+
+
 def test_softmax_loss_label_count_mismatch_names_both_sizes():
     with pytest.raises(CaffeAlexError, match=r"layer 'loss'.*need 12 labels.*has 8"):
         Net(parse_net(loss_net("SoftmaxWithLoss", (4, 3, 3), (4, 2))))
