@@ -270,3 +270,45 @@ def test_hw_forms_are_2d_only_and_channels_are_fixed():
     with pytest.raises(CaffeAlexError, match="4 channels"):
         net(data=torch.randn(2, 3, 7, 7))
     assert net(data=torch.randn(1, 4, 9, 5))["out"].shape == (1, 2, 7, 3)
+
+
+class _ConvInputStrides(torch.utils._python_dispatch.TorchDispatchMode):
+    """The strides of each convolution's input, as the kernel sees them."""
+
+    def __init__(self):
+        super().__init__()
+        self.strides = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution.default:
+            self.strides.append(args[0].stride())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("batch,grad,nhwc", [(4, True, True), (4, False, False),
+                                             (128, True, False)])  # fmt: skip
+def test_a_single_channel_convolution_learns_in_nhwc_below_batch_128(batch, grad, nhwc):
+    """oneDNN's NCHW weight gradient for one input channel is slow below batch 128 (conv.py):
+    there the layer runs on an NHWC view of the same memory. Same numbers as the NCHW
+    convolution up to summation order, top back in NCHW order; no view without a gradient to
+    record, nor from batch 128."""
+    import torch.nn.functional as F
+
+    net = Net(parse_net(conv_net("num_output: 6 kernel_size: 3 stride: 2 pad: 1",
+                                 shape=(batch, 1, 9, 9))))  # fmt: skip
+    randomize(net, seed=1)
+    layer = net.layer("out")
+    x = torch.randn(batch, 1, 9, 9, generator=torch.Generator().manual_seed(2))
+    with torch.set_grad_enabled(grad), _ConvInputStrides() as seen:
+        top = layer(x)
+    assert seen.strides == [(81, 1, 9, 1) if nhwc else (81, 81, 9, 1)]
+    assert top.is_contiguous()
+    weight, bias = (b.detach().clone().requires_grad_() for b in layer.blobs)
+    want = F.conv2d(x, weight, bias, 2, 1)
+    torch.testing.assert_close(top, want, rtol=1e-5, atol=1e-5)
+    if grad:
+        diff = torch.randn_like(top)
+        top.backward(diff)
+        want.backward(diff)
+        torch.testing.assert_close(layer.blobs[0].grad, weight.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer.blobs[1].grad, bias.grad, rtol=1e-5, atol=1e-5)
