@@ -197,3 +197,95 @@ def test_negative_power_close_to_the_exact_power(beta):
     exact = scale.double().pow(-beta)
     relative = (negative_power(scale, beta).double() - exact).abs() / exact
     assert relative.max() < 6 * 2.0**-24
+
+
+@pytest.fixture
+def fused_kernels(monkeypatch):
+    """A fresh set of the fused LRN kernels, used from any size, with its compiled calls
+    counted."""
+    from caffe_alex.layers import lrn
+
+    kernels = lrn._FusedKernels()
+    kernels.enabled = True
+    kernels.calls = []
+    run = kernels._run
+
+    def counted(compiled, *args):
+        out = run(compiled, *args)
+        kernels.calls.append(out is not None)
+        return out
+
+    kernels._run = counted
+    monkeypatch.setattr(lrn, "FUSED", kernels)
+    monkeypatch.setattr(lrn, "FUSED_FROM", 0)
+    return kernels
+
+
+@pytest.mark.subprocess  # inductor compiles two kernels with g++ (about 12 s on a fresh machine)
+@pytest.mark.parametrize("size,alpha,beta,k", [(5, 1e-4, 0.75, 1.0), (3, 2.0, 0.6, 2.0)])
+def test_fused_training_kernels_equal_the_eager_ops_and_caffes_formula(fused_kernels, size,
+                                                                       alpha, beta, k):  # fmt: skip
+    """Where a gradient is recorded on a large CPU tensor, LRN runs inductor's fused forward and
+    backward: as close to the float64 formula as the eager ops, values and gradients."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 12, 6, 5, generator=gen) * 8
+    dy = torch.randn(x.shape, generator=gen)
+    fused_x = x.clone().requires_grad_()
+    fused = cross_channel_lrn(fused_x, size, alpha, beta, k)
+    fused.backward(dy)
+    assert fused_kernels.calls == [True, True]  # the forward and the backward, compiled
+    fused_kernels.enabled = False
+    eager_x = x.clone().requires_grad_()
+    eager = cross_channel_lrn(eager_x, size, alpha, beta, k)
+    eager.backward(dy)
+    assert fused_kernels.calls == [True, True]
+    exact_x = x.double().requires_grad_()
+    exact = lrn_reference_torch(exact_x, size, alpha, beta, k)
+    exact.backward(dy.double())
+    for ours, theirs in ((fused, eager), (fused_x.grad, eager_x.grad)):
+        torch.testing.assert_close(ours, theirs, rtol=2e-6, atol=1e-7)
+    assert relative_error(fused.detach().numpy(), exact.detach().numpy()) < 1e-6
+    assert relative_error(fused_x.grad.numpy(), exact_x.grad.numpy()) < 1e-6
+
+
+def test_fused_kernels_only_where_a_gradient_is_recorded_on_a_large_cpu_tensor(monkeypatch):
+    from caffe_alex.layers import lrn
+
+    kernels = lrn._FusedKernels()
+    monkeypatch.setattr(kernels, "enabled", True)
+    big = torch.zeros(1, 1, 1, lrn.FUSED_FROM)
+    assert kernels.pays(big)
+    assert not kernels.pays(big[..., 1:].contiguous())  # one element short
+    assert not kernels.pays(big.double()) and not kernels.pays(big.bfloat16())
+    monkeypatch.setenv("CAFFE_ALEX_FUSED_LRN", "0")
+    assert not lrn._FusedKernels().pays(big)
+    monkeypatch.setattr(lrn, "FUSED", kernels)
+    monkeypatch.setattr(lrn, "FUSED_FROM", 0)
+    forwards = []
+    monkeypatch.setattr(kernels, "forward", lambda *a: forwards.append(a))
+    cross_channel_lrn(torch.randn(2, 6, 3, 3), 5, 1e-4, 0.75, 1.0)  # no gradient to record
+    with torch.no_grad():
+        cross_channel_lrn(torch.randn(2, 6, 3, 3, requires_grad=True), 5, 1e-4, 0.75, 1.0)
+    assert forwards == []
+    cross_channel_lrn(torch.randn(2, 6, 3, 3, requires_grad=True), 5, 1e-4, 0.75, 1.0)
+    assert len(forwards) == 1
+
+
+def test_a_fused_kernel_that_fails_to_compile_leaves_the_eager_ops(fused_kernels, monkeypatch,
+                                                                   caplog):  # fmt: skip
+    def no_compiler(*args):
+        raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: no_compiler)
+    x = torch.randn(2, 6, 3, 3) * 3
+    xg = x.clone().requires_grad_()
+    with caplog.at_level("WARNING", logger="caffe_alex"):
+        y = cross_channel_lrn(xg, 5, 1e-4, 0.75, 1.0)
+        y.sum().backward()
+    assert fused_kernels.calls == [False] and not fused_kernels.enabled
+    assert "failed to compile (RuntimeError: InvalidCxxCompiler" in caplog.text
+    assert "more detail" not in caplog.text
+    xe = x.clone().requires_grad_()
+    fused_kernels.enabled = False
+    cross_channel_lrn(xe, 5, 1e-4, 0.75, 1.0).sum().backward()
+    assert torch.equal(xg.grad, xe.grad)
