@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import LayerConfigError
@@ -99,7 +101,7 @@ class AccuracyLayer(CaffeLayer):
         hits = counted = 0
         for row, value in zip(rows, labels):
             if not -1 < value < classes:  # NaN, a label naming no class: not here
-                if ignore is not None and value == value and int(value) == ignore:
+                if ignore is not None and math.isfinite(value) and int(value) == ignore:
                     continue
                 return None
             target = int(value)  # truncated toward zero, as Caffe's static_cast<int>

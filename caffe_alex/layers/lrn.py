@@ -56,8 +56,9 @@ class CrossChannelLRN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, size: int, alpha: float, beta: float, k: float, fused: bool = False):
         half = (size - 1) // 2
-        ctx.half, ctx.coeff, ctx.fused = half, 2.0 * alpha * beta / size, fused
+        ctx.half, ctx.coeff = half, 2.0 * alpha * beta / size
         out = FUSED.forward(x, half, alpha / size, k, beta) if fused else None
+        ctx.fused = out is not None  # the backward as the forward ran
         if out is None:
             # Caffe scales each square by alpha/n before accumulating it onto k.
             scale = channel_window_sum(x * x, half, alpha / size).add_(k)

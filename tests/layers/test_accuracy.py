@@ -142,7 +142,7 @@ def test_few_scores_counted_in_python_equal_the_tensor_path(scores, labels, para
     assert torch.equal(in_python, with_tensors), (in_python, with_tensors)
 
 
-@pytest.mark.parametrize("bad", [float("nan"), 2.0, -1.0, 7.0])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 2.0, -1.0, 7.0])
 def test_a_bad_label_among_few_scores_is_refused_as_by_the_tensor_path(bad):
     layer = Net(parse_net(acc_net((3, 2), (3,), "ignore_label: 7"))).layer("acc")
     label = torch.tensor([0.0, bad, 1.0])
