@@ -109,11 +109,7 @@ def _window_sum_for_inductor(t: torch.Tensor, half: int) -> torch.Tensor:
 
 def _fused_forward(x, half: int, alpha_over_n: float, k: float, beta: float):
     scale = _window_sum_for_inductor(x * x * alpha_over_n, half) + k
-    if beta == 0.75:  # negative_power's form, without its in-place steps
-        root = scale.sqrt()
-        scale_pow = 1.0 / (root * root.sqrt())
-    else:
-        scale_pow = scale.pow(-beta)
+    scale_pow = negative_power(scale, beta)  # (inductor turns its in-place steps into one loop)
     return x * scale_pow, scale, scale_pow
 
 
