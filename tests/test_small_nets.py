@@ -104,15 +104,15 @@ def test_logreg_iteration_builds_one_autograd_node_per_op(logreg):
 def test_logreg_iteration_dispatches_a_bounded_number_of_ops(logreg):
     with Ops() as counted:
         logreg.step(1)
-    # A budget per part of the net: the feed copies each top out of its batch buffer (2 per
-    # top); InnerProduct 4 ops forward and 4 backward, SoftmaxWithLoss 5 and 4 (log_softmax,
+    # A budget per part of the net: the feed none (its tensors are made from the arrays it
+    # reads, DataFeed._direct_batch; through the batch buffer it copied 2 per top);
+    # InnerProduct 4 ops forward and 4 backward, SoftmaxWithLoss 5 and 4 (log_softmax,
     # nll_loss, reading its sum, the division), Accuracy 3 (its scores read out and counted
     # in Python: no gather, compare or count ops); the update a fixed number of foreach
     # calls, 8 (see below); the loss kept for the display 2; autograd's seed and detaches 6.
-    # Today's count is 34; before the overhead work it was 115, then 47 with Accuracy's seven
-    # tensor ops and the loss clamp's three.
-    tops = 2
-    bound = 2 * tops + (4 + 4) + (5 + 4) + 3 + 8 + 2 + 6
+    # Today's count is 32; before the overhead work it was 115, then 47 with Accuracy's seven
+    # tensor ops and the loss clamp's three, 34 with the feed's buffer.
+    bound = (4 + 4) + (5 + 4) + 3 + 8 + 2 + 6
     assert counted.total <= bound, counted.ops.most_common()
     assert counted.ops["aten.gather.default"] == 0  # Accuracy counted in Python
     assert counted.ops["aten.clamp.default"] == 0  # no loss reaches -log(FLT_MIN) here
@@ -208,6 +208,52 @@ def test_a_batch_read_at_once_holds_the_rows_in_the_readers_order(tmp_path):
                                              for p in range(4 * b, 4 * b + 4))]  # fmt: skip
             np.testing.assert_array_equal(batch["data"].numpy(), want)
             np.testing.assert_array_equal(batch["label"].numpy(), [w[0] for w in want])
+
+
+def test_arrays_skip_the_batch_buffer_and_give_the_same_batches(tmp_path):
+    # HDF5Data on the CPU without workers goes from the loaded arrays straight to the batch
+    # (DataFeed._direct_batch); the buffer's path must give the same batches, and a batch
+    # changed in place must not change the arrays the next epoch reads.
+    parts = [np.arange(8, dtype=np.float32).reshape(4, 2), 100 + np.arange(10, dtype=np.float32)
+             .reshape(5, 2)]  # fmt: skip
+    files = [write_h5(tmp_path / f"{i}.h5", a, a[:, 0]) for i, a in enumerate(parts)]
+    (tmp_path / "list.txt").write_text("\n".join(files) + "\n")
+    for shuffle in (False, True):
+        flag = "shuffle: true" if shuffle else ""
+        text = f"""layer {{ name: "h" type: "HDF5Data" top: "data" top: "label"
+          hdf5_data_param {{ source: "{tmp_path / "list.txt"}" batch_size: 3 {flag} }} }}"""
+        net = Net(parse_net(text), "TRAIN")
+        direct, buffered = make_feed(net, seed=5, workers=0), make_feed(net, seed=5, workers=0)
+        assert direct._direct
+        buffered._direct = False
+        for _ in range(7):  # more than two epochs of 9 rows
+            a, b = next(direct), next(buffered)
+            assert a.keys() == b.keys()
+            for top in a:
+                assert a[top].dtype == torch.float32 and a[top].shape == b[top].shape
+                assert torch.equal(a[top], b[top]), top
+                a[top].fill_(-1)  # the caller's to change
+        source = direct.layers[0].source
+        assert not any((a == -1).any() for f in range(len(files)) for a in source._load(f))
+
+
+def test_memory_data_arrays_arrive_as_float32_copies():
+    net = Net(
+        parse_net("""layer { name: "m" type: "MemoryData" top: "data" top: "label"
+      memory_data_param { batch_size: 2 channels: 1 height: 1 width: 3 } }"""),
+        "TRAIN",
+    )
+    data = np.arange(12, dtype=np.float64).reshape(4, 1, 1, 3) / 3
+    labels = np.arange(4, dtype=np.float64)
+    net.set_input_arrays(data, labels)
+    feed = make_feed(net, seed=0, workers=0)
+    assert feed._direct
+    first, second = next(feed), next(feed)
+    assert first["data"].dtype == torch.float32
+    np.testing.assert_array_equal(first["data"].numpy(), data[:2].astype(np.float32))
+    np.testing.assert_array_equal(second["label"].numpy(), [2, 3])
+    first["data"].fill_(7)
+    assert not (data == 7).any()
 
 
 @pytest.mark.subprocess
