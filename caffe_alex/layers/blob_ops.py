@@ -20,6 +20,21 @@ def reject_in_place(layer_param) -> None:
         )
 
 
+class _AxisByRank:
+    """A layer's axis per bottom rank, worked out once per rank: read in forward, where the
+    proto's HasField would stop torch.compile's tracing (a graph break per call)."""
+
+    def __init__(self, param, legacy: str, ndim: int):
+        self.param, self.legacy = param, legacy
+        self.axes = {ndim: _legacy_axis(param, legacy, ndim)}
+
+    def __call__(self, ndim: int) -> int:
+        axis = self.axes.get(ndim)
+        if axis is None:
+            axis = self.axes[ndim] = _legacy_axis(self.param, self.legacy, ndim)
+        return axis
+
+
 def _legacy_axis(param, legacy: str, ndim: int) -> int:
     """``axis`` (may be negative) or the legacy unsigned ``concat_dim`` / ``slice_dim``."""
     if param.HasField("axis") and param.HasField(legacy):
@@ -39,7 +54,7 @@ class ConcatLayer(CaffeLayer):
     def __init__(self, layer_param, bottom_shapes, phase):
         super().__init__(layer_param, bottom_shapes, phase)
         self.param = layer_param.concat_param
-        _legacy_axis(self.param, "concat_dim", len(bottom_shapes[0]))
+        self.axis = _AxisByRank(self.param, "concat_dim", len(bottom_shapes[0]))
 
     def top_shapes(self, bottom_shapes):
         first = list(bottom_shapes[0])
@@ -60,7 +75,7 @@ class ConcatLayer(CaffeLayer):
     def forward(self, *bottoms):
         if len(bottoms) == 1:
             return bottoms[0]
-        return torch.cat(bottoms, dim=_legacy_axis(self.param, "concat_dim", bottoms[0].dim()))
+        return torch.cat(bottoms, dim=self.axis(bottoms[0].dim()))
 
 
 @register("Slice")
@@ -79,7 +94,7 @@ class SliceLayer(CaffeLayer):
             raise LayerConfigError(
                 f"{len(self.points)} slice_point values for {self.n_top} tops; give N-1 for N tops"
             )
-        _legacy_axis(self.param, "slice_dim", len(bottom_shapes[0]))
+        self.axis = _AxisByRank(self.param, "slice_dim", len(bottom_shapes[0]))
 
     def top_shapes(self, bottom_shapes):
         shape = list(bottom_shapes[0])
@@ -107,7 +122,7 @@ class SliceLayer(CaffeLayer):
         return [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
     def forward(self, x):
-        axis = _legacy_axis(self.param, "slice_dim", x.dim())
+        axis = self.axis(x.dim())
         return tuple(torch.split(x, self._sizes(x.shape[axis], axis, x.shape), dim=axis))
 
 

@@ -17,7 +17,8 @@ are summed over the ranks and scaled by 1/ranks before the update; requests are 
 iteration, so every rank stops or snapshots at the same iteration); the precision policy
 (precision.py: ``precision`` "bf16" or "fp16" runs the forward passes under torch.autocast, fp16
 with loss scaling); and snapshot and restore (checkpoint.py). ``channels_last`` and ``compile`` are
-in nets.py.
+in nets.py; with ``compile``, a small net's whole training step is one compiled function
+(captured.py) where it pays.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from ..formats.upgrade import upgrade_solver
 from ..log import get_logger
 from ..proto import caffe_pb2
 from . import checkpoint
+from .captured import CapturedStep, why_not_captured
 from .coordination import Ranked, coordination, join_world
 from .debug import backward_info, forward_info
 from .devices import choose_device
@@ -105,7 +107,8 @@ class Solver:
     ``world`` (distributed.World): this solver is one rank of several (see the module's notes;
     coordination.Waiting(rank, size): that rank, to ``join`` its world later);
     ``precision`` ("fp32", "bf16", "fp16"), ``channels_last`` and ``compile`` (True or a
-    torch.compile backend name) trade Caffe's exact float32 numbers for speed.
+    torch.compile backend) trade Caffe's exact float32 numbers for speed; ``compile`` captures
+    a small net's whole training step (captured.py), else compiles each net's forward.
     ``layerwise``: the nets run as Caffe runs them (engines.py's BlobEngine: persistent blobs,
     layer by layer, every blob's diff kept after each iteration), as pycaffe's solvers do;
     ``engines["train"]`` and ``engines[i]`` are how each net runs.
@@ -125,10 +128,23 @@ class Solver:
         self.precision = Precision(precision, channels_last, self.device)
         with self.ranks.together():
             self._build(weights, insert_splits, feeds, feed_options)
-        apply_speed_options([self.train_net, *self.test_nets], channels_last, compile)
+        not_captured = compile and why_not_captured(
+            param, self.train_net, self.device, self.precision, self.ranks, layerwise
+        )
+        captured = bool(compile) and not not_captured
+        compiled = self.test_nets if captured else [self.train_net, *self.test_nets]
+        apply_speed_options(compiled, channels_last, compile)
         nets = {"train": self.train_net, **dict(enumerate(self.test_nets))}
         self.engines = make_engines(nets, self.precision, self.device, self.feeds, layerwise)
         self._prepare_update()
+        self._captured = None  # captured.py: the whole train step as one compiled function
+        if captured:
+            backend = "inductor" if compile is True else compile
+            self._captured = CapturedStep(self.train_net, self.update, backend)
+            log.info("compile: the training step is captured whole (forward, backward, update)")
+        elif compile:
+            log.info("compile: the train net's forward is compiled; the step is not captured "
+                     "whole: %s", not_captured)  # fmt: skip
         self.iter = self.current_step = 0
         self.callbacks: list = []
         self.start_hooks: list = []
@@ -200,14 +216,17 @@ class Solver:
             hook()
         display = self._progress.due(self.iter) and self.is_root
         watched = bool(last or self.start_hooks or self.gradient_hooks)
-        loss = self._forward_backward(display and self.param.debug_info, keep_blobs=watched)
-        self._progress.loss.add_lazily(self.iter, loss)
-        if display:
-            self._progress.show(self.iter, self.train_net, self.engines["train"].blob)
-        for hook in self.gradient_hooks:
-            hook()
-        self.ranks.finish_gradients()
-        rate = self.apply_update(display)
+        if self._captured is not None and not (watched or display):
+            rate = self._captured_iteration()
+        else:
+            loss = self._forward_backward(display and self.param.debug_info, keep_blobs=watched)
+            self._progress.loss.add_lazily(self.iter, loss)
+            if display:
+                self._progress.show(self.iter, self.train_net, self.engines["train"].blob)
+            for hook in self.gradient_hooks:
+                hook()
+            self.ranks.finish_gradients()
+            rate = self.apply_update(display)
         if self.callbacks:
             self._progress.notify(self.callbacks, self.iter, rate, time.perf_counter() - began,
                                   self.ranks.size)  # fmt: skip
@@ -243,6 +262,17 @@ class Solver:
             loss = loss.detach().float()
             total = loss if total is None else total + loss
         return total if passes == 1 else total / passes
+
+    def _captured_iteration(self) -> float:
+        """Forward, backward and update as one compiled call (captured.py); iter += 1;
+        returns the learning rate used."""
+        batch = next(self.feeds["train"])
+        if self._progress.batch_size is None:
+            self._progress.batch_size = next((int(v.shape[0]) for v in batch.values()), 1)
+        rate, self.current_step = learning_rate(self.param, self.iter, self.current_step)
+        self._progress.loss.add_lazily(self.iter, self._captured(batch, rate))
+        self.iter += 1
+        return rate
 
     def _forward(self, key, batch: dict, grad: bool = True, keep_blobs: bool = True):
         """Run net ``key`` ("train" or a test net's index) on ``batch``: (outputs, loss). An

@@ -1,0 +1,105 @@
+"""The captured training step (captured.py): the Solver's ``compile`` option on a small net of
+capturable layers runs forward, backward and update as one compiled function; the numbers stay
+those of the eager Solver within float32 rounding, the iterations Python reads (display, the
+last of a step) run eagerly, and nets or settings it does not fit are left to the per-net
+compile, with the reason logged."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from caffe_alex.solvers.captured import why_not_captured
+
+from .helpers import make_solver
+from .test_speed_options import NET as CONV_NET
+from .test_speed_options import SOLVER as CONV_SOLVER
+from .test_speed_options import _batches as conv_batches
+
+MLP = """
+layer { name: "data" type: "Input" top: "x" top: "label"
+        input_param { shape { dim: 8 dim: 5 } shape { dim: 8 } } }
+layer { name: "ip1" type: "InnerProduct" bottom: "x" top: "h1"
+        param { lr_mult: 1 decay_mult: 1 } param { lr_mult: 2 decay_mult: 0 }
+        inner_product_param { num_output: 6 weight_filler { type: "gaussian" std: 0.5 }
+                              bias_filler { type: "uniform" min: -0.5 max: 0.5 } } }
+layer { name: "relu1" type: "ReLU" bottom: "h1" top: "h1" }
+layer { name: "ip2" type: "InnerProduct" bottom: "x" top: "h2"
+        inner_product_param { num_output: 6 weight_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "tanh2" type: "TanH" bottom: "h2" top: "t2" }
+layer { name: "sum" type: "Eltwise" bottom: "h1" bottom: "t2" top: "s" }
+layer { name: "cat" type: "Concat" bottom: "s" bottom: "h1" top: "c" }
+layer { name: "ip3" type: "InnerProduct" bottom: "c" top: "out"
+        param { lr_mult: 0 } param { lr_mult: 1 }
+        inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "accuracy" type: "Accuracy" bottom: "out" bottom: "label" top: "accuracy" }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "out" bottom: "label" top: "loss" }
+"""
+# Nesterov, L1, a rate that changes every iteration (inv), a display every 5
+SOLVER = """type: "Nesterov" base_lr: 0.1 momentum: 0.9 weight_decay: 0.01
+regularization_type: "L1" lr_policy: "inv" gamma: 0.1 power: 0.75 display: 5 max_iter: 24"""
+
+
+def _batches(count=24):
+    gen = torch.Generator().manual_seed(0)
+    return [{"x": torch.randn(8, 5, generator=gen),
+             "label": torch.randint(0, 3, (8,), generator=gen).float()}
+            for _ in range(count)]  # fmt: skip
+
+
+class CountingBackend:
+    """inductor, counting the graphs it is given (a recompile would add one)."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+
+        self.graphs += 1
+        return compile_fx(gm, example_inputs)
+
+
+def _params(solver) -> list[np.ndarray]:
+    return [info.param.detach().numpy().copy() for info in solver.learnable]
+
+
+@pytest.mark.subprocess  # inductor compiles the C++ in worker processes
+def test_captured_step_compiles_once_and_gives_the_eager_numbers():
+    eager = make_solver(MLP, SOLVER, _batches())
+    backend = CountingBackend()
+    captured = make_solver(MLP, SOLVER, _batches(), compile=backend)
+    assert captured._captured is not None and eager._captured is None
+    frozen = _params(captured)[4]  # ip3's weight: lr_mult 0
+    eager.step(24)
+    captured.step(24)
+    # displays at 0, 5, 10, 15, 20 and the last iteration run eagerly: 18 captured calls,
+    # one graph for all of them although the rate changed every iteration
+    assert captured._captured.calls == 18
+    assert backend.graphs == 1
+    assert captured.iter == eager.iter == 24
+    for ours, reference in zip(_params(captured), _params(eager)):
+        np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(_params(captured)[4], frozen)
+    for history, reference in zip(captured.rule.history, eager.rule.history):
+        np.testing.assert_allclose(history.numpy(), reference.numpy(), rtol=1e-5, atol=1e-7)
+    assert captured._progress.loss.value == pytest.approx(eager._progress.loss.value, 1e-5)
+    # the last iteration ran eagerly: its blobs are there to read
+    assert set(captured.train_net.blobs) >= {"h1", "out", "loss"}
+
+
+def test_what_the_captured_step_does_not_fit_keeps_the_per_net_compile():
+    def reason(net, solver, batches, **options):
+        made = make_solver(net, solver, batches, compile="aot_eager", **options)
+        assert made._captured is None
+        return why_not_captured(made.param, made.train_net, made.device, made.precision,
+                                made.ranks, layerwise=bool(options.get("layerwise")))  # fmt: skip
+
+    assert "Convolution, Pooling layers" in reason(CONV_NET, CONV_SOLVER, conv_batches())
+    assert "AdaGrad" in reason(MLP, 'type: "AdaGrad" base_lr: 0.1 lr_policy: "fixed"', _batches())
+    assert "iter_size" in reason(MLP, SOLVER + " iter_size: 2", _batches())
+    assert "clip_gradients" in reason(MLP, SOLVER + " clip_gradients: 1", _batches())
+    assert "layer by layer" in reason(MLP, SOLVER, _batches(), layerwise=True)
+    assert "precision" in reason(MLP, SOLVER, _batches(), precision="bf16")
+    assert make_solver(MLP, SOLVER, _batches())._captured is None  # not asked
