@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from caffe_alex.solvers.captured import why_not_captured
+from caffe_alex.solvers.captured import CAPTURED_TYPES, why_not_captured
 
 from .helpers import make_solver
 from .test_speed_options import NET as CONV_NET
@@ -41,9 +41,9 @@ SOLVER = """type: "Nesterov" base_lr: 0.1 momentum: 0.9 weight_decay: 0.01
 regularization_type: "L1" lr_policy: "inv" gamma: 0.1 power: 0.75 display: 5 max_iter: 24"""
 
 
-def _batches(count=24):
+def _batches(count=24, features=5):
     gen = torch.Generator().manual_seed(0)
-    return [{"x": torch.randn(8, 5, generator=gen),
+    return [{"x": torch.randn(8, features, generator=gen),
              "label": torch.randint(0, 3, (8,), generator=gen).float()}
             for _ in range(count)]  # fmt: skip
 
@@ -103,3 +103,99 @@ def test_what_the_captured_step_does_not_fit_keeps_the_per_net_compile():
     assert "layer by layer" in reason(MLP, SOLVER, _batches(), layerwise=True)
     assert "precision" in reason(MLP, SOLVER, _batches(), precision="bf16")
     assert make_solver(MLP, SOLVER, _batches())._captured is None  # not asked
+
+
+_HEAD = """layer { name: "data" type: "Input" top: "x" top: "label"
+        input_param { shape { dim: 8 dim: 6 } shape { dim: 8 } } }
+layer { name: "ip1" type: "InnerProduct" bottom: "x" top: "h"
+        inner_product_param { num_output: 6 weight_filler { type: "gaussian" std: 0.5 } } }
+"""
+_SCORES = """layer { name: "ip2" type: "InnerProduct" bottom: "m" top: "out"
+        inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.5 } } }
+"""
+_SOFTMAX_LOSS = """layer { name: "loss" type: "SoftmaxWithLoss" bottom: "out" bottom: "label"
+        top: "loss" }"""
+# one net per captured type: the type between ip1 ("h") and ip2 (reading "m"), or as the loss
+_BETWEEN = {
+    "ReLU": 'layer { name: "m" type: "ReLU" bottom: "h" top: "m" }',
+    "Sigmoid": 'layer { name: "m" type: "Sigmoid" bottom: "h" top: "m" }',
+    "TanH": 'layer { name: "m" type: "TanH" bottom: "h" top: "m" }',
+    "AbsVal": 'layer { name: "m" type: "AbsVal" bottom: "h" top: "m" }',
+    "Power": 'layer { name: "m" type: "Power" bottom: "h" top: "m" '
+             "power_param { power: 2 scale: 0.5 shift: 1 } }",
+    "Exp": 'layer { name: "m" type: "Exp" bottom: "h" top: "m" exp_param { scale: 0.1 } }',
+    "Log": 'layer { name: "a" type: "AbsVal" bottom: "h" top: "a" } '
+           'layer { name: "m" type: "Log" bottom: "a" top: "m" log_param { shift: 1 } }',
+    "BNLL": 'layer { name: "m" type: "BNLL" bottom: "h" top: "m" }',
+    "ELU": 'layer { name: "m" type: "ELU" bottom: "h" top: "m" }',
+    "Dropout": 'layer { name: "m" type: "Dropout" bottom: "h" top: "m" '
+               "dropout_param { dropout_ratio: 0.3 } }",
+    "Eltwise": 'layer { name: "m" type: "Eltwise" bottom: "h" bottom: "h" top: "m" '
+               "eltwise_param { operation: PROD } }",
+    "Concat": 'layer { name: "m" type: "Concat" bottom: "h" bottom: "h" top: "m" }',
+    "Slice": 'layer { name: "m" type: "Slice" bottom: "h" top: "m" top: "rest" '
+             "slice_param { slice_point: 2 } }",
+    "Silence": 'layer { name: "m" type: "Slice" bottom: "h" top: "m" top: "rest" } '
+               'layer { name: "s" type: "Silence" bottom: "rest" }',
+    "Split": 'layer { name: "m" type: "Split" bottom: "h" top: "m" top: "copy" }',
+    "Flatten": 'layer { name: "m" type: "Flatten" bottom: "h" top: "m" }',
+    "Reshape": 'layer { name: "m" type: "Reshape" bottom: "h" top: "m" '
+               "reshape_param { shape { dim: 0 dim: 2 dim: 3 } } }",
+    "Scale": 'layer { name: "m" type: "Scale" bottom: "h" top: "m" '
+             "scale_param { bias_term: true } }",
+    "Bias": 'layer { name: "m" type: "Bias" bottom: "h" top: "m" }',
+    "Softmax": 'layer { name: "m" type: "Softmax" bottom: "h" top: "m" }',
+}  # fmt: skip
+_LOSSES = {
+    "EuclideanLoss": 'layer { name: "t" type: "Reshape" bottom: "label" top: "t" '
+                     "reshape_param { shape { dim: 8 dim: 1 } } } "
+                     'layer { name: "target" type: "Concat" bottom: "t" bottom: "t" bottom: "t" '
+                     'top: "target" } layer { name: "loss" type: "EuclideanLoss" '
+                     'bottom: "out" bottom: "target" top: "loss" }',
+    "SigmoidCrossEntropyLoss": 'layer { name: "t" type: "Power" bottom: "label" top: "t" '
+                               "power_param { scale: 0.5 } } "
+                               'layer { name: "one" type: "Slice" bottom: "out" top: "o" '
+                               'top: "rest" slice_param { slice_point: 1 } } '
+                               'layer { name: "r" type: "Reshape" bottom: "o" top: "r" '
+                               "reshape_param { shape { dim: 8 } } } "
+                               'layer { name: "s" type: "Silence" bottom: "rest" } '
+                               'layer { name: "loss" type: "SigmoidCrossEntropyLoss" '
+                               'bottom: "r" bottom: "t" top: "loss" }',
+    "Accuracy": _SOFTMAX_LOSS + ' layer { name: "acc" type: "Accuracy" bottom: "out" '
+                'bottom: "label" top: "acc" }',
+    "SoftmaxWithLoss": _SOFTMAX_LOSS,
+    "InnerProduct": _SOFTMAX_LOSS,
+}  # fmt: skip
+
+
+class _Graphs:
+    """A backend that runs the traced graph as it is, counting the graphs (a graph break or a
+    recompile adds one)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, gm, example_inputs):
+        self.count += 1
+        return gm.forward
+
+
+def _type_net(kind: str) -> str:
+    if kind in _LOSSES:
+        relu = 'layer { name: "m" type: "ReLU" bottom: "h" top: "m" }\n'
+        return _HEAD + relu + _SCORES + _LOSSES[kind]
+    return _HEAD + _BETWEEN[kind] + "\n" + _SCORES + _SOFTMAX_LOSS
+
+
+def test_every_captured_type_is_tried_below():
+    assert CAPTURED_TYPES == set(_BETWEEN) | set(_LOSSES)
+
+
+@pytest.mark.parametrize("kind", sorted(CAPTURED_TYPES))
+def test_each_captured_type_compiles_into_one_graph(kind):
+    graphs = _Graphs()
+    solver = make_solver(_type_net(kind), 'base_lr: 0.1 momentum: 0.9 lr_policy: "fixed"',
+                         _batches(6, features=6), compile=graphs)  # fmt: skip
+    assert solver._captured is not None
+    solver.step(5)
+    assert solver._captured.calls == 4 and graphs.count == 1
