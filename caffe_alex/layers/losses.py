@@ -154,9 +154,19 @@ def _picked_loss(x, target, norm) -> torch.Tensor:
         # Each picked -log p is >= 0, so none exceeds the clamp's bound when their sum does
         # not: then the clamp is the identity and its three ops (and nodes) can go. One read
         # of a scalar, which costs no device sync on the CPU.
-        total = F.nll_loss(log_prob, target, reduction="sum")
-        if total.item() <= _NO_CLAMP_BELOW:
-            return total / norm
+        rows = x.shape[0]
+        if norm == rows:
+            # nll_loss's own mean is the sum over the row count, bit for bit (the same
+            # summation, then one division; its backward -1/N as the division's): one op
+            # and one autograd node fewer. The sum is known to a rounding: skip the clamp
+            # only with a margin.
+            mean = F.nll_loss(log_prob, target)
+            if mean.item() * rows <= _NO_CLAMP_BELOW * (1 - 1e-6):
+                return mean
+        else:
+            total = F.nll_loss(log_prob, target, reduction="sum")
+            if total.item() <= _NO_CLAMP_BELOW:
+                return total / norm
     clamped = log_prob.clamp(min=-_MAX_NLL)
     if log_prob.requires_grad:
         clamped = log_prob + (clamped - log_prob).detach()

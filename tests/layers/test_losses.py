@@ -116,19 +116,23 @@ def test_softmax_loss_clamps_at_flt_min_but_keeps_gradient():
     assert grad[0, 2] == pytest.approx(-1.0)
 
 
+@pytest.mark.parametrize("normalization", ["VALID", "NONE"])
 @pytest.mark.parametrize("rows,spread", [(10, 1.0), (64, 3.0), (4, 300.0)])
-def test_softmax_loss_skips_the_clamp_only_where_it_changes_nothing(rows, spread, monkeypatch):
+def test_softmax_loss_skips_the_clamp_only_where_it_changes_nothing(
+    rows, spread, normalization, monkeypatch
+):
     """Where the picked -log p sum to at most -log(FLT_MIN), no single one is clamped and the
-    loss is taken without the clamp's ops; the values and gradients are the clamped path's,
-    bit for bit. Larger sums (64 rows, or scores hundreds apart, one clamped) take the
-    clamped path."""
+    loss is taken without the clamp's ops (by VALID, as nll_loss's mean; by NONE, its sum);
+    the values and gradients are the clamped path's (a sum, then a division), bit for bit.
+    Larger sums (64 rows, or scores hundreds apart, one clamped) take the clamped path."""
     from caffe_alex.layers import losses
     from tests.test_small_nets import Ops
 
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 5, generator=gen) * spread
     label = torch.randint(0, 5, (rows,), generator=gen).float()
-    text = loss_net("SoftmaxWithLoss", (rows, 5), (rows,))
+    params = f"loss_param {{ normalization: {normalization} }}"
+    text = loss_net("SoftmaxWithLoss", (rows, 5), (rows,), params=params)
 
     def loss_and_grad():
         net = Net(parse_net(text))
@@ -147,6 +151,7 @@ def test_softmax_loss_skips_the_clamp_only_where_it_changes_nothing(rows, spread
     assert skipped == (rows == 10)  # the cases are built so; the sum decides, not one term
     assert (ops["aten.clamp.default"] == 0) == skipped
     assert clamped_ops["aten.clamp.default"] == 1
+    assert ops["aten.div.Tensor"] == (0 if skipped and normalization == "VALID" else 1)
 
 
 def test_softmax_loss_label_count_mismatch_names_both_sizes():
