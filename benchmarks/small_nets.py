@@ -20,8 +20,12 @@ lr lr_mult (g + decay decay_mult W); W -= V). It runs with the thread count caff
 for the net (one thread for logreg: see Net.thread_policy), and for logreg also with PyTorch's
 default, which is what such a loop gets unless its author knows better.
 
+With ``--compile`` logreg also runs with the Solver's compile option, which captures its whole
+step (forward, backward, update) as one compiled function (caffe_alex/solvers/captured.py;
+compiled before the timing, the time it took printed).
+
     python benchmarks/small_nets.py [--nets logreg,lenet,cifar10_quick] [--rounds 7]
-        [--iters 200]
+        [--iters 200] [--compile]
 """
 
 from __future__ import annotations
@@ -86,10 +90,10 @@ def logreg_data(folder: Path, rows: int = 10000) -> tuple[np.ndarray, np.ndarray
     return x, y, listing
 
 
-def solver_for(net: caffe_pb2.NetParameter, feeds=None) -> Solver:
+def solver_for(net: caffe_pb2.NetParameter, feeds=None, compile=False) -> Solver:
     param = text_format.Parse(NOTEBOOK_SOLVER, caffe_pb2.SolverParameter())
     param.net_param.CopyFrom(net)
-    return Solver(param, feeds=feeds)
+    return Solver(param, feeds=feeds, compile=compile)
 
 
 def input_net(path: Path, batch: int, chw: tuple[int, int, int]) -> caffe_pb2.NetParameter:
@@ -190,8 +194,9 @@ def slices(x: np.ndarray, y: np.ndarray, batch: int):
 
 
 # -- the contenders per net --------------------------------------------------------------------
-def contenders(name: str, folder: Path) -> tuple[Solver, dict]:
-    """(solver, {label: (run(iters), threads)}) for one net."""
+def contenders(name: str, folder: Path, compile: bool = False) -> tuple[Solver, dict]:
+    """(solver, {label: (run(iters), threads)}) for one net; ``compile``: logreg also with the
+    Solver's compile option."""
     if name == "logreg":
         x, y, listing = logreg_data(folder)
         net = text_format.Parse(LOGREG_NET % listing, caffe_pb2.NetParameter())
@@ -201,6 +206,12 @@ def contenders(name: str, folder: Path) -> tuple[Solver, dict]:
         runs = {"caffe-alex Solver": (solver.step, threads), "bare loop": (bare.step, threads)}
         if threads != torch.get_num_threads():
             runs["bare loop, default threads"] = (bare.step, torch.get_num_threads())
+        if compile:  # the whole step captured (solvers/captured.py); compiled before timing
+            captured = solver_for(net, compile=True)
+            began = time.perf_counter()
+            captured.step(3)  # iteration 1 is captured (0 displays, the last is read)
+            print(f"logreg: the captured step compiled in {time.perf_counter() - began:.1f} s")
+            runs["caffe-alex Solver, compile"] = (captured.step, threads)
         return solver, runs
     if name == "lenet":
         path, batch, chw, model = ROOT / "examples/fashion_mnist/lenet_train_test.prototxt", 64, (
@@ -240,6 +251,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nets", default="logreg,lenet,cifar10_quick")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--compile", action="store_true", help="logreg also with the "
+                        "Solver's compile option (its whole step captured)")  # fmt: skip
     parser.add_argument("--iters", type=int, default=0, help="iterations per round and "
                         "side (default: 500 for logreg, 20 for the others)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -247,7 +260,7 @@ def main(argv=None) -> dict:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.nets.split(","):
-            solver, runs = contenders(name, Path(tmp))
+            solver, runs = contenders(name, Path(tmp), args.compile)
             iters = args.iters or (500 if name == "logreg" else 20)
             before = load()
             times = measure(runs, args.rounds, iters)
