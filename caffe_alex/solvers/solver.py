@@ -132,7 +132,8 @@ class Solver:
             param, self.train_net, self.device, self.precision, self.ranks, layerwise
         )
         captured = bool(compile) and not not_captured
-        compiled = self.test_nets if captured else [self.train_net, *self.test_nets]
+        # a captured net's test nets are as small: their compile would cost more than it saves
+        compiled = [] if captured else [self.train_net, *self.test_nets]
         apply_speed_options(compiled, channels_last, compile)
         nets = {"train": self.train_net, **dict(enumerate(self.test_nets))}
         self.engines = make_engines(nets, self.precision, self.device, self.feeds, layerwise)
