@@ -64,7 +64,8 @@ def why_not_captured(param, net, device, precision, ranks, layerwise: bool) -> s
 class CapturedStep:
     """``step(batch, rate)``: one training iteration of ``update``'s net (forward, backward,
     Caffe's regularisation and SGD/Nesterov update of every learnable blob) on ``batch``
-    at learning rate ``rate``; returns the loss (detached). Compiled at the first call."""
+    at learning rate ``rate``; returns the loss (detached), or None where the step failed to
+    compile (nothing ran). Compiled at the first call."""
 
     def __init__(self, net, update, backend="inductor"):
         self.net, self.update, self.rule = net, update, update.rule
@@ -75,6 +76,9 @@ class CapturedStep:
         decay = f32(self.param.weight_decay)
         self.decays = [float(decay * f32(info.decay_mult)) for info in update.learnable]
         self.l2 = self.param.regularization_type == "L2"
+        from torch._dynamo.exc import BackendCompilerFailed  # (dynamo: a second to import)
+
+        self._compile_failed = BackendCompilerFailed
         self.compiled = torch.compile(self._step, backend=backend, dynamic=False)
         # dynamo traces torch.autograd.grad only when told to; set for the tracing alone
         self._tracing_config = torch._dynamo.config.patch(trace_autograd_ops=True)
@@ -87,11 +91,17 @@ class CapturedStep:
         if rate != self._rate:
             self._rate = rate
             self._rates = torch.tensor([float(f32(rate) * m) for m in self.lr_mults])
-        if self.calls:
-            loss = self.compiled(batch, self._rates)
-        else:
-            with self._tracing_config:
-                loss = self.compiled(batch, self._rates)
+        try:
+            if self.calls:  # (the config is read when tracing: once, or at a recompile
+                loss = self.compiled(batch, self._rates)  # that would then break the graph
+            else:  # at autograd.grad, which still computes the same numbers)
+                with self._tracing_config:
+                    loss = self.compiled(batch, self._rates)
+        except self._compile_failed as exc:  # no working C++ compiler, say: nothing ran
+            log.warning("compile: the captured training step failed to compile (%s); the "
+                        "iterations run eagerly", str(exc).splitlines()[0] if str(exc) else
+                        type(exc).__name__)  # fmt: skip
+            return None
         self.calls += 1
         return loss
 

@@ -217,10 +217,11 @@ class Solver:
             hook()
         display = self._progress.due(self.iter) and self.is_root
         watched = bool(last or self.start_hooks or self.gradient_hooks)
+        rate = batch = None
         if self._captured is not None and not (watched or display):
-            rate = self._captured_iteration()
-        else:
-            loss = self._forward_backward(display and self.param.debug_info, keep_blobs=watched)
+            rate, batch = self._captured_iteration()
+        if rate is None:  # (``batch``: the one a failed capture drew, to run eagerly now)
+            loss = self._forward_backward(display and self.param.debug_info, watched, batch)
             self._progress.loss.add_lazily(self.iter, loss)
             if display:
                 self._progress.show(self.iter, self.train_net, self.engines["train"].blob)
@@ -245,10 +246,12 @@ class Solver:
             self._requests.after_test(self.ranks, self.snapshot)
         return not self._requests.early_exit
 
-    def _forward_backward(self, debug: bool, keep_blobs: bool = True) -> torch.Tensor:
+    def _forward_backward(self, debug: bool, keep_blobs: bool = True, first=None):
+        """iter_size forward and backward passes (``first``: the first pass's batch, already
+        drawn); returns the loss, averaged over the passes."""
         engine, total, passes = self.engines["train"], None, self.param.iter_size
         for index in range(passes):
-            batch = next(self.feeds["train"])
+            batch = first if index == 0 and first is not None else next(self.feeds["train"])
             if self._progress.batch_size is None:
                 self._progress.batch_size = next((int(v.shape[0]) for v in batch.values()), 1)
             self.ranks.arm(index == passes - 1)  # the last pass's gradients are final
@@ -264,16 +267,22 @@ class Solver:
             total = loss if total is None else total + loss
         return total if passes == 1 else total / passes
 
-    def _captured_iteration(self) -> float:
-        """Forward, backward and update as one compiled call (captured.py); iter += 1;
-        returns the learning rate used."""
+    def _captured_iteration(self) -> tuple[float | None, dict]:
+        """Forward, backward and update as one compiled call (captured.py); iter += 1.
+        Returns the learning rate used and the batch; no rate where the step failed to
+        compile (then it runs eagerly from here on, this batch first)."""
         batch = next(self.feeds["train"])
         if self._progress.batch_size is None:
             self._progress.batch_size = next((int(v.shape[0]) for v in batch.values()), 1)
-        rate, self.current_step = learning_rate(self.param, self.iter, self.current_step)
-        self._progress.loss.add_lazily(self.iter, self._captured(batch, rate))
+        rate, current_step = learning_rate(self.param, self.iter, self.current_step)
+        loss = self._captured(batch, rate)
+        if loss is None:
+            self._captured = None
+            return None, batch
+        self.current_step = current_step
+        self._progress.loss.add_lazily(self.iter, loss)
         self.iter += 1
-        return rate
+        return rate, batch
 
     def _forward(self, key, batch: dict, grad: bool = True, keep_blobs: bool = True):
         """Run net ``key`` ("train" or a test net's index) on ``batch``: (outputs, loss). An

@@ -199,3 +199,29 @@ def test_each_captured_type_compiles_into_one_graph(kind):
     assert solver._captured is not None
     solver.step(5)
     assert solver._captured.calls == 4 and graphs.count == 1
+
+
+def test_a_captured_step_that_fails_to_compile_runs_eagerly_from_that_batch(caplog):
+    """No working C++ compiler, say: the backend fails at the first call, before anything ran;
+    the solver warns once and trains eagerly, starting with the batch the capture drew, so
+    the run is the eager run."""
+    import logging
+
+    from caffe_alex.log import get_logger
+
+    def failing_backend(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    eager = make_solver(MLP, SOLVER, _batches())
+    failing = make_solver(MLP, SOLVER, _batches(), compile=failing_backend)
+    get_logger().propagate = True  # let caplog see the warning
+    try:
+        with caplog.at_level(logging.WARNING, logger="caffe_alex"):
+            eager.step(24)
+            failing.step(24)
+    finally:
+        get_logger().propagate = False
+    assert failing._captured is None and failing.iter == 24
+    assert caplog.text.count("the captured training step failed to compile") == 1
+    for ours, reference in zip(_params(failing), _params(eager)):
+        np.testing.assert_array_equal(ours, reference)
