@@ -52,6 +52,8 @@ def why_not_captured(param, net, device, precision, ranks, layerwise: bool) -> s
         return "several ranks sum their gradients between backward and update"
     if not any(step.loss_weights for step in net.steps):
         return "the net has no loss"
+    if not any(info.lr_mult for info in net.learnable_params()):
+        return "the net learns nothing (every lr_mult is 0)"
     others = sorted({kind for name, kind in zip(net.layer_names, net.layer_types)
                      if kind not in CAPTURED_TYPES and not net.layer(name).is_source})  # fmt: skip
     if others:
