@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..log import get_logger
+from .lr_policy import learning_rate
 
 log = get_logger()
 f32 = np.float32
@@ -63,13 +64,25 @@ def why_not_captured(param, net, device, precision, ranks, layerwise: bool) -> s
     return None
 
 
+def captures(solver, layerwise: bool) -> bool:
+    """Whether the ``compile`` option captures ``solver``'s whole train step (logged)."""
+    reason = why_not_captured(solver.param, solver.train_net, solver.device, solver.precision,
+                              solver.ranks, layerwise)  # fmt: skip
+    if reason:
+        log.info("compile: the train net's forward is compiled; the step is not captured "
+                 "whole: %s", reason)  # fmt: skip
+        return False
+    log.info("compile: the training step is captured whole (forward, backward, update)")
+    return True
+
+
 class CapturedStep:
     """``step(batch, rate)``: one training iteration of ``update``'s net (forward, backward,
     Caffe's regularisation and SGD/Nesterov update of every learnable blob) on ``batch``
     at learning rate ``rate``; returns the loss (detached), or None where the step failed to
     compile (nothing ran). Compiled at the first call."""
 
-    def __init__(self, net, update, backend="inductor"):
+    def __init__(self, net, update, backend=True):
         self.net, self.update, self.rule = net, update, update.rule
         self.param = update.param
         self.momentum = float(f32(self.param.momentum))
@@ -81,6 +94,7 @@ class CapturedStep:
         from torch._dynamo.exc import BackendCompilerFailed  # (dynamo: a second to import)
 
         self._compile_failed = BackendCompilerFailed
+        backend = "inductor" if backend is True else backend  # (the compile option's value)
         self.compiled = torch.compile(self._step, backend=backend, dynamic=False)
         # dynamo traces torch.autograd.grad only when told to; set for the tracing alone
         self._tracing_config = torch._dynamo.config.patch(trace_autograd_ops=True)
@@ -106,6 +120,24 @@ class CapturedStep:
             return None
         self.calls += 1
         return loss
+
+    def iteration(self, solver) -> tuple[float | None, dict]:
+        """One iteration of ``solver`` (the Solver training ``net``) through the captured
+        step: the batch from its feed, the rate of its schedule, the loss for its display;
+        iter += 1. Returns the rate and the batch; no rate where the step failed to compile
+        (nothing changed but the feed's position: the caller runs the batch eagerly)."""
+        batch = next(solver.feeds["train"])
+        progress = solver._progress
+        if progress.batch_size is None:
+            progress.batch_size = next((int(v.shape[0]) for v in batch.values()), 1)
+        rate, current_step = learning_rate(solver.param, solver.iter, solver.current_step)
+        loss = self(batch, rate)
+        if loss is None:
+            return None, batch
+        solver.current_step = current_step
+        progress.loss.add_lazily(solver.iter, loss)
+        solver.iter += 1
+        return rate, batch
 
     def _step(self, batch: dict, rates: torch.Tensor) -> torch.Tensor:
         params = self.update.params

@@ -35,7 +35,7 @@ from ..formats.upgrade import upgrade_solver
 from ..log import get_logger
 from ..proto import caffe_pb2
 from . import checkpoint
-from .captured import CapturedStep, why_not_captured
+from .captured import CapturedStep, captures
 from .coordination import Ranked, coordination, join_world
 from .debug import backward_info, forward_info
 from .devices import choose_device
@@ -87,6 +87,8 @@ def prepared_param(solver_param, source_path, seed) -> caffe_pb2.SolverParameter
     return param
 
 
+# long: Caffe's Solver in one class (Step, Solve, Test, Snapshot, Restore, the iteration), each
+# piece's work done by its own module (display, scoring, requests, engines, update, captured)
 class Solver:
     """Training from a SolverParameter, as Caffe's Solver does (``Solver.from_file(path)``).
 
@@ -128,24 +130,14 @@ class Solver:
         self.precision = Precision(precision, channels_last, self.device)
         with self.ranks.together():
             self._build(weights, insert_splits, feeds, feed_options)
-        not_captured = compile and why_not_captured(
-            param, self.train_net, self.device, self.precision, self.ranks, layerwise
-        )
-        captured = bool(compile) and not not_captured
+        captured = compile and captures(self, layerwise)  # captured.py: the whole step
         # a captured net's test nets are as small: their compile would cost more than it saves
         compiled = [] if captured else [self.train_net, *self.test_nets]
         apply_speed_options(compiled, channels_last, compile)
         nets = {"train": self.train_net, **dict(enumerate(self.test_nets))}
         self.engines = make_engines(nets, self.precision, self.device, self.feeds, layerwise)
         self._prepare_update()
-        self._captured = None  # captured.py: the whole train step as one compiled function
-        if captured:
-            backend = "inductor" if compile is True else compile
-            self._captured = CapturedStep(self.train_net, self.update, backend)
-            log.info("compile: the training step is captured whole (forward, backward, update)")
-        elif compile:
-            log.info("compile: the train net's forward is compiled; the step is not captured "
-                     "whole: %s", not_captured)  # fmt: skip
+        self._captured = CapturedStep(self.train_net, self.update, compile) if captured else None
         self.iter = self.current_step = 0
         self.callbacks: list = []
         self.start_hooks: list = []
@@ -219,7 +211,8 @@ class Solver:
         watched = bool(last or self.start_hooks or self.gradient_hooks)
         rate = batch = None
         if self._captured is not None and not (watched or display):
-            rate, batch = self._captured_iteration()
+            rate, batch = self._captured.iteration(self)
+            self._captured = None if rate is None else self._captured  # None: failed to compile
         if rate is None:  # (``batch``: the one a failed capture drew, to run eagerly now)
             loss = self._forward_backward(display and self.param.debug_info, watched, batch)
             self._progress.loss.add_lazily(self.iter, loss)
@@ -247,8 +240,7 @@ class Solver:
         return not self._requests.early_exit
 
     def _forward_backward(self, debug: bool, keep_blobs: bool = True, first=None):
-        """iter_size forward and backward passes (``first``: the first pass's batch, already
-        drawn); returns the loss, averaged over the passes."""
+        # (``first``: the first pass's batch, already drawn)
         engine, total, passes = self.engines["train"], None, self.param.iter_size
         for index in range(passes):
             batch = first if index == 0 and first is not None else next(self.feeds["train"])
@@ -266,23 +258,6 @@ class Solver:
             loss = loss.detach().float()
             total = loss if total is None else total + loss
         return total if passes == 1 else total / passes
-
-    def _captured_iteration(self) -> tuple[float | None, dict]:
-        """Forward, backward and update as one compiled call (captured.py); iter += 1.
-        Returns the learning rate used and the batch; no rate where the step failed to
-        compile (then it runs eagerly from here on, this batch first)."""
-        batch = next(self.feeds["train"])
-        if self._progress.batch_size is None:
-            self._progress.batch_size = next((int(v.shape[0]) for v in batch.values()), 1)
-        rate, current_step = learning_rate(self.param, self.iter, self.current_step)
-        loss = self._captured(batch, rate)
-        if loss is None:
-            self._captured = None
-            return None, batch
-        self.current_step = current_step
-        self._progress.loss.add_lazily(self.iter, loss)
-        self.iter += 1
-        return rate, batch
 
     def _forward(self, key, batch: dict, grad: bool = True, keep_blobs: bool = True):
         """Run net ``key`` ("train" or a test net's index) on ``batch``: (outputs, loss). An

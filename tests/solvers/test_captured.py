@@ -230,6 +230,8 @@ def test_a_captured_step_that_fails_to_compile_runs_eagerly_from_that_batch(capl
     finally:
         get_logger().propagate = False
     assert failing._captured is None and failing.iter == 24
-    assert caplog.text.count("the captured training step failed to compile") == 1
+    # (one record; pytest also hands it to a non-propagating logger's handler directly)
+    warned = {id(r) for r in caplog.records if "captured training step failed" in r.getMessage()}
+    assert len(warned) == 1
     for ours, reference in zip(_params(failing), _params(eager)):
         np.testing.assert_array_equal(ours, reference)
