@@ -4,10 +4,10 @@ torch.compile'd function (the Solver's ``compile`` option, where it pays).
 A tiny net's iteration is Python's, not arithmetic's: BVLC's brewing-logreg net spends ~0.5 ms
 per iteration in dispatch, autograd's engine and the update's bookkeeping, for a few hundred
 multiply-adds. Captured, forward, backward and update run as inductor's C++ without Python
-between the ops (0.17 ms; a bare PyTorch loop takes 0.26). Convolution and pooling nets lose
-that way (inductor's kernels against oneDNN's: LeNet 23 -> 40 ms, CIFAR-10 quick 110 -> 127 ms
-per iteration), so only nets of the layer types below are captured; others get the ``compile``
-option's per-net forward (nets.py).
+between the ops (0.22 ms per Solver iteration; a bare PyTorch loop takes 0.27). Convolution
+and pooling nets lose that way (inductor's kernels against oneDNN's: LeNet 23 -> 40 ms,
+CIFAR-10 quick 110 -> 127 ms per iteration), so only nets of the layer types below are
+captured; others get the ``compile`` option's per-net forward (nets.py).
 
 Like every ``compile``, not Caffe's exact float32 steps: inductor fuses the update's
 multiply-adds (an ulp apart from the eager path per step) and Dropout draws from its own
@@ -86,6 +86,7 @@ class CapturedStep:
         self.net, self.update, self.rule = net, update, update.rule
         self.param = update.param
         self.momentum = float(f32(self.param.momentum))
+        self.nesterov_new = float(f32(1) + f32(self.param.momentum))  # Nesterov's (1 + momentum)
         self.nesterov = self.param.type == "Nesterov"
         self.lr_mults = [f32(info.lr_mult) for info in update.learnable]
         decay = f32(self.param.weight_decay)
@@ -107,10 +108,12 @@ class CapturedStep:
         if rate != self._rate:
             self._rate = rate
             self._rates = torch.tensor([float(f32(rate) * m) for m in self.lr_mults])
+        # dynamo reads the config when it traces: at the first call (a recompile later would
+        # break the graph at autograd.grad, which still computes the same numbers)
         try:
-            if self.calls:  # (the config is read when tracing: once, or at a recompile
-                loss = self.compiled(batch, self._rates)  # that would then break the graph
-            else:  # at autograd.grad, which still computes the same numbers)
+            if self.calls:
+                loss = self.compiled(batch, self._rates)
+            else:
                 with self._tracing_config:
                     loss = self.compiled(batch, self._rates)
         except self._compile_failed as exc:  # no working C++ compiler, say: nothing ran
@@ -156,7 +159,7 @@ class CapturedStep:
                 before = history[i].clone() if self.nesterov else None
                 history[i].mul_(self.momentum).add_(grad * rates[i])
                 if self.nesterov:  # (1 + momentum) V_new - momentum V
-                    step = history[i] * (1 + self.momentum) - before * self.momentum
+                    step = history[i] * self.nesterov_new - before * self.momentum
                 else:
                     step = history[i]
                 param.sub_(step)
