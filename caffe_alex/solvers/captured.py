@@ -1,5 +1,5 @@
-"""The captured training step: a small net's forward, backward and SGD or Nesterov update as one
-torch.compile'd function (the Solver's ``compile`` option, where it pays).
+"""The captured training step: a small net's forward, backward and update (SGD, Nesterov, AdaGrad,
+RMSProp, Adam) as one torch.compile'd function (the Solver's ``compile`` option, where it pays).
 
 A tiny net's iteration is Python's, not arithmetic's: BVLC's brewing-logreg net spends ~0.5 ms
 per iteration in dispatch, autograd's engine and the update's bookkeeping, for a few hundred
@@ -34,7 +34,7 @@ CAPTURED_TYPES = frozenset({
     "Softmax", "SoftmaxWithLoss", "EuclideanLoss", "SigmoidCrossEntropyLoss", "Accuracy",
     "Silence",
 })  # fmt: skip
-RULES = ("SGD", "Nesterov")
+RULES = ("SGD", "Nesterov", "AdaGrad", "RMSProp", "Adam")  # (AdaDelta keeps its own loop)
 
 
 def why_not_captured(param, net, device, precision, ranks, layerwise: bool) -> str | None:
@@ -44,7 +44,7 @@ def why_not_captured(param, net, device, precision, ranks, layerwise: bool) -> s
     if device.type != "cpu":
         return "it is captured on the CPU only"
     if param.type not in RULES:
-        return f"the {param.type} update is not captured (SGD and Nesterov are)"
+        return f"the {param.type} update is not captured ({', '.join(RULES)} are)"
     if param.iter_size != 1 or param.clip_gradients >= 0:
         return "iter_size and clip_gradients run the update's own loop"
     if precision.autocast is not None or precision.channels_last:
@@ -77,17 +77,23 @@ def captures(solver, layerwise: bool) -> bool:
 
 
 class CapturedStep:
-    """``step(batch, rate)``: one training iteration of ``update``'s net (forward, backward,
-    Caffe's regularisation and SGD/Nesterov update of every learnable blob) on ``batch``
-    at learning rate ``rate``; returns the loss (detached), or None where the step failed to
-    compile (nothing ran). Compiled at the first call."""
+    """``step(batch, rate, iteration)``: one training iteration of ``update``'s net (forward,
+    backward, Caffe's regularisation and its rule's update of every learnable blob) on
+    ``batch`` at learning rate ``rate``; returns the loss (detached), or None where the step
+    failed to compile (nothing ran). Compiled at the first call."""
 
     def __init__(self, net, update, backend=True):
         self.net, self.update, self.rule = net, update, update.rule
-        self.param = update.param
-        self.momentum = float(f32(self.param.momentum))
-        self.nesterov_new = float(f32(1) + f32(self.param.momentum))  # Nesterov's (1 + momentum)
-        self.nesterov = self.param.type == "Nesterov"
+        self.param = p = update.param
+        self.kind = p.type
+        # Caffe's scalars, rounded to float32 as it holds them
+        self.momentum, self.delta = float(f32(p.momentum)), float(f32(p.delta))
+        self.momentum2 = float(f32(p.momentum2))
+        self.rms_decay = float(f32(p.rms_decay))
+        self.one_plus = float(f32(1) + f32(p.momentum))  # Nesterov's (1 + momentum)
+        self.one_minus = float(f32(1) - f32(p.momentum))  # Adam's (1 - beta1)
+        self.one_minus2 = float(f32(1) - f32(p.momentum2))  # Adam's (1 - beta2)
+        self.one_minus_rms = float(f32(1) - f32(p.rms_decay))
         self.lr_mults = [f32(info.lr_mult) for info in update.learnable]
         decay = f32(self.param.weight_decay)
         self.decays = [float(decay * f32(info.decay_mult)) for info in update.learnable]
@@ -102,12 +108,18 @@ class CapturedStep:
         self.calls = 0
         self._rate, self._rates = None, None
 
-    def __call__(self, batch: dict, rate: float) -> torch.Tensor:
-        # the local rates as Caffe rounds them (float32 rate x float32 lr_mult), as a tensor:
-        # a rate that changes (lr_policy) is an input, not a recompile
-        if rate != self._rate:
-            self._rate = rate
-            self._rates = torch.tensor([float(f32(rate) * m) for m in self.lr_mults])
+    def __call__(self, batch: dict, rate: float, iteration: int = 0) -> torch.Tensor:
+        # the local rates as Caffe rounds them (float32 rate x float32 lr_mult; Adam's times
+        # its bias correction at ``iteration``), as a tensor: a rate that changes (lr_policy,
+        # Adam's correction) is an input, not a recompile
+        correction = f32(1)
+        if self.kind == "Adam":
+            self.rule.iter = iteration
+            correction = f32(self.rule.correction())
+        if (rate, correction) != self._rate:
+            self._rate = (rate, correction)
+            self._rates = torch.tensor([float(f32(f32(rate) * m) * correction)
+                                        for m in self.lr_mults])  # fmt: skip
         # dynamo reads the config when it traces: at the first call (a recompile later would
         # break the graph at autograd.grad, which still computes the same numbers)
         try:
@@ -134,7 +146,7 @@ class CapturedStep:
         if progress.batch_size is None:
             progress.batch_size = next((int(v.shape[0]) for v in batch.values()), 1)
         rate, current_step = learning_rate(solver.param, solver.iter, solver.current_step)
-        loss = self(batch, rate)
+        loss = self(batch, rate, solver.iter)
         if loss is None:
             return None, batch
         solver.current_step = current_step
@@ -151,16 +163,30 @@ class CapturedStep:
         for i, grad in zip(learned, found):
             if grad is not None:
                 grads[i] = grad
-        history = self.rule.history
         with torch.no_grad():
             for i, (param, grad) in enumerate(zip(params, grads)):
                 if self.decays[i]:
                     grad = grad + self.decays[i] * (param if self.l2 else torch.sign(param))
-                before = history[i].clone() if self.nesterov else None
-                history[i].mul_(self.momentum).add_(grad * rates[i])
-                if self.nesterov:  # (1 + momentum) V_new - momentum V
-                    step = history[i] * self.nesterov_new - before * self.momentum
-                else:
-                    step = history[i]
-                param.sub_(step)
+                param.sub_(self._update(i, grad, rates[i]))
         return loss.detach()
+
+    def _update(self, i: int, grad: torch.Tensor, rate: torch.Tensor) -> torch.Tensor:
+        """Caffe's ComputeUpdateValue of blob ``i`` (its history updated in place)."""
+        history, kind = self.rule.history, self.kind
+        h = history[i]
+        if kind in ("SGD", "Nesterov"):
+            before = h.clone() if kind == "Nesterov" else None
+            h.mul_(self.momentum).add_(grad * rate)
+            if before is None:
+                return h
+            return h * self.one_plus - before * self.momentum  # (1 + momentum) V_new - mom. V
+        if kind == "Adam":
+            v = history[len(self.lr_mults) + i]
+            h.mul_(self.momentum).add_(grad * self.one_minus)
+            v.mul_(self.momentum2).add_(grad * grad * self.one_minus2)
+            return h / (v.sqrt() + self.delta) * rate
+        if kind == "AdaGrad":
+            h.add_(grad * grad)
+        else:  # RMSProp
+            h.mul_(self.rms_decay).add_(grad * grad * self.one_minus_rms)
+        return grad / (h.sqrt() + self.delta) * rate
