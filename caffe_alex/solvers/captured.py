@@ -1,5 +1,6 @@
-"""The captured training step: a small net's forward, backward and update (SGD, Nesterov, AdaGrad,
-RMSProp, Adam) as one torch.compile'd function (the Solver's ``compile`` option, where it pays).
+"""The captured training step: a net's forward, backward and update (SGD, Nesterov, AdaGrad,
+RMSProp, Adam) as one torch.compile'd function (the Solver's ``compile`` option, where it pays:
+nets of inner products, activations and losses).
 
 A tiny net's iteration is Python's, not arithmetic's: BVLC's brewing-logreg net spends ~0.5 ms
 per iteration in dispatch, autograd's engine and the update's bookkeeping, for a few hundred
@@ -7,7 +8,9 @@ multiply-adds. Captured, forward, backward and update run as inductor's C++ with
 between the ops (0.22 ms per Solver iteration; a bare PyTorch loop takes 0.27). Convolution
 and pooling nets lose that way (inductor's kernels against oneDNN's: LeNet 23 -> 40 ms,
 CIFAR-10 quick 110 -> 127 ms per iteration), so only nets of the layer types below are
-captured; others get the ``compile`` option's per-net forward (nets.py).
+captured; others get the ``compile`` option's per-net forward (nets.py). Larger nets of those
+types gain less but still gain (an MLP 784-500-500-10 at batch 64: 2.5 -> 2.0 ms per
+iteration; 784-1000-1000-10 at 256: 17.5 -> 16.1 ms).
 
 Like every ``compile``, not Caffe's exact float32 steps: inductor fuses the update's
 multiply-adds (an ulp apart from the eager path per step) and Dropout draws from its own
@@ -59,8 +62,6 @@ def why_not_captured(param, net, device, precision, ranks, layerwise: bool) -> s
                      if kind not in CAPTURED_TYPES and not net.layer(name).is_source})  # fmt: skip
     if others:
         return f"its {', '.join(others)} layers run faster eagerly"
-    if not net.one_thread():
-        return "the net is not small (see Net.thread_policy)"
     return None
 
 

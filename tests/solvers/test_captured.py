@@ -140,15 +140,22 @@ def test_what_the_captured_step_does_not_fit_keeps_the_per_net_compile():
     assert "clip_gradients" in reason(MLP, SOLVER + " clip_gradients: 1", _batches())
     assert "layer by layer" in reason(MLP, SOLVER, _batches(), layerwise=True)
     assert "precision" in reason(MLP, SOLVER, _batches(), precision="bf16")
-    frozen = MLP.replace("param { lr_mult: 1 decay_mult: 1 } param { lr_mult: 2 decay_mult: 0 }",
-                         "param { lr_mult: 0 } param { lr_mult: 0 }")
-    frozen = frozen.replace('type: "InnerProduct" bottom: "x" top: "h2"',
-                            'type: "InnerProduct" bottom: "x" top: "h2" param { lr_mult: 0 } '
-                            "param { lr_mult: 0 }")
+    frozen = MLP.replace(
+        "param { lr_mult: 1 decay_mult: 1 } param { lr_mult: 2 decay_mult: 0 }",
+        "param { lr_mult: 0 } param { lr_mult: 0 }",
+    )
+    frozen = frozen.replace(
+        'type: "InnerProduct" bottom: "x" top: "h2"',
+        'type: "InnerProduct" bottom: "x" top: "h2" param { lr_mult: 0 } param { lr_mult: 0 }',
+    )
     frozen = frozen.replace("param { lr_mult: 0 } param { lr_mult: 1 }",
                             "param { lr_mult: 0 } param { lr_mult: 0 }")  # fmt: skip
     assert "learns nothing" in reason(frozen, SOLVER, _batches())
     assert make_solver(MLP, SOLVER, _batches())._captured is None  # not asked
+    # size does not decide: an MLP too large for one thread is captured too
+    wide = MLP.replace("num_output: 6", "num_output: 5000")
+    made = make_solver(wide, SOLVER, _batches(), compile="aot_eager")
+    assert not made.train_net.one_thread() and made._captured is not None
 
 
 _HEAD = """layer { name: "data" type: "Input" top: "x" top: "label"
