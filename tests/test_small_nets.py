@@ -191,16 +191,26 @@ def hdf5_order(seed: int, sizes: list[int], shuffle: bool, position: int) -> tup
     raise AssertionError("unreachable")
 
 
-def test_a_batch_read_at_once_holds_the_rows_in_the_readers_order(tmp_path):
+def two_hdf5_files(tmp_path) -> list[np.ndarray]:
+    """Two .h5 files of 4 and 5 rows (label = the first feature) listed in list.txt."""
     parts = [np.arange(8, dtype=np.float32).reshape(4, 2), 100 + np.arange(10, dtype=np.float32)
              .reshape(5, 2)]  # fmt: skip
     files = [write_h5(tmp_path / f"{i}.h5", a, a[:, 0]) for i, a in enumerate(parts)]
     (tmp_path / "list.txt").write_text("\n".join(files) + "\n")
+    return parts
+
+
+def hdf5_net(tmp_path, batch: int, shuffle: bool) -> Net:
+    flag = "shuffle: true" if shuffle else ""
+    text = f"""layer {{ name: "h" type: "HDF5Data" top: "data" top: "label"
+      hdf5_data_param {{ source: "{tmp_path / "list.txt"}" batch_size: {batch} {flag} }} }}"""
+    return Net(parse_net(text), "TRAIN")
+
+
+def test_a_batch_read_at_once_holds_the_rows_in_the_readers_order(tmp_path):
+    parts = two_hdf5_files(tmp_path)
     for shuffle in (False, True):
-        flag = "shuffle: true" if shuffle else ""
-        text = f"""layer {{ name: "h" type: "HDF5Data" top: "data" top: "label"
-          hdf5_data_param {{ source: "{tmp_path / "list.txt"}" batch_size: 4 {flag} }} }}"""
-        net = Net(parse_net(text), "TRAIN")
+        net = hdf5_net(tmp_path, 4, shuffle)
         feed = make_feed(net, seed=3, workers=0)
         seed = feed.layers[0].source.seed
         for b in range(6):  # batches that straddle the files and the epochs
@@ -215,15 +225,9 @@ def test_arrays_skip_the_batch_buffer_and_give_the_same_batches(tmp_path):
     # HDF5Data on the CPU without workers goes from the loaded arrays straight to the batch
     # (DataFeed._direct_batch); the buffer's path must give the same batches, and a batch
     # changed in place must not change the arrays the next epoch reads.
-    parts = [np.arange(8, dtype=np.float32).reshape(4, 2), 100 + np.arange(10, dtype=np.float32)
-             .reshape(5, 2)]  # fmt: skip
-    files = [write_h5(tmp_path / f"{i}.h5", a, a[:, 0]) for i, a in enumerate(parts)]
-    (tmp_path / "list.txt").write_text("\n".join(files) + "\n")
+    parts = two_hdf5_files(tmp_path)
     for shuffle in (False, True):
-        flag = "shuffle: true" if shuffle else ""
-        text = f"""layer {{ name: "h" type: "HDF5Data" top: "data" top: "label"
-          hdf5_data_param {{ source: "{tmp_path / "list.txt"}" batch_size: 3 {flag} }} }}"""
-        net = Net(parse_net(text), "TRAIN")
+        net = hdf5_net(tmp_path, 3, shuffle)
         direct, buffered = make_feed(net, seed=5, workers=0), make_feed(net, seed=5, workers=0)
         assert direct._direct
         buffered._direct = False
@@ -235,7 +239,7 @@ def test_arrays_skip_the_batch_buffer_and_give_the_same_batches(tmp_path):
                 assert torch.equal(a[top], b[top]), top
                 a[top].fill_(-1)  # the caller's to change
         source = direct.layers[0].source
-        assert not any((a == -1).any() for f in range(len(files)) for a in source._load(f))
+        assert not any((a == -1).any() for f in range(len(parts)) for a in source._load(f))
 
 
 def test_memory_data_arrays_arrive_as_float32_copies():

@@ -131,8 +131,8 @@ class _LayerFeed:
         """Batch b of each top as a new float32 array of the declared shape, read at once;
         None where the source cannot or a row's shape is not the declared one (the
         per-record path then names the row)."""
-        start = b * self.batch * world + rank
-        positions = np.arange(start, start + self.batch * world, world, dtype=np.int64)
+        span = self._positions(b, rank, world)  # (as an array: np.asarray(range) is slow)
+        positions = np.arange(span.start, span.stop, span.step, dtype=np.int64)
         got = self.source.batch(positions)  # new arrays (fancy indexing), never views
         if got is None or len(got) < len(self.shapes):
             return None

@@ -25,6 +25,7 @@ import torch
 
 from ..log import get_logger
 from .lr_policy import learning_rate
+from .sgd import _scalar
 
 log = get_logger()
 f32 = np.float32
@@ -88,17 +89,12 @@ class CapturedStep:
         self.param = p = update.param
         self.kind = p.type
         # Caffe's scalars, rounded to float32 as it holds them
-        self.momentum, self.delta = float(f32(p.momentum)), float(f32(p.delta))
-        self.momentum2 = float(f32(p.momentum2))
-        self.rms_decay = float(f32(p.rms_decay))
+        self.momentum, self.delta = _scalar(p.momentum), _scalar(p.delta)
+        self.momentum2, self.rms_decay = _scalar(p.momentum2), _scalar(p.rms_decay)
         self.one_plus = float(f32(1) + f32(p.momentum))  # Nesterov's (1 + momentum)
         self.one_minus = float(f32(1) - f32(p.momentum))  # Adam's (1 - beta1)
         self.one_minus2 = float(f32(1) - f32(p.momentum2))  # Adam's (1 - beta2)
         self.one_minus_rms = float(f32(1) - f32(p.rms_decay))
-        self.lr_mults = [f32(info.lr_mult) for info in update.learnable]
-        decay = f32(self.param.weight_decay)
-        self.decays = [float(decay * f32(info.decay_mult)) for info in update.learnable]
-        self.l2 = self.param.regularization_type == "L2"
         from torch._dynamo.exc import BackendCompilerFailed  # (dynamo: a second to import)
 
         self._compile_failed = BackendCompilerFailed
@@ -119,8 +115,9 @@ class CapturedStep:
             correction = f32(self.rule.correction())
         if (rate, correction) != self._rate:
             self._rate = (rate, correction)
-            self._rates = torch.tensor([float(f32(f32(rate) * m) * correction)
-                                        for m in self.lr_mults])  # fmt: skip
+            blobs = range(len(self.update.params))
+            self._rates = torch.tensor([float(f32(self.rule.local_rate(i, rate)) * correction)
+                                        for i in blobs])  # fmt: skip
         # dynamo reads the config when it traces: at the first call (a recompile later would
         # break the graph at autograd.grad, which still computes the same numbers)
         try:
@@ -144,8 +141,7 @@ class CapturedStep:
         (nothing changed but the feed's position: the caller runs the batch eagerly)."""
         batch = next(solver.feeds["train"])
         progress = solver._progress
-        if progress.batch_size is None:
-            progress.batch_size = next((int(v.shape[0]) for v in batch.values()), 1)
+        progress.see_batch(batch)
         rate, current_step = learning_rate(solver.param, solver.iter, solver.current_step)
         loss = self(batch, rate, solver.iter)
         if loss is None:
@@ -164,10 +160,11 @@ class CapturedStep:
         for i, grad in zip(learned, found):
             if grad is not None:
                 grads[i] = grad
+        decays, l2 = self.update.decays, self.update.l2
         with torch.no_grad():
             for i, (param, grad) in enumerate(zip(params, grads)):
-                if self.decays[i]:
-                    grad = grad + self.decays[i] * (param if self.l2 else torch.sign(param))
+                if decays[i]:
+                    grad = grad + decays[i] * (param if l2 else torch.sign(param))
                 param.sub_(self._update(i, grad, rates[i]))
         return loss.detach()
 
@@ -182,7 +179,7 @@ class CapturedStep:
                 return h
             return h * self.one_plus - before * self.momentum  # (1 + momentum) V_new - mom. V
         if kind == "Adam":
-            v = history[len(self.lr_mults) + i]
+            v = self.rule.second(i)
             h.mul_(self.momentum).add_(grad * self.one_minus)
             v.mul_(self.momentum2).add_(grad * grad * self.one_minus2)
             return h / (v.sqrt() + self.delta) * rate

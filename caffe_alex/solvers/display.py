@@ -67,6 +67,11 @@ class Progress:
         self.batch_size = None
         self._clock = (time.perf_counter(), 0)  # (when, iteration) of the last display
 
+    def see_batch(self, batch: dict) -> None:
+        """Learn the train batch's size from its first batch (its tensors' first axis)."""
+        if self.batch_size is None:
+            self.batch_size = next((int(v.shape[0]) for v in batch.values()), 1)
+
     def restart(self, iteration: int) -> None:
         """A new Step: the loss smoothed afresh and the speed measured from here."""
         self.loss = SmoothedLoss(self.param.average_loss, iteration)

@@ -246,8 +246,7 @@ class Solver:
         engine, total, passes = self.engines["train"], None, self.param.iter_size
         for index in range(passes):
             batch = first if index == 0 and first is not None else next(self.feeds["train"])
-            if self._progress.batch_size is None:
-                self._progress.batch_size = next((int(v.shape[0]) for v in batch.values()), 1)
+            self._progress.see_batch(batch)
             self.ranks.arm(index == passes - 1)  # the last pass's gradients are final
             last_pass = keep_blobs and index == passes - 1  # only its blobs stay to be read
             _, loss = self._forward("train", batch, keep_blobs=last_pass)

@@ -40,9 +40,10 @@ class ParameterUpdate:
     def __init__(self, param, learnable, rule: UpdateRule):
         self.param, self.learnable, self.rule = param, learnable, rule
         self.params = [info.param for info in learnable]
-        decays = [float(f32(param.weight_decay) * f32(info.decay_mult)) for info in learnable]
-        self._decays = {d: i for d, i in same_values(decays).items() if d}  # decay -> blobs
-        self._l2 = param.regularization_type == "L2"
+        # each blob's weight_decay x decay_mult as Caffe rounds it, and L2 (else L1)
+        self.decays = [float(f32(param.weight_decay) * f32(info.decay_mult)) for info in learnable]
+        self._decays = {d: i for d, i in same_values(self.decays).items() if d}  # decay -> blobs
+        self.l2 = param.regularization_type == "L2"
         iter_size = param.iter_size
         self._normalize = float(f32(1) / f32(iter_size)) if iter_size != 1 else None
 
@@ -85,7 +86,7 @@ class ParameterUpdate:
             torch._foreach_mul_(grads, self._normalize)
         for decay, blobs in self._decays.items():  # (under no_grad: no detach needed)
             data = [self.params[i] for i in blobs]
-            if not self._l2:
+            if not self.l2:
                 data = torch._foreach_sign(data)
             torch._foreach_add_([grads[i] for i in blobs], data, alpha=decay)
 
