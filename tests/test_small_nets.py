@@ -18,6 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from caffe_alex.data.loader import make_feed
+from caffe_alex.data.sources import DataError
 from caffe_alex.formats.prototxt import parse_solver_text
 from caffe_alex.net import ONE_THREAD_ELEMENTS, Net
 from caffe_alex.solvers import Solver
@@ -240,6 +241,73 @@ def test_arrays_skip_the_batch_buffer_and_give_the_same_batches(tmp_path):
                 a[top].fill_(-1)  # the caller's to change
         source = direct.layers[0].source
         assert not any((a == -1).any() for f in range(len(parts)) for a in source._load(f))
+
+
+def test_small_batches_are_read_ahead_as_one_at_a_time(tmp_path):
+    # Small HDF5 batches are read many at a time and handed out as slices of those arrays:
+    # the same batches as reading each alone, whatever the rank, and a batch changed in place
+    # leaves the batches after it (slices of the same arrays) alone.
+    two_hdf5_files(tmp_path)
+    for shuffle, rank, world in ((False, 0, 1), (True, 0, 1), (True, 1, 2)):
+        net = hdf5_net(tmp_path, 2, shuffle)
+        ahead = make_feed(net, seed=5, workers=0, rank=rank, world_size=world)
+        alone = make_feed(net, seed=5, workers=0, rank=rank, world_size=world)
+        assert ahead._ahead_count == 64
+        alone._ahead_count = 1
+        for _ in range(11):  # past two epochs of 9 rows, shared by the ranks
+            a, b = next(ahead), next(alone)
+            for top in b:
+                assert torch.equal(a[top], b[top]), (shuffle, rank, top)
+                a[top].fill_(-1)
+
+
+def test_a_feed_moved_back_reads_its_batches_again(tmp_path):
+    # load_state moves the feed back over batches it read ahead: they are read again from the
+    # files, so batches their caller changed in place come back as the files hold them
+    two_hdf5_files(tmp_path)
+    feed = make_feed(hdf5_net(tmp_path, 2, True), seed=5, workers=0)
+    next(feed)
+    state = feed.state()
+    seen = []
+    for _ in range(3):
+        batch = next(feed)
+        seen.append({top: t.clone() for top, t in batch.items()})
+        batch["data"].fill_(-1)
+    feed.load_state(state)
+    for want in seen:
+        got = next(feed)
+        for top in want:
+            assert torch.equal(got[top], want[top]), top
+
+
+def test_read_ahead_stops_before_rows_of_another_shape(tmp_path):
+    # The first file's rows have 2 features, the second's 3: the batches of the first file
+    # still come straight from its arrays, and the one reaching into the second file names
+    # the row that differs, as it does when read alone.
+    files = [write_h5(tmp_path / "a.h5", np.arange(8.0).reshape(4, 2), np.zeros(4)),
+             write_h5(tmp_path / "b.h5", np.ones((4, 3)), np.zeros(4))]  # fmt: skip
+    (tmp_path / "list.txt").write_text("\n".join(files) + "\n")
+    feed = make_feed(hdf5_net(tmp_path, 2, False), seed=0, workers=0)
+    assert feed._ahead_count > 2
+    np.testing.assert_array_equal(next(feed)["data"].numpy(), [[0, 1], [2, 3]])
+    np.testing.assert_array_equal(next(feed)["data"].numpy(), [[4, 5], [6, 7]])
+    with pytest.raises(DataError, match=r"row 0 of '.*b\.h5'.*shape \(3,\)"):
+        next(feed)
+
+
+def test_read_ahead_fits_a_budget_and_skips_arrays_that_may_change(tmp_path):
+    write_h5(tmp_path / "big.h5", np.zeros((8, 3, 100, 100), np.float32), np.zeros(8))
+    (tmp_path / "list.txt").write_text(f"{tmp_path / 'big.h5'}\n")
+    assert make_feed(hdf5_net(tmp_path, 4, False), workers=0)._ahead_count == 2  # 480 KB each
+    net = Net(parse_net("""layer { name: "m" type: "MemoryData" top: "data" top: "label"
+      memory_data_param { batch_size: 1 channels: 1 height: 1 width: 1 } }"""), "TRAIN")
+    # MemoryData: set_input_arrays may give other arrays before any batch, read from row 0
+    net.set_input_arrays(np.zeros((4, 1, 1, 1)), np.zeros(4))
+    feed = make_feed(net, seed=0, workers=0)
+    assert feed._ahead_count == 1
+    assert next(feed)["data"].item() == 0
+    net.set_input_arrays(np.arange(1.0, 5.0).reshape(4, 1, 1, 1), np.zeros(4))
+    assert [next(feed)["data"].item() for _ in range(2)] == [1, 2]
 
 
 def test_memory_data_arrays_arrive_as_float32_copies():

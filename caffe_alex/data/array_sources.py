@@ -126,6 +126,7 @@ class MemorySource(Source):
     the start again after each new call (Caffe's Reset sets its position to 0)."""
 
     in_process = True
+    records_change = True  # set_input_arrays gives new arrays between any two batches
 
     def __init__(self, lp, phase, seed, layer):
         super().__init__(lp, phase, seed)

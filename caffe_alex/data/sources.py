@@ -67,6 +67,7 @@ class Source:
 
     needs_rng = False
     in_process = False  # True: must run in the feeding process (arrays given from Python)
+    records_change = False  # True: a position's record may change between reads (MemoryData)
     transformer = None  # a DataTransformer where the layer transforms its images
     storage = "float"
 
