@@ -39,6 +39,8 @@ CAPTURED_TYPES = frozenset({
     "Silence",
 })  # fmt: skip
 RULES = ("SGD", "Nesterov", "AdaGrad", "RMSProp", "Adam")  # (AdaDelta keeps its own loop)
+# Iterations per compiled call where nothing reads the blobs between them (see ``run``)
+CHUNK = 8
 
 
 def why_not_captured(param, net, device, precision, ranks, layerwise: bool) -> str | None:
@@ -82,9 +84,15 @@ class CapturedStep:
     """``step(batch, rate, iteration)``: one training iteration of ``update``'s net (forward,
     backward, Caffe's regularisation and its rule's update of every learnable blob) on
     ``batch`` at learning rate ``rate``; returns the loss (detached), or None where the step
-    failed to compile (nothing ran). Compiled at the first call."""
+    failed to compile (nothing ran). Compiled at the first call.
 
-    def __init__(self, net, update, backend=True):
+    ``run(solver, left)`` runs ``chunk`` iterations in one call where none of them is read
+    (a display, a test pass, a snapshot or the last of the ``step`` between them): the
+    batches stacked, the steps unrolled into one graph. One call costs ~0.1 ms before any
+    arithmetic (dynamo's guards, the wrappers of AOTAutograd and inductor, and the caches
+    Python's code misses after them); ``chunk`` iterations share it."""
+
+    def __init__(self, net, update, backend=True, chunk: int = CHUNK):
         self.net, self.update, self.rule = net, update, update.rule
         self.param = p = update.param
         self.kind = p.type
@@ -100,46 +108,99 @@ class CapturedStep:
         self._compile_failed = BackendCompilerFailed
         backend = "inductor" if backend is True else backend  # (the compile option's value)
         self.compiled = torch.compile(self._step, backend=backend, dynamic=False)
+        self.compiled_chunk = torch.compile(self._steps, backend=backend, dynamic=False)
         # dynamo traces torch.autograd.grad only when told to; set for the tracing alone
         self._tracing_config = torch._dynamo.config.patch(trace_autograd_ops=True)
-        self.calls = 0
-        self._rate, self._rates = None, None
+        self.chunk = chunk
+        self.calls = self.chunks = 0  # compiled calls made: single steps, chunks
+        self._rates: dict = {}  # the rates tensors lately used, by their values
 
-    def __call__(self, batch: dict, rate: float, iteration: int = 0) -> torch.Tensor:
-        # the local rates as Caffe rounds them (float32 rate x float32 lr_mult; Adam's times
-        # its bias correction at ``iteration``), as a tensor: a rate that changes (lr_policy,
-        # Adam's correction) is an input, not a recompile
-        correction = f32(1)
-        if self.kind == "Adam":
-            self.rule.iter = iteration
-            correction = f32(self.rule.correction())
-        if (rate, correction) != self._rate:
-            self._rate = (rate, correction)
+    def __call__(self, batch: dict, rate: float, iteration: int = 0) -> torch.Tensor | None:
+        rates = self._local_rates([(rate, iteration)])
+        loss = self._call(self.compiled, self.calls, "step", batch, rates[0])
+        self.calls += loss is not None
+        return loss
+
+    def _local_rates(self, schedule: list[tuple[float, int]]) -> torch.Tensor:
+        """The local rates of each blob as Caffe rounds them (float32 rate x float32 lr_mult;
+        Adam's times its bias correction at the iteration), one row per (rate, iteration) of
+        ``schedule``, as a tensor: a rate that changes (lr_policy, Adam's correction) is an
+        input, not a recompile."""
+        rows = []
+        for rate, iteration in schedule:
+            correction = f32(1)
+            if self.kind == "Adam":
+                self.rule.iter = iteration
+                correction = f32(self.rule.correction())
+            rows.append((rate, correction))
+        key = tuple(rows)
+        if key not in self._rates:
+            if len(self._rates) > 4:  # (an Adam or a changing rate: each chunk its own)
+                self._rates.clear()
             blobs = range(len(self.update.params))
-            self._rates = torch.tensor([float(f32(self.rule.local_rate(i, rate)) * correction)
-                                        for i in blobs])  # fmt: skip
+            self._rates[key] = (torch.tensor([[float(f32(self.rule.local_rate(i, rate)) * c)
+                                               for i in blobs] for rate, c in rows]))  # fmt: skip
+        return self._rates[key]
+
+    def _call(self, compiled, calls: int, what: str, *args) -> torch.Tensor | None:
         # dynamo reads the config when it traces: at the first call (a recompile later would
         # break the graph at autograd.grad, which still computes the same numbers)
         try:
-            if self.calls:
-                loss = self.compiled(batch, self._rates)
-            else:
-                with self._tracing_config:
-                    loss = self.compiled(batch, self._rates)
+            if calls:
+                return compiled(*args)
+            with self._tracing_config:
+                return compiled(*args)
         except self._compile_failed as exc:  # no working C++ compiler, say: nothing ran
-            log.warning("compile: the captured training step failed to compile (%s); the "
-                        "iterations run eagerly", str(exc).splitlines()[0] if str(exc) else
-                        type(exc).__name__)  # fmt: skip
+            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            log.warning("compile: the captured training %s failed to compile (%s); the "
+                        "iterations run %s", what, first_line,
+                        "one by one" if what == "chunk" else "eagerly")  # fmt: skip
             return None
-        self.calls += 1
-        return loss
 
-    def iteration(self, solver) -> tuple[float | None, dict]:
-        """One iteration of ``solver`` (the Solver training ``net``) through the captured
-        step: the batch from its feed, the rate of its schedule, the loss for its display;
-        iter += 1. Returns the rate and the batch; no rate where the step failed to compile
-        (nothing changed but the feed's position: the caller runs the batch eagerly)."""
-        batch = next(solver.feeds["train"])
+    def run(self, solver, left: int = 1) -> tuple[float | None, dict | None]:
+        """Iterations of ``solver`` (the Solver training ``net``) through the captured step:
+        the batch from its feed, the rate of its schedule, the loss for its display, ``iter``
+        moved on; ``chunk`` of them in one call where the ``left`` iterations of its ``step``
+        allow it (see ``_free``), else one. Returns the last rate and, where the step failed to
+        compile, no rate and the batch it drew (nothing else changed: the caller runs that
+        batch eagerly)."""
+        if self.calls and self._free(solver, left):  # (a single step compiled first)
+            batches = [next(solver.feeds["train"]) for _ in range(self.chunk)]
+            rate = self._chunk(solver, batches)
+            if rate is not None:
+                return rate, None
+            for batch in batches:  # (the single step has compiled)
+                rate, _ = self._one(solver, batch)
+            return rate, None
+        return self._one(solver, next(solver.feeds["train"]))
+
+    def _chunk(self, solver, batches: list[dict]) -> float | None:
+        """``batches`` trained on in one call; the last iteration's rate, or None where they
+        are not alike (a feed given by hand may change shapes) or the chunk failed to compile
+        (no more chunks then): nothing ran, the caller runs them one by one."""
+        first = batches[0]
+        if any(b.keys() != first.keys() or any(b[t].shape != first[t].shape for t in first)
+               for b in batches):  # fmt: skip
+            return None
+        schedule, step = [], solver.current_step
+        for k in range(len(batches)):
+            rate, step = learning_rate(solver.param, solver.iter + k, step)
+            schedule.append((rate, solver.iter + k))
+        stacked = {top: torch.stack([b[top] for b in batches]) for top in first}
+        losses = self._call(self.compiled_chunk, self.chunks, "chunk", stacked,
+                            self._local_rates(schedule))  # fmt: skip
+        if losses is None:
+            self.chunk = 0
+            return None
+        self.chunks += 1
+        solver._progress.see_batch(first)
+        solver.current_step = step
+        for k, loss in enumerate(losses.unbind()):
+            solver._progress.loss.add_lazily(solver.iter + k, loss)
+        solver.iter += len(batches)
+        return rate
+
+    def _one(self, solver, batch: dict) -> tuple[float | None, dict | None]:
         progress = solver._progress
         progress.see_batch(batch)
         rate, current_step = learning_rate(solver.param, solver.iter, solver.current_step)
@@ -150,6 +211,23 @@ class CapturedStep:
         progress.loss.add_lazily(solver.iter, loss)
         solver.iter += 1
         return rate, batch
+
+    def _free(self, solver, left: int) -> bool:
+        """Whether the next ``chunk`` iterations may run as one call: none but the first is a
+        display, a test pass or the last of the step (its blobs are read after it), none but
+        the last is followed by a snapshot, and no callback watches each one."""
+        chunk, first = self.chunk, solver.iter
+        if chunk < 2 or left <= chunk or solver.callbacks:
+            return False
+        snapshot, progress, tests = solver.param.snapshot, solver._progress, solver._tests
+        return not any(progress.due(j) or tests.due(j) or (snapshot and j % snapshot == 0)
+                       for j in range(first + 1, first + chunk))  # fmt: skip
+
+    def _steps(self, batches: dict, rates: torch.Tensor) -> torch.Tensor:
+        """``len(rates)`` steps in a row, step k on row k of each stacked batch."""
+        losses = [self._step({top: t[k] for top, t in batches.items()}, rates[k])
+                  for k in range(len(rates))]  # fmt: skip
+        return torch.stack(losses)
 
     def _step(self, batch: dict, rates: torch.Tensor) -> torch.Tensor:
         params = self.update.params

@@ -195,13 +195,14 @@ class Solver:
         stop_iter = self.iter + iters
         self._progress.restart(self.iter)
         with self.train_net.threads():  # a small net's backward and update on one thread too
-            while self.iter < stop_iter and self._iteration(self.iter == stop_iter - 1):
+            while self.iter < stop_iter and self._iteration(stop_iter - self.iter):
                 pass
         self._progress.loss.flush()
 
-    def _iteration(self, last: bool = True) -> bool:
-        """One pass of Step's loop; False when training stops here. ``last``: the last of a
-        ``step``, whose blobs Python may read after it (engines.py's ``skip_blobs``)."""
+    def _iteration(self, left: int = 1) -> bool:
+        """One pass of Step's loop (several where the captured step runs them as one call);
+        False when training stops here. ``left``: iterations left in this ``step``, the last
+        of which Python may read the blobs of (engines.py's ``skip_blobs``)."""
         began = time.perf_counter()
         for info in self.train_net.param_infos:  # ClearParamDiffs
             info.param.grad = None
@@ -210,10 +211,10 @@ class Solver:
         for hook in self.start_hooks:
             hook()
         display = self._progress.due(self.iter) and self.is_root
-        watched = bool(last or self.start_hooks or self.gradient_hooks)
+        watched = bool(left == 1 or self.start_hooks or self.gradient_hooks)
         rate = batch = None
         if self._captured is not None and not (watched or display):
-            rate, batch = self._captured.iteration(self)
+            rate, batch = self._captured.run(self, left)
             self._captured = None if rate is None else self._captured  # None: failed to compile
         if rate is None:  # (``batch``: the one a failed capture drew, to run eagerly now)
             loss = self._forward_backward(display and self.param.debug_info, watched, batch)

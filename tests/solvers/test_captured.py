@@ -6,6 +6,8 @@ compile, with the reason logged."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -72,12 +74,15 @@ def test_captured_step_compiles_once_and_gives_the_eager_numbers():
     captured = make_solver(MLP, SOLVER, _batches(), compile=backend)
     assert captured._captured is not None and eager._captured is None
     frozen = _params(captured)[4]  # ip3's weight: lr_mult 0
+    captured._captured.chunk = 3
     eager.step(24)
     captured.step(24)
-    # displays at 0, 5, 10, 15, 20 and the last iteration run eagerly: 18 captured calls,
-    # one graph for all of them although the rate changed every iteration
-    assert captured._captured.calls == 18
-    assert backend.graphs == 1
+    # displays at 0, 5, 10, 15, 20 and the last iteration run eagerly; iteration 1 alone,
+    # then chunks of 3 where no display falls inside (2-4, 6-8, 11-13, 16-18) and single
+    # steps between: two graphs for all of them although the rate changed every iteration
+    step = captured._captured
+    assert (step.calls, step.chunks) == (6, 4)
+    assert backend.graphs == 2
     assert captured.iter == eager.iter == 24
     for ours, reference in zip(_params(captured), _params(eager)):
         np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-6)
@@ -103,9 +108,13 @@ def test_each_captured_rule_compiles_to_the_eager_rules_numbers(rule):
     eager = make_solver(MLP, text, _batches(12))
     graphs = CountingAotEager()
     captured = make_solver(MLP, text, _batches(12), compile=graphs)
+    step = captured._captured
+    step.chunk = 3
     eager.step(12)
     captured.step(12)
-    assert captured._captured.calls == 11 and graphs.count == 1
+    # iteration 0 alone (compiled first), 1-3, 4-6 and 7-9 as chunks, 10 alone, 11 eagerly
+    # (the last of the step): two graphs, Adam's correction a row per iteration in a chunk
+    assert (step.calls, step.chunks, graphs.count) == (2, 3, 2)
     for ours, reference in zip(_params(captured), _params(eager)):
         np.testing.assert_allclose(ours, reference, rtol=2e-5, atol=1e-6)
     for history, reference in zip(captured.rule.history, eager.rule.history):
@@ -250,6 +259,7 @@ def test_each_captured_type_compiles_into_one_graph(kind):
     solver = make_solver(_type_net(kind), 'base_lr: 0.1 momentum: 0.9 lr_policy: "fixed"',
                          _batches(6, features=6), compile=graphs)  # fmt: skip
     assert solver._captured is not None
+    solver._captured.chunk = 0  # (chunks: the same steps unrolled, tested below)
     solver.step(5)
     assert solver._captured.calls == 4 and graphs.count == 1
 
@@ -279,4 +289,154 @@ def test_a_captured_step_that_fails_to_compile_runs_eagerly_from_that_batch(capl
     warned = {id(r) for r in caplog.records if "captured training step failed" in r.getMessage()}
     assert len(warned) == 1
     for ours, reference in zip(_params(failing), _params(eager)):
+        np.testing.assert_array_equal(ours, reference)
+
+
+_LOGREG = """
+layer { name: "data" type: "HDF5Data" top: "data" top: "label" include { phase: TRAIN }
+  hdf5_data_param { source: "%(list)s" batch_size: 4 } }
+layer { name: "data" type: "HDF5Data" top: "data" top: "label" include { phase: TEST }
+  hdf5_data_param { source: "%(list)s" batch_size: 5 } }
+layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+  inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "accuracy" type: "Accuracy" bottom: "ip" bottom: "label" top: "accuracy"
+  include { phase: TEST } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+"""
+# a display every 5, a test pass every 7, a snapshot every 6, a rate that halves every 4
+_SCHEDULE = """base_lr: 0.1 momentum: 0.9 weight_decay: 0.001 lr_policy: "step" gamma: 0.5
+stepsize: 4 display: 5 test_interval: 7 test_iter: 2 snapshot: 6 max_iter: 40
+solver_mode: CPU random_seed: 3"""
+
+
+def _logreg_solver(folder, backend, chunk: int):
+    import h5py
+
+    from caffe_alex.formats.prototxt import parse_solver_text
+    from caffe_alex.solvers import Solver
+
+    rng = np.random.default_rng(0)
+    with h5py.File(folder / "data.h5", "w") as h5:
+        h5["data"] = rng.normal(size=(50, 6)).astype(np.float32)
+        h5["label"] = rng.integers(0, 3, 50).astype(np.float32)
+    (folder / "list.txt").write_text(f"{folder / 'data.h5'}\n")
+    text = (f"net_param {{ {_LOGREG % {'list': folder / 'list.txt'}} }}\n{_SCHEDULE}\n"
+            f'snapshot_prefix: "{folder / "snap"}"')  # fmt: skip
+    solver = Solver(parse_solver_text(text), compile=backend)
+    solver._captured.chunk = chunk
+    return solver
+
+
+class _Messages:
+    """The caffe_alex log's messages while in the ``with`` block, speeds and folders cut."""
+
+    def __init__(self, folder):
+        import logging
+
+        self.folder, self.lines = str(folder), []
+        self.handler = logging.Handler()
+        self.handler.emit = lambda record: self.lines.append(self._plain(record.getMessage()))
+
+    def _plain(self, message: str) -> str:
+        import re
+
+        return re.sub(r"\(\S+ iter/s, \S+ iters\)", "", message.replace(self.folder, "F"))
+
+    def __enter__(self):
+        from caffe_alex.log import get_logger
+
+        log = get_logger()
+        self.level = log.level
+        log.setLevel("INFO")
+        log.addHandler(self.handler)
+        return self.lines
+
+    def __exit__(self, *exc):
+        from caffe_alex.log import get_logger
+
+        get_logger().removeHandler(self.handler)
+        get_logger().setLevel(self.level)
+
+
+def test_chunks_train_as_single_steps_and_stop_where_the_solver_looks(tmp_path):
+    """Several iterations per compiled call change nothing the user sees: the same weights,
+    history and display, test passes and snapshots at the same iterations with the same
+    figures, across ``step`` calls, as the same captured steps one call each (aot_eager
+    runs both graphs op by op, so equal means equal)."""
+    runs = {}
+    for chunk in (0, 3):
+        folder = tmp_path / f"chunk{chunk}"
+        folder.mkdir()
+        solver = _logreg_solver(folder, CountingAotEager(), chunk)
+        with _Messages(folder) as lines:
+            solver.step(23)
+            solver.step(9)
+            solver.step(3)  # as long as a chunk: its last iteration is read, so none runs
+        runs[chunk] = (solver, lines, sorted(p.name for p in folder.glob("snap*")))
+    (single, single_log, single_files), (chunked, chunked_log, chunked_files) = runs.values()
+    # chunks of 3 fit at iterations 2-4 and 7-9 only: each later window meets a display, a
+    # test pass, a snapshot or a step's end
+    assert chunked._captured.chunks == 2 and single._captured.chunks == 0
+    assert chunked.iter == single.iter == 35
+    assert chunked_log == single_log
+    for blob in ("data", "ip", "loss"):  # the last iteration's, as Python reads them
+        assert torch.equal(chunked.train_net.blobs[blob], single.train_net.blobs[blob])
+    events = []  # (what, iteration) in the order logged
+    for line in single_log:
+        if line.startswith("Iteration") and ("Testing net" in line or "loss =" in line):
+            events.append(("test" if "Testing" in line else "display",
+                           int(line.split()[1].rstrip(","))))  # fmt: skip
+        elif line.startswith("Snapshotting to binary proto file"):
+            events.append(("snapshot", int(line.split("_iter_")[1].split(".")[0])))
+    assert events == [("test", 0), ("display", 0), ("display", 5), ("snapshot", 6),
+                      ("test", 7), ("display", 10), ("snapshot", 12), ("test", 14),
+                      ("display", 15), ("snapshot", 18), ("display", 20), ("test", 21),
+                      ("snapshot", 24), ("display", 25), ("test", 28), ("snapshot", 30),
+                      ("display", 30)]  # fmt: skip
+    # at 6, 12, ..., 30: the weights, the solver state and its feeds' positions, alike
+    assert chunked_files == single_files and len(single_files) == 15
+    for name in (n for n in single_files if n.endswith(".caffemodel")):
+        assert _blobs(tmp_path / "chunk3" / name) == _blobs(tmp_path / "chunk0" / name)
+    for ours, reference in zip(_params(chunked), _params(single)):
+        np.testing.assert_array_equal(ours, reference)
+    for ours, reference in zip(chunked.rule.history, single.rule.history):
+        np.testing.assert_array_equal(ours.numpy(), reference.numpy())
+
+
+def _blobs(path) -> list[list[float]]:
+    from caffe_alex.proto import caffe_pb2
+
+    net = caffe_pb2.NetParameter.FromString(path.read_bytes())
+    return [list(blob.data) for layer in net.layer for blob in layer.blobs]
+
+
+def test_a_chunk_that_fails_to_compile_leaves_its_iterations_to_the_single_step():
+    """The backend refuses the chunk's graph (the second it is given): the solver warns once,
+    trains the chunk's batches one step each, and no further chunk is tried."""
+    from caffe_alex.log import get_logger
+
+    class RefusesChunks(CountingAotEager):
+        def __call__(self, gm, example_inputs):
+            if self.count == 1:
+                self.count += 1
+                raise RuntimeError("too large a graph")
+            return super().__call__(gm, example_inputs)
+
+    text = 'type: "SGD" momentum: 0.9 base_lr: 0.05 weight_decay: 0.01 lr_policy: "fixed"'
+    single, refused = CountingAotEager(), RefusesChunks()
+    runs = [make_solver(MLP, text, _batches(12), compile=backend) for backend in (single, refused)]
+    runs[0]._captured.chunk, runs[1]._captured.chunk = 0, 3
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    get_logger().addHandler(handler)
+    try:
+        for solver in runs:
+            solver.step(12)
+    finally:
+        get_logger().removeHandler(handler)
+    assert [w for w in warnings if "chunk failed to compile" in w] == [warnings[0]]
+    step = runs[1]._captured
+    assert (step.chunk, step.chunks, step.calls, refused.count) == (0, 0, 11, 2)
+    for ours, reference in zip(_params(runs[1]), _params(runs[0])):
         np.testing.assert_array_equal(ours, reference)
