@@ -103,9 +103,10 @@ class Solver:
     ``solve()`` runs to max_iter (``resume`` = a .solverstate to continue from), ``step(n)``
     runs n iterations, ``test(i)`` scores test net i, ``snapshot()`` / ``restore(path)`` write
     and read the state; ``request("stop" | "snapshot")`` is honoured between iterations;
-    ``callbacks`` are called after each update with (iteration, smoothed loss, rate, images per
-    second); ``start_hooks`` and ``gradient_hooks`` (no arguments) where Caffe calls its
-    callbacks' on_start (before the forward passes) and on_gradients_ready (before the update).
+    ``callbacks`` are called after each update (a captured chunk's: after its last) with
+    (iteration, smoothed loss, rate, images per second); ``start_hooks`` and
+    ``gradient_hooks`` (no arguments) where Caffe calls its callbacks' on_start (before the
+    forward passes) and on_gradients_ready (before the update).
     ``world`` (distributed.World): this solver is one rank of several (see the module's notes;
     coordination.Waiting(rank, size): that rank, to ``join`` its world later);
     ``precision`` ("fp32", "bf16", "fp16"), ``channels_last`` and ``compile`` (True or a
@@ -203,7 +204,7 @@ class Solver:
         """One pass of Step's loop (several where the captured step runs them as one call);
         False when training stops here. ``left``: iterations left in this ``step``, the last
         of which Python may read the blobs of (engines.py's ``skip_blobs``)."""
-        began = time.perf_counter()
+        began, first = time.perf_counter(), self.iter
         for info in self.train_net.param_infos:  # ClearParamDiffs
             info.param.grad = None
         if self._tests.due(self.iter) and not self._test_and_agree():
@@ -225,9 +226,9 @@ class Solver:
                 hook()
             self.ranks.finish_gradients()
             rate = self.apply_update(display)
-        if self.callbacks:
-            self._progress.notify(self.callbacks, self.iter, rate, time.perf_counter() - began,
-                                  self.ranks.size)  # fmt: skip
+        if self.callbacks:  # (once for the iterations of a captured chunk: the last one's)
+            seconds = (time.perf_counter() - began) / max(self.iter - first, 1)
+            self._progress.notify(self.callbacks, self.iter, rate, seconds, self.ranks.size)
         snap, stop = self._requests.after_iteration(self.ranks)
         if (self.param.snapshot and self.iter % self.param.snapshot == 0) or snap:
             self.snapshot()

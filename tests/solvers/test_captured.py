@@ -368,16 +368,24 @@ def test_chunks_train_as_single_steps_and_stop_where_the_solver_looks(tmp_path):
         folder = tmp_path / f"chunk{chunk}"
         folder.mkdir()
         solver = _logreg_solver(folder, CountingAotEager(), chunk)
+        heard = []
+        solver.callbacks.append(lambda it, loss, rate, per_s, heard=heard: heard.append(
+            (it, loss, rate)))  # fmt: skip
         with _Messages(folder) as lines:
             solver.step(23)
             solver.step(9)
             solver.step(3)  # as long as a chunk: its last iteration is read, so none runs
-        runs[chunk] = (solver, lines, sorted(p.name for p in folder.glob("snap*")))
-    (single, single_log, single_files), (chunked, chunked_log, chunked_files) = runs.values()
+        runs[chunk] = (solver, lines, sorted(p.name for p in folder.glob("snap*")), heard)
+    (single, single_log, single_files, single_heard), (chunked, chunked_log, chunked_files,
+                                                       chunked_heard) = runs.values()  # fmt: skip
     # chunks of 3 fit at iterations 2-4 and 7-9 only: each later window meets a display, a
     # test pass, a snapshot or a step's end
     assert chunked._captured.chunks == 2 and single._captured.chunks == 0
     assert chunked.iter == single.iter == 35
+    # callbacks hear of each iteration done (a chunk: once, after its last) with the same figures
+    assert [it for it, *_ in single_heard] == list(range(1, 36))
+    assert [it for it, *_ in chunked_heard] == [1, 2, 5, 6, 7] + list(range(10, 36))
+    assert set(chunked_heard) <= set(single_heard)
     assert chunked_log == single_log
     for blob in ("data", "ip", "loss"):  # the last iteration's, as Python reads them
         assert torch.equal(chunked.train_net.blobs[blob], single.train_net.blobs[blob])
