@@ -16,7 +16,8 @@ on both sides, so the figure is the net and the update, not the LMDB.
 
 The bare loop is what a PyTorch user would write: an ``nn.Module`` of the same layers,
 ``F.cross_entropy``, ``backward()`` and Caffe's update written per parameter (V = momentum V +
-lr lr_mult (g + decay decay_mult W); W -= V). It runs with the thread count caffe-alex picks
+lr lr_mult (g + decay decay_mult W); W -= V); logreg's accuracy only where it is displayed, as
+the Solver computes it. It runs with the thread count caffe-alex picks
 for the net (one thread for logreg: see Net.thread_policy), and for logreg also with PyTorch's
 default, which is what such a loop gets unless its author knows better.
 
@@ -119,9 +120,9 @@ class LogReg(nn.Module):
         super().__init__()
         self.ip1 = nn.Linear(4, 2)
 
-    def forward(self, x, y):
+    def forward(self, x, y, shown=True):
         out = self.ip1(x)
-        accuracy = (out.argmax(1) == y).float().mean()
+        accuracy = (out.argmax(1) == y).float().mean() if shown else None  # (displayed only)
         return F.cross_entropy(out, y), accuracy
 
 
@@ -131,7 +132,7 @@ class LeNet(nn.Module):
         self.conv1, self.conv2 = nn.Conv2d(1, 20, 5), nn.Conv2d(20, 50, 5)
         self.ip1, self.ip2 = nn.Linear(800, 500), nn.Linear(500, 10)
 
-    def forward(self, x, y):
+    def forward(self, x, y, shown=True):
         x = F.max_pool2d(self.conv1(x), 2, 2, ceil_mode=True)
         x = F.max_pool2d(self.conv2(x), 2, 2, ceil_mode=True)
         x = self.ip2(F.relu(self.ip1(x.flatten(1))))
@@ -145,7 +146,7 @@ class Cifar10Quick(nn.Module):
         self.conv3 = nn.Conv2d(32, 64, 5, padding=2)
         self.ip1, self.ip2 = nn.Linear(64 * 4 * 4, 64), nn.Linear(64, 10)
 
-    def forward(self, x, y):
+    def forward(self, x, y, shown=True):
         x = F.relu(F.max_pool2d(self.conv1(x), 3, 2, ceil_mode=True))
         x = F.avg_pool2d(F.relu(self.conv2(x)), 3, 2, ceil_mode=True)
         x = F.avg_pool2d(F.relu(self.conv3(x)), 3, 2, ceil_mode=True)
@@ -161,7 +162,7 @@ class BareLoop:
         self.model, self.batches = model, batches
         p = solver.param
         self.lr, self.momentum, self.decay = p.base_lr, p.momentum, p.weight_decay
-        self.gamma, self.stepsize, self.iter = p.gamma, p.stepsize, 0
+        self.gamma, self.stepsize, self.iter, self.display = p.gamma, p.stepsize, 0, p.display
         mults = {}  # the Caffe blob order: each layer's weight then bias
         with torch.no_grad():
             for info in solver.train_net.learnable_params():
@@ -176,7 +177,7 @@ class BareLoop:
         for _ in range(iters):
             x, y = next(self.batches)
             self.model.zero_grad(set_to_none=True)
-            loss, _ = self.model(x, y)
+            loss, _ = self.model(x, y, shown=self.display and self.iter % self.display == 0)
             loss.backward()
             rate = self.lr * self.gamma ** (self.iter // self.stepsize)
             with torch.no_grad():

@@ -89,6 +89,8 @@ class Net(nn.Module):
         self.blobs: dict[str, torch.Tensor] = {}
         self.loss: torch.Tensor | None = None
         self._small: bool | None = None  # every blob under ONE_THREAD_ELEMENTS (None: unknown)
+        self._skipped: frozenset[int] = frozenset()  # positions run() skips (``loss_only``)
+        self._dead_ends: frozenset[int] | None = None
         overrides = {k: input_dims(k, v) for k, v in (input_shapes or {}).items()}
         self._steps: list[LayerStep] = PlanBuilder(self, overrides).build(filtered)
         self._input_shapes = {n: self.blob_shapes[n] for n in self.input_names}
@@ -174,6 +176,35 @@ class Net(nn.Module):
         (the previous count comes back at its end); otherwise it changes nothing."""
         return thread_block(self.one_thread)
 
+    @contextlib.contextmanager
+    def loss_only(self, enabled: bool = True):
+        """Within it, forward skips the pure layers (``CaffeLayer.pure``: Accuracy) whose tops
+        no loss needs: for a training pass whose outputs no one reads (the solver's iterations
+        between displays). The loss and its gradients are the same; the skipped tops are
+        missing from ``blobs`` and the outputs."""
+        if enabled and self._dead_ends is None:
+            self._dead_ends = self._unneeded_pure_layers()
+        state = self.__dict__
+        state["_skipped"] = self._dead_ends if enabled else frozenset()
+        try:
+            yield self
+        finally:
+            state["_skipped"] = frozenset()
+
+    def _unneeded_pure_layers(self) -> frozenset[int]:
+        """Positions of pure layers no loss depends on (walking back from the losses: a layer
+        is needed when it has a loss weight, writes a blob a needed layer reads, or is not
+        pure, since its effects may matter: a random draw, a running average)."""
+        needed, unneeded = set(), set()
+        for position in range(len(self._steps) - 1, -1, -1):
+            step = self._steps[position]
+            if (step.loss_weights or not self.layers[step.key].pure
+                    or any(top in needed for top in step.tops)):  # fmt: skip
+                needed.update(step.bottoms)
+            else:
+                unneeded.add(position)
+        return frozenset(unneeded)
+
     def reshape(self, **input_shapes: Sequence[int]) -> None:
         """Re-run shape inference for new input shapes (Caffe's Net::Reshape)."""
         shapes = reshaped(self, input_shapes)
@@ -195,6 +226,8 @@ class Net(nn.Module):
         with self.threads():
             loss = self.run(blobs)
         state["blobs"], state["loss"] = blobs, loss
+        if self._skipped:
+            return {name: blobs[name] for name in self.output_names if name in blobs}
         return {name: blobs[name] for name in self.output_names}
 
     def run(self, blobs, first: int = 0, last: int | None = None, call=None):
@@ -209,9 +242,12 @@ class Net(nn.Module):
         # the layers by key as a plain dict, read once: ModuleDict's lookup through
         # nn.Module.__getattr__ cost a small net 5 us per layer and iteration
         by_key = self._modules["layers"]._modules
+        skipped = self._skipped
         for position in range(first, len(self._steps) if last is None else last + 1):
             step = self._steps[position]
             layer = by_key[step.key]
+            if position in skipped:
+                continue
             if layer.is_source:
                 if call is not None:
                     call(position, layer, None)

@@ -64,7 +64,9 @@ class CaffeLayer(nn.Module):
       ``params``: the ``*_param`` messages honoured, each mapped to the set of its fields the
       layer implements (None = all). A set field outside that set is rejected by the builder;
       ``is_loss``: top 0 gets loss_weight 1 unless the prototxt says otherwise;
-      ``is_source``: the layer's tops are net inputs fed from outside (Input and data layers).
+      ``is_source``: the layer's tops are net inputs fed from outside (Input and data layers);
+      ``pure``: the layer does nothing but compute its tops (no random draw, no state, no
+      I/O), so a pass that needs only the loss may skip it where no loss needs its tops.
 
     ``__init__(layer_param, bottom_shapes, phase)`` creates the learnable blobs in Caffe's order
     and layout in ``self.blobs`` (an ``nn.ParameterList``) with ``new_blob(shape, filler)``,
@@ -80,6 +82,7 @@ class CaffeLayer(nn.Module):
     params: dict[str, frozenset[str] | None] = {}
     is_loss: bool = False
     is_source: bool = False
+    pure: bool = False
     # Caffe runs a layer whose top is named like its bottom in place, saving memory. Here that
     # is safe only where autograd keeps nothing that the overwrite would spoil:
     # ``can_overwrite_bottom``: forward may write its result into bottom 0 when ``in_place`` is

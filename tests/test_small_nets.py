@@ -47,16 +47,21 @@ def write_h5(path, data, label) -> str:
     return str(path)
 
 
-@pytest.fixture
-def logreg(tmp_path):
+def logreg_solver(folder) -> Solver:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(200, 4)).astype(np.float32)
     y = (x[:, 0] > 0).astype(np.float32)
-    listing = tmp_path / "train.txt"
-    listing.write_text(write_h5(tmp_path / "train.h5", x, y) + "\n")
+    listing = folder / "train.txt"
+    listing.write_text(write_h5(folder / "train.h5", x, y) + "\n")
     text = f"net_param {{ {logreg_text(listing)} }}\n{SOLVER}"
     solver = Solver(parse_solver_text(text))
     solver.step(2)  # the first iterations make the history, feed and caches
+    return solver
+
+
+@pytest.fixture
+def logreg(tmp_path):
+    solver = logreg_solver(tmp_path)
     yield solver
     solver.close()
 
@@ -120,6 +125,52 @@ def test_logreg_iteration_dispatches_a_bounded_number_of_ops(logreg):
     assert counted.ops["aten.clamp.default"] == 0  # no loss reaches -log(FLT_MIN) here
     assert counted.ops["aten._log_softmax.default"] == 1
     assert counted.ops["aten.nll_loss_forward.default"] == 1
+
+
+def test_iterations_no_one_reads_skip_the_train_nets_accuracy(logreg, tmp_path, monkeypatch):
+    # Accuracy is pure and no loss needs it: it runs where its output is shown (a display)
+    # or left to read (the last iteration of a step), and the training is the same
+    from caffe_alex.layers.accuracy import AccuracyLayer
+
+    monkeypatch.setattr(AccuracyLayer, "pure", False)
+    (tmp_path / "twin").mkdir()
+    twin = logreg_solver(tmp_path / "twin")  # the same, with an Accuracy that runs each time
+    monkeypatch.undo()
+    logreg.param.display = twin.param.display = 2
+    ran = {id(logreg): [], id(twin): []}
+    for solver in (logreg, twin):
+        solver.train_net.layer("accuracy").register_forward_hook(
+            lambda *a, solver=solver: ran[id(solver)].append(solver.iter))  # fmt: skip
+        solver.step(5)  # iterations 2-6: displays at 2, 4 and 6, 6 the last
+    assert ran[id(logreg)] == [2, 4, 6] and ran[id(twin)] == [2, 3, 4, 5, 6]
+    assert logreg.train_net.blobs["accuracy"].dim() == 0  # the last iteration's, to read
+    for ours, reference in zip(logreg.learnable, twin.learnable):
+        assert torch.equal(ours.param, reference.param)
+    twin.close()
+
+
+def test_a_loss_only_pass_keeps_layers_that_draw_or_feed_a_loss():
+    net = Net(parse_net("""
+    layer { name: "x" type: "Input" top: "x" top: "label"
+            input_param { shape { dim: 4 dim: 3 } shape { dim: 4 } } }
+    layer { name: "ip" type: "InnerProduct" bottom: "x" top: "ip"
+            inner_product_param { num_output: 3 weight_filler { type: "xavier" } } }
+    layer { name: "drop" type: "Dropout" bottom: "ip" top: "drop" }
+    layer { name: "acc" type: "Accuracy" bottom: "ip" bottom: "label" top: "acc" }
+    layer { name: "acc_drop" type: "Accuracy" bottom: "drop" bottom: "label" top: "acc2" }
+    layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+    """), "TRAIN")  # fmt: skip
+    batch = {"x": torch.randn(4, 3), "label": torch.tensor([0.0, 1, 2, 0])}
+    full = net(**batch)
+    with net.loss_only():
+        outputs = net(**batch)
+    # Dropout draws from the RNG (skipping it would change later draws): it runs; the two
+    # Accuracy layers do not, and their tops are missing
+    assert set(net.blobs) == {"x", "label", "ip", "drop", "loss"}
+    assert set(outputs) == {"loss"} and set(full) == {"acc", "acc2", "loss"}
+    assert torch.equal(outputs["loss"], full["loss"])
+    net(**batch)  # outside the block every layer runs again
+    assert "acc" in net.blobs
 
 
 def deep_net(layers: int) -> str:

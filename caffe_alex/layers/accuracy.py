@@ -26,6 +26,7 @@ class AccuracyLayer(CaffeLayer):
     bottoms = (2, 2)
     tops = (1, 2)
     params = {"accuracy_param": frozenset({"top_k", "axis", "ignore_label"})}
+    pure = True  # a train net's Accuracy runs where its output is shown (net.loss_only)
 
     def __init__(self, layer_param, bottom_shapes, phase):
         super().__init__(layer_param, bottom_shapes, phase)

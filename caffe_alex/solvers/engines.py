@@ -42,10 +42,14 @@ class GraphEngine:
 
     def __init__(self, net, precision):
         self.net, self.precision = net, precision
+        self.loss_only = False  # set by the solver: a pass whose outputs no one reads
 
     def forward(self, batch: dict, grad: bool = True):
+        # a compiled forward would trace the skipping as a second graph: it runs every layer
+        loss_only = self.loss_only and getattr(self.net, "_compiled_call_impl", None) is None
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            outputs = self.precision.run(self.net, batch)
+            with self.net.loss_only(loss_only):
+                outputs = self.precision.run(self.net, batch)
         return outputs, self.net.loss
 
     def backward(self, loss) -> None:
@@ -62,6 +66,7 @@ class BlobEngine:
         self.executor = BlobExecutor(net, device, source=source)
         self.graph = GraphEngine(net, precision)
         self.skip_blobs = False  # set by the solver before each pass (see the module's notes)
+        self.loss_only = False  # (as GraphEngine's, for the passes run as one graph)
         self._as_graph = False  # how the last forward ran
 
     def _unwatched(self) -> bool:
@@ -73,6 +78,7 @@ class BlobEngine:
         self._as_graph = self.skip_blobs and batch is not None and self._unwatched()
         if self._as_graph:
             self.executor.sync_params()  # values Python wrote into a parameter's blob
+            self.graph.loss_only = self.loss_only
             return self.graph.forward(batch, grad)
         loss = self.executor.forward(batch=batch, record=grad)
         blobs = self.executor.blobs

@@ -218,7 +218,8 @@ class Solver:
             rate, batch = self._captured.run(self, left)
             self._captured = None if rate is None else self._captured  # None: failed to compile
         if rate is None:  # (``batch``: the one a failed capture drew, to run eagerly now)
-            loss = self._forward_backward(display and self.param.debug_info, watched, batch)
+            loss = self._forward_backward(display and self.param.debug_info, watched, batch,
+                                          shown=display)  # fmt: skip
             self._progress.loss.add_lazily(self.iter, loss)
             if display:
                 self._progress.show(self.iter, self.train_net, self.engines["train"].blob)
@@ -243,15 +244,19 @@ class Solver:
             self._requests.after_test(self.ranks, self.snapshot)
         return not self._requests.early_exit
 
-    def _forward_backward(self, debug: bool, keep_blobs: bool = True, first=None):
-        # (``first``: the first pass's batch, already drawn)
+    def _forward_backward(self, debug: bool, keep_blobs: bool = True, first=None,
+                          shown: bool = True):  # fmt: skip
+        # (``first``: the first pass's batch, already drawn; ``shown``: the display reads the
+        # last pass's outputs)
         engine, total, passes = self.engines["train"], None, self.param.iter_size
         for index in range(passes):
             batch = first if index == 0 and first is not None else next(self.feeds["train"])
             self._progress.see_batch(batch)
             self.ranks.arm(index == passes - 1)  # the last pass's gradients are final
             last_pass = keep_blobs and index == passes - 1  # only its blobs stay to be read
-            _, loss = self._forward("train", batch, keep_blobs=last_pass)
+            # (a pass whose outputs no one reads runs only what its loss needs)
+            read = last_pass or (shown and index == passes - 1)
+            _, loss = self._forward("train", batch, keep_blobs=last_pass, loss_only=not read)
             engine.backward(loss)
             if loss is None:
                 loss = torch.zeros((), device=self.device)
@@ -262,13 +267,14 @@ class Solver:
             total = loss if total is None else total + loss
         return total if passes == 1 else total / passes
 
-    def _forward(self, key, batch: dict, grad: bool = True, keep_blobs: bool = True):
+    def _forward(self, key, batch: dict, grad: bool = True, keep_blobs: bool = True,
+                 loss_only: bool = False):  # fmt: skip
         """Run net ``key`` ("train" or a test net's index) on ``batch``: (outputs, loss). An
         error about one item of the batch (a bad label) also names the record it came from,
         which only the feed knows. ``keep_blobs`` False: Python cannot read this pass's blobs
-        (engines.py's ``skip_blobs``)."""
+        (engines.py's ``skip_blobs``); ``loss_only``: nor its outputs (Net.loss_only)."""
         engine = self.engines[key]
-        engine.skip_blobs = not keep_blobs
+        engine.skip_blobs, engine.loss_only = not keep_blobs, loss_only
         try:
             return engine.forward(batch, grad)
         except CaffeAlexError as exc:
