@@ -7,7 +7,7 @@ building and data opening cancel out). Cases:
 
 - ``logreg``: BVLC's brewing-logreg net (HDF5Data 10,000 x 4, batch 10, InnerProduct,
   Accuracy, SoftmaxWithLoss) with the notebook's solver: ``caffe train`` against
-  ``caffe-alex train``, per-iteration cost;
+  ``caffe-alex train``, per-iteration cost (runs of 1,000 and 1,000 + ``--logreg-iters``);
 - ``lenet``: the LeNet example (examples/fashion_mnist/lenet_solver.prototxt: batch 64,
   10,000 iterations, a test pass every 500) on Fashion-MNIST LMDBs made here with
   ``caffe-alex convert-mnist``: whole run's wall time and final test accuracy of each side
@@ -27,7 +27,7 @@ caffe-alex: its thread policy).
 
     python benchmarks/vs_caffe.py --caffe /path/to/build/tools/caffe \
         [--pycaffe-python PY --pycaffe-path DIR] [--cases logreg,lenet,alexnet32,...]
-        [--rounds 3] [--lenet-iters 10000] [--train-args=--channels-last]
+        [--rounds 3] [--lenet-iters 10000] [--logreg-iters 10000] [--train-args=--compile]
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def case_logreg(sides: Sides, folder: Path, args) -> None:
         sides,
         lambda n: write_solver(folder, f"logreg{n}", solver, net, max_iter=n),
         1000,
-        11000,
+        1000 + args.logreg_iters,
         args.rounds,
     )
     _report("logreg, per training iteration", cost, "ms", 1e3)
@@ -230,6 +230,8 @@ def main(argv=None) -> None:
     parser.add_argument("--cases", default="logreg,pycaffe-logreg,alexnet32,lenet")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--lenet-iters", type=int, default=10000)
+    parser.add_argument("--logreg-iters", type=int, default=10000, help="iterations between "
+                        "logreg's short and long runs (more: less start-up noise)")  # fmt: skip
     parser.add_argument(
         "--train-args",
         default="",

@@ -168,7 +168,8 @@ def progress_bar(solver, enabled: bool):
         "tensor cores; not Caffe's summation order).")  # fmt: skip
 @click.option("--compile", "-compile", "compile_net", is_flag=True,
               help="torch.compile the nets (the first iterations compile); the whole training "
-              "step of a net of inner products, activations and losses.")  # fmt: skip
+              "step of a net of inner products, activations and losses (of a small one, eight "
+              "iterations per call).")  # fmt: skip
 @option("dist-timeout", type=click.FloatRange(0, min_open=True),
         default=distributed.DEFAULT_TIMEOUT, show_default=True,
         help="Seconds a rank waits for the others (several GPUs, torchrun) before it stops with "

@@ -116,7 +116,8 @@ class CapturedStep:
         self.compiled_chunk = torch.compile(self._steps, backend=backend, dynamic=False)
         # dynamo traces torch.autograd.grad only when told to; set for the tracing alone
         self._tracing_config = torch._dynamo.config.patch(trace_autograd_ops=True)
-        self.chunk = chunk
+        # a larger net's iteration is arithmetic: a call's ~0.1 ms is not worth a larger compile
+        self.chunk = chunk if net.one_thread() else 0
         self.calls = self.chunks = 0  # compiled calls made: single steps, chunks
         self._rates: dict = {}  # the rates tensors lately used, by their values
 
@@ -170,7 +171,14 @@ class CapturedStep:
         compile, no rate and the batch it drew (nothing else changed: the caller runs that
         batch eagerly)."""
         if self.calls and self._free(solver, left):  # (a single step compiled first)
-            batches = [next(solver.feeds["train"]) for _ in range(self.chunk)]
+            batches, feed = [], solver.feeds["train"]
+            try:
+                while len(batches) < self.chunk:
+                    batches.append(next(feed))
+            except StopIteration:  # a feed given by hand ran out: train on what it gave first
+                for batch in batches:
+                    self._one(solver, batch)
+                raise
             rate = self._chunk(solver, batches)
             if rate is not None:
                 return rate, None

@@ -165,6 +165,7 @@ def test_what_the_captured_step_does_not_fit_keeps_the_per_net_compile():
     wide = MLP.replace("num_output: 6", "num_output: 5000")
     made = make_solver(wide, SOLVER, _batches(), compile="aot_eager")
     assert not made.train_net.one_thread() and made._captured is not None
+    assert made._captured.chunk == 0  # its iterations are arithmetic: one call each
 
 
 _HEAD = """layer { name: "data" type: "Input" top: "x" top: "label"
@@ -447,4 +448,18 @@ def test_a_chunk_that_fails_to_compile_leaves_its_iterations_to_the_single_step(
     step = runs[1]._captured
     assert (step.chunk, step.chunks, step.calls, refused.count) == (0, 0, 11, 2)
     for ours, reference in zip(_params(runs[1]), _params(runs[0])):
+        np.testing.assert_array_equal(ours, reference)
+
+
+def test_a_feed_that_runs_out_inside_a_chunk_trains_on_what_it_gave():
+    text = 'type: "SGD" momentum: 0.9 base_lr: 0.05 lr_policy: "fixed"'
+    runs = []
+    for chunk in (0, 4):
+        solver = make_solver(MLP, text, _batches(7), compile=CountingAotEager())
+        solver._captured.chunk = chunk
+        with pytest.raises(StopIteration):
+            solver.step(12)  # 0 alone, 1-4 a chunk, then only 5 and 6 come
+        assert solver.iter == 7
+        runs.append(_params(solver))
+    for ours, reference in zip(*runs):
         np.testing.assert_array_equal(ours, reference)
