@@ -159,16 +159,22 @@ def test_a_loss_only_pass_keeps_layers_that_draw_or_feed_a_loss():
     layer { name: "acc" type: "Accuracy" bottom: "ip" bottom: "label" top: "acc" }
     layer { name: "acc_drop" type: "Accuracy" bottom: "drop" bottom: "label" top: "acc2" }
     layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+    layer { name: "prob" type: "Softmax" bottom: "ip" top: "prob" }
+    layer { name: "sm" type: "Softmax" bottom: "ip" top: "sm" }
+    layer { name: "l2" type: "EuclideanLoss" bottom: "sm" bottom: "ip" top: "l2" }
     """), "TRAIN")  # fmt: skip
     batch = {"x": torch.randn(4, 3), "label": torch.tensor([0.0, 1, 2, 0])}
     full = net(**batch)
     with net.loss_only():
         outputs = net(**batch)
-    # Dropout draws from the RNG (skipping it would change later draws): it runs; the two
-    # Accuracy layers do not, and their tops are missing
-    assert set(net.blobs) == {"x", "label", "ip", "drop", "loss"}
-    assert set(outputs) == {"loss"} and set(full) == {"acc", "acc2", "loss"}
-    assert torch.equal(outputs["loss"], full["loss"])
+    # Dropout draws from the RNG (skipping it would change later draws): it runs; a Softmax
+    # that a loss reads runs; the two Accuracy layers and the "prob" Softmax do not, and
+    # their tops are missing
+    assert set(net.blobs) == {"x", "label", "ip", "drop", "loss", "sm", "l2"}
+    assert set(outputs) == {"loss", "l2"}
+    assert set(full) == {"acc", "acc2", "loss", "prob", "l2"}
+    for name in outputs:
+        assert torch.equal(outputs[name], full[name])
     net(**batch)  # outside the block every layer runs again
     assert "acc" in net.blobs
 

@@ -17,6 +17,7 @@ class SoftmaxLayer(CaffeLayer):
     """Softmax over ``axis`` (default 1), computed with the maximum subtracted as Caffe does."""
 
     params = {"softmax_param": frozenset({"axis"})}
+    pure = True  # (a train net's "prob" output runs only where it is read: Net.loss_only)
 
     def __init__(self, layer_param, bottom_shapes, phase):
         super().__init__(layer_param, bottom_shapes, phase)
@@ -43,6 +44,7 @@ class ArgMaxLayer(CaffeLayer):
     """
 
     params = {"argmax_param": None}
+    pure = True
 
     def __init__(self, layer_param, bottom_shapes, phase):
         super().__init__(layer_param, bottom_shapes, phase)
