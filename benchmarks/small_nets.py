@@ -214,7 +214,7 @@ def contenders(name: str, folder: Path, compile: bool = False) -> tuple[Solver, 
             captured.step(3)  # iteration 1 is captured (0 displays, the last is read)
             print(f"logreg: the captured step compiled in {time.perf_counter() - began:.1f} s")
             began = time.perf_counter()
-            captured.step(CHUNK + 2)  # iterations 4 to 11 run as one chunk
+            captured.step(CHUNK + 2)  # iterations 3 to 10 run as one chunk
             print(f"logreg: the captured chunk of {CHUNK} iterations compiled in "
                   f"{time.perf_counter() - began:.1f} s")  # fmt: skip
             runs["caffe-alex Solver, compile"] = (captured.step, threads)

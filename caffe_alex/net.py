@@ -185,11 +185,12 @@ class Net(nn.Module):
         if enabled and self._dead_ends is None:
             self._dead_ends = self._unneeded_pure_layers()
         state = self.__dict__
+        before = state["_skipped"]
         state["_skipped"] = self._dead_ends if enabled else frozenset()
         try:
             yield self
         finally:
-            state["_skipped"] = frozenset()
+            state["_skipped"] = before
 
     def _unneeded_pure_layers(self) -> frozenset[int]:
         """Positions of pure layers no loss depends on (walking back from the losses: a layer

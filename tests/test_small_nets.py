@@ -149,6 +149,41 @@ def test_iterations_no_one_reads_skip_the_train_nets_accuracy(logreg, tmp_path, 
     twin.close()
 
 
+def test_callbacks_and_debug_info_read_every_layer_unless_they_say_otherwise(logreg):
+    # a callback may read the train net's blobs after any iteration: Accuracy runs for it,
+    # unless it says it reads none (the CLI's progress bar); debug_info logs every layer of
+    # every pass, iter_size's earlier passes too
+    import logging
+
+    from caffe_alex.log import get_logger
+
+    seen = []
+    logreg.callbacks.append(lambda *a: seen.append(float(logreg.train_net.blobs["accuracy"])))
+    logreg.step(4)
+    assert len(seen) == 4
+    quiet = lambda *a: None  # noqa: E731
+    quiet.reads_blobs = False
+    logreg.callbacks[:] = [quiet]
+    ran = []
+    logreg.train_net.layer("accuracy").register_forward_hook(lambda *a: ran.append(logreg.iter))
+    logreg.step(3)
+    assert ran == [8]  # the last only
+    logreg.param.display, logreg.param.debug_info, logreg.param.iter_size = 1, True, 2
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    log = get_logger()
+    level = log.level
+    log.setLevel("INFO")
+    log.addHandler(handler)
+    try:
+        logreg.step(2)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    assert sum("[Forward] Layer accuracy, top blob" in line for line in lines) == 4
+
+
 def test_a_loss_only_pass_keeps_layers_that_draw_or_feed_a_loss():
     net = Net(parse_net("""
     layer { name: "x" type: "Input" top: "x" top: "label"

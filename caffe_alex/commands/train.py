@@ -136,6 +136,7 @@ def progress_bar(solver, enabled: bool):
         )
         bar.update(max(0, min(iteration, total) - bar.n))
 
+    update.reads_blobs = False  # (the iterations between displays may skip what it does not read)
     solver.callbacks.append(update)
     try:
         with logging_redirect_tqdm(loggers=[get_logger()]):

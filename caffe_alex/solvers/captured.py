@@ -182,8 +182,11 @@ class CapturedStep:
             rate = self._chunk(solver, batches)
             if rate is not None:
                 return rate, None
-            for batch in batches:  # (the single step has compiled)
+            for k, batch in enumerate(batches):  # one by one
                 rate, _ = self._one(solver, batch)
+                if rate is None:  # a shape that failed to compile: the rest go eagerly
+                    solver.pending.extend(batches[k + 1 :])
+                    return None, batch
             return rate, None
         return self._one(solver, next(solver.feeds["train"]))
 
@@ -192,8 +195,9 @@ class CapturedStep:
         are not alike (a feed given by hand may change shapes) or the chunk failed to compile
         (no more chunks then): nothing ran, the caller runs them one by one."""
         first = batches[0]
-        if any(b.keys() != first.keys() or any(b[t].shape != first[t].shape for t in first)
-               for b in batches):  # fmt: skip
+        if not all(b.keys() == first.keys() and all(isinstance(b[t], torch.Tensor) and
+                                                     b[t].shape == first[t].shape for t in first)
+                   for b in batches):  # fmt: skip
             return None
         schedule, step = [], solver.current_step
         for k in range(len(batches)):

@@ -104,7 +104,10 @@ class Solver:
     runs n iterations, ``test(i)`` scores test net i, ``snapshot()`` / ``restore(path)`` write
     and read the state; ``request("stop" | "snapshot")`` is honoured between iterations;
     ``callbacks`` are called after each update (a captured chunk's: after its last) with
-    (iteration, smoothed loss, rate, images per second); ``start_hooks`` and
+    (iteration, smoothed loss, rate, images per second), and may read the train net's blobs
+    unless they say they do not (an attribute ``reads_blobs = False``, as the CLI's progress
+    bar: then the iterations between displays run only what the loss needs, and are
+    captured with ``compile``); ``start_hooks`` and
     ``gradient_hooks`` (no arguments) where Caffe calls its callbacks' on_start (before the
     forward passes) and on_gradients_ready (before the update).
     ``world`` (distributed.World): this solver is one rank of several (see the module's notes;
@@ -143,6 +146,7 @@ class Solver:
         self._captured = CapturedStep(self.train_net, self.update, compile) if captured else None
         self.iter = self.current_step = 0
         self.callbacks: list = []
+        self.pending: list = []  # train batches drawn but not trained on (see _next_batch)
         self.start_hooks: list = []
         self.gradient_hooks: list = []
         self._requests = Requests()
@@ -212,7 +216,8 @@ class Solver:
         for hook in self.start_hooks:
             hook()
         display = self._progress.due(self.iter) and self.is_root
-        watched = bool(left == 1 or self.start_hooks or self.gradient_hooks)
+        watched = bool(left == 1 or self.start_hooks or self.gradient_hooks
+                       or any(getattr(c, "reads_blobs", True) for c in self.callbacks))
         rate = batch = None
         if self._captured is not None and not (watched or display):
             rate, batch = self._captured.run(self, left)
@@ -250,12 +255,12 @@ class Solver:
         # last pass's outputs)
         engine, total, passes = self.engines["train"], None, self.param.iter_size
         for index in range(passes):
-            batch = first if index == 0 and first is not None else next(self.feeds["train"])
+            batch = first if index == 0 and first is not None else self._next_batch()
             self._progress.see_batch(batch)
             self.ranks.arm(index == passes - 1)  # the last pass's gradients are final
             last_pass = keep_blobs and index == passes - 1  # only its blobs stay to be read
             # (a pass whose outputs no one reads runs only what its loss needs)
-            read = last_pass or (shown and index == passes - 1)
+            read = last_pass or debug or (shown and index == passes - 1)
             _, loss = self._forward("train", batch, keep_blobs=last_pass, loss_only=not read)
             engine.backward(loss)
             if loss is None:
@@ -266,6 +271,10 @@ class Solver:
             loss = loss.detach().float()
             total = loss if total is None else total + loss
         return total if passes == 1 else total / passes
+
+    def _next_batch(self) -> dict:
+        """The next train batch: one a failed capture drew and left (``pending``) first."""
+        return self.pending.pop(0) if self.pending else next(self.feeds["train"])
 
     def _forward(self, key, batch: dict, grad: bool = True, keep_blobs: bool = True,
                  loss_only: bool = False):  # fmt: skip
@@ -324,7 +333,7 @@ class Solver:
             return
         if self._progress.due(self.iter):
             with torch.no_grad():
-                _, loss = self._forward("train", next(self.feeds["train"]), grad=False)
+                _, loss = self._forward("train", self._next_batch(), grad=False)
             self._progress.show_last(self.iter, loss)
         if param.test_interval and self.iter % param.test_interval == 0:
             self.test_all()

@@ -370,8 +370,12 @@ def test_chunks_train_as_single_steps_and_stop_where_the_solver_looks(tmp_path):
         folder.mkdir()
         solver = _logreg_solver(folder, CountingAotEager(), chunk)
         heard = []
-        solver.callbacks.append(lambda it, loss, rate, per_s, heard=heard: heard.append(
-            (it, loss, rate)))  # fmt: skip
+
+        def hear(it, loss, rate, per_s, heard=heard):
+            heard.append((it, loss, rate))
+
+        hear.reads_blobs = False  # (a callback that may read blobs keeps every step eager)
+        solver.callbacks.append(hear)
         with _Messages(folder) as lines:
             solver.step(23)
             solver.step(9)
@@ -463,3 +467,45 @@ def test_a_feed_that_runs_out_inside_a_chunk_trains_on_what_it_gave():
         runs.append(_params(solver))
     for ours, reference in zip(*runs):
         np.testing.assert_array_equal(ours, reference)
+
+
+def test_a_batch_that_fails_to_compile_inside_a_chunk_leaves_the_rest_to_the_eager_path():
+    """Batch 5 has another shape: the chunk of 4-6 falls back to single steps, and the
+    recompile for batch 5 fails: 5 and 6 (already drawn) train eagerly, nothing is lost."""
+
+    class RefusesThird(CountingAotEager):
+        def __call__(self, gm, example_inputs):
+            if self.count == 2:
+                self.count += 1
+                raise RuntimeError("no compiler for that shape")
+            return super().__call__(gm, example_inputs)
+
+    batches = _batches(11)
+    batches[5] = {"x": batches[5]["x"][:6], "label": batches[5]["label"][:6]}
+    text = 'type: "SGD" momentum: 0.9 base_lr: 0.05 lr_policy: "fixed"'
+    solver = make_solver(MLP, text, batches, compile=RefusesThird())
+    solver._captured.chunk = 3
+    solver.step(11)  # 0 alone, 1-3 a chunk, 4 alone, 5 fails to compile: 5-10 eagerly
+    assert solver.iter == 11 and solver._captured is None and not solver.pending
+    assert solver.feeds["train"].batches == 11  # every batch drawn was trained on
+
+
+def test_a_hand_given_batch_with_a_stray_key_is_refused_by_name():
+    from caffe_alex.errors import CaffeAlexError
+
+    batches = [{**b, "index": 3} for b in _batches(12)]
+    solver = make_solver(MLP, 'base_lr: 0.05 lr_policy: "fixed"', batches,
+                         compile=CountingAotEager())  # fmt: skip
+    solver._captured.chunk = 3
+    with pytest.raises(CaffeAlexError, match="'index' is not an input"):
+        solver.step(12)
+
+
+def test_a_callback_that_may_read_the_blobs_keeps_the_steps_eager():
+    solver = make_solver(MLP, 'base_lr: 0.05 lr_policy: "fixed"', _batches(6),
+                         compile=CountingAotEager())  # fmt: skip
+    seen = []
+    solver.callbacks.append(lambda *a: seen.append(solver.train_net.blobs["out"].clone()))
+    solver.step(6)
+    assert solver._captured.calls == 0 and len(seen) == 6
+    assert not torch.equal(seen[0], seen[1])  # each iteration's own
