@@ -355,6 +355,7 @@ class Solver:
         With a world, rank 0 reads the files and sends the state to the other ranks (which
         need not see them), each of which takes its own train-feed position and RNG state."""
         checkpoint.restore(self, path)
+        self.pending = []  # (batches drawn before: the feed's restored position decides)
 
     def join(self, world) -> None:
         """Become rank ``world.rank`` of ``world`` after being built as that rank of that many
