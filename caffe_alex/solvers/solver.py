@@ -146,7 +146,7 @@ class Solver:
         self._captured = CapturedStep(self.train_net, self.update, compile) if captured else None
         self.iter = self.current_step = 0
         self.callbacks: list = []
-        self.pending: list = []  # train batches drawn but not trained on (see _next_batch)
+        self.pending: list = []  # batches a failed capture drew for the iterations after
         self.start_hooks: list = []
         self.gradient_hooks: list = []
         self._requests = Requests()
@@ -223,15 +223,9 @@ class Solver:
             rate, batch = self._captured.run(self, left)
             self._captured = None if rate is None else self._captured  # None: failed to compile
         if rate is None:  # (``batch``: the one a failed capture drew, to run eagerly now)
-            loss = self._forward_backward(display and self.param.debug_info, watched, batch,
-                                          shown=display)  # fmt: skip
-            self._progress.loss.add_lazily(self.iter, loss)
-            if display:
-                self._progress.show(self.iter, self.train_net, self.engines["train"].blob)
-            for hook in self.gradient_hooks:
-                hook()
-            self.ranks.finish_gradients()
-            rate = self.apply_update(display)
+            rate = self._eager_step(display, watched, batch)
+            while self.pending:  # and those it drew for the iterations after (none is watched)
+                rate = self._eager_step(False, False, self.pending.pop(0))
         if self.callbacks:  # (once for the iterations of a captured chunk: the last one's)
             seconds = (time.perf_counter() - began) / max(self.iter - first, 1)
             self._progress.notify(self.callbacks, self.iter, rate, seconds, self.ranks.size)
@@ -240,6 +234,19 @@ class Solver:
             self.snapshot()
         self._requests.early_exit = self._requests.early_exit or stop
         return not stop
+
+    def _eager_step(self, display: bool, watched: bool, batch=None) -> float:
+        """Forward, backward and update of one iteration, eagerly (on ``batch`` when given,
+        else the feed's next); returns the rate."""
+        loss = self._forward_backward(display and self.param.debug_info, watched, batch,
+                                      shown=display)  # fmt: skip
+        self._progress.loss.add_lazily(self.iter, loss)
+        if display:
+            self._progress.show(self.iter, self.train_net, self.engines["train"].blob)
+        for hook in self.gradient_hooks:
+            hook()
+        self.ranks.finish_gradients()
+        return self.apply_update(display)
 
     def _test_and_agree(self) -> bool:
         """The test pass (rank 0), then what the ranks asked meanwhile; False: stop."""
@@ -255,7 +262,7 @@ class Solver:
         # last pass's outputs)
         engine, total, passes = self.engines["train"], None, self.param.iter_size
         for index in range(passes):
-            batch = first if index == 0 and first is not None else self._next_batch()
+            batch = first if index == 0 and first is not None else next(self.feeds["train"])
             self._progress.see_batch(batch)
             self.ranks.arm(index == passes - 1)  # the last pass's gradients are final
             last_pass = keep_blobs and index == passes - 1  # only its blobs stay to be read
@@ -271,10 +278,6 @@ class Solver:
             loss = loss.detach().float()
             total = loss if total is None else total + loss
         return total if passes == 1 else total / passes
-
-    def _next_batch(self) -> dict:
-        """The next train batch: one a failed capture drew and left (``pending``) first."""
-        return self.pending.pop(0) if self.pending else next(self.feeds["train"])
 
     def _forward(self, key, batch: dict, grad: bool = True, keep_blobs: bool = True,
                  loss_only: bool = False):  # fmt: skip
@@ -333,7 +336,7 @@ class Solver:
             return
         if self._progress.due(self.iter):
             with torch.no_grad():
-                _, loss = self._forward("train", self._next_batch(), grad=False)
+                _, loss = self._forward("train", next(self.feeds["train"]), grad=False)
             self._progress.show_last(self.iter, loss)
         if param.test_interval and self.iter % param.test_interval == 0:
             self.test_all()
@@ -355,7 +358,6 @@ class Solver:
         With a world, rank 0 reads the files and sends the state to the other ranks (which
         need not see them), each of which takes its own train-feed position and RNG state."""
         checkpoint.restore(self, path)
-        self.pending = []  # (batches drawn before: the feed's restored position decides)
 
     def join(self, world) -> None:
         """Become rank ``world.rank`` of ``world`` after being built as that rank of that many
