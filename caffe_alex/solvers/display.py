@@ -35,7 +35,10 @@ class SmoothedLoss:
     def flush(self) -> None:
         """Read back the losses added lazily (one device sync for all of them)."""
         if self._pending:
-            values = torch.stack([loss for _, loss in self._pending]).cpu().tolist()
+            if len(self._pending) == 1:  # (each iteration, for a callback: one op, not three)
+                values = [self._pending[0][1].item()]
+            else:
+                values = torch.stack([loss for _, loss in self._pending]).cpu().tolist()
             for (iteration, _), value in zip(self._pending, values):
                 self.add(f32(value), iteration)
             self._pending = []
