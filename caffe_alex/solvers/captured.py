@@ -163,13 +163,13 @@ class CapturedStep:
                         "one by one" if what == "chunk" else "eagerly")  # fmt: skip
             return None
 
-    def run(self, solver, left: int = 1) -> tuple[float | None, dict | None]:
+    def run(self, solver, left: int = 1) -> tuple[float | None, list[dict]]:
         """Iterations of ``solver`` (the Solver training ``net``) through the captured step:
         the batch from its feed, the rate of its schedule, the loss for its display, ``iter``
         moved on; ``chunk`` of them in one call where the ``left`` iterations of its ``step``
-        allow it (see ``_free``), else one. Returns the last rate and, where the step failed to
-        compile, no rate and the batch it drew (nothing else changed: the caller runs that
-        batch eagerly)."""
+        allow it (see ``_free``), else one. Returns the last rate and no batch; or, where a
+        step failed to compile, no rate and the batches it drew but did not train on (the
+        caller trains them eagerly, one iteration each)."""
         if self.calls and self._free(solver, left):  # (a single step compiled first)
             batches, feed = [], solver.feeds["train"]
             try:
@@ -181,14 +181,15 @@ class CapturedStep:
                 raise
             rate = self._chunk(solver, batches)
             if rate is not None:
-                return rate, None
+                return rate, []
             for k, batch in enumerate(batches):  # one by one
-                rate, _ = self._one(solver, batch)
+                rate = self._one(solver, batch)
                 if rate is None:  # a shape that failed to compile: the rest go eagerly
-                    solver.pending.extend(batches[k + 1 :])
-                    return None, batch
-            return rate, None
-        return self._one(solver, next(solver.feeds["train"]))
+                    return None, batches[k:]
+            return rate, []
+        batch = next(solver.feeds["train"])
+        rate = self._one(solver, batch)
+        return rate, [] if rate is not None else [batch]
 
     def _chunk(self, solver, batches: list[dict]) -> float | None:
         """``batches`` trained on in one call; the last iteration's rate, or None where they
@@ -199,10 +200,7 @@ class CapturedStep:
                                                      b[t].shape == first[t].shape for t in first)
                    for b in batches):  # fmt: skip
             return None
-        schedule, step = [], solver.current_step
-        for k in range(len(batches)):
-            rate, step = learning_rate(solver.param, solver.iter + k, step)
-            schedule.append((rate, solver.iter + k))
+        schedule, step = self._schedule(solver, len(batches))
         stacked = {top: torch.stack([b[top] for b in batches]) for top in first}
         losses = self._call(self.compiled_chunk, self.chunks, "chunk", stacked,
                             self._local_rates(schedule))  # fmt: skip
@@ -211,23 +209,38 @@ class CapturedStep:
             return None
         self.chunks += 1
         solver._progress.see_batch(first)
-        solver.current_step = step
-        for k, loss in enumerate(losses.unbind()):
-            solver._progress.loss.add_lazily(solver.iter + k, loss)
-        solver.iter += len(batches)
-        return rate
+        self._advance(solver, step, losses.unbind())
+        return schedule[-1][0]
 
-    def _one(self, solver, batch: dict) -> tuple[float | None, dict | None]:
-        progress = solver._progress
-        progress.see_batch(batch)
-        rate, current_step = learning_rate(solver.param, solver.iter, solver.current_step)
-        loss = self(batch, rate, solver.iter)
+    def _one(self, solver, batch: dict) -> float | None:
+        """``batch`` trained on by the single step; its rate, or None where it failed to
+        compile (nothing ran)."""
+        solver._progress.see_batch(batch)
+        schedule, step = self._schedule(solver, 1)
+        loss = self(batch, *schedule[0])
         if loss is None:
-            return None, batch
-        solver.current_step = current_step
-        progress.loss.add_lazily(solver.iter, loss)
-        solver.iter += 1
-        return rate, batch
+            return None
+        self._advance(solver, step, [loss])
+        return schedule[0][0]
+
+    @staticmethod
+    def _schedule(solver, count: int) -> tuple[list[tuple[float, int]], int]:
+        """(rate, iteration) of ``solver``'s next ``count`` iterations, and its lr_policy step
+        after them."""
+        schedule, step = [], solver.current_step
+        for k in range(count):
+            rate, step = learning_rate(solver.param, solver.iter + k, step)
+            schedule.append((rate, solver.iter + k))
+        return schedule, step
+
+    @staticmethod
+    def _advance(solver, step: int, losses) -> None:
+        """``solver`` after ``len(losses)`` iterations: its lr_policy step, each iteration's
+        loss for the display, ``iter`` moved on."""
+        solver.current_step = step
+        for k, loss in enumerate(losses):
+            solver._progress.loss.add_lazily(solver.iter + k, loss)
+        solver.iter += len(losses)
 
     def _free(self, solver, left: int) -> bool:
         """Whether the next ``chunk`` iterations may run as one call: none but the first is a

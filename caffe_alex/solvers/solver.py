@@ -106,10 +106,10 @@ class Solver:
     ``callbacks`` are called after each update (a captured chunk's: after its last) with
     (iteration, smoothed loss, rate, images per second), and may read the train net's blobs
     unless they say they do not (an attribute ``reads_blobs = False``, as the CLI's progress
-    bar: then the iterations between displays run only what the loss needs, and are
-    captured with ``compile``); ``start_hooks`` and
-    ``gradient_hooks`` (no arguments) where Caffe calls its callbacks' on_start (before the
-    forward passes) and on_gradients_ready (before the update).
+    bar: then the iterations between displays run only what the loss needs, and are captured
+    with ``compile``); ``start_hooks`` and ``gradient_hooks`` (no arguments) where Caffe
+    calls its callbacks' on_start (before the forward passes) and on_gradients_ready (before
+    the update).
     ``world`` (distributed.World): this solver is one rank of several (see the module's notes;
     coordination.Waiting(rank, size): that rank, to ``join`` its world later);
     ``precision`` ("fp32", "bf16", "fp16"), ``channels_last`` and ``compile`` (True or a
@@ -146,7 +146,6 @@ class Solver:
         self._captured = CapturedStep(self.train_net, self.update, compile) if captured else None
         self.iter = self.current_step = 0
         self.callbacks: list = []
-        self.pending: list = []  # batches a failed capture drew for the iterations after
         self.start_hooks: list = []
         self.gradient_hooks: list = []
         self._requests = Requests()
@@ -218,14 +217,14 @@ class Solver:
         display = self._progress.due(self.iter) and self.is_root
         watched = bool(left == 1 or self.start_hooks or self.gradient_hooks
                        or any(getattr(c, "reads_blobs", True) for c in self.callbacks))
-        rate = batch = None
+        rate, drawn = None, []
         if self._captured is not None and not (watched or display):
-            rate, batch = self._captured.run(self, left)
+            rate, drawn = self._captured.run(self, left)
             self._captured = None if rate is None else self._captured  # None: failed to compile
-        if rate is None:  # (``batch``: the one a failed capture drew, to run eagerly now)
-            rate = self._eager_step(display, watched, batch)
-            while self.pending:  # and those it drew for the iterations after (none is watched)
-                rate = self._eager_step(False, False, self.pending.pop(0))
+        if rate is None:  # eagerly: the feed's next batch, or those a failed capture drew
+            rate = self._eager_step(display, watched, drawn[0] if drawn else None)
+            for batch in drawn[1:]:  # (one iteration each; none of them is watched)
+                rate = self._eager_step(False, False, batch)
         if self.callbacks:  # (once for the iterations of a captured chunk: the last one's)
             seconds = (time.perf_counter() - began) / max(self.iter - first, 1)
             self._progress.notify(self.callbacks, self.iter, rate, seconds, self.ranks.size)
