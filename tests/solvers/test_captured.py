@@ -135,6 +135,21 @@ class CountingAotEager:
         return aot_autograd(fw_compiler=boxed_nop)(gm, example_inputs)
 
 
+class RefusesGraph(CountingAotEager):
+    """aot_eager that refuses the graph it is given ``n``-th (0: the first), as a backend
+    without a working compiler would; the others it runs."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+
+    def __call__(self, gm, example_inputs):
+        if self.count == self.n:
+            self.count += 1
+            raise RuntimeError(f"graph {self.n} refused")
+        return super().__call__(gm, example_inputs)
+
+
 def test_what_the_captured_step_does_not_fit_keeps_the_per_net_compile():
     def reason(net, solver, batches, **options):
         made = make_solver(net, solver, batches, compile="aot_eager", **options)
@@ -428,15 +443,8 @@ def test_a_chunk_that_fails_to_compile_leaves_its_iterations_to_the_single_step(
     trains the chunk's batches one step each, and no further chunk is tried."""
     from caffe_alex.log import get_logger
 
-    class RefusesChunks(CountingAotEager):
-        def __call__(self, gm, example_inputs):
-            if self.count == 1:
-                self.count += 1
-                raise RuntimeError("too large a graph")
-            return super().__call__(gm, example_inputs)
-
     text = 'type: "SGD" momentum: 0.9 base_lr: 0.05 weight_decay: 0.01 lr_policy: "fixed"'
-    single, refused = CountingAotEager(), RefusesChunks()
+    single, refused = CountingAotEager(), RefusesGraph(1)
     runs = [make_solver(MLP, text, _batches(12), compile=backend) for backend in (single, refused)]
     runs[0]._captured.chunk, runs[1]._captured.chunk = 0, 3
     warnings = []
@@ -472,18 +480,10 @@ def test_a_feed_that_runs_out_inside_a_chunk_trains_on_what_it_gave():
 def test_a_batch_that_fails_to_compile_inside_a_chunk_leaves_the_rest_to_the_eager_path():
     """Batch 5 has another shape: the chunk of 4-6 falls back to single steps, and the
     recompile for batch 5 fails: 5 and 6 (already drawn) train eagerly, nothing is lost."""
-
-    class RefusesThird(CountingAotEager):
-        def __call__(self, gm, example_inputs):
-            if self.count == 2:
-                self.count += 1
-                raise RuntimeError("no compiler for that shape")
-            return super().__call__(gm, example_inputs)
-
     batches = _batches(11)
     batches[5] = {"x": batches[5]["x"][:6], "label": batches[5]["label"][:6]}
     text = 'type: "SGD" momentum: 0.9 base_lr: 0.05 lr_policy: "fixed"'
-    solver = make_solver(MLP, text, batches, compile=RefusesThird())
+    solver = make_solver(MLP, text, batches, compile=RefusesGraph(2))
     solver._captured.chunk = 3
     solver.step(11)  # 0 alone, 1-3 a chunk, 4 alone, 5 fails to compile: 5-10 eagerly
     assert solver.iter == 11 and solver._captured is None
