@@ -196,12 +196,14 @@ class CapturedStep:
         are not alike (a feed given by hand may change shapes) or the chunk failed to compile
         (no more chunks then): nothing ran, the caller runs them one by one."""
         first = batches[0]
-        if not all(b.keys() == first.keys() and all(isinstance(b[t], torch.Tensor) and
-                                                     b[t].shape == first[t].shape for t in first)
-                   for b in batches):  # fmt: skip
+        keys = first.keys()
+        if not all(b.keys() == keys for b in batches):
+            return None
+        try:  # (tensors of one shape stack; others, or anything else, are refused by name)
+            stacked = {top: torch.stack([b[top] for b in batches]) for top in keys}
+        except (TypeError, RuntimeError):
             return None
         schedule, step = self._schedule(solver, len(batches))
-        stacked = {top: torch.stack([b[top] for b in batches]) for top in first}
         losses = self._call(self.compiled_chunk, self.chunks, "chunk", stacked,
                             self._local_rates(schedule))  # fmt: skip
         if losses is None:
@@ -209,7 +211,7 @@ class CapturedStep:
             return None
         self.chunks += 1
         solver._progress.see_batch(first)
-        self._advance(solver, step, losses.unbind())
+        self._advance(solver, step, losses)
         return schedule[-1][0]
 
     def _one(self, solver, batch: dict) -> float | None:
@@ -220,7 +222,7 @@ class CapturedStep:
         loss = self(batch, *schedule[0])
         if loss is None:
             return None
-        self._advance(solver, step, [loss])
+        self._advance(solver, step, loss)
         return schedule[0][0]
 
     @staticmethod
@@ -234,13 +236,12 @@ class CapturedStep:
         return schedule, step
 
     @staticmethod
-    def _advance(solver, step: int, losses) -> None:
-        """``solver`` after ``len(losses)`` iterations: its lr_policy step, each iteration's
-        loss for the display, ``iter`` moved on."""
+    def _advance(solver, step: int, losses: torch.Tensor) -> None:
+        """``solver`` after as many iterations as ``losses`` holds (one loss, or a chunk's row
+        of them): its lr_policy step, their losses for the display, ``iter`` moved on."""
         solver.current_step = step
-        for k, loss in enumerate(losses):
-            solver._progress.loss.add_lazily(solver.iter + k, loss)
-        solver.iter += len(losses)
+        solver._progress.loss.add_lazily(solver.iter, losses)
+        solver.iter += losses.numel()
 
     def _free(self, solver, left: int) -> bool:
         """Whether the next ``chunk`` iterations may run as one call: none but the first is a

@@ -30,18 +30,28 @@ class SmoothedLoss:
         self._pending: list = []
 
     def add_lazily(self, iteration: int, loss: torch.Tensor) -> None:
+        """The loss of ``iteration`` (a 0-d tensor), or of consecutive iterations from it (a
+        1-d tensor: a captured chunk's)."""
         self._pending.append((iteration, loss))
 
     def flush(self) -> None:
         """Read back the losses added lazily (one device sync for all of them)."""
-        if self._pending:
-            if len(self._pending) == 1:  # (each iteration, for a callback: one op, not three)
-                values = [self._pending[0][1].item()]
-            else:
-                values = torch.stack([loss for _, loss in self._pending]).cpu().tolist()
-            for (iteration, _), value in zip(self._pending, values):
-                self.add(f32(value), iteration)
-            self._pending = []
+        if not self._pending:
+            return
+        if len(self._pending) == 1 and self._pending[0][1].dim() == 0:
+            values = [self._pending[0][1].item()]  # (each iteration, for a callback: one op)
+        else:
+            losses = [loss for _, loss in self._pending]
+            if all(loss.dim() == 0 for loss in losses):
+                values = torch.stack(losses).cpu().tolist()
+            else:  # (a captured chunk's row among them)
+                values = torch.cat([loss.reshape(-1) for loss in losses]).cpu().tolist()
+        position = 0
+        for first, loss in self._pending:
+            for iteration in range(first, first + loss.numel()):
+                self.add(f32(values[position]), iteration)
+                position += 1
+        self._pending = []
 
     @property
     def value(self) -> float:

@@ -8,6 +8,8 @@ here is always a float32 value.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from ..errors import CaffeAlexError
@@ -31,8 +33,10 @@ def check_policy(param) -> None:
         raise CaffeAlexError("lr_policy 'poly' needs max_iter > 0")
 
 
+@functools.lru_cache(maxsize=256)
 def _times_power(base_lr: float, gamma: float, exponent: int) -> float:
-    # base_lr (float) * pow(float, int) (double) -> stored as float
+    # base_lr (float) * pow(float, int) (double) -> stored as float (remembered: a step or
+    # multistep rate is asked for at every iteration, a captured chunk's eight at once)
     return float(f32(float(f32(base_lr)) * float(f32(gamma)) ** exponent))
 
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from caffe_alex.errors import CaffeAlexError
+from caffe_alex.layers.inner_product import FUSED_PRODUCT_LIMIT
 from caffe_alex.net import Net
+from caffe_alex.tools.tracing import quiet_export, trace_net
 from tests.reference import compare_with_opencv, gradcheck_net, parse_net, randomize
 
 
@@ -106,3 +109,66 @@ def test_config_errors():
 @pytest.mark.parametrize("params", ["num_output: 3", "num_output: 3 axis: 2 transpose: true"])
 def test_gradcheck(params):
     gradcheck_net(ip_net(params, shape=(2, 2, 3)))
+
+
+class _Recorded:
+    """A torch.compile backend that keeps the traced graph's calls and runs it as it is."""
+
+    def __init__(self):
+        self.targets: list = []
+
+    def __call__(self, gm, example_inputs):
+        self.targets += [node.target for node in gm.graph.nodes
+                         if node.op in ("call_function", "call_method")]  # fmt: skip
+        return gm.forward
+
+
+def _compiled_forward_and_grads(text: str, shape):
+    net = Net(parse_net(text), "TEST")
+    randomize(net, seed=3)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    eager = net(data=x)["ip"]
+    eager_grads = torch.autograd.grad(eager.square().sum(), [x, *net.params["ip"]])
+    backend = _Recorded()
+    compiled = torch.compile(lambda data: net(data=data)["ip"], backend=backend, dynamic=False)
+    out = compiled(x)
+    grads = torch.autograd.grad(out.square().sum(), [x, *net.params["ip"]])
+    return (eager, eager_grads), (out, grads), backend.targets
+
+
+def _close_in_float32(got, want):
+    """Equal up to float32 sums taken in another order: a few ulps of the largest term."""
+    torch.testing.assert_close(got, want, rtol=0, atol=4e-6 * float(want.detach().abs().max()))
+
+
+@pytest.mark.parametrize("shape,params", CASES)
+def test_a_tiny_product_compiles_to_sums_of_products_with_the_same_numbers(shape, params):
+    """Inside torch.compile a product of at most FUSED_PRODUCT_LIMIT multiply-adds is traced as
+    a multiply and a sum (inductor fuses it with its neighbours instead of calling BLAS): the
+    same top and gradients as the eager layer within float32 rounding, every layout."""
+    (eager, eager_grads), (out, grads), targets = _compiled_forward_and_grads(
+        ip_net(params, shape), shape)  # fmt: skip
+    assert F.linear not in targets and "sum" in targets
+    for got, want in zip((out, *grads), (eager, *eager_grads)):
+        _close_in_float32(got, want)
+
+
+def test_a_larger_product_stays_a_matrix_product_when_compiled():
+    shape = (64, FUSED_PRODUCT_LIMIT // 64 // 8 + 1)  # 8 outputs: just over the limit
+    (eager, _), (out, _), targets = _compiled_forward_and_grads(ip_net("num_output: 8", shape),
+                                                                shape)  # fmt: skip
+    assert F.linear in targets
+    _close_in_float32(out, eager)
+    shape = (64, FUSED_PRODUCT_LIMIT // 64 // 8)  # at the limit
+    assert F.linear not in _compiled_forward_and_grads(ip_net("num_output: 8", shape), shape)[2]
+
+
+@pytest.mark.skipif(not hasattr(torch.compiler, "is_exporting"), reason="torch.export < 2.3")
+def test_an_exported_tiny_product_keeps_its_matrix_product():
+    """torch.export (ONNX's Gemm, the PyTorch source export) gets the product as a product."""
+    net = Net(parse_net(ip_net("num_output: 3", (2, 4))), "TEST")
+    with quiet_export():
+        program = trace_net(net, (torch.randn(2, 4),), False, ["ip"])
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert any("linear" in t or "addmm" in t for t in targets), targets
+    assert not any("aten.sum" in t for t in targets), targets

@@ -7,10 +7,13 @@ import io
 import logging
 import re
 
+import numpy as np
 import pytest
+import torch
 
 from caffe_alex.errors import CaffeAlexError
 from caffe_alex.log import setup_logging
+from caffe_alex.solvers.display import SmoothedLoss
 
 from .helpers import batches, make_solver, tiny_net
 
@@ -63,6 +66,26 @@ def test_smoothed_loss_is_caffes_running_mean(tmp_path):
     solver.step(4)
     shown = [float(v) for v in re.findall(r"\), loss = (\S+)", stream.getvalue())]
     assert shown == pytest.approx(losses, rel=1e-5)
+
+
+def test_smoothed_loss_reads_a_chunks_row_of_losses_as_its_iterations():
+    """A captured chunk adds its eight losses as one row: the mean is the same as for losses
+    added one by one, whatever mix of rows and single losses is pending at a flush."""
+    draws = np.random.default_rng(0).random(23).astype(np.float32)
+    one_by_one, mixed = SmoothedLoss(average=5), SmoothedLoss(average=5)
+    for i, loss in enumerate(draws):
+        one_by_one.add_lazily(i, torch.tensor(loss))
+        if i % 7 == 3:  # a read in the middle, as a display does
+            assert one_by_one.value
+    for first, count in [(0, 1), (1, 3), (4, 8), (12, 1), (13, 8), (21, 2)]:
+        row = torch.from_numpy(draws[first : first + count])
+        mixed.add_lazily(first, row if count > 1 else row[0])
+    assert mixed.value == one_by_one.value
+    single, reference = SmoothedLoss(average=3), SmoothedLoss(average=3)
+    single.add_lazily(0, torch.from_numpy(draws[:8]))  # a row alone at a flush
+    for i in range(8):
+        reference.add_lazily(i, torch.tensor(draws[i]))
+    assert single.value == reference.value != SmoothedLoss(average=3).value
 
 
 def test_stop_and_snapshot_requests(tmp_path):
