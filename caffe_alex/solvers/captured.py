@@ -7,7 +7,9 @@ per iteration in dispatch, autograd's engine and the update's bookkeeping, for a
 multiply-adds. Captured, forward, backward and update run as inductor's C++ without Python
 between the ops (0.17 ms per Solver iteration; a bare PyTorch loop takes 0.26), and where no
 blob is read between them ``CHUNK`` iterations run as one call of one graph, their batches
-stacked (0.06 ms: a compiled call's own ~0.1 ms is shared by eight). Convolution
+stacked (0.044 ms: a compiled call's own ~0.1 ms is shared by eight; a tiny inner product
+is traced as loops that inductor fuses with the loss and the update: inner_product.py, so
+logreg's chunk is one C++ kernel). Convolution
 and pooling nets lose that way (inductor's kernels against oneDNN's: LeNet 23 -> 40 ms,
 CIFAR-10 quick 110 -> 127 ms per iteration), so only nets of the layer types below are
 captured; others get the ``compile`` option's per-net forward (nets.py). Larger nets of those
