@@ -163,6 +163,7 @@ def test_a_larger_product_stays_a_matrix_product_when_compiled():
     assert F.linear not in _compiled_forward_and_grads(ip_net("num_output: 8", shape), shape)[2]
 
 
+@pytest.mark.slow  # torch.export: a second or two
 @pytest.mark.skipif(not hasattr(torch.compiler, "is_exporting"), reason="torch.export < 2.3")
 def test_an_exported_tiny_product_keeps_its_matrix_product():
     """torch.export (ONNX's Gemm, the PyTorch source export) gets the product as a product."""

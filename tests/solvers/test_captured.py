@@ -509,3 +509,36 @@ def test_a_callback_that_may_read_the_blobs_keeps_the_steps_eager():
     solver.step(6)
     assert solver._captured.calls == 0 and len(seen) == 6
     assert not torch.equal(seen[0], seen[1])  # each iteration's own
+
+
+class _AtenOps:
+    """aot_eager, keeping the aten ops of each graph it is given."""
+
+    def __init__(self):
+        self.graphs: list[set[str]] = []
+
+    def __call__(self, gm, example_inputs):
+        from torch._dynamo.backends.common import aot_autograd
+        from torch._dynamo.backends.debugging import boxed_nop
+
+        def keep(graph, inputs):
+            self.graphs.append({str(node.target) for node in graph.graph.nodes
+                                if node.op == "call_function"})  # fmt: skip
+            return boxed_nop(graph, inputs)
+
+        return aot_autograd(fw_compiler=keep)(gm, example_inputs)
+
+
+def test_a_small_nets_compiled_step_and_chunk_call_no_matrix_product():
+    """The step and the chunk of a net of tiny inner products hold no mm/addmm (a BLAS call
+    from inductor's Python wrapper, microseconds each): their products are traced as multiply
+    and sum (inner_product.py), which inductor fuses with the loss and the update."""
+    backend = _AtenOps()
+    solver = make_solver(MLP, 'base_lr: 0.1 momentum: 0.9 lr_policy: "fixed"', _batches(12),
+                         compile=backend)  # fmt: skip
+    solver.step(11)  # the single step compiled first, then a chunk of 8, then the last eagerly
+    assert solver._captured.calls == 2 and solver._captured.chunks == 1
+    assert len(backend.graphs) == 2
+    for ops in backend.graphs:
+        assert not any("mm" in op for op in ops), sorted(ops)
+        assert "aten.sum.dim_IntList" in ops
