@@ -79,4 +79,18 @@ def _fused_when_compiled(flat, weight) -> bool:
     probe = getattr(torch.compiler, "is_compiling", None)  # (missing before torch 2.3)
     if not (probe and probe()) or exporting() or flat.device.type != "cpu":
         return False
+    # (under autocast the product is bf16/fp16 like the eager layer's; so are mixed inputs)
+    if flat.dtype != weight.dtype or _cpu_autocast():
+        return False
     return flat.numel() * weight.shape[0] <= FUSED_PRODUCT_LIMIT
+
+
+def _cpu_autocast_probe():
+    try:
+        torch.is_autocast_enabled("cpu")  # (torch >= 2.4; before, no device argument)
+        return lambda: torch.is_autocast_enabled("cpu")
+    except TypeError:
+        return torch.is_autocast_cpu_enabled
+
+
+_cpu_autocast = _cpu_autocast_probe()

@@ -163,6 +163,17 @@ def test_a_larger_product_stays_a_matrix_product_when_compiled():
     assert F.linear not in _compiled_forward_and_grads(ip_net("num_output: 8", shape), shape)[2]
 
 
+def test_a_tiny_product_under_autocast_stays_the_autocast_product_when_compiled():
+    """bf16 autocast (the ``precision`` option): the compiled layer computes what the eager
+    one does, a bf16 matrix product, not a float32 sum."""
+    shape = (2, 3, 4, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (eager, _), (out, _), targets = _compiled_forward_and_grads(
+            ip_net("num_output: 7", shape), shape)  # fmt: skip
+    assert F.linear in targets and out.dtype == eager.dtype == torch.bfloat16
+    _close_in_float32(out.float(), eager.float())
+
+
 @pytest.mark.slow  # torch.export: a second or two
 @pytest.mark.skipif(not hasattr(torch.compiler, "is_exporting"), reason="torch.export < 2.3")
 def test_an_exported_tiny_product_keeps_its_matrix_product():
