@@ -64,25 +64,31 @@ class InnerProductLayer(CaffeLayer):
         weight = self.blobs[0].t() if self.transpose else self.blobs[0]
         bias = self.blobs[1] if self.bias_term else None
         flat = x.flatten(axis)
-        if _fused_when_compiled(flat, weight):
+        if _fused_when_compiled(flat, weight, bias):
             out = (flat.unsqueeze(-2) * weight).sum(-1)
             return out if bias is None else out + bias
         return F.linear(flat, weight, bias)
 
 
-def _fused_when_compiled(flat, weight) -> bool:
+def _fused_when_compiled(flat, weight, bias) -> bool:
     """Whether torch.compile traces a product small enough to compute as a sum of products
     (inductor fuses it with the ops around it, forward and backward, where ``linear`` is a call
     into BLAS costing microseconds before any arithmetic: a tiny net's captured step is a few
     such calls). On the CPU only, and never for torch.export (an exported graph keeps its
     matrix products: ONNX's Gemm, the source export's linear)."""
-    probe = getattr(torch.compiler, "is_compiling", None)  # (missing before torch 2.3)
-    if not (probe and probe()) or exporting() or flat.device.type != "cpu":
+    if not _compiling() or exporting() or flat.device.type != "cpu":
         return False
-    # (under autocast the product is bf16/fp16 like the eager layer's; so are mixed inputs)
-    if flat.dtype != weight.dtype or _cpu_autocast():
+    # float32/64 alike only: a half product would round each term (a backend that does not
+    # widen them as inductor does gives inf - inf), autocast's is bf16/fp16 like the eager
+    # layer's, and linear refuses mixed dtypes
+    if flat.dtype not in _SUMMED or not flat.dtype == weight.dtype == (
+            flat.dtype if bias is None else bias.dtype) or _cpu_autocast():  # fmt: skip
         return False
     return flat.numel() * weight.shape[0] <= FUSED_PRODUCT_LIMIT
+
+
+_SUMMED = (torch.float32, torch.float64)
+_compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)  # (torch < 2.3)
 
 
 def _cpu_autocast_probe():

@@ -38,8 +38,9 @@ class SmoothedLoss:
         """Read back the losses added lazily (one device sync for all of them)."""
         if not self._pending:
             return
-        if len(self._pending) == 1 and self._pending[0][1].dim() == 0:
-            values = [self._pending[0][1].item()]  # (each iteration, for a callback: one op)
+        if len(self._pending) == 1:  # (each iteration, for a callback; a chunk at a display)
+            loss = self._pending[0][1]
+            values = [loss.item()] if loss.dim() == 0 else loss.tolist()
         else:
             losses = [loss for _, loss in self._pending]
             if all(loss.dim() == 0 for loss in losses):

@@ -174,6 +174,17 @@ def test_a_tiny_product_under_autocast_stays_the_autocast_product_when_compiled(
     _close_in_float32(out.float(), eager.float())
 
 
+def test_a_half_precision_net_keeps_its_matrix_product_when_compiled():
+    """A net cast to bfloat16 by hand: each term of a bf16 sum of products would be rounded
+    (a backend that does not widen them, unlike inductor, can overflow), so the product
+    stays linear's."""
+    net = Net(parse_net(ip_net("num_output: 3", (2, 4))), "TEST").to(torch.bfloat16)
+    backend = _Recorded()
+    compiled = torch.compile(lambda data: net(data=data)["ip"], backend=backend, dynamic=False)
+    out = compiled(torch.randn(2, 4, dtype=torch.bfloat16))
+    assert F.linear in backend.targets and out.dtype == torch.bfloat16
+
+
 @pytest.mark.slow  # torch.export: a second or two
 @pytest.mark.skipif(not hasattr(torch.compiler, "is_exporting"), reason="torch.export < 2.3")
 def test_an_exported_tiny_product_keeps_its_matrix_product():

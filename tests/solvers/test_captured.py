@@ -536,7 +536,7 @@ def test_a_small_nets_compiled_step_and_chunk_call_no_matrix_product():
     backend = _AtenOps()
     solver = make_solver(MLP, 'base_lr: 0.1 momentum: 0.9 lr_policy: "fixed"', _batches(12),
                          compile=backend)  # fmt: skip
-    solver.step(11)  # the single step compiled first, then a chunk of 8, then the last eagerly
+    solver.step(11)  # a single step compiled first, a chunk of 8, a single step, the last eagerly
     assert solver._captured.calls == 2 and solver._captured.chunks == 1
     assert len(backend.graphs) == 2
     for ops in backend.graphs:
