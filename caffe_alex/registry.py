@@ -178,6 +178,15 @@ def count(shape: Sequence[int], start: int = 0, end: int | None = None) -> int:
     return result
 
 
+_is_compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)
+
+
+def compiling() -> bool:
+    """Whether torch.compile is tracing (torch.export too: it traces with dynamo). False on
+    torch versions without ``torch.compiler.is_compiling`` (before 2.3)."""
+    return _is_compiling()
+
+
 def exporting() -> bool:
     """Whether torch.export is tracing (layers then avoid what it cannot trace). False on torch
     versions without ``torch.compiler.is_exporting`` (before 2.3), which have no such export."""

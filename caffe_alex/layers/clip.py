@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import CaffeAlexError, LayerConfigError
-from ..registry import CaffeLayer, register
+from ..registry import CaffeLayer, compiling, register
 
 
 class _CaffeClip(torch.autograd.Function):
@@ -88,7 +88,7 @@ class ThresholdLayer(CaffeLayer):
         self.threshold = float(layer_param.threshold_param.threshold)
 
     def forward(self, x):
-        if torch.compiler.is_compiling():
+        if compiling():
             # a compiled graph cannot raise from its backward: there the gradient stops here,
             # as with propagate_down: false (eager mode raises, as Caffe aborts)
             return (x > self.threshold).to(x.dtype)

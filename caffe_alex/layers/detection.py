@@ -32,7 +32,7 @@ import torch
 from ..errors import CaffeAlexError, LayerConfigError
 from ..log import get_logger
 from ..proto import caffe_pb2
-from ..registry import CaffeLayer, register
+from ..registry import CaffeLayer, compiling, register
 from . import bbox
 
 _CODE = caffe_pb2.PriorBoxParameter
@@ -347,7 +347,7 @@ class DetectionOutputLayer(CaffeLayer):
         return [(1, 1, max(num * per_image, num), 7)]
 
     def forward(self, loc, conf, prior, image=None):
-        if torch.compiler.is_compiling():
+        if compiling():
             return self.detect(loc, conf, prior)
         return _NoBackward.apply(self, loc, conf, prior)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import CaffeAlexError, LayerConfigError
-from ..registry import CaffeLayer, exporting, register
+from ..registry import CaffeLayer, compiling, exporting, register
 
 
 class GatherRows(torch.autograd.Function):
@@ -52,9 +52,8 @@ class GatherRows(torch.autograd.Function):
 
 def tracing() -> bool:
     """Whether torch.compile or torch.export is tracing: range checks that read values on the
-    host are skipped then (``torch.compiler.is_compiling`` is missing before torch 2.3)."""
-    probe = getattr(torch.compiler, "is_compiling", None)
-    return bool(probe and probe()) or exporting()
+    host are skipped then."""
+    return compiling() or exporting()
 
 
 def first_bad(bad: torch.Tensor, values: torch.Tensor) -> tuple[int, float] | None:

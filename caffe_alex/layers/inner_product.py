@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LayerConfigError
-from ..registry import CaffeLayer, canonical_axis, count, exporting, register
+from ..registry import CaffeLayer, canonical_axis, compiling, count, exporting, register
 
 # Multiply-adds up to which a compiled graph computes the product as its own loops (fused with
 # what surrounds it) rather than calling BLAS: on a 2-core Xeon, a tiny product's forward and
@@ -76,7 +76,7 @@ def _fused_when_compiled(flat, weight, bias) -> bool:
     into BLAS costing microseconds before any arithmetic: a tiny net's captured step is a few
     such calls). On the CPU only, and never for torch.export (an exported graph keeps its
     matrix products: ONNX's Gemm, the source export's linear)."""
-    if not _compiling() or exporting() or flat.device.type != "cpu":
+    if not compiling() or exporting() or flat.device.type != "cpu":
         return False
     # float32/64 alike only: a half product would round each term (a backend that does not
     # widen them as inductor does gives inf - inf), autocast's is bf16/fp16 like the eager
@@ -88,7 +88,6 @@ def _fused_when_compiled(flat, weight, bias) -> bool:
 
 
 _SUMMED = (torch.float32, torch.float64)
-_compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)  # (torch < 2.3)
 
 
 def _cpu_autocast_probe():

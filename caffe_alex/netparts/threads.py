@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 
 from ..errors import CaffeAlexError
-from ..registry import Shape, exporting
+from ..registry import Shape, compiling, exporting
 from .plan import ParamInfo
 
 # A net whose every blob and learnable blob is under this many elements runs on one thread
@@ -46,8 +46,7 @@ def thread_block(one_thread: Callable[[], bool]) -> contextlib.AbstractContextMa
 
 
 def _compiling() -> bool:
-    probe = getattr(torch.compiler, "is_compiling", None)
-    return bool(probe and probe()) or exporting()
+    return compiling() or exporting()
 
 
 class _OneThread:
