@@ -192,3 +192,9 @@ def exporting() -> bool:
     versions without ``torch.compiler.is_exporting`` (before 2.3), which have no such export."""
     is_exporting = getattr(torch.compiler, "is_exporting", None)
     return bool(is_exporting and is_exporting())
+
+
+def tracing() -> bool:
+    """Whether torch.compile or torch.export is tracing: what reads values on the host (range
+    checks, Python-side fast paths) or changes the thread count is left out then."""
+    return compiling() or exporting()

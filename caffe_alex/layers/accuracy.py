@@ -7,8 +7,7 @@ import math
 import torch
 
 from ..errors import LayerConfigError
-from ..registry import CaffeLayer, canonical_axis, count, register
-from .indexing import tracing
+from ..registry import CaffeLayer, canonical_axis, count, register, tracing
 from .labels import DEBUG_ONLY, check_label_count, checked_targets, whole
 
 

@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LayerConfigError
-from ..registry import CaffeLayer, canonical_axis, register
-from .indexing import tracing
+from ..registry import CaffeLayer, canonical_axis, register, tracing
 
 _FIELDS = frozenset(
     "num_output bias_term pad kernel_size stride dilation pad_h pad_w kernel_h kernel_w stride_h "

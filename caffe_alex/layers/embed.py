@@ -19,8 +19,8 @@ import math
 import torch
 
 from ..errors import CaffeAlexError, LayerConfigError
-from ..registry import CaffeLayer, register
-from .indexing import GatherRows, first_bad, tracing
+from ..registry import CaffeLayer, register, tracing
+from .indexing import GatherRows, first_bad
 
 
 @register("Parameter")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import CaffeAlexError, LayerConfigError
-from ..registry import CaffeLayer, compiling, exporting, register
+from ..registry import CaffeLayer, register, tracing
 
 
 class GatherRows(torch.autograd.Function):
@@ -48,12 +48,6 @@ class GatherRows(torch.autograd.Function):
             grad = dy.new_zeros(ctx.table_shape)
             grad.index_add_(0, rows.reshape(-1), dy.reshape(-1, *ctx.table_shape[1:]))
         return grad, None, None, None
-
-
-def tracing() -> bool:
-    """Whether torch.compile or torch.export is tracing: range checks that read values on the
-    host are skipped then."""
-    return compiling() or exporting()
 
 
 def first_bad(bad: torch.Tensor, values: torch.Tensor) -> tuple[int, float] | None:

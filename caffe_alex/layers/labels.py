@@ -12,8 +12,7 @@ import math
 import torch
 
 from ..errors import CaffeAlexError, LayerConfigError
-from ..registry import CaffeLayer, canonical_axis, count
-from .indexing import tracing
+from ..registry import CaffeLayer, canonical_axis, count, tracing
 
 # What Caffe does about a label naming no class, for the message (check_labels' caffe_checks)
 DEBUG_ONLY = "Caffe checks this only in debug builds (DCHECK)"

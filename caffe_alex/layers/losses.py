@@ -19,8 +19,7 @@ import torch.nn.functional as F
 
 from ..errors import LayerConfigError
 from ..proto import caffe_pb2
-from ..registry import CaffeLayer, canonical_axis, count, register
-from .indexing import tracing
+from ..registry import CaffeLayer, canonical_axis, count, register, tracing
 from .labels import DEBUG_ONLY, check_batch, check_label_count, checked_targets, whole
 
 _Mode = caffe_pb2.LossParameter

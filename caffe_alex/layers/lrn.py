@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from ..errors import LayerConfigError
 from ..log import get_logger
 from ..proto import caffe_pb2
-from ..registry import CaffeLayer, register
-from .indexing import tracing
+from ..registry import CaffeLayer, register, tracing
 
 _LRN = caffe_pb2.LRNParameter
 

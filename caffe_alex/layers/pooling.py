@@ -14,8 +14,7 @@ import torch.nn.functional as F
 
 from ..errors import LayerConfigError
 from ..proto import caffe_pb2
-from ..registry import CaffeLayer, register
-from .indexing import tracing
+from ..registry import CaffeLayer, register, tracing
 
 _P = caffe_pb2.PoolingParameter
 _FLT_MAX = 3.4028234663852886e38  # Caffe starts every MAX window at -FLT_MAX

@@ -14,8 +14,8 @@ import math
 import torch
 
 from ..errors import CaffeAlexError, LayerConfigError
-from ..registry import CaffeLayer, register
-from .indexing import first_bad, tracing
+from ..registry import CaffeLayer, register, tracing
+from .indexing import first_bad
 
 # Elements gathered at once by ROIPooling (rois x bins x window x channels), bounding the
 # memory of one chunk whatever the number of rois: on a CPU a chunk that stays in cache was

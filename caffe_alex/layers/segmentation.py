@@ -17,8 +17,8 @@ import struct
 import torch
 
 from ..errors import CaffeAlexError, LayerConfigError
-from ..registry import CaffeLayer, register
-from .indexing import first_bad, tracing
+from ..registry import CaffeLayer, register, tracing
+from .indexing import first_bad
 
 
 def legacy_shape(shape, what: str = "bottom") -> tuple[int, int, int, int]:

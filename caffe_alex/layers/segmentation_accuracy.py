@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import CaffeAlexError, LayerConfigError
-from ..registry import CaffeLayer, register
-from .indexing import tracing
+from ..registry import CaffeLayer, register, tracing
 from .labels import whole
 
 

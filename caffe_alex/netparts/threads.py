@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 
 from ..errors import CaffeAlexError
-from ..registry import Shape, compiling, exporting
+from ..registry import Shape, tracing
 from .plan import ParamInfo
 
 # A net whose every blob and learnable blob is under this many elements runs on one thread
@@ -40,13 +40,9 @@ def is_small(blob_shapes: Mapping[str, Shape], param_infos: Iterable[ParamInfo])
 def thread_block(one_thread: Callable[[], bool]) -> contextlib.AbstractContextManager:
     """One thread for the block where ``one_thread()`` says so (asked only when it matters),
     else a block that changes nothing."""
-    if _compiling() or not one_thread() or torch.get_num_threads() == 1:
+    if tracing() or not one_thread() or torch.get_num_threads() == 1:
         return contextlib.nullcontext()  # (torch.compile and export trace no thread count)
     return _OneThread()
-
-
-def _compiling() -> bool:
-    return compiling() or exporting()
 
 
 class _OneThread:
