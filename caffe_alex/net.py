@@ -245,10 +245,10 @@ class Net(nn.Module):
         by_key = self._modules["layers"]._modules
         skipped = self._skipped
         for position in range(first, len(self._steps) if last is None else last + 1):
-            step = self._steps[position]
-            layer = by_key[step.key]
             if position in skipped:
                 continue
+            step = self._steps[position]
+            layer = by_key[step.key]
             if layer.is_source:
                 if call is not None:
                     call(position, layer, None)
