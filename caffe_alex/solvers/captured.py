@@ -114,8 +114,13 @@ class CapturedStep:
 
         self._compile_failed = BackendCompilerFailed
         backend = "inductor" if backend is True else backend  # (the compile option's value)
-        self.compiled = torch.compile(self._step, backend=backend, dynamic=False)
-        self.compiled_chunk = torch.compile(self._steps, backend=backend, dynamic=False)
+        # inductor's C++ wrapper: a call's buffers allocated and its kernel launched from C++,
+        # not Python (logreg's chunk: 60 -> 40 us per call; the same compile time)
+        options = {"cpp_wrapper": True} if backend == "inductor" else None
+        self.compiled = torch.compile(self._step, backend=backend, dynamic=False,
+                                      options=options)  # fmt: skip
+        self.compiled_chunk = torch.compile(self._steps, backend=backend, dynamic=False,
+                                            options=options)  # fmt: skip
         # dynamo traces torch.autograd.grad only when told to; set for the tracing alone
         self._tracing_config = torch._dynamo.config.patch(trace_autograd_ops=True)
         # a larger net's iteration is arithmetic: a call's ~0.1 ms is not worth a larger compile
