@@ -343,7 +343,8 @@ class DataFeed:
         }
         self._to_cuda = None
         self._producer = None
-        self._ahead: tuple[int, list] = (0, [])  # (position of the first, batches read ahead)
+        # (position of the first, batches read ahead, each top's whole array and batch size)
+        self._ahead: tuple[int, int, dict] = (0, 0, {})
         # in-process arrays on the CPU go from the source to the batch without the buffer
         self._direct = (
             bool(self.layers)
@@ -394,7 +395,7 @@ class DataFeed:
         producer, self._producer = getattr(self, "_producer", None), None
         if producer is not None:
             producer.close()
-        self._ahead = (0, [])
+        self._ahead = (0, 0, {})
 
     def __del__(self):
         self.close()
@@ -462,30 +463,53 @@ class DataFeed:
         buffer's path then names the record). Small batches of sources whose records stay
         put (HDF5Data) are read ``_ahead_count`` at a time, one fancy index per top for them
         all, and handed out as slices of those arrays (logreg: 50 -> 5 us per batch)."""
-        first, batches = self._ahead
+        first, count, wholes = self._ahead
         index = self.position - first
-        if not 0 <= index < len(batches):
-            batches = self._read(self._ahead_count)
-            if batches is None and self._ahead_count > 1:  # a row of another shape ahead
-                batches = self._read(1)
-            if batches is None:
+        if not 0 <= index < count:
+            ahead = self._read(self._ahead_count)
+            if ahead is None and self._ahead_count > 1:  # a row of another shape ahead
+                ahead = self._read(1)
+            if ahead is None:
                 return None
-            self._ahead, index = (self.position, batches), 0
-        return batches[index]
+            self._ahead, index = ahead, 0
+            _, count, wholes = ahead
+        if count == 1:
+            return {top: whole for top, (whole, _) in wholes.items()}
+        return {top: whole[index * size : (index + 1) * size]
+                for top, (whole, size) in wholes.items()}  # fmt: skip
 
-    def _read(self, count: int) -> list[dict[str, torch.Tensor]] | None:
-        """Batches position .. position + count - 1 from the sources at once (see above)."""
-        batches = [{} for _ in range(count)]
+    def take(self, count: int) -> dict[str, torch.Tensor] | None:
+        """The next ``count`` batches at once, each top's stacked on a new first axis (count
+        x batch x ...: views of what the direct path read ahead, no copy), for a caller that
+        trains on them together (the captured step's chunk); None where they do not come
+        that way (the buffer's path, or rows that do not read whole): nothing is taken then,
+        and ``next`` hands them out one by one."""
+        if not self._direct or not 0 < count <= self._ahead_count:
+            return None
+        first, ahead_count, wholes = self._ahead
+        index = self.position - first
+        if not (0 <= index and index + count <= ahead_count):  # (read afresh from here)
+            ahead = self._read(self._ahead_count)
+            if ahead is None:
+                return None
+            self._ahead, index, wholes = ahead, 0, ahead[2]
+        taken = {top: whole[index * size : (index + count) * size].view(count, size,
+                                                                         *whole.shape[1:])
+                 for top, (whole, size) in wholes.items()}  # fmt: skip
+        self.position += count
+        return taken
+
+    def _read(self, count: int) -> tuple[int, int, dict] | None:
+        """Batches position .. position + count - 1 from the sources at once (see above):
+        (that position, count, each top's whole array of them and its batch size)."""
+        wholes = {}
         for layer in self.layers:
             got = layer.whole_batch(self.position, self.rank, self.world_size, count)
             if got is None:
                 return None
-            size = layer.batch
             for top, values in zip(layer.tops, got):
-                whole = torch.from_numpy(values)
-                for i, batch in enumerate(batches):  # (count 1: the array itself)
-                    batch[top] = whole if count == 1 else whole[i * size : (i + 1) * size]
-        return batches
+                wholes[top] = (torch.from_numpy(values), layer.batch)
+        return self.position, count, wholes
 
     def _move(self, views: dict) -> dict[str, torch.Tensor]:
         """The buffer's arrays on the feed's device (on a CPU: views of the buffer itself)."""

@@ -48,6 +48,8 @@ CAPTURED_TYPES = frozenset({
 RULES = ("SGD", "Nesterov", "AdaGrad", "RMSProp", "Adam")  # (AdaDelta keeps its own loop)
 # Iterations per compiled call where nothing reads the blobs between them (see ``run``)
 CHUNK = 8
+# Chunks run in a row without returning to the Solver's loop (its callbacks hear of the last)
+RUN_CHUNKS = 16
 
 
 def why_not_captured(param, net, device, precision, ranks, layerwise: bool) -> str | None:
@@ -85,6 +87,24 @@ def captures(solver, layerwise: bool) -> bool:
         return False
     log.info("compile: the training step is captured whole (forward, backward, update)")
     return True
+
+
+def _stacked(batches: list[dict]) -> dict | None:
+    """Each top's batches stacked on a new first axis; None where they are not alike (a feed
+    given by hand may change keys or shapes)."""
+    keys = batches[0].keys()
+    if not all(b.keys() == keys for b in batches):
+        return None
+    try:  # (tensors of one shape stack; others, or anything else, are refused by name)
+        return {top: torch.stack([b[top] for b in batches]) for top in keys}
+    except (TypeError, RuntimeError):
+        return None
+
+
+def _unstacked(stacked: dict) -> list[dict]:
+    """The batches of ``stacked``, one dict each (views)."""
+    count = len(next(iter(stacked.values())))
+    return [{top: t[k] for top, t in stacked.items()} for k in range(count)]
 
 
 class CapturedStep:
@@ -174,50 +194,56 @@ class CapturedStep:
         """Iterations of ``solver`` (the Solver training ``net``) through the captured step:
         the batch from its feed, the rate of its schedule, the loss for its display, ``iter``
         moved on; ``chunk`` of them in one call where the ``left`` iterations of its ``step``
-        allow it (see ``_free``), else one. Returns the last rate and no batch; or, where a
-        step failed to compile, no rate and the batches it drew but did not train on (the
-        caller trains them eagerly, one iteration each)."""
-        if self.calls and self._free(solver, left):  # (a single step compiled first)
-            batches, feed = [], solver.feeds["train"]
-            try:
-                while len(batches) < self.chunk:
-                    batches.append(next(feed))
-            except StopIteration:  # a feed given by hand ran out: train on what it gave first
-                for batch in batches:
-                    self._one(solver, batch)
-                raise
-            rate = self._chunk(solver, batches)
-            if rate is not None:
+        allow it (see ``_free``), and up to ``RUN_CHUNKS`` such calls in a row while nothing
+        falls between them that the Solver's loop must see (a display, a test pass, a
+        snapshot, a request, the end of the step); else one iteration. Returns the last rate
+        and no batch; or, where a step failed to compile, no rate and the batches it drew
+        but did not train on (the caller trains them eagerly, one iteration each)."""
+        if not (self.calls and self._free(solver, left)):  # (a single step compiled first)
+            batch = next(solver.feeds["train"])
+            rate = self._one(solver, batch)
+            return rate, [] if rate is not None else [batch]
+        feed = solver.feeds["train"]
+        for _ in range(RUN_CHUNKS):
+            count = self.chunk
+            stacked, batches = feed.take(count), None  # (read ahead together: views)
+            if stacked is None:
+                batches = []
+                try:
+                    while len(batches) < count:
+                        batches.append(next(feed))
+                except StopIteration:  # a feed given by hand ran out: train on what it gave
+                    for batch in batches:
+                        self._one(solver, batch)
+                    raise
+                stacked = _stacked(batches)
+            rate = self._chunk(solver, stacked) if stacked is not None else None
+            if rate is None:  # one by one
+                batches = batches if batches is not None else _unstacked(stacked)
+                for k, batch in enumerate(batches):
+                    rate = self._one(solver, batch)
+                    if rate is None:  # a shape that failed to compile: the rest go eagerly
+                        return None, batches[k:]
                 return rate, []
-            for k, batch in enumerate(batches):  # one by one
-                rate = self._one(solver, batch)
-                if rate is None:  # a shape that failed to compile: the rest go eagerly
-                    return None, batches[k:]
-            return rate, []
-        batch = next(solver.feeds["train"])
-        rate = self._one(solver, batch)
-        return rate, [] if rate is not None else [batch]
+            left -= count
+            if not self._free(solver, left, after_chunk=True):
+                break
+        return rate, []
 
-    def _chunk(self, solver, batches: list[dict]) -> float | None:
-        """``batches`` trained on in one call; the last iteration's rate, or None where they
-        are not alike (a feed given by hand may change shapes) or the chunk failed to compile
-        (no more chunks then): nothing ran, the caller runs them one by one."""
-        first = batches[0]
-        keys = first.keys()
-        if not all(b.keys() == keys for b in batches):
-            return None
-        try:  # (tensors of one shape stack; others, or anything else, are refused by name)
-            stacked = {top: torch.stack([b[top] for b in batches]) for top in keys}
-        except (TypeError, RuntimeError):
-            return None
-        schedule, step = self._schedule(solver, len(batches))
+    def _chunk(self, solver, stacked: dict) -> float | None:
+        """The batches of ``stacked`` (each top's stacked on a new first axis) trained on in
+        one call; the last iteration's rate, or None where the chunk failed to compile (no
+        more chunks then): nothing ran, the caller runs them one by one."""
+        count = len(next(iter(stacked.values())))
+        schedule, step = self._schedule(solver, count)
         losses = self._call(self.compiled_chunk, self.chunks, "chunk", stacked,
                             self._local_rates(schedule))  # fmt: skip
         if losses is None:
             self.chunk = 0
             return None
         self.chunks += 1
-        solver._progress.see_batch(first)
+        if solver._progress.batch_size is None:
+            solver._progress.see_batch({top: t[0] for top, t in stacked.items()})
         self._advance(solver, step, losses)
         return schedule[-1][0]
 
@@ -250,16 +276,19 @@ class CapturedStep:
         solver._progress.loss.add_lazily(solver.iter, losses)
         solver.iter += losses.numel()
 
-    def _free(self, solver, left: int) -> bool:
+    def _free(self, solver, left: int, after_chunk: bool = False) -> bool:
         """Whether the next ``chunk`` iterations may run as one call: none but the first is a
         display, a test pass or the last of the step (its blobs are read after it), none but
-        the last is followed by a snapshot (callbacks hear of the chunk's last iteration)."""
+        the last is followed by a snapshot (callbacks hear of the chunk's last iteration).
+        ``after_chunk``: straight after another chunk, without the Solver's loop between
+        them, so the first of them must be free too, and no request (a signal's stop or
+        snapshot) waiting."""
         chunk, first = self.chunk, solver.iter
-        if chunk < 2 or left <= chunk:
+        if chunk < 2 or left <= chunk or (after_chunk and solver._requests.pending):
             return False
         snapshot, progress, tests = solver.param.snapshot, solver._progress, solver._tests
         return not any(progress.due(j) or tests.due(j) or (snapshot and j % snapshot == 0)
-                       for j in range(first + 1, first + chunk))  # fmt: skip
+                       for j in range(first + 1 - after_chunk, first + chunk))  # fmt: skip
 
     def _steps(self, batches: dict, rates: torch.Tensor) -> torch.Tensor:
         """``len(rates)`` steps in a row, step k on row k of each stacked batch."""

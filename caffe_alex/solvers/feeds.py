@@ -104,6 +104,16 @@ class TrackedFeed:
         self.batches += 1
         return batch
 
+    def take(self, count: int) -> dict | None:
+        """The next ``count`` batches stacked (DataFeed.take) where the feed made here gives
+        them that way; else None, nothing taken."""
+        feed = self._open()
+        take = getattr(feed, "take", None) if self.owned else None
+        taken = take(count) if take is not None else None
+        if taken is not None:
+            self.batches += count
+        return taken
+
     def where(self, item: int) -> str | None:
         """The record behind item ``item`` of the last batch (None for a feed given by hand)."""
         where = getattr(self.feed, "where", None)

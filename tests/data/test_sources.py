@@ -186,6 +186,37 @@ def test_hdf5_data_with_several_files(tmp_path):
             np.testing.assert_array_equal(batch["data"].numpy(), rows[order].astype(np.float32))
 
 
+def test_take_gives_the_next_batches_stacked_as_next_gives_them(tmp_path):
+    """DataFeed.take(n) (the captured step's chunk) hands out what n calls of next would,
+    stacked: across the ends of what was read ahead, from any position, and next carries on
+    after it; where it cannot (more than is read ahead, the buffer's path) it takes nothing."""
+    rng = np.random.default_rng(0)
+    path = write_h5(tmp_path / "a.h5", rng.normal(size=(50, 2, 3)), np.arange(50.0))
+    (tmp_path / "list.txt").write_text(path + "\n")
+    text = f"""layer {{ name: "h" type: "HDF5Data" top: "data" top: "label"
+      hdf5_data_param {{ source: "{tmp_path / "list.txt"}" batch_size: 4 }} }}"""
+    net = Net(parse_net(text), "TRAIN")
+    taking, reference = make_feed(net, seed=0, workers=0), make_feed(net, seed=0, workers=0)
+    taking._ahead_count = reference._ahead_count = 7  # (64 batches of these fit in 1 MiB)
+    for count in (3, 5, 1, 7, 2, 6, 4, 7, 7):  # 42 batches: the 50 rows wrap round
+        if count == 1:
+            batch = next(taking)
+            assert torch.equal(batch["label"], next(reference)["label"])
+            continue
+        taken = taking.take(count)
+        assert taken["data"].shape == (count, 4, 2, 3) and taken["label"].shape == (count, 4)
+        for k in range(count):
+            batch = next(reference)
+            for top in ("data", "label"):
+                assert torch.equal(taken[top][k], batch[top])
+        assert taking.position == reference.position
+    assert taking.take(8) is None and taking.position == reference.position
+    assert torch.equal(next(taking)["data"], next(reference)["data"])
+    buffered = make_feed(net, seed=0, workers=1)  # (through the workers' buffer)
+    assert buffered.take(2) is None and buffered.position == 0
+    buffered.close()
+
+
 def test_memory_data_set_input_arrays():
     text = """layer { name: "m" type: "MemoryData" top: "data" top: "label"
       memory_data_param { batch_size: 2 channels: 1 height: 2 width: 3 } }"""

@@ -393,6 +393,9 @@ def test_chunks_train_as_single_steps_and_stop_where_the_solver_looks(tmp_path):
     # test pass, a snapshot or a step's end
     assert chunked._captured.chunks == 2 and single._captured.chunks == 0
     assert chunked.iter == single.iter == 35
+    # the chunks' batches were taken from the HDF5 feed stacked (DataFeed.take), and counted
+    for feed in (chunked.feeds["train"], single.feeds["train"]):
+        assert feed.batches == feed.feed.position == 35
     # callbacks hear of each iteration done (a chunk: once, after its last) with the same figures
     assert [it for it, *_ in single_heard] == list(range(1, 36))
     assert [it for it, *_ in chunked_heard] == [1, 2, 5, 6, 7] + list(range(10, 36))
@@ -420,6 +423,54 @@ def test_chunks_train_as_single_steps_and_stop_where_the_solver_looks(tmp_path):
         np.testing.assert_array_equal(ours, reference)
     for ours, reference in zip(chunked.rule.history, single.rule.history):
         np.testing.assert_array_equal(ours.numpy(), reference.numpy())
+
+
+def test_chunks_run_in_a_row_until_the_solver_must_look_or_a_request_waits(monkeypatch):
+    """Chunks follow each other without the Solver's loop between them (its callbacks hear
+    of the last), up to RUN_CHUNKS of them, with the numbers of single steps; a request
+    (here asked while the feed draws a batch, as a signal may) ends the row after the chunk
+    under way, and the Solver honours it there."""
+    from caffe_alex.solvers import captured
+
+    text = 'type: "SGD" momentum: 0.9 base_lr: 0.05 weight_decay: 0.01 lr_policy: "fixed"'
+    runs = [make_solver(MLP, text, _batches(40), compile=CountingAotEager()) for _ in range(2)]
+    single, chunked = runs
+    single._captured.chunk, chunked._captured.chunk = 0, 3
+    heard = {id(solver): [] for solver in runs}
+    for solver in runs:
+        hear = heard[id(solver)].append
+        solver.callbacks.append(lambda it, *_, hear=hear: hear(it))
+        solver.callbacks[-1].reads_blobs = False
+        solver.step(31)
+    # iteration 0 alone (compiled first); 1-27 as nine chunks in one row; 28 and 29 alone
+    # (a chunk must leave the step's last, 30, which runs eagerly)
+    assert chunked._captured.chunks == 9 and chunked.iter == single.iter == 31
+    assert heard[id(chunked)] == [1, 28, 29, 30, 31]
+    assert heard[id(single)] == list(range(1, 32))
+    for ours, reference in zip(_params(chunked), _params(single)):
+        np.testing.assert_array_equal(ours, reference)
+
+    monkeypatch.setattr(captured, "RUN_CHUNKS", 2)  # rows of two chunks
+    solver = make_solver(MLP, text, _batches(40), compile=CountingAotEager())
+    solver._captured.chunk = 3
+    its = []
+    solver.callbacks.append(lambda it, *_: its.append(it))
+    solver.callbacks[-1].reads_blobs = False
+    solver.step(20)
+    assert its == [1, 7, 13, 19, 20]  # rows 1-6, 7-12, 13-18; the last eagerly
+
+    def asking(batches, at):  # a feed that asks for a stop while it hands out batch ``at``
+        for k, batch in enumerate(batches):
+            if k == at:
+                solver.request("stop")
+            yield batch
+
+    monkeypatch.setattr(captured, "RUN_CHUNKS", 16)
+    solver = make_solver(MLP, text, asking(_batches(40), 10), compile=CountingAotEager())
+    solver._captured.chunk = 3
+    solver.step(31)
+    # batch 10 is drawn by the chunk of iterations 10-12: the stop is taken after it
+    assert solver.iter == 13 and solver._captured.chunks == 4
 
 
 def _blobs(path) -> list[list[float]]:
