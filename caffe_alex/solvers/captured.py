@@ -89,6 +89,19 @@ def captures(solver, layerwise: bool) -> bool:
     return True
 
 
+def _due_within(due, interval: int, start: int, stop: int) -> bool:
+    """Whether ``due(j)`` for an iteration j in [start, stop), where ``due`` holds at most at
+    the multiples of ``interval`` (0: never)."""
+    interval = abs(interval)  # (j % -n == 0 where j % n == 0: a negative one counts alike)
+    if not interval:
+        return False
+    return any(due(j) for j in range(-(-start // interval) * interval, stop, interval))
+
+
+def _always(iteration: int) -> bool:
+    return True
+
+
 def _stacked(batches: list[dict]) -> dict | None:
     """Each top's batches stacked on a new first axis; None where they are not alike (a feed
     given by hand may change keys or shapes)."""
@@ -159,13 +172,13 @@ class CapturedStep:
         Adam's times its bias correction at the iteration), one row per (rate, iteration) of
         ``schedule``, as a tensor: a rate that changes (lr_policy, Adam's correction) is an
         input, not a recompile."""
-        rows = []
-        for rate, iteration in schedule:
-            correction = f32(1)
-            if self.kind == "Adam":
+        if self.kind == "Adam":
+            rows = []
+            for rate, iteration in schedule:
                 self.rule.iter = iteration
-                correction = f32(self.rule.correction())
-            rows.append((rate, correction))
+                rows.append((rate, f32(self.rule.correction())))
+        else:
+            rows = [(rate, 1.0) for rate, _ in schedule]
         key = tuple(rows)
         if key not in self._rates:
             if len(self._rates) > 4:  # (an Adam or a changing rate: each chunk its own)
@@ -262,10 +275,16 @@ class CapturedStep:
     def _schedule(solver, count: int) -> tuple[list[tuple[float, int]], int]:
         """(rate, iteration) of ``solver``'s next ``count`` iterations, and its lr_policy step
         after them."""
-        schedule, step = [], solver.current_step
+        param, first, step = solver.param, solver.iter, solver.current_step
+        if param.lr_policy in ("fixed", "step"):  # a rate monotone in the iteration (gamma >= 0):
+            rate, _ = learning_rate(param, first, step)  # one rate where both ends have it
+            last, last_step = learning_rate(param, first + count - 1, step)
+            if last == rate:
+                return [(rate, first + k) for k in range(count)], last_step
+        schedule = []
         for k in range(count):
-            rate, step = learning_rate(solver.param, solver.iter + k, step)
-            schedule.append((rate, solver.iter + k))
+            rate, step = learning_rate(param, first + k, step)
+            schedule.append((rate, first + k))
         return schedule, step
 
     @staticmethod
@@ -286,9 +305,10 @@ class CapturedStep:
         chunk, first = self.chunk, solver.iter
         if chunk < 2 or left <= chunk or (after_chunk and solver._requests.pending):
             return False
-        snapshot, progress, tests = solver.param.snapshot, solver._progress, solver._tests
-        return not any(progress.due(j) or tests.due(j) or (snapshot and j % snapshot == 0)
-                       for j in range(first + 1 - after_chunk, first + chunk))  # fmt: skip
+        param, start, stop = solver.param, first + 1 - after_chunk, first + chunk
+        return not (_due_within(solver._progress.due, param.display, start, stop)
+                    or _due_within(solver._tests.due, param.test_interval, start, stop)
+                    or _due_within(_always, param.snapshot, start, stop))  # fmt: skip
 
     def _steps(self, batches: dict, rates: torch.Tensor) -> torch.Tensor:
         """``len(rates)`` steps in a row, step k on row k of each stacked batch."""
