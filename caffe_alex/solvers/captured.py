@@ -100,6 +100,17 @@ def _due_within(due, interval: int, start: int, stop: int) -> bool:
     return any(due(j) for j in range(-(-start // interval) * interval, stop, interval))
 
 
+def _next_due(due, interval: int, start: int, stop: int) -> int:
+    """The first iteration j in [start, stop) with ``due(j)`` (``due`` holds at most at the
+    multiples of ``interval``, 0: never); ``stop`` where none."""
+    interval = abs(interval)
+    if interval:
+        for j in range(-(-start // interval) * interval, stop, interval):
+            if due(j):
+                return j
+    return stop
+
+
 def _always(iteration: int) -> bool:
     return True
 
@@ -162,6 +173,7 @@ class CapturedStep:
         self.chunk = chunk if net.one_thread() else 0
         self.calls = self.chunks = 0  # compiled calls made: single steps, chunks
         self._rates: dict = {}  # the rates tensors lately used, by their values
+        self._active: dict = {}  # a chunk's row mask, by the rows it runs
 
     def __call__(self, batch: dict, rate: float, iteration: int = 0) -> torch.Tensor | None:
         rates = self._local_rates([(rate, iteration)])
@@ -183,7 +195,7 @@ class CapturedStep:
             rows = [(rate, 1.0) for rate, _ in schedule]
         key = tuple(rows)
         if key not in self._rates:
-            if len(self._rates) > 4:  # (an Adam or a changing rate: each chunk its own)
+            if len(self._rates) > 16:  # (an Adam or a changing rate: each chunk its own)
                 self._rates.clear()
             blobs = range(len(self.update.params))
             self._rates[key] = (torch.tensor([[float(f32(self.rule.local_rate(i, rate)) * c)
@@ -208,19 +220,21 @@ class CapturedStep:
     def run(self, solver, left: int = 1) -> tuple[float | None, list[dict]]:
         """Iterations of ``solver`` (the Solver training ``net``) through the captured step:
         the batch from its feed, the rate of its schedule, the loss for its display, ``iter``
-        moved on; ``chunk`` of them in one call where the ``left`` iterations of its ``step``
-        allow it (see ``_free``), and up to ``RUN_CHUNKS`` such calls in a row while nothing
-        falls between them that the Solver's loop must see (a display, a test pass, a
-        snapshot, a request, the end of the step); else one iteration. Returns the last rate
-        and no batch; or, where a step failed to compile, no rate and the batches it drew
-        but did not train on (the caller trains them eagerly, one iteration each)."""
-        if not (self.calls and self._free(solver, left)):  # (a single step compiled first)
+        moved on. On a small net (``chunk`` > 1) as chunks: up to ``chunk`` iterations per
+        call, as many as the ``left`` iterations of its ``step`` and the next display, test
+        pass or snapshot allow (see ``_window``; a chunk cut short has its rows after them
+        masked: they change nothing), and up to ``RUN_CHUNKS`` such calls in a row while
+        nothing falls between them that the Solver's loop must see (those, a request, the
+        end of the step); else one iteration. Returns the last rate and no batch; or, where
+        a step failed to compile, no rate and the batches it drew but did not train on (the
+        caller trains them eagerly, one iteration each)."""
+        count = self._window(solver, left)
+        if not count:
             batch = next(solver.feeds["train"])
             rate = self._one(solver, batch)
             return rate, [] if rate is not None else [batch]
         feed = solver.feeds["train"]
         for _ in range(RUN_CHUNKS):
-            count = self.chunk
             stacked, batches = feed.take(count), None  # (read ahead together: views)
             if stacked is None:
                 batches = []
@@ -232,7 +246,7 @@ class CapturedStep:
                         self._one(solver, batch)
                     raise
                 stacked = _stacked(batches)
-            rate = self._chunk(solver, stacked) if stacked is not None else None
+            rate = self._chunk(solver, stacked, count) if stacked is not None else None
             if rate is None:  # one by one
                 batches = batches if batches is not None else _unstacked(stacked)
                 for k, batch in enumerate(batches):
@@ -241,26 +255,35 @@ class CapturedStep:
                         return None, batches[k:]
                 return rate, []
             left -= count
-            if not self._free(solver, left, after_chunk=True):
+            count = self._window(solver, left, after_chunk=True)
+            if not count:
                 break
         return rate, []
 
-    def _chunk(self, solver, stacked: dict) -> float | None:
-        """The batches of ``stacked`` (each top's stacked on a new first axis) trained on in
-        one call; the last iteration's rate, or None where the chunk failed to compile (no
-        more chunks then): nothing ran, the caller runs them one by one."""
-        count = len(next(iter(stacked.values())))
+    def _chunk(self, solver, stacked: dict, count: int) -> float | None:
+        """The ``count`` batches of ``stacked`` (each top's stacked on a new first axis)
+        trained on in one call, in rows of ``chunk`` (the rows after ``count`` masked); the
+        last iteration's rate, or None where the chunk failed to compile (no more chunks
+        then): nothing ran, the caller runs them one by one."""
+        chunk = self.chunk
         schedule, step = self._schedule(solver, count)
+        if count < chunk:  # (the last batch and rate again in the masked rows)
+            stacked = {top: torch.cat([t, t[-1:].expand(chunk - count, *t.shape[1:])])
+                       for top, t in stacked.items()}  # fmt: skip
+            schedule = schedule + [schedule[-1]] * (chunk - count)
+        active = self._active.get(count)
+        if active is None:
+            active = self._active[count] = torch.arange(chunk) < count
         losses = self._call(self.compiled_chunk, self.chunks, "chunk", stacked,
-                            self._local_rates(schedule))  # fmt: skip
+                            self._local_rates(schedule), active)  # fmt: skip
         if losses is None:
             self.chunk = 0
             return None
         self.chunks += 1
         if solver._progress.batch_size is None:
             solver._progress.see_batch({top: t[0] for top, t in stacked.items()})
-        self._advance(solver, step, losses)
-        return schedule[-1][0]
+        self._advance(solver, step, losses[:count] if count < chunk else losses)
+        return schedule[count - 1][0]
 
     def _one(self, solver, batch: dict) -> float | None:
         """``batch`` trained on by the single step; its rate, or None where it failed to
@@ -297,28 +320,35 @@ class CapturedStep:
         solver._progress.loss.add_lazily(solver.iter, losses)
         solver.iter += losses.numel()
 
-    def _free(self, solver, left: int, after_chunk: bool = False) -> bool:
-        """Whether the next ``chunk`` iterations may run as one call: none but the first is a
-        display, a test pass or the last of the step (its blobs are read after it), none but
-        the last is followed by a snapshot (callbacks hear of the chunk's last iteration).
-        ``after_chunk``: straight after another chunk, without the Solver's loop between
-        them, so the first of them must be free too, and no request (a signal's stop or
-        snapshot) waiting."""
+    def _window(self, solver, left: int, after_chunk: bool = False) -> int:
+        """How many iterations from ``solver.iter`` the next chunk may run (0: none, a single
+        step or the Solver's loop): up to ``chunk``, leaving the last of the ``left``
+        iterations of the step (its blobs are read after it), ending where a display, a test
+        pass or a snapshot is due (the iteration before it, or the one after which it is
+        taken, is a chunk's last). ``after_chunk``: straight after another chunk, without the
+        Solver's loop between them, so the first of them must be free too, and no request
+        (a signal's stop or snapshot) waiting."""
         chunk, first = self.chunk, solver.iter
-        if chunk < 2 or left <= chunk or (after_chunk and solver._requests.pending):
-            return False
-        param, start, stop = solver.param, first + 1 - after_chunk, first + chunk
-        return not (_due_within(solver._progress.due, param.display, start, stop)
-                    or _due_within(solver._tests.due, param.test_interval, start, stop)
-                    or _due_within(_always, param.snapshot, start, stop))  # fmt: skip
+        if chunk < 2 or left < 2 or (after_chunk and solver._requests.pending):
+            return 0
+        param = solver.param
+        events = ((solver._progress.due, param.display), (solver._tests.due, param.test_interval),
+                  (_always, param.snapshot))  # fmt: skip
+        if after_chunk and any(_due_within(due, n, first, first + 1) for due, n in events):
+            return 0
+        stop = min(first + chunk, first + left - 1)
+        for due, interval in events:  # (the first iteration after ``first`` with one due)
+            stop = min(stop, _next_due(due, interval, first + 1, stop))
+        return stop - first
 
-    def _steps(self, batches: dict, rates: torch.Tensor) -> torch.Tensor:
-        """``len(rates)`` steps in a row, step k on row k of each stacked batch."""
-        losses = [self._step({top: t[k] for top, t in batches.items()}, rates[k])
+    def _steps(self, batches: dict, rates: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """``len(rates)`` steps in a row, step k on row k of each stacked batch; a step whose
+        ``active`` is False changes nothing (a chunk cut short)."""
+        losses = [self._step({top: t[k] for top, t in batches.items()}, rates[k], active[k])
                   for k in range(len(rates))]  # fmt: skip
         return torch.stack(losses)
 
-    def _step(self, batch: dict, rates: torch.Tensor) -> torch.Tensor:
+    def _step(self, batch: dict, rates: torch.Tensor, active=None) -> torch.Tensor:
         params = self.update.params
         learned = [i for i, p in enumerate(params) if p.requires_grad]
         loss = self.net.run(dict(batch))
@@ -332,8 +362,23 @@ class CapturedStep:
             for i, (param, grad) in enumerate(zip(params, grads)):
                 if decays[i]:
                     grad = grad + decays[i] * (param if l2 else torch.sign(param))
-                param.sub_(self._update(i, grad, rates[i]))
+                if active is None:
+                    param.sub_(self._update(i, grad, rates[i]))
+                    continue
+                # a masked row: the rule's histories put back and nothing subtracted
+                held = self._histories(i)
+                before = [h.clone() for h in held]
+                change = torch.where(active, self._update(i, grad, rates[i]), 0.0)
+                for h, old in zip(held, before):
+                    h.copy_(torch.where(active, h, old))
+                param.sub_(change)
         return loss.detach()
+
+    def _histories(self, i: int) -> list[torch.Tensor]:
+        """What the rule's update of blob ``i`` changes besides the blob (_update)."""
+        if self.kind == "Adam":
+            return [self.rule.history[i], self.rule.second(i)]
+        return [self.rule.history[i]]
 
     def _update(self, i: int, grad: torch.Tensor, rate: torch.Tensor) -> torch.Tensor:
         """Caffe's ComputeUpdateValue of blob ``i`` (its history updated in place)."""

@@ -208,8 +208,7 @@ class Solver:
         False when training stops here. ``left``: iterations left in this ``step``, the last
         of which Python may read the blobs of (engines.py's ``skip_blobs``)."""
         began, first = time.perf_counter(), self.iter
-        for info in self.train_net.param_infos:  # ClearParamDiffs
-            info.param.grad = None
+        self._clear_diffs()
         if self._tests.due(self.iter) and not self._test_and_agree():
             return False
         for hook in self.start_hooks:
@@ -224,6 +223,7 @@ class Solver:
         if rate is None:  # eagerly: the feed's next batch, or those a failed capture drew
             rate = self._eager_step(display, watched, drawn[0] if drawn else None)
             for batch in drawn[1:]:  # (one iteration each; none of them is watched)
+                self._clear_diffs()  # (each its own gradients, not the last one's added)
                 rate = self._eager_step(False, False, batch)
         if self.callbacks:  # (once for the iterations of a captured chunk: the last one's)
             seconds = (time.perf_counter() - began) / max(self.iter - first, 1)
@@ -233,6 +233,11 @@ class Solver:
             self.snapshot()
         self._requests.early_exit = self._requests.early_exit or stop
         return not stop
+
+    def _clear_diffs(self) -> None:
+        """Caffe's ClearParamDiffs: the next backward starts from no gradient."""
+        for info in self.train_net.param_infos:
+            info.param.grad = None
 
     def _eager_step(self, display: bool, watched: bool, batch=None) -> float:
         """Forward, backward and update of one iteration, eagerly (on ``batch`` when given,

@@ -68,12 +68,13 @@ def test_captured_step_compiles_once_and_gives_the_eager_numbers():
     captured._captured.chunk = 3
     eager.step(24)
     captured.step(24)
-    # displays at 0, 5, 10, 15, 20 and the last iteration run eagerly; iteration 1 alone,
-    # then chunks of 3 where no display falls inside (2-4, 6-8, 11-13, 16-18) and single
-    # steps between: two graphs for all of them although the rate changed every iteration
+    # displays at 0, 5, 10, 15, 20 and the last iteration run eagerly; the others as chunks
+    # of up to 3 that end before a display (1-3 and 4, 6-8 and 9, ..., 21-22; a chunk cut
+    # short has its last rows masked): one graph for all of them, although the rate changed
+    # every iteration, and no single step
     step = captured._captured
-    assert (step.calls, step.chunks) == (6, 4)
-    assert counters["stats"]["unique_graphs"] - graphs_before == 2
+    assert (step.calls, step.chunks) == (0, 9)
+    assert counters["stats"]["unique_graphs"] - graphs_before == 1
     assert captured.iter == eager.iter == 24
     for ours, reference in zip(_params(captured), _params(eager)):
         np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-6)
@@ -103,9 +104,9 @@ def test_each_captured_rule_compiles_to_the_eager_rules_numbers(rule):
     step.chunk = 3
     eager.step(12)
     captured.step(12)
-    # iteration 0 alone (compiled first), 1-3, 4-6 and 7-9 as chunks, 10 alone, 11 eagerly
-    # (the last of the step): two graphs, Adam's correction a row per iteration in a chunk
-    assert (step.calls, step.chunks, graphs.count) == (2, 3, 2)
+    # 0-2, 3-5 and 6-8 as chunks, 9-10 as one cut short (its third row masked), 11 eagerly
+    # (the last of the step): one graph, Adam's correction a row per iteration in a chunk
+    assert (step.calls, step.chunks, graphs.count) == (0, 4, 1)
     for ours, reference in zip(_params(captured), _params(eager)):
         np.testing.assert_allclose(ours, reference, rtol=2e-5, atol=1e-6)
     for history, reference in zip(captured.rule.history, eager.rule.history):
@@ -389,16 +390,19 @@ def test_chunks_train_as_single_steps_and_stop_where_the_solver_looks(tmp_path):
         runs[chunk] = (solver, lines, sorted(p.name for p in folder.glob("snap*")), heard)
     (single, single_log, single_files, single_heard), (chunked, chunked_log, chunked_files,
                                                        chunked_heard) = runs.values()  # fmt: skip
-    # chunks of 3 fit at iterations 2-4 and 7-9 only: each later window meets a display, a
-    # test pass, a snapshot or a step's end
-    assert chunked._captured.chunks == 2 and single._captured.chunks == 0
+    # every iteration but the displays and a step's last runs in a chunk of up to 3 that
+    # ends before a display, a test pass, a snapshot or a step's end (1-3 and 4, 6, 7-9, 11,
+    # 12-13, 14, ...; those cut short have their last rows masked): no single step
+    assert (chunked._captured.chunks, chunked._captured.calls) == (15, 0)
+    assert single._captured.chunks == 0
     assert chunked.iter == single.iter == 35
     # the chunks' batches were taken from the HDF5 feed stacked (DataFeed.take), and counted
     for feed in (chunked.feeds["train"], single.feeds["train"]):
         assert feed.batches == feed.feed.position == 35
     # callbacks hear of each iteration done (a chunk: once, after its last) with the same figures
     assert [it for it, *_ in single_heard] == list(range(1, 36))
-    assert [it for it, *_ in chunked_heard] == [1, 2, 5, 6, 7] + list(range(10, 36))
+    assert [it for it, *_ in chunked_heard] == [1, 5, 6, 7, 10, 11, 12, 14, 15, 16, 18, 20, 21,
+                                                22, 23, 24, 25, 26, 28, 30, 31, 32, 34, 35]
     assert set(chunked_heard) <= set(single_heard)
     assert chunked_log == single_log
     for blob in ("data", "ip", "loss"):  # the last iteration's, as Python reads them
@@ -442,10 +446,11 @@ def test_chunks_run_in_a_row_until_the_solver_must_look_or_a_request_waits(monke
         solver.callbacks.append(lambda it, *_, hear=hear: hear(it))
         solver.callbacks[-1].reads_blobs = False
         solver.step(31)
-    # iteration 0 alone (compiled first); 1-27 as nine chunks in one row; 28 and 29 alone
-    # (a chunk must leave the step's last, 30, which runs eagerly)
-    assert chunked._captured.chunks == 9 and chunked.iter == single.iter == 31
-    assert heard[id(chunked)] == [1, 28, 29, 30, 31]
+    # 0-29 as ten chunks in one row (a chunk must leave the step's last, 30, which runs
+    # eagerly)
+    assert chunked._captured.chunks == 10 and chunked._captured.calls == 0
+    assert chunked.iter == single.iter == 31
+    assert heard[id(chunked)] == [30, 31]
     assert heard[id(single)] == list(range(1, 32))
     for ours, reference in zip(_params(chunked), _params(single)):
         np.testing.assert_array_equal(ours, reference)
@@ -457,7 +462,7 @@ def test_chunks_run_in_a_row_until_the_solver_must_look_or_a_request_waits(monke
     solver.callbacks.append(lambda it, *_: its.append(it))
     solver.callbacks[-1].reads_blobs = False
     solver.step(20)
-    assert its == [1, 7, 13, 19, 20]  # rows 1-6, 7-12, 13-18; the last eagerly
+    assert its == [6, 12, 18, 19, 20]  # rows 0-5, 6-11, 12-17; 18 alone; the last eagerly
 
     def asking(batches, at):  # a feed that asks for a stop while it hands out batch ``at``
         for k, batch in enumerate(batches):
@@ -469,8 +474,8 @@ def test_chunks_run_in_a_row_until_the_solver_must_look_or_a_request_waits(monke
     solver = make_solver(MLP, text, asking(_batches(40), 10), compile=CountingAotEager())
     solver._captured.chunk = 3
     solver.step(31)
-    # batch 10 is drawn by the chunk of iterations 10-12: the stop is taken after it
-    assert solver.iter == 13 and solver._captured.chunks == 4
+    # batch 10 is drawn by the chunk of iterations 9-11: the stop is taken after it
+    assert solver.iter == 12 and solver._captured.chunks == 4
 
 
 def _blobs(path) -> list[list[float]]:
@@ -481,12 +486,12 @@ def _blobs(path) -> list[list[float]]:
 
 
 def test_a_chunk_that_fails_to_compile_leaves_its_iterations_to_the_single_step():
-    """The backend refuses the chunk's graph (the second it is given): the solver warns once,
+    """The backend refuses the chunk's graph (the first it is given): the solver warns once,
     trains the chunk's batches one step each, and no further chunk is tried."""
     from caffe_alex.log import get_logger
 
     text = 'type: "SGD" momentum: 0.9 base_lr: 0.05 weight_decay: 0.01 lr_policy: "fixed"'
-    single, refused = CountingAotEager(), RefusesGraph(1)
+    single, refused = CountingAotEager(), RefusesGraph(0)
     runs = [make_solver(MLP, text, _batches(12), compile=backend) for backend in (single, refused)]
     runs[0]._captured.chunk, runs[1]._captured.chunk = 0, 3
     warnings = []
@@ -501,6 +506,7 @@ def test_a_chunk_that_fails_to_compile_leaves_its_iterations_to_the_single_step(
     assert [w for w in warnings if "chunk failed to compile" in w] == [warnings[0]]
     step = runs[1]._captured
     assert (step.chunk, step.chunks, step.calls, refused.count) == (0, 0, 11, 2)
+    assert runs[0]._captured.calls == 11
     for ours, reference in zip(_params(runs[1]), _params(runs[0])):
         np.testing.assert_array_equal(ours, reference)
 
@@ -520,16 +526,21 @@ def test_a_feed_that_runs_out_inside_a_chunk_trains_on_what_it_gave():
 
 
 def test_a_batch_that_fails_to_compile_inside_a_chunk_leaves_the_rest_to_the_eager_path():
-    """Batch 5 has another shape: the chunk of 4-6 falls back to single steps, and the
-    recompile for batch 5 fails: 5 and 6 (already drawn) train eagerly, nothing is lost."""
+    """Batch 4 has another shape: the chunk of 3-5 falls back to single steps, and the
+    recompile for batch 4 fails: 4 and 5 (already drawn) train eagerly, each on its own
+    gradients, nothing is lost."""
     batches = _batches(11)
-    batches[5] = {"x": batches[5]["x"][:6], "label": batches[5]["label"][:6]}
+    batches[4] = {"x": batches[4]["x"][:6], "label": batches[4]["label"][:6]}
     text = 'type: "SGD" momentum: 0.9 base_lr: 0.05 lr_policy: "fixed"'
+    eager = make_solver(MLP, text, list(batches))
     solver = make_solver(MLP, text, batches, compile=RefusesGraph(2))
     solver._captured.chunk = 3
-    solver.step(11)  # 0 alone, 1-3 a chunk, 4 alone, 5 fails to compile: 5-10 eagerly
+    eager.step(11)
+    solver.step(11)  # 0-2 a chunk, 3 alone, 4 fails to compile: 4-10 eagerly
     assert solver.iter == 11 and solver._captured is None
     assert solver.feeds["train"].batches == 11  # every batch drawn was trained on
+    for ours, reference in zip(_params(solver), _params(eager)):
+        np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-6)
 
 
 def test_a_hand_given_batch_with_a_stray_key_is_refused_by_name():
@@ -576,10 +587,13 @@ def test_a_small_nets_compiled_step_and_chunk_call_no_matrix_product():
     from inductor's Python wrapper, microseconds each): their products are traced as multiply
     and sum (inner_product.py), which inductor fuses with the loss and the update."""
     backend = _AtenOps()
-    solver = make_solver(MLP, 'base_lr: 0.1 momentum: 0.9 lr_policy: "fixed"', _batches(12),
-                         compile=backend)  # fmt: skip
-    solver.step(11)  # a single step compiled first, a chunk of 8, a single step, the last eagerly
-    assert solver._captured.calls == 2 and solver._captured.chunks == 1
+    runs = [make_solver(MLP, 'base_lr: 0.1 momentum: 0.9 lr_policy: "fixed"', _batches(12),
+                        compile=backend) for _ in range(2)]  # fmt: skip
+    runs[1]._captured.chunk = 0  # (single steps: their own graph)
+    for solver in runs:
+        solver.step(11)  # 0-7 and 8-9 as chunks, or 0-9 one by one; the last eagerly
+    assert (runs[0]._captured.chunks, runs[0]._captured.calls) == (2, 0)
+    assert (runs[1]._captured.chunks, runs[1]._captured.calls) == (0, 10)
     assert len(backend.graphs) == 2
     for ops in backend.graphs:
         assert not any("mm" in op for op in ops), sorted(ops)
