@@ -22,8 +22,9 @@ Like every ``compile``, not Caffe's exact float32 steps: inductor fuses the upda
 multiply-adds (an ulp apart from the eager path per step) and Dropout draws from its own
 generator. Iterations whose blobs Python reads (a display, the last of a ``step``, hooks) and
 test passes run the net eagerly, so ``net.blobs`` and the display show what they always show;
-a chunk ends before them and before a snapshot, so the log, the snapshots and their iterations
-are those of single steps. A stop or snapshot asked by a signal is seen after the chunk under
+a chunk ends before them and before a snapshot (one cut short runs its last rows masked, so
+a small net needs no single-step graph), so the log, the snapshots and their iterations are
+those of single steps. A stop or snapshot asked by a signal is seen after the chunk under
 way (up to seven iterations, a fraction of a millisecond, later).
 """
 
@@ -139,9 +140,9 @@ class CapturedStep:
     ``batch`` at learning rate ``rate``; returns the loss (detached), or None where the step
     failed to compile (nothing ran). Compiled at the first call.
 
-    ``run(solver, left)`` runs ``chunk`` iterations in one call where none of them is read
-    (a display, a test pass, a snapshot or the last of the ``step`` between them): the
-    batches stacked, the steps unrolled into one graph. One call costs some 40 us before any
+    ``run(solver, left)`` runs up to ``chunk`` iterations in one call where none of them is
+    read (a display, a test pass, a snapshot or the last of the ``step`` between them): the
+    batches stacked, the steps unrolled into one graph, rows past the iterations run masked. One call costs some 40 us before any
     arithmetic (dynamo's frame and guards, AOTAutograd's wrapper, the buffers inductor's
     wrapper allocates); ``chunk`` iterations share it."""
 
