@@ -142,9 +142,9 @@ class CapturedStep:
 
     ``run(solver, left)`` runs up to ``chunk`` iterations in one call where none of them is
     read (a display, a test pass, a snapshot or the last of the ``step`` between them): the
-    batches stacked, the steps unrolled into one graph, rows past the iterations run masked. One call costs some 40 us before any
-    arithmetic (dynamo's frame and guards, AOTAutograd's wrapper, the buffers inductor's
-    wrapper allocates); ``chunk`` iterations share it."""
+    batches stacked, the steps unrolled into one graph, rows past the iterations run masked.
+    One call costs some 40 us before any arithmetic (dynamo's frame and guards, AOTAutograd's
+    wrapper, the buffers inductor's wrapper allocates); ``chunk`` iterations share it."""
 
     def __init__(self, net, update, backend=True, chunk: int = CHUNK):
         self.net, self.update, self.rule = net, update, update.rule
@@ -174,7 +174,7 @@ class CapturedStep:
         self.chunk = chunk if net.one_thread() else 0
         self.calls = self.chunks = 0  # compiled calls made: single steps, chunks
         self._rates: dict = {}  # the rates tensors lately used, by their values
-        self._active: dict = {}  # a chunk's row mask, by the rows it runs
+        self._active: dict = {}  # a chunk's row mask, by its length and the rows it runs
 
     def __call__(self, batch: dict, rate: float, iteration: int = 0) -> torch.Tensor | None:
         rates = self._local_rates([(rate, iteration)])
@@ -234,8 +234,8 @@ class CapturedStep:
             batch = next(solver.feeds["train"])
             rate = self._one(solver, batch)
             return rate, [] if rate is not None else [batch]
-        feed = solver.feeds["train"]
-        for _ in range(RUN_CHUNKS):
+        feed, rate = solver.feeds["train"], None
+        for _ in range(max(RUN_CHUNKS, 1)):
             stacked, batches = feed.take(count), None  # (read ahead together: views)
             if stacked is None:
                 batches = []
@@ -272,9 +272,9 @@ class CapturedStep:
             stacked = {top: torch.cat([t, t[-1:].expand(chunk - count, *t.shape[1:])])
                        for top, t in stacked.items()}  # fmt: skip
             schedule = schedule + [schedule[-1]] * (chunk - count)
-        active = self._active.get(count)
+        active = self._active.get((chunk, count))
         if active is None:
-            active = self._active[count] = torch.arange(chunk) < count
+            active = self._active[chunk, count] = torch.arange(chunk) < count
         losses = self._call(self.compiled_chunk, self.chunks, "chunk", stacked,
                             self._local_rates(schedule), active)  # fmt: skip
         if losses is None:

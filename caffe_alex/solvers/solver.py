@@ -103,7 +103,8 @@ class Solver:
     ``solve()`` runs to max_iter (``resume`` = a .solverstate to continue from), ``step(n)``
     runs n iterations, ``test(i)`` scores test net i, ``snapshot()`` / ``restore(path)`` write
     and read the state; ``request("stop" | "snapshot")`` is honoured between iterations;
-    ``callbacks`` are called after each update (a captured chunk's: after its last) with
+    ``callbacks`` are called after each update (captured chunks in a row: after the row's
+    last, up to 128 iterations; a stop they request is honoured there) with
     (iteration, smoothed loss, rate, images per second), and may read the train net's blobs
     unless they say they do not (an attribute ``reads_blobs = False``, as the CLI's progress
     bar: then the iterations between displays run only what the loss needs, and are captured

@@ -86,6 +86,21 @@ def test_captured_step_compiles_once_and_gives_the_eager_numbers():
     assert set(captured.train_net.blobs) >= {"h1", "out", "loss"}
 
 
+@pytest.mark.subprocess  # inductor compiles the C++ in worker processes
+def test_a_dropout_net_is_captured_by_inductors_cpp_wrapper():
+    """Dropout's random draws inside the C++ wrapper inductor generates for the captured step:
+    the chunk compiles (no fallback to single steps or the eager path) and trains."""
+    solver = make_solver(_type_net("Dropout"), 'base_lr: 0.1 momentum: 0.9 lr_policy: "fixed"',
+                         _batches(20, features=6), compile=True)  # fmt: skip
+    first = _params(solver)
+    solver.step(19)
+    step = solver._captured
+    assert step is not None and step.chunk > 1 and step.chunks >= 2 and step.calls == 0
+    assert solver.iter == 19 and np.isfinite(solver._progress.loss.value)
+    for after, before in zip(_params(solver), first):
+        assert np.isfinite(after).all() and not np.array_equal(after, before)
+
+
 @pytest.mark.parametrize("rule", [
     'type: "SGD" momentum: 0.9',
     'type: "AdaGrad" delta: 1e-6',
