@@ -134,6 +134,30 @@ def _unstacked(stacked: dict) -> list[dict]:
     return [{top: t[k] for top, t in stacked.items()} for k in range(count)]
 
 
+def schedule_of(solver, count: int) -> tuple[list[tuple[float, int]], int]:
+    """(rate, iteration) of ``solver``'s next ``count`` iterations, and its lr_policy step
+    after them."""
+    param, first, step = solver.param, solver.iter, solver.current_step
+    if param.lr_policy in ("fixed", "step"):  # a rate monotone in the iteration (gamma >= 0):
+        rate, _ = learning_rate(param, first, step)  # one rate where both ends have it
+        last, last_step = learning_rate(param, first + count - 1, step)
+        if last == rate:
+            return [(rate, first + k) for k in range(count)], last_step
+    schedule = []
+    for k in range(count):
+        rate, step = learning_rate(param, first + k, step)
+        schedule.append((rate, first + k))
+    return schedule, step
+
+
+def advance(solver, step: int, losses: torch.Tensor) -> None:
+    """``solver`` after as many iterations as ``losses`` holds (one loss, or a chunk's row
+    of them): its lr_policy step, their losses for the display, ``iter`` moved on."""
+    solver.current_step = step
+    solver._progress.loss.add_lazily(solver.iter, losses)
+    solver.iter += losses.numel()
+
+
 class CapturedStep:
     """``step(batch, rate, iteration)``: one training iteration of ``update``'s net (forward,
     backward, Caffe's regularisation and its rule's update of every learnable blob) on
@@ -236,17 +260,7 @@ class CapturedStep:
             return rate, [] if rate is not None else [batch]
         feed, rate = solver.feeds["train"], None
         for _ in range(max(RUN_CHUNKS, 1)):
-            stacked, batches = feed.take(count), None  # (read ahead together: views)
-            if stacked is None:
-                batches = []
-                try:
-                    while len(batches) < count:
-                        batches.append(next(feed))
-                except StopIteration:  # a feed given by hand ran out: train on what it gave
-                    for batch in batches:
-                        self._one(solver, batch)
-                    raise
-                stacked = _stacked(batches)
+            stacked, batches = self._draw(solver, feed, count)
             rate = self._chunk(solver, stacked, count) if stacked is not None else None
             if rate is None:  # one by one
                 batches = batches if batches is not None else _unstacked(stacked)
@@ -261,13 +275,29 @@ class CapturedStep:
                 break
         return rate, []
 
+    def _draw(self, solver, feed, count: int) -> tuple[dict | None, list[dict] | None]:
+        """The next ``count`` batches: (stacked, None) where the feed hands them out read
+        ahead together (views), else (stacked or None where they do not stack, the list)."""
+        stacked = feed.take(count)
+        if stacked is not None:
+            return stacked, None
+        batches = []
+        try:
+            while len(batches) < count:
+                batches.append(next(feed))
+        except StopIteration:  # a feed given by hand ran out: train on what it gave first
+            for batch in batches:
+                self._one(solver, batch)
+            raise
+        return _stacked(batches), batches
+
     def _chunk(self, solver, stacked: dict, count: int) -> float | None:
         """The ``count`` batches of ``stacked`` (each top's stacked on a new first axis)
         trained on in one call, in rows of ``chunk`` (the rows after ``count`` masked); the
         last iteration's rate, or None where the chunk failed to compile (no more chunks
         then): nothing ran, the caller runs them one by one."""
         chunk = self.chunk
-        schedule, step = self._schedule(solver, count)
+        schedule, step = schedule_of(solver, count)
         if count < chunk:  # (the last batch and rate again in the masked rows)
             stacked = {top: torch.cat([t, t[-1:].expand(chunk - count, *t.shape[1:])])
                        for top, t in stacked.items()}  # fmt: skip
@@ -283,43 +313,19 @@ class CapturedStep:
         self.chunks += 1
         if solver._progress.batch_size is None:
             solver._progress.see_batch({top: t[0] for top, t in stacked.items()})
-        self._advance(solver, step, losses[:count] if count < chunk else losses)
+        advance(solver, step, losses[:count] if count < chunk else losses)
         return schedule[count - 1][0]
 
     def _one(self, solver, batch: dict) -> float | None:
         """``batch`` trained on by the single step; its rate, or None where it failed to
         compile (nothing ran)."""
         solver._progress.see_batch(batch)
-        schedule, step = self._schedule(solver, 1)
+        schedule, step = schedule_of(solver, 1)
         loss = self(batch, *schedule[0])
         if loss is None:
             return None
-        self._advance(solver, step, loss)
+        advance(solver, step, loss)
         return schedule[0][0]
-
-    @staticmethod
-    def _schedule(solver, count: int) -> tuple[list[tuple[float, int]], int]:
-        """(rate, iteration) of ``solver``'s next ``count`` iterations, and its lr_policy step
-        after them."""
-        param, first, step = solver.param, solver.iter, solver.current_step
-        if param.lr_policy in ("fixed", "step"):  # a rate monotone in the iteration (gamma >= 0):
-            rate, _ = learning_rate(param, first, step)  # one rate where both ends have it
-            last, last_step = learning_rate(param, first + count - 1, step)
-            if last == rate:
-                return [(rate, first + k) for k in range(count)], last_step
-        schedule = []
-        for k in range(count):
-            rate, step = learning_rate(param, first + k, step)
-            schedule.append((rate, first + k))
-        return schedule, step
-
-    @staticmethod
-    def _advance(solver, step: int, losses: torch.Tensor) -> None:
-        """``solver`` after as many iterations as ``losses`` holds (one loss, or a chunk's row
-        of them): its lr_policy step, their losses for the display, ``iter`` moved on."""
-        solver.current_step = step
-        solver._progress.loss.add_lazily(solver.iter, losses)
-        solver.iter += losses.numel()
 
     def _window(self, solver, left: int, after_chunk: bool = False) -> int:
         """How many iterations from ``solver.iter`` the next chunk may run (0: none, a single

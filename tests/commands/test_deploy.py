@@ -216,9 +216,12 @@ def test_detector_boxes_json_table_csv(ssd_files):
     rows = raw_detections(ssd_files, street)
     scores = np.sort(rows[0, 0, :, 2])[::-1]
     assert rows.shape[-1] == 7 and len(scores) > 5
-    threshold = float(scores[4] + scores[5]) / 2  # the five best boxes
+    # the five best boxes, or as many more as tie with the fifth (the flat-coloured image
+    # gives boxes equal scores, and which ones tie depends on the CPU's kernels)
+    best = next(k for k in range(5, len(scores)) if scores[k - 1] > scores[k])
+    threshold = float(scores[best - 1] + scores[best]) / 2
     want = expected_boxes(rows, 150, 200, threshold)
-    assert len(want) == 5
+    assert len(want) == best
     result = run_ssd(ssd_files, "--threshold", threshold, "--format", "json", street)
     assert result.exit_code == 0, result.output
     [entry] = json.loads(result.stdout)
@@ -228,7 +231,7 @@ def test_detector_boxes_json_table_csv(ssd_files):
     assert got == want  # the same blob: equal to the last bit, through the JSON text
     assert [b["name"] for b in entry["boxes"]] == [VOC[b[0]] for b in want]
     table = run_ssd(ssd_files, "--threshold", threshold, street).stdout.splitlines()
-    assert table[0] == f"{street}  (200 x 150): 5 box(es)"
+    assert table[0] == f"{street}  (200 x 150): {best} box(es)"
     assert table[1].split() == ["label", "name", "score", "xmin", "ymin", "xmax", "ymax"]
     for line, box in zip(table[2:], want):
         label, name, score, *corners = line.split()
