@@ -30,6 +30,8 @@ way (up to seven iterations, a fraction of a millisecond, later).
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import torch
 
@@ -116,6 +118,16 @@ def _always(iteration: int) -> bool:
     return True
 
 
+def _own_code(method):
+    """``method`` bound to a copy of its function's code: dynamo keeps its graphs per code
+    object and recompiles one at most ``recompile_limit`` (8) times, so every captured step
+    sharing ``_step``'s code would leave the ninth solver of a process uncompiled."""
+    func = method.__func__
+    own = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__,
+                             func.__defaults__, func.__closure__)  # fmt: skip
+    return types.MethodType(own, method.__self__)
+
+
 def _stacked(batches: list[dict]) -> dict | None:
     """Each top's batches stacked on a new first axis; None where they are not alike (a feed
     given by hand may change keys or shapes)."""
@@ -188,10 +200,10 @@ class CapturedStep:
         # inductor's C++ wrapper: a call's buffers allocated and its kernel launched from C++,
         # not Python (logreg's chunk: 60 -> 40 us per call; the same compile time)
         options = {"cpp_wrapper": True} if backend == "inductor" else None
-        self.compiled = torch.compile(self._step, backend=backend, dynamic=False,
+        self.compiled = torch.compile(_own_code(self._step), backend=backend, dynamic=False,
                                       options=options)  # fmt: skip
-        self.compiled_chunk = torch.compile(self._steps, backend=backend, dynamic=False,
-                                            options=options)  # fmt: skip
+        self.compiled_chunk = torch.compile(_own_code(self._steps), backend=backend,
+                                            dynamic=False, options=options)  # fmt: skip
         # dynamo traces torch.autograd.grad only when told to; set for the tracing alone
         self._tracing_config = torch._dynamo.config.patch(trace_autograd_ops=True)
         # a larger net's iteration is arithmetic: a call's ~0.1 ms is not worth a larger compile

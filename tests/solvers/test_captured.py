@@ -597,6 +597,23 @@ class _AtenOps:
         return aot_autograd(fw_compiler=keep)(gm, example_inputs)
 
 
+@pytest.mark.slow
+def test_every_solver_of_a_process_gets_its_own_compiled_step():
+    """Dynamo recompiles a code object at most recompile_limit times (8; 2 here, to keep the
+    test short): were the captured steps of every solver one code, the solver after the
+    limit would run its chunks uncompiled."""
+    text = 'base_lr: 0.1 momentum: 0.9 lr_policy: "fixed"'
+    config = torch._dynamo.config  # (torch before 2.7 calls the limit cache_size_limit)
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    with config.patch(**{limit: 2}):
+        for _ in range(3):
+            backend = CountingAotEager()
+            solver = make_solver(MLP, text, _batches(6), compile=backend)
+            solver._captured.chunk = 3
+            solver.step(5)  # 0-2 and 3 as chunks (one graph), the last eagerly
+            assert (backend.count, solver._captured.chunks) == (1, 2)
+
+
 def test_a_small_nets_compiled_step_and_chunk_call_no_matrix_product():
     """The step and the chunk of a net of tiny inner products hold no mm/addmm (a BLAS call
     from inductor's Python wrapper, microseconds each): their products are traced as multiply
