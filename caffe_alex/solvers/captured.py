@@ -94,15 +94,6 @@ def captures(solver, layerwise: bool) -> bool:
     return True
 
 
-def _due_within(due, interval: int, start: int, stop: int) -> bool:
-    """Whether ``due(j)`` for an iteration j in [start, stop), where ``due`` holds at most at
-    the multiples of ``interval`` (0: never)."""
-    interval = abs(interval)  # (j % -n == 0 where j % n == 0: a negative one counts alike)
-    if not interval:
-        return False
-    return any(due(j) for j in range(-(-start // interval) * interval, stop, interval))
-
-
 def _next_due(due, interval: int, start: int, stop: int) -> int:
     """The first iteration j in [start, stop) with ``due(j)`` (``due`` holds at most at the
     multiples of ``interval``, 0: never); ``stop`` where none."""
@@ -353,12 +344,10 @@ class CapturedStep:
         param = solver.param
         events = ((solver._progress.due, param.display), (solver._tests.due, param.test_interval),
                   (_always, param.snapshot))  # fmt: skip
-        if after_chunk and any(_due_within(due, n, first, first + 1) for due, n in events):
-            return 0
-        stop = min(first + chunk, first + left - 1)
-        for due, interval in events:  # (the first iteration after ``first`` with one due)
-            stop = min(stop, _next_due(due, interval, first + 1, stop))
-        return stop - first
+        start, stop = first + 1 - after_chunk, min(first + chunk, first + left - 1)
+        for due, interval in events:  # (the first iteration from ``start`` with one due)
+            stop = min(stop, _next_due(due, interval, start, stop))
+        return stop - first  # (0 after a chunk where one is due at ``first`` itself)
 
     def _steps(self, batches: dict, rates: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """``len(rates)`` steps in a row, step k on row k of each stacked batch; a step whose
