@@ -53,7 +53,6 @@ from torch import nn  # noqa: E402
 from caffe_alex.log import get_logger  # noqa: E402
 from caffe_alex.proto import caffe_pb2  # noqa: E402
 from caffe_alex.solvers import Solver  # noqa: E402
-from caffe_alex.solvers.captured import CHUNK  # noqa: E402
 
 CORPUS = Path(os.environ.get("CAFFE_ALEX_CORPUS") or ROOT.parent / "shared" / "corpus")
 LOGREG_NET = """
@@ -212,7 +211,9 @@ def contenders(name: str, folder: Path, compile: bool = False) -> tuple[Solver, 
             captured = solver_for(net, compile=True)
             began = time.perf_counter()
             captured.step(3)  # iteration 1 is captured, a chunk cut short (0 displays, 2 is read)
-            print(f"logreg: the captured chunk of {CHUNK} iterations compiled in "
+            step = captured._captured
+            print(f"logreg: the captured chunk (up to {step.chunk} iterations, "
+                  f"{'one loop' if step.looped else 'unrolled'}) compiled in "
                   f"{time.perf_counter() - began:.1f} s")  # fmt: skip
             runs["caffe-alex Solver, compile"] = (captured.step, threads)
         return solver, runs

@@ -28,6 +28,11 @@ caffe-alex: its thread policy).
     python benchmarks/vs_caffe.py --caffe /path/to/build/tools/caffe \
         [--pycaffe-python PY --pycaffe-path DIR] [--cases logreg,lenet,alexnet32,...]
         [--rounds 3] [--lenet-iters 10000] [--logreg-iters 10000] [--train-args=--compile]
+        [--baseline DIR]
+
+``--baseline DIR`` times another caffe-alex checkout (``git worktree add DIR <commit>``) as a
+third side in the same alternation: a change against the code before it, measured beside Caffe
+in one run.
 """
 
 from __future__ import annotations
@@ -71,6 +76,13 @@ class Sides:
         self.caffe = args.caffe
         self.pycaffe_python, self.pycaffe_path = args.pycaffe_python, args.pycaffe_path
         self.train_args = args.train_args.split()
+        # caffe-alex's checkouts by side: this one, and the baseline's where given
+        self.roots = {"caffe-alex": ROOT}
+        if args.baseline:
+            if not (Path(args.baseline) / "caffe_alex").is_dir():
+                raise SystemExit(f"--baseline {args.baseline}: no caffe_alex package there")
+            self.roots["baseline"] = Path(args.baseline).resolve()
+        self.names = ["Caffe", *self.roots]
 
     def train(self, side: str, solver: Path) -> tuple[float, str]:
         """(wall seconds, log text) of one training run."""
@@ -80,7 +92,7 @@ class Sides:
         else:
             command = [sys.executable, "-m", "caffe_alex", "train", "--solver", str(solver),
                        *self.train_args]  # fmt: skip
-            env = {**os.environ, "PYTHONPATH": str(ROOT)}
+            env = {**os.environ, "PYTHONPATH": str(self.roots[side])}
         began = time.perf_counter()
         done = subprocess.run(command, env=env, cwd=solver.parent, capture_output=True, text=True)
         seconds = time.perf_counter() - began
@@ -92,7 +104,7 @@ class Sides:
         if side == "Caffe":
             python, path = self.pycaffe_python, self.pycaffe_path or ""
         else:
-            python, path = sys.executable, str(ROOT)
+            python, path = sys.executable, str(self.roots[side])
         env = {**os.environ, "PYTHONPATH": path, "GLOG_minloglevel": "2"}
         began = time.perf_counter()
         done = subprocess.run([python, str(script), str(folder)], env=env, capture_output=True,
@@ -125,7 +137,7 @@ def per_iteration(sides: Sides, make, short: int, long: int, rounds: int) -> dic
     """Seconds per iteration of each side: (long run - short run) / (long - short), medians of
     ``rounds`` alternated pairs. ``make(max_iter)`` writes the solver file."""
     solvers = {n: make(n) for n in (short, long)}
-    times = {side: {short: [], long: []} for side in ("Caffe", "caffe-alex")}
+    times = {side: {short: [], long: []} for side in sides.names}
     for _ in range(rounds):
         for n in (short, long):
             for side in times:
@@ -188,14 +200,15 @@ def case_lenet(sides: Sides, folder: Path, args) -> None:
     solver = read_solver(str(EXAMPLE / "lenet_solver.prototxt"))
     path = write_solver(folder, "lenet", solver, net, max_iter=args.lenet_iters)
     results = {}
-    for side in ("Caffe", "caffe-alex"):  # one whole run each: minutes
+    for side in sides.names:  # one whole run each: minutes
         seconds, log = sides.train(side, path)
         results[side] = (seconds, ACCURACY.findall(log))
     print(f"LeNet example ({args.lenet_iters} iterations, batch 64, a test every 500; {load()}):")
     for side, (seconds, accuracies) in results.items():
         print(f"  {side:10s} {seconds:7.1f} s, final test accuracy "
               f"{accuracies[-1] if accuracies else '?'}")  # fmt: skip
-    print(f"  ratio caffe-alex / Caffe: {results['caffe-alex'][0] / results['Caffe'][0]:.2f}")
+    for side in sides.names[1:]:
+        print(f"  ratio {side} / Caffe: {results[side][0] / results['Caffe'][0]:.2f}")
 
 
 def case_pycaffe_logreg(sides: Sides, folder: Path, args) -> None:
@@ -203,7 +216,7 @@ def case_pycaffe_logreg(sides: Sides, folder: Path, args) -> None:
         print("pycaffe-logreg: skipped (no --pycaffe-python)")
         return
     script = ROOT / "benchmarks" / "scripts" / "brewing_logreg.py"
-    times = {"Caffe": [], "caffe-alex": []}
+    times = {side: [] for side in sides.names}
     for _ in range(args.rounds):
         for side in times:
             times[side].append(sides.script(side, script, folder))
@@ -219,7 +232,9 @@ def _report(title: str, cost: dict[str, float], unit: str, scale: float) -> None
     print(f"{title} ({load()}):")
     for side, value in cost.items():
         print(f"  {side:10s} {value * scale:10.4f} {unit}")
-    print(f"  ratio caffe-alex / Caffe: {cost['caffe-alex'] / cost['Caffe']:.2f}", flush=True)
+    for side in cost:
+        if side != "Caffe":
+            print(f"  ratio {side} / Caffe: {cost[side] / cost['Caffe']:.2f}", flush=True)
 
 
 def main(argv=None) -> None:
@@ -237,6 +252,7 @@ def main(argv=None) -> None:
         default="",
         help="more options for caffe-alex train: --train-args=--channels-last",
     )
+    parser.add_argument("--baseline", help="another caffe-alex checkout, timed as a third side")
     args = parser.parse_args(argv)
     sides = Sides(args)
     cases = {

@@ -8,6 +8,7 @@ module never imports the layers: ``caffe_alex.layers.layer_types()`` lists the w
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -182,9 +183,25 @@ _is_compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)
 
 
 def compiling() -> bool:
-    """Whether torch.compile is tracing (torch.export too: it traces with dynamo). False on
-    torch versions without ``torch.compiler.is_compiling`` (before 2.3)."""
-    return _is_compiling()
+    """Whether torch.compile is tracing (torch.export too: it traces with dynamo), or the
+    captured step is traced for it (``step_tracing``). False on torch versions without
+    ``torch.compiler.is_compiling`` (before 2.3)."""
+    return _step_tracing or _is_compiling()
+
+
+_step_tracing = False
+
+
+@contextlib.contextmanager
+def step_tracing():
+    """A training step traced by ``make_fx`` for inductor to compile (solvers/looped.py): the
+    layers take their compiled forms, as under torch.compile."""
+    global _step_tracing
+    before, _step_tracing = _step_tracing, True
+    try:
+        yield
+    finally:
+        _step_tracing = before
 
 
 def exporting() -> bool:

@@ -6,12 +6,14 @@ A tiny net's iteration is Python's, not arithmetic's: BVLC's brewing-logreg net 
 per iteration in dispatch, autograd's engine and the update's bookkeeping, for a few hundred
 multiply-adds. Captured, forward, backward and update run as inductor's C++ without Python
 between the ops (0.17 ms per Solver iteration; a bare PyTorch loop takes 0.26), and where no
-blob is read between them ``CHUNK`` iterations run as one call of one graph, their batches
-stacked (a compiled call's own cost, some 40 us, is shared by eight; a tiny inner product
-is traced as loops that inductor fuses with the loss and the update: inner_product.py, so
-logreg's chunk is one C++ kernel, launched with its buffers by inductor's C++ wrapper), and
-chunks follow each other without the Solver's loop between them, their batches taken from
-the feed as views of what it read ahead (logreg: 0.031 ms per iteration). Convolution
+blob is read between them a chunk of iterations runs as one call, their batches stacked: on a
+small net, up to ``LOOP`` (64) iterations as one compiled loop over the step traced once
+(looped.py); on one that draws random numbers (Dropout), ``CHUNK`` (8) steps unrolled into one
+graph. A compiled call's own cost, some 40 us, is shared by the chunk; a tiny inner product
+is traced as loops that inductor fuses with the loss and the update (inner_product.py), so
+logreg's step is one C++ kernel, run by inductor's C++ wrapper; chunks follow each other
+without the Solver's loop between them, their batches taken from the feed as views of what it
+read ahead. Convolution
 and pooling nets lose that way (inductor's kernels against oneDNN's: LeNet 23 -> 40 ms,
 CIFAR-10 quick 110 -> 127 ms per iteration), so only nets of the layer types below are
 captured; others get the ``compile`` option's per-net forward (nets.py). Larger nets of those
@@ -22,10 +24,11 @@ Like every ``compile``, not Caffe's exact float32 steps: inductor fuses the upda
 multiply-adds (an ulp apart from the eager path per step) and Dropout draws from its own
 generator. Iterations whose blobs Python reads (a display, the last of a ``step``, hooks) and
 test passes run the net eagerly, so ``net.blobs`` and the display show what they always show;
-a chunk ends before them and before a snapshot (one cut short runs its last rows masked, so
-a small net needs no single-step graph), so the log, the snapshots and their iterations are
-those of single steps. A stop or snapshot asked by a signal is seen after the chunk under
-way (up to seven iterations, a fraction of a millisecond, later).
+a chunk ends before them and before a snapshot (one cut short runs fewer rows of the loop,
+or its last unrolled rows masked, so a small net needs no single-step graph), so the log, the
+snapshots and their iterations are those of single steps. A stop or snapshot asked by a
+signal is seen after the row of chunks under way (up to ``RUN_ITERATIONS``, 128 iterations,
+a few milliseconds, later).
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ import numpy as np
 import torch
 
 from ..log import get_logger
+from .functional_rules import FunctionalRule
+from .looped import LOOP, LoopedSteps, why_not_looped
 from .lr_policy import learning_rate
-from .sgd import _scalar
 
 log = get_logger()
 f32 = np.float32
@@ -53,8 +57,28 @@ CAPTURED_TYPES = frozenset({
 RULES = ("SGD", "Nesterov", "AdaGrad", "RMSProp", "Adam")  # (AdaDelta keeps its own loop)
 # Iterations per compiled call where nothing reads the blobs between them (see ``run``)
 CHUNK = 8
-# Chunks run in a row without returning to the Solver's loop (its callbacks hear of the last)
-RUN_CHUNKS = 16
+
+
+def inductor_options() -> dict:
+    """What the captured step asks of inductor: its C++ wrapper (a call's buffers allocated and
+    its kernel launched from C++, not Python: logreg's chunk 60 -> 40 us per call, the same
+    compile time), and its graph cache for the loop (looped.py). The cache refuses a graph
+    holding a higher-order op unless told, not knowing what such an op runs; while_loop runs
+    the body and condition graphs it holds, which the cache key hashes with the graph (tested:
+    a loop of another momentum is compiled anew), so a warm cache skips the loop's ~4 s of
+    code generation. (A torch without that setting compiles the loop anew in each process.)"""
+    import torch._inductor.config as config  # (inductor: imported where it is used)
+
+    options = {"cpp_wrapper": True}
+    if hasattr(config, "unsafe_marked_cacheable_functions"):
+        options["unsafe_marked_cacheable_functions"] = {
+            "torch.ops.higher_order.while_loop": "caffe-alex looped step"}
+    return options
+
+
+# Chunks run in a row without returning to the Solver's loop (its callbacks hear of the last),
+# as many as make up RUN_ITERATIONS (a request, a signal's stop, waits for the row)
+RUN_CHUNKS, RUN_ITERATIONS = 16, 128
 
 
 def why_not_captured(param, net, device, precision, ranks, layerwise: bool) -> str | None:
@@ -169,36 +193,36 @@ class CapturedStep:
 
     ``run(solver, left)`` runs up to ``chunk`` iterations in one call where none of them is
     read (a display, a test pass, a snapshot or the last of the ``step`` between them): the
-    batches stacked, the steps unrolled into one graph, rows past the iterations run masked.
-    One call costs some 40 us before any arithmetic (dynamo's frame and guards, AOTAutograd's
-    wrapper, the buffers inductor's wrapper allocates); ``chunk`` iterations share it."""
+    batches stacked, the steps a compiled loop (``looped``, looped.py) or unrolled into one
+    graph with the rows past the iterations masked. One call costs some 40 us before any
+    arithmetic (dynamo's frame and guards, AOTAutograd's wrapper, the buffers inductor's
+    wrapper allocates); ``chunk`` iterations share it."""
 
     def __init__(self, net, update, backend=True, chunk: int = CHUNK):
         self.net, self.update, self.rule = net, update, update.rule
         self.param = p = update.param
         self.kind = p.type
-        # Caffe's scalars, rounded to float32 as it holds them
-        self.momentum, self.delta = _scalar(p.momentum), _scalar(p.delta)
-        self.momentum2, self.rms_decay = _scalar(p.momentum2), _scalar(p.rms_decay)
-        self.one_plus = float(f32(1) + f32(p.momentum))  # Nesterov's (1 + momentum)
-        self.one_minus = float(f32(1) - f32(p.momentum))  # Adam's (1 - beta1)
-        self.one_minus2 = float(f32(1) - f32(p.momentum2))  # Adam's (1 - beta2)
-        self.one_minus_rms = float(f32(1) - f32(p.rms_decay))
+        self.math = FunctionalRule(update.rule, p)  # the rule's arithmetic, out of place
         from torch._dynamo.exc import BackendCompilerFailed  # (dynamo: a second to import)
 
         self._compile_failed = BackendCompilerFailed
         backend = "inductor" if backend is True else backend  # (the compile option's value)
-        # inductor's C++ wrapper: a call's buffers allocated and its kernel launched from C++,
-        # not Python (logreg's chunk: 60 -> 40 us per call; the same compile time)
-        options = {"cpp_wrapper": True} if backend == "inductor" else None
-        self.compiled = torch.compile(_own_code(self._step), backend=backend, dynamic=False,
-                                      options=options)  # fmt: skip
-        self.compiled_chunk = torch.compile(_own_code(self._steps), backend=backend,
-                                            dynamic=False, options=options)  # fmt: skip
+        options = inductor_options() if backend == "inductor" else None
+
+        def compile(method):
+            return torch.compile(_own_code(method), backend=backend, dynamic=False,
+                                 options=options)  # fmt: skip
+
+        self.compiled, self.compiled_chunk = compile(self._step), compile(self._steps)
         # dynamo traces torch.autograd.grad only when told to; set for the tracing alone
         self._tracing_config = torch._dynamo.config.patch(trace_autograd_ops=True)
         # a larger net's iteration is arithmetic: a call's ~0.1 ms is not worth a larger compile
-        self.chunk = chunk if net.one_thread() else 0
+        why = why_not_looped(net, update) if net.one_thread() else "not a small net"
+        self.looped = LoopedSteps(self, compile) if why is None and chunk else None
+        self.chunk = (LOOP if self.looped else chunk) if net.one_thread() else 0
+        if self.chunk:
+            log.info("compile: up to %d iterations per call, %s", self.chunk,
+                     "as one loop" if self.looped else f"unrolled ({why})")  # fmt: skip
         self.calls = self.chunks = 0  # compiled calls made: single steps, chunks
         self._rates: dict = {}  # the rates tensors lately used, by their values
         self._active: dict = {}  # a chunk's row mask, by its length and the rows it runs
@@ -262,7 +286,7 @@ class CapturedStep:
             rate = self._one(solver, batch)
             return rate, [] if rate is not None else [batch]
         feed, rate = solver.feeds["train"], None
-        for _ in range(max(RUN_CHUNKS, 1)):
+        for _ in range(max(min(RUN_CHUNKS, RUN_ITERATIONS // self.chunk), 1)):
             stacked, batches = self._draw(solver, feed, count)
             rate = self._chunk(solver, stacked, count) if stacked is not None else None
             if rate is None:  # one by one
@@ -305,19 +329,36 @@ class CapturedStep:
             stacked = {top: torch.cat([t, t[-1:].expand(chunk - count, *t.shape[1:])])
                        for top, t in stacked.items()}  # fmt: skip
             schedule = schedule + [schedule[-1]] * (chunk - count)
-        active = self._active.get((chunk, count))
-        if active is None:
-            active = self._active[chunk, count] = torch.arange(chunk) < count
-        losses = self._call(self.compiled_chunk, self.chunks, "chunk", stacked,
-                            self._local_rates(schedule), active)  # fmt: skip
+        if self.looped is not None:
+            losses = self._looped(stacked, self._local_rates(schedule), count)
+        else:
+            active = self._active.get((chunk, count))
+            if active is None:
+                active = self._active[chunk, count] = torch.arange(chunk) < count
+            losses = self._call(self.compiled_chunk, self.chunks, "chunk", stacked,
+                                self._local_rates(schedule), active)  # fmt: skip
+            self.chunk = self.chunk if losses is not None else 0
         if losses is None:
-            self.chunk = 0
             return None
         self.chunks += 1
         if solver._progress.batch_size is None:
             solver._progress.see_batch({top: t[0] for top, t in stacked.items()})
         advance(solver, step, losses[:count] if count < chunk else losses)
         return schedule[count - 1][0]
+
+    def _looped(self, stacked: dict, rates: torch.Tensor, count: int) -> torch.Tensor | None:
+        """The looped chunk's call (looped.py); None where its step could not be traced or
+        failed to compile (logged; the chunks are unrolled from then on)."""
+        try:
+            losses = self._call(self.looped, self.chunks, "chunk", stacked, rates, count)
+        except Exception as exc:  # (make_fx refuses in many ways; the unrolled chunk remains)
+            log.warning("compile: the training step could not be traced as one loop (%s: %s)",
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            losses = None
+        if losses is None:
+            log.warning("compile: the chunks are unrolled from now on")
+            self.looped, self.chunk = None, min(self.chunk, CHUNK)
+        return losses
 
     def _one(self, solver, batch: dict) -> float | None:
         """``batch`` trained on by the single step; its rate, or None where it failed to
@@ -365,46 +406,17 @@ class CapturedStep:
         for i, grad in zip(learned, found):
             if grad is not None:
                 grads[i] = grad
-        decays, l2 = self.update.decays, self.update.l2
+        decays, l2, math = self.update.decays, self.update.l2, self.math
         with torch.no_grad():
             for i, (param, grad) in enumerate(zip(params, grads)):
                 if decays[i]:
                     grad = grad + decays[i] * (param if l2 else torch.sign(param))
-                if active is None:
-                    param.sub_(self._update(i, grad, rates[i]))
-                    continue
-                # a masked row: the rule's histories put back and nothing subtracted
-                held = self._histories(i)
-                before = [h.clone() for h in held]
-                change = torch.where(active, self._update(i, grad, rates[i]), 0.0)
-                for h, old in zip(held, before):
-                    h.copy_(torch.where(active, h, old))
+                held = math.histories(i)
+                change, after = math.updated(grad, rates[i], held)
+                if active is not None:  # a masked row: histories kept, nothing subtracted
+                    after = [torch.where(active, new, old) for new, old in zip(after, held)]
+                    change = torch.where(active, change, 0.0)
+                for history, new in zip(held, after):
+                    history.copy_(new)
                 param.sub_(change)
         return loss.detach()
-
-    def _histories(self, i: int) -> list[torch.Tensor]:
-        """What the rule's update of blob ``i`` changes besides the blob (_update)."""
-        if self.kind == "Adam":
-            return [self.rule.history[i], self.rule.second(i)]
-        return [self.rule.history[i]]
-
-    def _update(self, i: int, grad: torch.Tensor, rate: torch.Tensor) -> torch.Tensor:
-        """Caffe's ComputeUpdateValue of blob ``i`` (its history updated in place)."""
-        history, kind = self.rule.history, self.kind
-        h = history[i]
-        if kind in ("SGD", "Nesterov"):
-            before = h.clone() if kind == "Nesterov" else None
-            h.mul_(self.momentum).add_(grad * rate)
-            if before is None:
-                return h
-            return h * self.one_plus - before * self.momentum  # (1 + momentum) V_new - mom. V
-        if kind == "Adam":
-            v = self.rule.second(i)
-            h.mul_(self.momentum).add_(grad * self.one_minus)
-            v.mul_(self.momentum2).add_(grad * grad * self.one_minus2)
-            return h / (v.sqrt() + self.delta) * rate
-        if kind == "AdaGrad":
-            h.add_(grad * grad)
-        else:  # RMSProp
-            h.mul_(self.rms_decay).add_(grad * grad * self.one_minus_rms)
-        return grad / (h.sqrt() + self.delta) * rate

@@ -38,26 +38,46 @@ class SmoothedLoss:
         """Read back the losses added lazily (one device sync for all of them)."""
         if not self._pending:
             return
-        if len(self._pending) == 1:  # (each iteration, for a callback; a chunk at a display)
-            loss = self._pending[0][1]
-            values = [loss.item()] if loss.dim() == 0 else loss.tolist()
-        else:
-            losses = [loss for _, loss in self._pending]
-            if all(loss.dim() == 0 for loss in losses):
-                values = torch.stack(losses).cpu().tolist()
-            else:  # (a captured chunk's row among them)
-                values = torch.cat([loss.reshape(-1) for loss in losses]).cpu().tolist()
+        pending, self._pending = self._pending, []
+        if len(pending) == 1 and pending[0][1].dim() == 0:  # (each iteration, for a callback)
+            self.add(f32(pending[0][1].item()), pending[0][0])
+            return
+        losses = [loss.reshape(-1) for _, loss in pending]
+        values = (losses[0] if len(losses) == 1 else torch.cat(losses)).detach().cpu()
+        values = values.to(torch.float32).numpy()
         position = 0
-        for first, loss in self._pending:
-            for iteration in range(first, first + loss.numel()):
-                self.add(f32(values[position]), iteration)
-                position += 1
-        self._pending = []
+        for first, loss in pending:
+            self.add_row(values[position : position + loss.numel()], first)
+            position += loss.numel()
 
     @property
     def value(self) -> float:
         self.flush()
         return float(self._value)
+
+    def add_row(self, losses: np.ndarray, first: int) -> None:
+        """The float32 losses of iterations ``first``, ``first`` + 1, ...: what ``add`` of
+        each in turn gives, bit for bit, without a Python step per iteration once the window
+        is full (a captured chunk's row: 64 of them). The window's terms (each loss less the
+        one it replaces, over ``average``) are float32 operations on arrays, and the running
+        value their sum in order, each partial sum rounded to float32 (``add.accumulate`` is
+        sequential), as Caffe's UpdateSmoothedLoss adds them one by one."""
+        k = 0
+        while k < len(losses) and len(self._losses) < self.average:  # the first ones: a mean
+            self.add(losses[k], first + k)
+            k += 1
+        rest = losses[k:]
+        if not len(rest):
+            return
+        average = self.average
+        oldest = (first + k - self.start_iter) % average  # where the oldest loss sits
+        window = np.concatenate([np.roll(np.array(self._losses, dtype=f32), -oldest), rest])
+        terms = (rest - window[: len(rest)]) / f32(average)
+        running = np.add.accumulate(np.concatenate([[self._value], terms]).astype(f32),
+                                    dtype=f32)  # fmt: skip
+        self._value = running[-1]
+        after = (first + len(losses) - self.start_iter) % average
+        self._losses = list(np.roll(window[-average:], after))
 
     def add(self, loss, iteration: int) -> None:
         if len(self._losses) < self.average:

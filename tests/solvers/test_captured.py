@@ -54,6 +54,22 @@ def _params(solver) -> list[np.ndarray]:
     return [info.param.detach().numpy().copy() for info in solver.learnable]
 
 
+# a small net's chunks run as one compiled loop (looped.py); a net that draws random numbers
+# has them unrolled into one graph (captured.py ``_steps``, rows past a window masked)
+PATHS = ("loop", "unrolled")
+
+
+def _chunked(solver, chunk: int, path: str = "loop"):
+    """``solver``'s captured step in chunks of up to ``chunk`` (0: single steps), run as
+    ``path``."""
+    step = solver._captured
+    step.chunk = chunk
+    if path == "unrolled":
+        step.looped = None
+    assert (step.looped is not None) == (path == "loop" and chunk > 1) or not chunk
+    return step
+
+
 @pytest.mark.subprocess  # inductor compiles the C++ in worker processes
 def test_captured_step_compiles_once_and_gives_the_eager_numbers():
     # the compile option as users give it: inductor, with the options the captured step
@@ -107,7 +123,8 @@ def test_a_dropout_net_is_captured_by_inductors_cpp_wrapper():
     'type: "RMSProp" rms_decay: 0.95 delta: 1e-6',
     'type: "Adam" momentum: 0.9 momentum2: 0.99 delta: 1e-7',
 ])  # fmt: skip
-def test_each_captured_rule_compiles_to_the_eager_rules_numbers(rule):
+@pytest.mark.parametrize("path", PATHS)
+def test_each_captured_rule_compiles_to_the_eager_rules_numbers(rule, path):
     # aot_eager runs the traced graph (forward, autograd.grad, the update) op by op: the
     # captured update's formulas against the eager rules (inductor's own kernels are the
     # Nesterov test's above); Adam's bias correction changes every iteration
@@ -115,12 +132,12 @@ def test_each_captured_rule_compiles_to_the_eager_rules_numbers(rule):
     eager = make_solver(MLP, text, _batches(12))
     graphs = CountingAotEager()
     captured = make_solver(MLP, text, _batches(12), compile=graphs)
-    step = captured._captured
-    step.chunk = 3
+    step = _chunked(captured, 3, path)
     eager.step(12)
     captured.step(12)
-    # 0-2, 3-5 and 6-8 as chunks, 9-10 as one cut short (its third row masked), 11 eagerly
-    # (the last of the step): one graph, Adam's correction a row per iteration in a chunk
+    # 0-2, 3-5 and 6-8 as chunks, 9-10 as one cut short (a loop of two; unrolled: its third
+    # row masked), 11 eagerly (the last of the step): one graph, Adam's correction a row per
+    # iteration in a chunk
     assert (step.calls, step.chunks, graphs.count) == (0, 4, 1)
     for ours, reference in zip(_params(captured), _params(eager)):
         np.testing.assert_allclose(ours, reference, rtol=2e-5, atol=1e-6)
@@ -332,7 +349,7 @@ stepsize: 4 display: 5 test_interval: 7 test_iter: 2 snapshot: 6 max_iter: 40
 solver_mode: CPU random_seed: 3"""
 
 
-def _logreg_solver(folder, backend, chunk: int):
+def _logreg_solver(folder, backend, chunk: int, path: str = "loop"):
     import h5py
 
     from caffe_alex.formats.prototxt import parse_solver_text
@@ -346,7 +363,7 @@ def _logreg_solver(folder, backend, chunk: int):
     text = (f"net_param {{ {_LOGREG % {'list': folder / 'list.txt'}} }}\n{_SCHEDULE}\n"
             f'snapshot_prefix: "{folder / "snap"}"')  # fmt: skip
     solver = Solver(parse_solver_text(text), compile=backend)
-    solver._captured.chunk = chunk
+    _chunked(solver, chunk, path)
     return solver
 
 
@@ -381,7 +398,8 @@ class _Messages:
         get_logger().setLevel(self.level)
 
 
-def test_chunks_train_as_single_steps_and_stop_where_the_solver_looks(tmp_path):
+@pytest.mark.parametrize("path", PATHS)
+def test_chunks_train_as_single_steps_and_stop_where_the_solver_looks(tmp_path, path):
     """Several iterations per compiled call change nothing the user sees: the same weights,
     history and display, test passes and snapshots at the same iterations with the same
     figures, across ``step`` calls, as the same captured steps one call each (aot_eager
@@ -390,7 +408,7 @@ def test_chunks_train_as_single_steps_and_stop_where_the_solver_looks(tmp_path):
     for chunk in (0, 3):
         folder = tmp_path / f"chunk{chunk}"
         folder.mkdir()
-        solver = _logreg_solver(folder, CountingAotEager(), chunk)
+        solver = _logreg_solver(folder, CountingAotEager(), chunk, path)
         heard = []
 
         def hear(it, loss, rate, per_s, heard=heard):
@@ -407,7 +425,7 @@ def test_chunks_train_as_single_steps_and_stop_where_the_solver_looks(tmp_path):
                                                        chunked_heard) = runs.values()  # fmt: skip
     # every iteration but the displays and a step's last runs in a chunk of up to 3 that
     # ends before a display, a test pass, a snapshot or a step's end (1-3 and 4, 6, 7-9, 11,
-    # 12-13, 14, ...; those cut short have their last rows masked): no single step
+    # 12-13, 14, ...; those cut short run fewer rows, or masked ones): no single step
     assert (chunked._captured.chunks, chunked._captured.calls) == (15, 0)
     assert single._captured.chunks == 0
     assert chunked.iter == single.iter == 35
@@ -444,7 +462,8 @@ def test_chunks_train_as_single_steps_and_stop_where_the_solver_looks(tmp_path):
         np.testing.assert_array_equal(ours.numpy(), reference.numpy())
 
 
-def test_chunks_run_in_a_row_until_the_solver_must_look_or_a_request_waits(monkeypatch):
+@pytest.mark.parametrize("path", PATHS)
+def test_chunks_run_in_a_row_until_the_solver_must_look_or_a_request_waits(monkeypatch, path):
     """Chunks follow each other without the Solver's loop between them (its callbacks hear
     of the last), up to RUN_CHUNKS of them, with the numbers of single steps; a request
     (here asked while the feed draws a batch, as a signal may) ends the row after the chunk
@@ -454,7 +473,7 @@ def test_chunks_run_in_a_row_until_the_solver_must_look_or_a_request_waits(monke
     text = 'type: "SGD" momentum: 0.9 base_lr: 0.05 weight_decay: 0.01 lr_policy: "fixed"'
     runs = [make_solver(MLP, text, _batches(40), compile=CountingAotEager()) for _ in range(2)]
     single, chunked = runs
-    single._captured.chunk, chunked._captured.chunk = 0, 3
+    _chunked(single, 0), _chunked(chunked, 3, path)
     heard = {id(solver): [] for solver in runs}
     for solver in runs:
         hear = heard[id(solver)].append
@@ -472,7 +491,7 @@ def test_chunks_run_in_a_row_until_the_solver_must_look_or_a_request_waits(monke
 
     monkeypatch.setattr(captured, "RUN_CHUNKS", 2)  # rows of two chunks
     solver = make_solver(MLP, text, _batches(40), compile=CountingAotEager())
-    solver._captured.chunk = 3
+    _chunked(solver, 3, path)
     its = []
     solver.callbacks.append(lambda it, *_: its.append(it))
     solver.callbacks[-1].reads_blobs = False
@@ -487,7 +506,7 @@ def test_chunks_run_in_a_row_until_the_solver_must_look_or_a_request_waits(monke
 
     monkeypatch.setattr(captured, "RUN_CHUNKS", 16)
     solver = make_solver(MLP, text, asking(_batches(40), 10), compile=CountingAotEager())
-    solver._captured.chunk = 3
+    _chunked(solver, 3, path)
     solver.step(31)
     # batch 10 is drawn by the chunk of iterations 9-11: the stop is taken after it
     assert solver.iter == 12 and solver._captured.chunks == 4
@@ -500,24 +519,29 @@ def _blobs(path) -> list[list[float]]:
     return [list(blob.data) for layer in net.layer for blob in layer.blobs]
 
 
-def test_a_chunk_that_fails_to_compile_leaves_its_iterations_to_the_single_step():
-    """The backend refuses the chunk's graph (the first it is given): the solver warns once,
-    trains the chunk's batches one step each, and no further chunk is tried."""
+def _warnings_of(run) -> list[str]:
+    """The caffe_alex log's warnings while ``run()`` runs."""
     from caffe_alex.log import get_logger
 
-    text = 'type: "SGD" momentum: 0.9 base_lr: 0.05 weight_decay: 0.01 lr_policy: "fixed"'
-    single, refused = CountingAotEager(), RefusesGraph(0)
-    runs = [make_solver(MLP, text, _batches(12), compile=backend) for backend in (single, refused)]
-    runs[0]._captured.chunk, runs[1]._captured.chunk = 0, 3
     warnings = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: warnings.append(record.getMessage())
     get_logger().addHandler(handler)
     try:
-        for solver in runs:
-            solver.step(12)
+        run()
     finally:
         get_logger().removeHandler(handler)
+    return warnings
+
+
+def test_a_chunk_that_fails_to_compile_leaves_its_iterations_to_the_single_step():
+    """The backend refuses the unrolled chunk's graph (the first it is given): the solver
+    warns once, trains the chunk's batches one step each, and no further chunk is tried."""
+    text = 'type: "SGD" momentum: 0.9 base_lr: 0.05 weight_decay: 0.01 lr_policy: "fixed"'
+    single, refused = CountingAotEager(), RefusesGraph(0)
+    runs = [make_solver(MLP, text, _batches(12), compile=backend) for backend in (single, refused)]
+    _chunked(runs[0], 0), _chunked(runs[1], 3, "unrolled")
+    warnings = _warnings_of(lambda: [solver.step(12) for solver in runs])
     assert [w for w in warnings if "chunk failed to compile" in w] == [warnings[0]]
     step = runs[1]._captured
     assert (step.chunk, step.chunks, step.calls, refused.count) == (0, 0, 11, 2)
@@ -526,18 +550,54 @@ def test_a_chunk_that_fails_to_compile_leaves_its_iterations_to_the_single_step(
         np.testing.assert_array_equal(ours, reference)
 
 
+def test_a_loop_that_fails_to_compile_or_trace_leaves_the_chunks_unrolled(monkeypatch):
+    """The backend refuses the loop's graph, or make_fx cannot trace the step: that chunk's
+    batches train one step each, the chunks after it are unrolled, with a warning; the
+    numbers are those of single steps."""
+    from caffe_alex.solvers.looped import LoopedSteps
+
+    text = 'type: "SGD" momentum: 0.9 base_lr: 0.05 weight_decay: 0.01 lr_policy: "fixed"'
+    single = make_solver(MLP, text, _batches(12), compile=CountingAotEager())
+    _chunked(single, 0)
+    single.step(12)
+    refused = RefusesGraph(0)
+    failing = make_solver(MLP, text, _batches(12), compile=refused)
+    warnings = _warnings_of(lambda: (_chunked(failing, 3), failing.step(12)))
+    assert any("chunk failed to compile" in w for w in warnings)
+    assert any("unrolled from now on" in w for w in warnings)
+    # 0-2 refused (one step each: the single step's graph), 3-5, 6-8, 9-10 unrolled, 11 eager
+    step = failing._captured
+    assert (step.looped, step.chunk, step.chunks, step.calls, refused.count) == (
+        None, 3, 3, 3, 3)  # fmt: skip
+    for ours, reference in zip(_params(failing), _params(single)):
+        np.testing.assert_array_equal(ours, reference)
+
+    def untraceable(self, *args):
+        raise RuntimeError("data-dependent control flow")
+
+    monkeypatch.setattr(LoopedSteps, "_iteration", untraceable)
+    traced = make_solver(MLP, text, _batches(12), compile=CountingAotEager())
+    warnings = _warnings_of(lambda: (_chunked(traced, 3), traced.step(12)))
+    assert any("could not be traced as one loop (RuntimeError: data-dependent" in w
+               for w in warnings)  # fmt: skip
+    assert (traced._captured.looped, traced._captured.chunks) == (None, 3)
+    for ours, reference in zip(_params(traced), _params(single)):
+        np.testing.assert_array_equal(ours, reference)
+
+
 def test_a_feed_that_runs_out_inside_a_chunk_trains_on_what_it_gave():
     text = 'type: "SGD" momentum: 0.9 base_lr: 0.05 lr_policy: "fixed"'
     runs = []
-    for chunk in (0, 4):
+    for chunk, path in ((0, "loop"), (4, "loop"), (4, "unrolled")):
         solver = make_solver(MLP, text, _batches(7), compile=CountingAotEager())
-        solver._captured.chunk = chunk
+        _chunked(solver, chunk, path)
         with pytest.raises(StopIteration):
             solver.step(12)  # 0 alone, 1-4 a chunk, then only 5 and 6 come
         assert solver.iter == 7
         runs.append(_params(solver))
-    for ours, reference in zip(*runs):
-        np.testing.assert_array_equal(ours, reference)
+    for run in runs[1:]:
+        for ours, reference in zip(run, runs[0]):
+            np.testing.assert_array_equal(ours, reference)
 
 
 def test_a_batch_that_fails_to_compile_inside_a_chunk_leaves_the_rest_to_the_eager_path():
@@ -589,8 +649,10 @@ class _AtenOps:
         from torch._dynamo.backends.common import aot_autograd
         from torch._dynamo.backends.debugging import boxed_nop
 
-        def keep(graph, inputs):
-            self.graphs.append({str(node.target) for node in graph.graph.nodes
+        def keep(graph, inputs):  # (a loop's body and condition are graphs inside it)
+            self.graphs.append({str(node.target) for module in graph.modules()
+                                if isinstance(module, torch.fx.GraphModule)
+                                for node in module.graph.nodes
                                 if node.op == "call_function"})  # fmt: skip
             return boxed_nop(graph, inputs)
 
@@ -621,12 +683,13 @@ def test_a_small_nets_compiled_step_and_chunk_call_no_matrix_product():
     backend = _AtenOps()
     runs = [make_solver(MLP, 'base_lr: 0.1 momentum: 0.9 lr_policy: "fixed"', _batches(12),
                         compile=backend) for _ in range(2)]  # fmt: skip
-    runs[1]._captured.chunk = 0  # (single steps: their own graph)
+    _chunked(runs[1], 0)  # (single steps: their own graph)
     for solver in runs:
-        solver.step(11)  # 0-7 and 8-9 as chunks, or 0-9 one by one; the last eagerly
-    assert (runs[0]._captured.chunks, runs[0]._captured.calls) == (2, 0)
+        solver.step(11)  # 0-9 as one loop, or one by one; the last eagerly
+    assert (runs[0]._captured.chunks, runs[0]._captured.calls) == (1, 0)
     assert (runs[1]._captured.chunks, runs[1]._captured.calls) == (0, 10)
     assert len(backend.graphs) == 2
+    assert "while_loop" in str(backend.graphs[0])
     for ops in backend.graphs:
         assert not any("mm" in op for op in ops), sorted(ops)
         assert "aten.sum.dim_IntList" in ops

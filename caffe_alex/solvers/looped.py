@@ -1,0 +1,155 @@
+"""A small net's chunk of training iterations as one compiled loop.
+
+The captured step's chunks (captured.py) unroll their iterations into one graph: inductor's
+code grows with each, so eight cost ten seconds of compile and a chunk call's own ~40 us is
+shared by eight only. Here one iteration (forward, backward, Caffe's regularisation and
+update) is traced once, by ``make_fx``, into a graph of aten operations with its gradients
+written out, as a function of the state it changes (the parameters and the rule's histories);
+``while_loop`` runs that graph over the rows of the stacked batches, carrying the state from
+one to the next, and inductor compiles the loop with the body once, its C++ wrapper running
+the loop. So a call runs up to ``LOOP`` iterations (as many as the feed reads ahead), the
+count a tensor: a window cut short runs fewer, with no mask and no second graph.
+
+Not for nets that draw random numbers (Dropout): the body's draws would repeat from one
+iteration to the next; those keep the unrolled chunks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..log import get_logger
+from ..registry import step_tracing
+
+log = get_logger()
+
+# Iterations per call at most: the feed reads up to 64 batches ahead (data/loader.py)
+LOOP = 64
+# Captured layer types whose forward draws random numbers
+RANDOM_TYPES = frozenset({"Dropout"})
+
+
+def _while_loop():
+    try:  # (torch >= 2.3; inductor compiles it from 2.5 on)
+        from torch._higher_order_ops.while_loop import while_loop
+    except ImportError:
+        return None
+    return while_loop
+
+
+def why_not_looped(net, update) -> str | None:
+    """Why ``net``'s chunks cannot run as a loop (None: they can)."""
+    randoms = sorted({kind for kind in net.layer_types if kind in RANDOM_TYPES})
+    if randoms:
+        return f"its {', '.join(randoms)} layers draw random numbers"
+    learned = {id(p) for p in update.params}
+    if any(id(p) not in learned for p in net.parameters()) or next(net.buffers(), None) is not None:
+        return "it holds tensors outside the update"
+    if _while_loop() is None:
+        return "this torch has no while_loop"
+    return None
+
+
+class _Running(nn.Module):
+    """The net's forward loop as a module's forward, for ``functional_call``."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.net.run(dict(batch))
+
+
+class LoopedSteps:
+    """``call(stacked, rates, count)``: the first ``count`` rows of ``stacked`` (each top's
+    batches on a new first axis) trained on in order, row k at the local rates of row k of
+    ``rates``; returns the row of losses (rows from ``count`` on: 0), or raises what tracing
+    or compiling raised. ``captured`` is the CapturedStep whose net, update and rule it
+    runs; ``compile(method)`` compiles the loop as it compiles its own steps."""
+
+    def __init__(self, captured, compile):
+        self.captured = captured
+        self.while_loop = _while_loop()
+        self._running = _Running(captured.net)
+        first_names: dict[int, str] = {}
+        for name, param in captured.net.named_parameters():
+            first_names.setdefault(id(param), "net." + name)  # (shared blobs tie)
+        self._names = [first_names[id(p)] for p in captured.update.params]
+        self._body = None  # the traced iteration, at the first call
+        self._counts: dict[int, torch.Tensor] = {}
+        self.compiled = compile(self._loop)
+
+    def __call__(self, stacked: dict, rates: torch.Tensor, count: int) -> torch.Tensor:
+        if self._body is None:
+            self._body = self._trace(stacked, rates)
+        tensor = self._counts.get(count)
+        if tensor is None:
+            tensor = self._counts[count] = torch.tensor(count)
+        return self.compiled(stacked, rates, tensor)
+
+    def _state(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The parameters and, flat, the rule's histories of each (in the update's order)."""
+        params = self.captured.update.params
+        math = self.captured.math
+        return params, [h for i in range(len(params)) for h in math.histories(i)]
+
+    def _trace(self, stacked: dict, rates: torch.Tensor):
+        from torch.fx.experimental.proxy_tensor import make_fx  # (on use: the first trace)
+
+        params, held = self._state()
+        row = {top: t[0] for top, t in stacked.items()}
+        def iteration(params, held, batch, rates):  # (make_fx counts a method's self)
+            return self._iteration(params, held, batch, rates)
+
+        with step_tracing():
+            return make_fx(iteration)([p.detach() for p in params], list(held), row, rates[0])
+
+    def _iteration(self, params, held, batch, rates):
+        """One iteration as a function of its state: (the parameters after, their histories
+        after, the loss); the captured step's arithmetic (captured.py ``_step``)."""
+        update, math = self.captured.update, self.captured.math
+        with torch.enable_grad():
+            leaves = [p.detach().requires_grad_(o.requires_grad)
+                      for p, o in zip(params, update.params)]  # fmt: skip
+            loss = torch.func.functional_call(self._running, dict(zip(self._names, leaves)),
+                                              (batch,))  # fmt: skip
+            learned = [leaf for leaf in leaves if leaf.requires_grad]
+            found = iter(torch.autograd.grad(loss, learned, allow_unused=True))
+        after, changed, k = [], [], 0
+        for i, (param, leaf) in enumerate(zip(params, leaves)):
+            grad = next(found) if leaf.requires_grad else None
+            grad = torch.zeros_like(param) if grad is None else grad  # a frozen blob's: 0
+            if update.decays[i]:
+                grad = grad + update.decays[i] * (param if update.l2 else torch.sign(param))
+            n = len(math.histories(i))
+            change, histories = math.updated(grad, rates[i], held[k : k + n])
+            after.append(param - change)
+            changed += histories
+            k += n
+        return after, changed, loss.detach()
+
+    def _loop(self, batches: dict, rates: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        params, held = self._state()
+        body, n_params, n_held = self._body, len(params), len(held)
+
+        def cond(k, *state):
+            return k < count
+
+        def step(k, *state):
+            index = k.reshape(1)
+            row = {top: t.index_select(0, index).squeeze(0) for top, t in batches.items()}
+            after, changed, loss = body(list(state[:n_params]),
+                                        list(state[n_params : n_params + n_held]), row,
+                                        rates.index_select(0, index).squeeze(0))  # fmt: skip
+            losses = state[-1].index_copy(0, index, loss.reshape(1).to(state[-1].dtype))
+            return (k + 1, *after, *changed, losses)
+
+        losses = torch.zeros(len(rates), dtype=params[0].dtype)
+        out = self.while_loop(cond, step, (count.new_zeros(()), *(p.detach() for p in params),
+                                           *held, losses))  # fmt: skip
+        with torch.no_grad():
+            for target, value in zip((*params, *held), out[1 : 1 + n_params + n_held]):
+                target.copy_(value)
+        return out[-1]
