@@ -45,10 +45,14 @@ class SmoothedLoss:
         losses = [loss.reshape(-1) for _, loss in pending]
         values = (losses[0] if len(losses) == 1 else torch.cat(losses)).detach().cpu()
         values = values.to(torch.float32).numpy()
-        position = 0
+        # one add_row per run of consecutive iterations (an eager step's losses come one each)
+        position, start, end = 0, pending[0][0], pending[0][0]
         for first, loss in pending:
-            self.add_row(values[position : position + loss.numel()], first)
-            position += loss.numel()
+            if first != end:
+                self.add_row(values[position : position + end - start], start)
+                position, start, end = position + end - start, first, first
+            end += loss.numel()
+        self.add_row(values[position:], start)
 
     @property
     def value(self) -> float:

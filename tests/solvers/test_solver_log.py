@@ -88,6 +88,44 @@ def test_smoothed_loss_reads_a_chunks_row_of_losses_as_its_iterations():
     assert single.value == reference.value != SmoothedLoss(average=3).value
 
 
+def test_a_row_of_losses_is_added_as_one_by_one_bit_for_bit():
+    """``add_row`` (float32 array operations and one sequential accumulate) against ``add`` of
+    each loss in turn: windows of 1-11, losses across six decades, rows cut anywhere, the
+    window filling inside a row or before it."""
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        average, start = int(rng.integers(1, 12)), int(rng.integers(0, 5))
+        count = int(rng.integers(1, 120))
+        losses = (rng.random(count) * 10 ** rng.uniform(-3, 3, count)).astype(np.float32)
+        one_by_one, rows = SmoothedLoss(average, start), SmoothedLoss(average, start)
+        for i, loss in enumerate(losses):
+            one_by_one.add(np.float32(loss), start + i)
+        position = 0
+        while position < count:
+            cut = int(rng.integers(1, 70))
+            rows.add_row(losses[position : position + cut], start + position)
+            position += cut
+        assert rows.value == one_by_one.value
+        assert [float(v) for v in rows._losses] == [float(v) for v in one_by_one._losses]
+
+
+def test_a_flush_adds_consecutive_iterations_as_one_row(monkeypatch):
+    """An eager step adds its losses one 0-d tensor each: a flush takes them as one row (one
+    ``add_row``, not one per iteration), and a chunk's row after them joins it."""
+    smoothed, rows = SmoothedLoss(average=4), []
+    real = SmoothedLoss.add_row
+    monkeypatch.setattr(SmoothedLoss, "add_row",
+                        lambda self, losses, first: (rows.append((first, len(losses))),
+                                                     real(self, losses, first)))  # fmt: skip
+    for i in range(50):
+        smoothed.add_lazily(i, torch.tensor(float(i % 5)))
+    smoothed.add_lazily(50, torch.arange(8, dtype=torch.float32))
+    reference = SmoothedLoss(average=4)
+    for i, loss in enumerate([float(i % 5) for i in range(50)] + list(range(8))):
+        reference.add(np.float32(loss), i)
+    assert smoothed.value == reference.value and rows == [(0, 58)]
+
+
 def test_stop_and_snapshot_requests(tmp_path):
     solver, stream = _run(tmp_path, max_iter=100)
     solver.callbacks.append(lambda it, *rest: it == 3 and solver.request("snapshot"))
