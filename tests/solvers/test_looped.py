@@ -91,3 +91,29 @@ def test_inductors_cache_keeps_each_loop_apart(tmp_path, monkeypatch):
     assert trained["first"].get("fxgraph_cache_miss") == 1
     assert trained["again"].get("fxgraph_cache_hit") == 1
     assert trained["other"].get("fxgraph_cache_miss") == 2
+
+
+@pytest.mark.slow  # (three solvers, two snapshots: seconds)
+def test_a_restored_solver_goes_on_in_the_loop_as_the_run_it_came_from(tmp_path):
+    """Restoring a snapshot replaces the weights and the rule's history the compiled loop
+    reads and writes: the resumed run (its loop compiled after the restore, and one compiled
+    before it) ends where the unbroken run does, bit for bit (aot_eager runs both op by op)."""
+    from .test_captured import _logreg_solver
+
+    folders = [tmp_path / name for name in ("whole", "resumed", "early")]
+    for folder in folders:
+        folder.mkdir()
+    whole = _logreg_solver(folders[0], CountingAotEager(), 5)
+    whole.step(12)  # snapshots at 6 and 12
+    resumed = _logreg_solver(folders[1], CountingAotEager(), 5)
+    early = _logreg_solver(folders[2], CountingAotEager(), 5)
+    early.step(4)  # its loop compiled and run before the restore
+    for solver in (resumed, early):
+        solver.restore(str(folders[0] / "snap_iter_6.solverstate"))
+        solver.step(6)
+        assert solver.iter == 12 and solver._captured.looped is not None
+        assert solver._captured.chunks >= 1
+        for ours, reference in zip(_params(solver), _params(whole)):
+            np.testing.assert_array_equal(ours, reference)
+        for ours, reference in zip(solver.rule.history, whole.rule.history):
+            np.testing.assert_array_equal(ours.numpy(), reference.numpy())
