@@ -472,6 +472,11 @@ class DataFeed:
         return {top: whole[index * size : (index + 1) * size]
                 for top, (whole, size) in wholes.items()}  # fmt: skip
 
+    @property
+    def takes_at_most(self) -> int:
+        """How many batches ``take`` hands out at once at most (0: it never does)."""
+        return self._ahead_count if self._direct else 0
+
     def take(self, count: int) -> dict[str, torch.Tensor] | None:
         """The next ``count`` batches at once, each top's stacked on a new first axis (count
         x batch x ...: views of what the direct path read ahead, no copy), for a caller that

@@ -224,6 +224,7 @@ class CapturedStep:
             log.info("compile: up to %d iterations per call, %s", self.chunk,
                      "as one loop" if self.looped else f"unrolled ({why})")  # fmt: skip
         self.calls = self.chunks = 0  # compiled calls made: single steps, chunks
+        self.unrolled = 0  # of those chunks, unrolled ones (its first call traces autograd.grad)
         self._rates: dict = {}  # the rates tensors lately used, by their values
         self._active: dict = {}  # a chunk's row mask, by its length and the rows it runs
 
@@ -335,9 +336,10 @@ class CapturedStep:
             active = self._active.get((chunk, count))
             if active is None:
                 active = self._active[chunk, count] = torch.arange(chunk) < count
-            losses = self._call(self.compiled_chunk, self.chunks, "chunk", stacked,
+            losses = self._call(self.compiled_chunk, self.unrolled, "chunk", stacked,
                                 self._local_rates(schedule), active)  # fmt: skip
             self.chunk = self.chunk if losses is not None else 0
+            self.unrolled += losses is not None
         if losses is None:
             return None
         self.chunks += 1
@@ -382,6 +384,9 @@ class CapturedStep:
         chunk, first = self.chunk, solver.iter
         if chunk < 2 or left < 2 or (after_chunk and solver._requests.pending):
             return 0
+        ahead = solver.feeds["train"].takes_at_most()  # (more: drawn one by one and copied)
+        if 1 < ahead < chunk:  # the feed's read-ahead: large batches, fewer at once
+            self.chunk = chunk = ahead
         param = solver.param
         events = ((solver._progress.due, param.display), (solver._tests.due, param.test_interval),
                   (_always, param.snapshot))  # fmt: skip

@@ -114,6 +114,11 @@ class TrackedFeed:
             self.batches += count
         return taken
 
+    def takes_at_most(self) -> int:
+        """How many batches ``take`` gives at once at most (0: it never does)."""
+        feed = self._open()
+        return getattr(feed, "takes_at_most", 0) if self.owned else 0
+
     def where(self, item: int) -> str | None:
         """The record behind item ``item`` of the last batch (None for a feed given by hand)."""
         where = getattr(self.feed, "where", None)

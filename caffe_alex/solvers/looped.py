@@ -24,7 +24,8 @@ from ..registry import step_tracing
 
 log = get_logger()
 
-# Iterations per call at most: the feed reads up to 64 batches ahead (data/loader.py)
+# Iterations per call at most: the feed reads up to 64 batches ahead (data/loader.py; fewer
+# of larger ones, and a chunk is no longer than what it reads ahead: captured.py ``_window``)
 LOOP = 64
 # Captured layer types whose forward draws random numbers
 RANDOM_TYPES = frozenset({"Dropout"})
@@ -77,13 +78,19 @@ class LoopedSteps:
         for name, param in captured.net.named_parameters():
             first_names.setdefault(id(param), "net." + name)  # (shared blobs tie)
         self._names = [first_names[id(p)] for p in captured.update.params]
-        self._body = None  # the traced iteration, at the first call
+        # the traced iteration by the batch's shapes and dtypes (a feed given by hand may change
+        # them), traced at their first call; ``_body``: the one the next call runs
+        self._bodies: dict[tuple, object] = {}
+        self._body = None
         self._counts: dict[int, torch.Tensor] = {}
         self.compiled = compile(self._loop)
 
     def __call__(self, stacked: dict, rates: torch.Tensor, count: int) -> torch.Tensor:
-        if self._body is None:
-            self._body = self._trace(stacked, rates)
+        shapes = tuple((top, t.shape[1:], t.dtype) for top, t in stacked.items())
+        body = self._bodies.get(shapes)
+        if body is None:
+            body = self._bodies[shapes] = self._trace(stacked, rates)
+        self._body = body  # (dynamo guards on it: another body, another graph)
         tensor = self._counts.get(count)
         if tensor is None:
             tensor = self._counts[count] = torch.tensor(count)

@@ -21,7 +21,7 @@ FIXED = 'base_lr: 0.1 momentum: 0.9 weight_decay: 0.01 lr_policy: "fixed"'
 @pytest.mark.parametrize("kind", sorted(CAPTURED_TYPES - RANDOM_TYPES))
 def test_each_captured_type_runs_in_the_loop_with_the_eager_numbers(kind):
     """Every layer type the captured step takes traces into the loop's body (make_fx: no
-    value read on the host) and trains as the eager Solver does: 1-4 as one loop, 5 alone
+    value read on the host) and trains as the eager Solver does: 0-4 as one loop, 5 alone
     (a step's last runs eagerly), in one graph."""
     eager = make_solver(_type_net(kind), FIXED, _batches(6, features=6))
     graphs = CountingAotEager()
@@ -109,11 +109,131 @@ def test_a_restored_solver_goes_on_in_the_loop_as_the_run_it_came_from(tmp_path)
     early = _logreg_solver(folders[2], CountingAotEager(), 5)
     early.step(4)  # its loop compiled and run before the restore
     for solver in (resumed, early):
+        before = solver._captured.chunks
         solver.restore(str(folders[0] / "snap_iter_6.solverstate"))
         solver.step(6)
         assert solver.iter == 12 and solver._captured.looped is not None
-        assert solver._captured.chunks >= 1
+        assert solver._captured.chunks > before
         for ours, reference in zip(_params(solver), _params(whole)):
             np.testing.assert_array_equal(ours, reference)
         for ours, reference in zip(solver.rule.history, whole.rule.history):
             np.testing.assert_array_equal(ours.numpy(), reference.numpy())
+
+
+_SHARED = """
+layer { name: "data" type: "Input" top: "x" top: "label"
+        input_param { shape { dim: 8 dim: 5 } shape { dim: 8 } } }
+layer { name: "ip1" type: "InnerProduct" bottom: "x" top: "h1"
+        param { name: "w" } param { name: "b" decay_mult: 0 }
+        inner_product_param { num_output: 5 weight_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "ip2" type: "InnerProduct" bottom: "h1" top: "h2"
+        param { name: "w" } param { name: "b" decay_mult: 0 }
+        inner_product_param { num_output: 5 weight_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "ip3" type: "InnerProduct" bottom: "h2" top: "out"
+        inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "out" bottom: "label" top: "loss" }
+"""
+
+
+@pytest.mark.slow  # (seconds: solvers compiled through aot_eager)
+def test_blobs_shared_by_name_train_in_the_loop_as_one():
+    """Two layers sharing their blobs by name (Caffe's param { name }): the loop carries the
+    one blob, both layers' gradients summed into it, as the eager Solver does."""
+    text = 'base_lr: 0.05 momentum: 0.9 weight_decay: 0.01 lr_policy: "fixed"'
+    eager = make_solver(_SHARED, text, _batches(12))
+    looped = make_solver(_SHARED, text, _batches(12), compile=CountingAotEager())
+    step = _chunked(looped, 8)
+    eager.step(12)
+    looped.step(12)
+    assert step.looped is not None and step.chunks == 2 and len(looped.update.params) == 4
+    for ours, reference in zip(_params(looped), _params(eager)):
+        np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow  # (seconds: solvers compiled through aot_eager)
+def test_batches_of_another_shape_get_a_loop_of_their_own():
+    """A feed given by hand that changes its batch size between chunks: the loop traces the
+    step again for the new shapes (not the unrolled fallback), and both train as single
+    steps do."""
+    small = [{"x": b["x"][:5], "label": b["label"][:5]} for b in _batches(12)]
+    batches = _batches(12) + small
+    text = 'base_lr: 0.05 momentum: 0.9 lr_policy: "fixed"'
+    single = make_solver(MLP, text, list(batches), compile=CountingAotEager())
+    _chunked(single, 0)
+    looped = make_solver(MLP, text, list(batches), compile=CountingAotEager())
+    step = _chunked(looped, 4)
+    for solver in (single, looped):
+        solver.step(12)
+        solver.step(12)
+    assert step.looped is not None and len(step.looped._bodies) == 2
+    for ours, reference in zip(_params(looped), _params(single)):
+        np.testing.assert_allclose(ours, reference, rtol=1e-6, atol=1e-7)
+
+
+def test_an_unrolled_chunk_after_a_loop_that_failed_traces_into_one_graph(monkeypatch):
+    """The loop runs, then fails (a backend refusing a recompile, say): the chunks go on
+    unrolled, whose first call still traces autograd.grad into its graph (one graph, no
+    break), and the numbers stay those of single steps."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    text = 'base_lr: 0.05 momentum: 0.9 lr_policy: "fixed"'
+    single = make_solver(MLP, text, _batches(20), compile=CountingAotEager())
+    _chunked(single, 0)
+    single.step(20)
+    graphs = CountingAotEager()
+    solver = make_solver(MLP, text, _batches(20), compile=graphs)
+    step = _chunked(solver, 4)
+    solver.step(5)  # 0-3 in the loop, 4 eagerly
+    assert (step.chunks, graphs.count) == (1, 1)
+
+    def refused(*args):
+        raise BackendCompilerFailed(lambda gm, inputs: None, RuntimeError("refused"))
+
+    monkeypatch.setattr(step.looped, "compiled", refused)
+    solver.step(15)  # 5-8 refused: one step each; 9-12, 13-16 unrolled, 17-18 too; 19 eager
+    assert step.looped is None and step.unrolled == 3
+    assert graphs.count == 3  # the loop, the single step, the unrolled chunk: no break
+    for ours, reference in zip(_params(solver), _params(single)):
+        np.testing.assert_allclose(ours, reference, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow  # (seconds: solvers compiled through aot_eager)
+def test_a_chunk_is_no_longer_than_the_feed_reads_ahead(tmp_path):
+    """Batches of 20 KiB: the HDF5 feed reads 50 of them ahead (1 MiB), so the loop runs
+    chunks of 50, each taken as views of the read-ahead (none drawn one by one and copied),
+    and trains as single steps do."""
+    import h5py
+
+    from caffe_alex.formats.prototxt import parse_solver_text
+    from caffe_alex.solvers import Solver
+
+    rng = np.random.default_rng(0)
+    with h5py.File(tmp_path / "data.h5", "w") as h5:
+        h5["data"] = rng.normal(size=(800, 160)).astype(np.float32)
+        h5["label"] = rng.integers(0, 3, 800).astype(np.float32)
+    (tmp_path / "list.txt").write_text(f"{tmp_path / 'data.h5'}\n")
+    net = f"""layer {{ name: "data" type: "HDF5Data" top: "data" top: "label"
+      hdf5_data_param {{ source: "{tmp_path / 'list.txt'}" batch_size: 32 }} }}
+    layer {{ name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+      inner_product_param {{ num_output: 3 weight_filler {{ type: "xavier" }} }} }}
+    layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }}"""
+    text = f'net_param {{ {net} }} base_lr: 0.01 momentum: 0.9 lr_policy: "fixed" random_seed: 1'
+    runs = []
+    for chunk in (0, 64):
+        solver = Solver(parse_solver_text(text), compile=CountingAotEager())
+        _chunked(solver, chunk)
+        feed = solver.feeds["train"]
+        drawn = []
+        real_next = type(feed).__next__
+        type(feed).__next__ = lambda self, real=real_next, drawn=drawn: (drawn.append(1),
+                                                                         real(self))[1]
+        try:
+            solver.step(120)
+        finally:
+            type(feed).__next__ = real_next
+        runs.append((solver, len(drawn)))
+    (single, _), (looped, drawn) = runs
+    assert looped.feeds["train"].takes_at_most() == 50 and looped._captured.chunk == 50
+    assert looped._captured.chunks == 3 and drawn == 1  # 0-49, 50-99, 100-118; 119 eager
+    for ours, reference in zip(_params(looped), _params(single)):
+        np.testing.assert_allclose(ours, reference, rtol=1e-6, atol=1e-7)

@@ -124,6 +124,10 @@ def test_a_flush_adds_consecutive_iterations_as_one_row(monkeypatch):
     for i, loss in enumerate([float(i % 5) for i in range(50)] + list(range(8))):
         reference.add(np.float32(loss), i)
     assert smoothed.value == reference.value and rows == [(0, 58)]
+    for i in (70, 71, 72, 90):  # a gap: each run of consecutive iterations is its own row
+        smoothed.add_lazily(i, torch.tensor(i / 7))
+        reference.add(np.float32(i / 7), i)
+    assert smoothed.value == reference.value and rows[1:] == [(70, 3), (90, 1)]
 
 
 def test_stop_and_snapshot_requests(tmp_path):
