@@ -23,7 +23,8 @@ iteration; 784-1000-1000-10 at 256: 17.5 -> 16.1 ms).
 Like every ``compile``, not Caffe's exact float32 steps: inductor fuses the update's
 multiply-adds (an ulp apart from the eager path per step) and Dropout draws from its own
 generator. Iterations whose blobs Python reads (a display, the last of a ``step``, hooks) and
-test passes run the net eagerly, so ``net.blobs`` and the display show what they always show;
+the last batch of a test pass run the net eagerly (a small test net's other batches run as
+compiled loops: looped.py), so ``net.blobs`` and the display show what they always show;
 a chunk ends before them and before a snapshot (one cut short runs fewer rows of the loop,
 or its last unrolled rows masked, so a small net needs no single-step graph), so the log, the
 snapshots and their iterations are those of single steps. A stop or snapshot asked by a
@@ -213,6 +214,7 @@ class CapturedStep:
             return torch.compile(_own_code(method), backend=backend, dynamic=False,
                                  options=options)  # fmt: skip
 
+        self.compile = compile  # (the looped test passes compile theirs alike)
         self.compiled, self.compiled_chunk = compile(self._step), compile(self._steps)
         # dynamo traces torch.autograd.grad only when told to; set for the tracing alone
         self._tracing_config = torch._dynamo.config.patch(trace_autograd_ops=True)

@@ -12,9 +12,15 @@ count a tensor: a window cut short runs fewer, with no mask and no second graph.
 
 Not for nets that draw random numbers (Dropout): the body's draws would repeat from one
 iteration to the next; those keep the unrolled chunks.
+
+A captured solver's small test nets score their passes the same way (``LoopedScores``): all
+batches but the last as loops, the running sums of the outputs and the loss carried in
+float32 in order, as scoring.score adds them.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -160,3 +166,120 @@ class LoopedSteps:
             for target, value in zip((*params, *held), out[1 : 1 + n_params + n_held]):
                 target.copy_(value)
         return out[-1]
+
+
+class _Scoring(nn.Module):
+    """A test net's forward as a module's forward: (its loss, 0 without one; its outputs'
+    values as float32, flat, in ``names`` order), as scoring.score reads them."""
+
+    def __init__(self, net, names):
+        super().__init__()
+        self.net, self.names = net, list(names)
+
+    def forward(self, batch: dict):
+        blobs = dict(batch)
+        loss = self.net.run(blobs)
+        parts = [blobs[name].float().reshape(-1) for name in self.names]
+        flat = torch.cat(parts) if parts else torch.zeros(0)
+        return (loss if loss is not None else flat.new_zeros(())).float(), flat
+
+
+def why_not_looped_test(net) -> str | None:
+    """Why the test passes of ``net`` cannot run as a loop (None: they can)."""
+    randoms = sorted({kind for kind in net.layer_types if kind in RANDOM_TYPES})
+    if randoms:
+        return f"its {', '.join(randoms)} layers draw random numbers"
+    if next(net.buffers(), None) is not None:
+        return "it holds tensors outside its parameters"
+    if _while_loop() is None:
+        return "this torch has no while_loop"
+    return None
+
+
+def looped_tests(nets, compile) -> dict:
+    """The LoopedScores of each small test net that fits one (logged), by index."""
+    looped = {}
+    for index, net in enumerate(nets):
+        why = why_not_looped_test(net) if net.one_thread() else "not a small net"
+        if why is None:
+            looped[index] = LoopedScores(net, net.output_names, compile)
+        log.info("compile: test net #%d's passes %s", index,
+                 "as compiled loops" if why is None else f"eagerly ({why})")  # fmt: skip
+    return looped
+
+
+class LoopedScores:
+    """A test pass's batches (scoring.score) as compiled loops, up to ``LOOP`` batches per
+    call: each batch's forward traced once (make_fx, over the parameters as inputs), its
+    outputs added to the running sums and its loss to the running loss in order, in float32,
+    as score adds them one by one. ``run(feed, count, stop)`` takes them from ``feed``."""
+
+    def __init__(self, net, names, compile):
+        self.net = net
+        self.while_loop = _while_loop()
+        self._module = _Scoring(net, names)
+        self._names = ["net." + name for name, _ in net.named_parameters()]
+        self.size = sum(math.prod(net.blob_shapes[name]) for name in names)
+        self._bodies: dict[tuple, object] = {}
+        self._body = None
+        self._counts: dict[int, torch.Tensor] = {}
+        self.compiled = compile(self._loop)
+
+    def run(self, feed, count: int, stop) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """Up to ``count`` batches of ``feed`` scored: (sums, loss, batches done), fewer
+        where the feed cannot hand them out stacked; None where ``stop()`` (asked before each
+        call) ended the pass."""
+        sums = torch.full((self.size,), -0.0)  # (-0.0 + x is x: the first batch's values)
+        loss, done = torch.zeros(()), 0
+        ahead = feed.takes_at_most()
+        chunk = min(LOOP, ahead)
+        while chunk > 1 and count - done > 0:
+            if stop():
+                return None
+            n = min(chunk, count - done)
+            stacked = feed.take(n)
+            if stacked is None:
+                break
+            if n < chunk:  # (the rows past ``n`` are not run: they fill the static shape)
+                stacked = {top: torch.cat([t, t[-1:].expand(chunk - n, *t.shape[1:])])
+                           for top, t in stacked.items()}  # fmt: skip
+            sums, loss = self._call(stacked, sums, loss, n)
+            done += n
+        return sums, loss, done
+
+    def _call(self, stacked: dict, sums, loss, count: int):
+        shapes = tuple((top, t.shape[1:], t.dtype) for top, t in stacked.items())
+        body = self._bodies.get(shapes)
+        if body is None:
+            body = self._bodies[shapes] = self._trace(stacked)
+        self._body = body  # (dynamo guards on it: another body, another graph)
+        tensor = self._counts.get(count)
+        if tensor is None:
+            tensor = self._counts[count] = torch.tensor(count)
+        return self.compiled(stacked, sums, loss, tensor)
+
+    def _trace(self, stacked: dict):
+        from torch.fx.experimental.proxy_tensor import make_fx  # (on use: the first trace)
+
+        def forward(params, batch):  # (make_fx counts a method's self)
+            return torch.func.functional_call(self._module, dict(zip(self._names, params)),
+                                              (batch,))  # fmt: skip
+
+        params = [p.detach() for p in self.net.parameters()]
+        with step_tracing(), torch.no_grad():
+            return make_fx(forward)(params, {top: t[0] for top, t in stacked.items()})
+
+    def _loop(self, batches: dict, sums, loss, count: torch.Tensor):
+        params, body = [p.detach() for p in self.net.parameters()], self._body
+
+        def cond(k, sums, loss):
+            return k < count
+
+        def step(k, sums, loss):
+            index = k.reshape(1)
+            row = {top: t.index_select(0, index).squeeze(0) for top, t in batches.items()}
+            batch_loss, flat = body(params, row)
+            return k + 1, sums + flat, loss + batch_loss
+
+        out = self.while_loop(cond, step, (count.new_zeros(()), sums, loss))
+        return out[1], out[2]

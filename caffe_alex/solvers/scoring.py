@@ -31,14 +31,17 @@ class Scores:
         return self.sums / f32(max(self.batches, 1))
 
 
-def score(forward, batches, iterations: int, names, *, each=None, stop=None) -> Scores | None:
+def score(forward, batches, iterations: int, names, *, each=None, stop=None,
+          start=None) -> Scores | None:  # fmt: skip
     """Run ``iterations`` batches from ``batches`` through ``forward(batch)`` -> (outputs by
     name, loss tensor or None), without gradients; sum the values of the outputs ``names``.
     ``each(i, values)``: called with batch i's flat values (float32 array), as caffe.cpp logs
-    each; ``stop()``: asked before each batch, True ends the loop early (returns None)."""
-    sums, loss = None, f32(0)
+    each; ``stop()``: asked before each batch, True ends the loop early (returns None).
+    ``start``: (sums tensor, loss, batches) of the pass's first batches, scored already (a
+    captured solver's loop: looped.py), the rest from there."""
+    sums, loss, done = (None, f32(0), 0) if start is None else start
     with torch.no_grad():
-        for i in range(iterations):
+        for i in range(done, iterations):
             if stop is not None and stop():
                 return None
             outputs, batch_loss = forward(next(batches))
@@ -50,7 +53,7 @@ def score(forward, batches, iterations: int, names, *, each=None, stop=None) -> 
             if each is not None:
                 each(i, flat.cpu().numpy())
     values = sums.cpu().numpy() if sums is not None else np.zeros(0, np.float32)
-    return Scores(values, loss, iterations)
+    return Scores(values, f32(loss), iterations)
 
 
 class SolverTests:
@@ -61,6 +64,7 @@ class SolverTests:
     def __init__(self, param, nets, feeds, forward, requests):
         self.param, self.nets, self.feeds = param, nets, feeds
         self._forward, self._requests = forward, requests
+        self.looped: dict = {}  # test net index -> its LoopedScores (a captured solver's)
 
     def due(self, iteration: int) -> bool:
         interval = self.param.test_interval
@@ -77,17 +81,25 @@ class SolverTests:
         net, iters = self.nets[index], self.param.test_iter[index]
         with_loss = self.param.test_compute_loss
 
-        passes = iter(range(iters, 0, -1))  # batches left, this one included
+        def stop() -> bool:
+            return self._requests.during_test(ranks, snapshot)
+
+        start = None
+        if index in self.looped and iters > 1:  # all but the last batch as compiled loops
+            start = self.looped[index].run(self.feeds[index], iters - 1, stop)
+            if start is None:
+                log.info("Test interrupted.")
+                return {}
+            start = (start[0], f32(start[1].item()), start[2])
+        passes = iter(range(iters - (start[2] if start else 0), 0, -1))  # left, this one too
 
         def forward(batch):
             # only the pass's last batch need leave its blobs (engines.py's skip_blobs)
             outputs, loss = self._forward(index, batch, grad=False, keep_blobs=next(passes) == 1)
             return outputs, loss if with_loss else None
 
-        def stop() -> bool:
-            return self._requests.during_test(ranks, snapshot)
-
-        scores = score(forward, self.feeds[index], iters, net.output_names, stop=stop)
+        scores = score(forward, self.feeds[index], iters, net.output_names, stop=stop,
+                       start=start)  # fmt: skip
         if scores is None:
             log.info("Test interrupted.")
             return {}

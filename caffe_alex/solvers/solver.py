@@ -42,6 +42,7 @@ from .devices import choose_device
 from .display import Progress
 from .engines import make_engines
 from .feeds import SolverFeeds, name_the_record
+from .looped import looped_tests
 from .lr_policy import check_policy, learning_rate
 from .nets import apply_speed_options, build_solver_nets, seed_rank
 from .precision import Precision
@@ -153,6 +154,8 @@ class Solver:
         self._progress = Progress(param)
         self._tests = SolverTests(param, self.test_nets, self.feeds, self._forward,
                                   self._requests)  # fmt: skip
+        if self._captured is not None:  # a small test net's passes as compiled loops too
+            self._tests.looped = looped_tests(self.test_nets, self._captured.compile)
         log.info("Solver scaffolding done.")
 
     def _build(self, weights, insert_splits, feeds, feed_options) -> None:

@@ -237,3 +237,61 @@ def test_a_chunk_is_no_longer_than_the_feed_reads_ahead(tmp_path):
     assert looped._captured.chunks == 3 and drawn == 1  # 0-49, 50-99, 100-118; 119 eager
     for ours, reference in zip(_params(looped), _params(single)):
         np.testing.assert_allclose(ours, reference, rtol=1e-6, atol=1e-7)
+
+
+def _tested_solver(folder, backend, test_iter: int = 9):
+    """The HDF5 logreg of test_captured with a test pass of ``test_iter`` batches every 7."""
+    import h5py
+
+    from caffe_alex.formats.prototxt import parse_solver_text
+    from caffe_alex.solvers import Solver
+
+    from .test_captured import _LOGREG
+
+    rng = np.random.default_rng(0)
+    with h5py.File(folder / "data.h5", "w") as h5:
+        h5["data"] = rng.normal(size=(50, 6)).astype(np.float32)
+        h5["label"] = rng.integers(0, 3, 50).astype(np.float32)
+    (folder / "list.txt").write_text(f"{folder / 'data.h5'}\n")
+    text = (f"net_param {{ {_LOGREG % {'list': folder / 'list.txt'}} }}\n"
+            f'base_lr: 0.1 momentum: 0.9 lr_policy: "fixed" test_interval: 7 '
+            f"test_iter: {test_iter} random_seed: 3")  # fmt: skip
+    return Solver(parse_solver_text(text), compile=backend)
+
+
+def test_a_small_test_nets_pass_runs_as_loops_with_the_eager_scores(tmp_path):
+    """A captured solver's test pass: all but the last batch as compiled loops (the running
+    sums and loss carried in float32, in order), the last eagerly, its blobs left to read; the
+    means, the test feed's position and the blobs are the eager pass's."""
+    runs = []
+    for name, backend in (("eager", None), ("looped", CountingAotEager())):
+        (tmp_path / name).mkdir()
+        solver = _tested_solver(tmp_path / name, backend)
+        solver.step(8)  # tests at 0 and 7
+        means = solver._tests.run(0, solver.iter, solver.ranks, solver.snapshot)
+        runs.append((solver, means))
+    (eager, eager_means), (looped, looped_means) = runs
+    assert 0 in looped._tests.looped and not eager._tests.looped
+    assert len(looped._tests.looped[0]._bodies) == 1  # (8 of each pass's 9 batches in a loop)
+    assert looped_means.keys() == eager_means.keys() == {"accuracy", "loss"}
+    assert looped_means["accuracy"] == eager_means["accuracy"]
+    assert looped_means["loss"] == pytest.approx(eager_means["loss"], rel=1e-6)
+    assert looped.feeds[0].batches == eager.feeds[0].batches == 27
+    for blob in ("data", "ip", "accuracy"):
+        torch.testing.assert_close(looped.test_nets[0].blobs[blob], eager.test_nets[0].blobs[blob])
+
+
+def test_a_stop_asked_during_a_looped_test_pass_interrupts_it(tmp_path):
+    solver = _tested_solver(tmp_path, CountingAotEager(), test_iter=30)
+    solver.step(1)
+    solver.request("stop")  # seen before the pass's first loop
+    assert solver._tests.run(0, solver.iter, solver.ranks, solver.snapshot) == {}
+
+
+def test_a_test_net_that_draws_random_numbers_is_scored_eagerly():
+    from caffe_alex.solvers.looped import why_not_looped_test
+
+    solver = make_solver(_type_net("Dropout"), FIXED, _batches(4, features=6),
+                         compile=CountingAotEager())  # fmt: skip
+    assert why_not_looped_test(solver.train_net) == "its Dropout layers draw random numbers"
+    assert why_not_looped_test(make_solver(MLP, FIXED, _batches(4)).train_net) is None
