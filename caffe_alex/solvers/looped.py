@@ -196,11 +196,15 @@ def why_not_looped_test(net) -> str | None:
     return None
 
 
-def looped_tests(nets, compile) -> dict:
-    """The LoopedScores of each small test net that fits one (logged), by index."""
+def looped_tests(nets, compile, types) -> dict:
+    """The LoopedScores of each small test net of layer ``types`` that fits one (logged),
+    by index."""
     looped = {}
     for index, net in enumerate(nets):
         why = why_not_looped_test(net) if net.one_thread() else "not a small net"
+        others = sorted({kind for name, kind in zip(net.layer_names, net.layer_types)
+                         if kind not in types and not net.layer(name).is_source})  # fmt: skip
+        why = f"its {', '.join(others)} layers" if others and why is None else why
         if why is None:
             looped[index] = LoopedScores(net, net.output_names, compile)
         log.info("compile: test net #%d's passes %s", index,
@@ -224,15 +228,17 @@ class LoopedScores:
         self._body = None
         self._counts: dict[int, torch.Tensor] = {}
         self.compiled = compile(self._loop)
+        self.broken = False
 
-    def run(self, feed, count: int, stop) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-        """Up to ``count`` batches of ``feed`` scored: (sums, loss, batches done), fewer
-        where the feed cannot hand them out stacked; None where ``stop()`` (asked before each
-        call) ended the pass."""
+    def run(self, feed, count: int, stop):
+        """Up to ``count`` batches of ``feed`` scored: (sums, loss, batches done, batches
+        taken but not scored), fewer where the feed cannot hand them out stacked; None where
+        ``stop()`` (asked before each call) ended the pass. A call that fails to trace or
+        compile leaves its batches unscored and ``broken`` set (logged): the caller scores
+        them and the rest eagerly, and drops the loop."""
         sums = torch.full((self.size,), -0.0)  # (-0.0 + x is x: the first batch's values)
         loss, done = torch.zeros(()), 0
-        ahead = feed.takes_at_most()
-        chunk = min(LOOP, ahead)
+        chunk = min(LOOP, feed.takes_at_most())
         while chunk > 1 and count - done > 0:
             if stop():
                 return None
@@ -240,12 +246,20 @@ class LoopedScores:
             stacked = feed.take(n)
             if stacked is None:
                 break
-            if n < chunk:  # (the rows past ``n`` are not run: they fill the static shape)
-                stacked = {top: torch.cat([t, t[-1:].expand(chunk - n, *t.shape[1:])])
-                           for top, t in stacked.items()}  # fmt: skip
-            sums, loss = self._call(stacked, sums, loss, n)
+            padded = stacked if n == chunk else {  # (rows past ``n`` only fill the shape)
+                top: torch.cat([t, t[-1:].expand(chunk - n, *t.shape[1:])])
+                for top, t in stacked.items()}  # fmt: skip
+            try:
+                sums, loss = self._call(padded, sums, loss, n)
+            except Exception as exc:  # (make_fx or the backend refused: eagerly from here)
+                log.warning("compile: a test pass could not run as a loop (%s: %s); test "
+                            "passes run eagerly", type(exc).__name__,
+                            str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
+                self.broken = True
+                return sums, loss, done, [{top: t[k] for top, t in stacked.items()}
+                                          for k in range(n)]  # fmt: skip
             done += n
-        return sums, loss, done
+        return sums, loss, done, []
 
     def _call(self, stacked: dict, sums, loss, count: int):
         shapes = tuple((top, t.shape[1:], t.dtype) for top, t in stacked.items())

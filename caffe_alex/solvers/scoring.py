@@ -84,13 +84,17 @@ class SolverTests:
         def stop() -> bool:
             return self._requests.during_test(ranks, snapshot)
 
-        start = None
+        start, feed = None, self.feeds[index]
         if index in self.looped and iters > 1:  # all but the last batch as compiled loops
-            start = self.looped[index].run(self.feeds[index], iters - 1, stop)
-            if start is None:
+            looped = self.looped[index].run(feed, iters - 1, stop)
+            if looped is None:
                 log.info("Test interrupted.")
                 return {}
-            start = (start[0], f32(start[1].item()), start[2])
+            sums, loss, done, unscored = looped
+            start = (sums, f32(loss.item()), done)
+            if self.looped[index].broken:  # its batches first, eagerly, then the feed's
+                del self.looped[index]
+                feed = _Prepended(unscored, feed)
         passes = iter(range(iters - (start[2] if start else 0), 0, -1))  # left, this one too
 
         def forward(batch):
@@ -98,7 +102,7 @@ class SolverTests:
             outputs, loss = self._forward(index, batch, grad=False, keep_blobs=next(passes) == 1)
             return outputs, loss if with_loss else None
 
-        scores = score(forward, self.feeds[index], iters, net.output_names, stop=stop,
+        scores = score(forward, feed, iters, net.output_names, stop=stop,
                        start=start)  # fmt: skip
         if scores is None:
             log.info("Test interrupted.")
@@ -106,3 +110,13 @@ class SolverTests:
         if with_loss:
             log.info("Test loss: %g", scores.loss / f32(iters))
         return log_outputs(net, "Test", scores.means)
+
+
+class _Prepended:
+    """``batches`` handed out first, then ``feed``'s."""
+
+    def __init__(self, batches: list, feed):
+        self.batches, self.feed = list(batches), feed
+
+    def __next__(self):
+        return self.batches.pop(0) if self.batches else next(self.feed)

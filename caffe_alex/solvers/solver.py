@@ -35,7 +35,7 @@ from ..formats.upgrade import upgrade_solver
 from ..log import get_logger
 from ..proto import caffe_pb2
 from . import checkpoint
-from .captured import CapturedStep, captures
+from .captured import CAPTURED_TYPES, CapturedStep, captures
 from .coordination import Ranked, coordination, join_world
 from .debug import backward_info, forward_info
 from .devices import choose_device
@@ -155,7 +155,8 @@ class Solver:
         self._tests = SolverTests(param, self.test_nets, self.feeds, self._forward,
                                   self._requests)  # fmt: skip
         if self._captured is not None:  # a small test net's passes as compiled loops too
-            self._tests.looped = looped_tests(self.test_nets, self._captured.compile)
+            self._tests.looped = looped_tests(self.test_nets, self._captured.compile,
+                                              CAPTURED_TYPES)  # fmt: skip
         log.info("Solver scaffolding done.")
 
     def _build(self, weights, insert_splits, feeds, feed_options) -> None:

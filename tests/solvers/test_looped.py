@@ -295,3 +295,37 @@ def test_a_test_net_that_draws_random_numbers_is_scored_eagerly():
                          compile=CountingAotEager())  # fmt: skip
     assert why_not_looped_test(solver.train_net) == "its Dropout layers draw random numbers"
     assert why_not_looped_test(make_solver(MLP, FIXED, _batches(4)).train_net) is None
+
+
+def test_a_looped_test_pass_that_fails_goes_on_eagerly_with_its_batches(tmp_path, monkeypatch):
+    """make_fx refuses the test net's forward: the pass scores the batches it took and the
+    rest eagerly (the eager pass's means), warns, and the next passes are eager."""
+    from caffe_alex.solvers.looped import LoopedScores
+
+    (tmp_path / "eager").mkdir()
+    (tmp_path / "failing").mkdir()
+    eager = _tested_solver(tmp_path / "eager", None)
+
+    def refused(self, stacked):
+        raise RuntimeError("data-dependent control flow")
+
+    monkeypatch.setattr(LoopedScores, "_trace", refused)
+    failing = _tested_solver(tmp_path / "failing", CountingAotEager())
+    assert 0 in failing._tests.looped
+    means = {}
+    for name, solver in (("eager", eager), ("failing", failing)):
+        solver.step(1)
+        means[name] = solver._tests.run(0, solver.iter, solver.ranks, solver.snapshot)
+    assert not failing._tests.looped
+    assert means["failing"]["accuracy"] == means["eager"]["accuracy"]
+    assert means["failing"]["loss"] == pytest.approx(means["eager"]["loss"], rel=1e-6)
+    assert failing.feeds[0].batches == eager.feeds[0].batches == 18
+
+
+def test_a_test_net_with_other_layer_types_is_scored_eagerly():
+    from caffe_alex.solvers.captured import CAPTURED_TYPES
+    from caffe_alex.solvers.looped import looped_tests
+
+    solver = make_solver(MLP, FIXED, _batches(4), compile=CountingAotEager())
+    assert list(looped_tests([solver.train_net], lambda f: f, CAPTURED_TYPES)) == [0]
+    assert looped_tests([solver.train_net], lambda f: f, CAPTURED_TYPES - {"TanH"}) == {}
