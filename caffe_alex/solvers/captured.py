@@ -41,7 +41,7 @@ import torch
 
 from ..log import get_logger
 from .functional_rules import FunctionalRule
-from .looped import LOOP, LoopedSteps, why_not_looped
+from .looped import LOOP, LoopedSteps, padded, types_outside, unstacked, why_not_looped
 from .lr_policy import learning_rate
 
 log = get_logger()
@@ -100,8 +100,7 @@ def why_not_captured(param, net, device, precision, ranks, layerwise: bool) -> s
         return "the net has no loss"
     if not any(info.lr_mult for info in net.learnable_params()):
         return "the net learns nothing (every lr_mult is 0)"
-    others = sorted({kind for name, kind in zip(net.layer_names, net.layer_types)
-                     if kind not in CAPTURED_TYPES and not net.layer(name).is_source})  # fmt: skip
+    others = types_outside(net, CAPTURED_TYPES)
     if others:
         return f"its {', '.join(others)} layers run faster eagerly"
     return None
@@ -154,12 +153,6 @@ def _stacked(batches: list[dict]) -> dict | None:
         return {top: torch.stack([b[top] for b in batches]) for top in keys}
     except (TypeError, RuntimeError):
         return None
-
-
-def _unstacked(stacked: dict) -> list[dict]:
-    """The batches of ``stacked``, one dict each (views)."""
-    count = len(next(iter(stacked.values())))
-    return [{top: t[k] for top, t in stacked.items()} for k in range(count)]
 
 
 def schedule_of(solver, count: int) -> tuple[list[tuple[float, int]], int]:
@@ -293,7 +286,7 @@ class CapturedStep:
             stacked, batches = self._draw(solver, feed, count)
             rate = self._chunk(solver, stacked, count) if stacked is not None else None
             if rate is None:  # one by one
-                batches = batches if batches is not None else _unstacked(stacked)
+                batches = batches if batches is not None else unstacked(stacked)
                 for k, batch in enumerate(batches):
                     rate = self._one(solver, batch)
                     if rate is None:  # a shape that failed to compile: the rest go eagerly
@@ -329,8 +322,7 @@ class CapturedStep:
         chunk = self.chunk
         schedule, step = schedule_of(solver, count)
         if count < chunk:  # (the last batch and rate again in the masked rows)
-            stacked = {top: torch.cat([t, t[-1:].expand(chunk - count, *t.shape[1:])])
-                       for top, t in stacked.items()}  # fmt: skip
+            stacked = padded(stacked, chunk)
             schedule = schedule + [schedule[-1]] * (chunk - count)
         if self.looped is not None:
             losses = self._looped(stacked, self._local_rates(schedule), count)

@@ -45,17 +45,47 @@ def _while_loop():
     return while_loop
 
 
-def why_not_looped(net, update) -> str | None:
-    """Why ``net``'s chunks cannot run as a loop (None: they can)."""
+def types_outside(net, types) -> list[str]:
+    """The layer types of ``net`` not in ``types``, sources aside, sorted."""
+    return sorted({kind for name, kind in zip(net.layer_names, net.layer_types)
+                   if kind not in types and not net.layer(name).is_source})  # fmt: skip
+
+
+def _why_not_a_loop(net) -> str | None:
+    """What keeps any pass of ``net`` from a loop: random draws, or no while_loop."""
     randoms = sorted({kind for kind in net.layer_types if kind in RANDOM_TYPES})
     if randoms:
         return f"its {', '.join(randoms)} layers draw random numbers"
-    learned = {id(p) for p in update.params}
-    if any(id(p) not in learned for p in net.parameters()) or next(net.buffers(), None) is not None:
-        return "it holds tensors outside the update"
     if _while_loop() is None:
         return "this torch has no while_loop"
     return None
+
+
+def _has_buffers(net) -> bool:
+    return next(net.buffers(), None) is not None
+
+
+def why_not_looped(net, update) -> str | None:
+    """Why ``net``'s chunks cannot run as a loop (None: they can)."""
+    learned = {id(p) for p in update.params}
+    outside = any(id(p) not in learned for p in net.parameters()) or _has_buffers(net)
+    return _why_not_a_loop(net) or ("it holds tensors outside the update" if outside else None)
+
+
+def padded(stacked: dict, rows: int) -> dict:
+    """``stacked`` (each top's batches on a new first axis) with its last batch repeated up
+    to ``rows``: the static shape of a chunk cut short, whose extra rows change nothing."""
+    count = len(next(iter(stacked.values())))
+    if count == rows:
+        return stacked
+    return {top: torch.cat([t, t[-1:].expand(rows - count, *t.shape[1:])])
+            for top, t in stacked.items()}  # fmt: skip
+
+
+def unstacked(stacked: dict) -> list[dict]:
+    """The batches of ``stacked``, one dict each (views)."""
+    count = len(next(iter(stacked.values())))
+    return [{top: t[k] for top, t in stacked.items()} for k in range(count)]
 
 
 class _Running(nn.Module):
@@ -69,7 +99,30 @@ class _Running(nn.Module):
         return self.net.run(dict(batch))
 
 
-class LoopedSteps:
+class _TracedLoop:
+    """What both loops keep: the traced body by the batch's shapes and dtypes (a feed given by
+    hand may change them), traced at their first call, and the count tensors by count."""
+
+    def __init__(self):
+        self._bodies: dict[tuple, object] = {}
+        self._body = None  # the body the next call runs
+        self._counts: dict[int, torch.Tensor] = {}
+
+    def _select(self, stacked: dict, count: int, trace) -> torch.Tensor:
+        """Make the body for ``stacked``'s shapes (``trace()`` where there is none yet) the
+        one the next call runs; the count as a tensor."""
+        shapes = tuple((top, t.shape[1:], t.dtype) for top, t in stacked.items())
+        body = self._bodies.get(shapes)
+        if body is None:
+            body = self._bodies[shapes] = trace()
+        self._body = body  # (dynamo guards on it: another body, another graph)
+        tensor = self._counts.get(count)
+        if tensor is None:
+            tensor = self._counts[count] = torch.tensor(count)
+        return tensor
+
+
+class LoopedSteps(_TracedLoop):
     """``call(stacked, rates, count)``: the first ``count`` rows of ``stacked`` (each top's
     batches on a new first axis) trained on in order, row k at the local rates of row k of
     ``rates``; returns the row of losses (rows from ``count`` on: 0), or raises what tracing
@@ -77,6 +130,7 @@ class LoopedSteps:
     runs; ``compile(method)`` compiles the loop as it compiles its own steps."""
 
     def __init__(self, captured, compile):
+        super().__init__()
         self.captured = captured
         self.while_loop = _while_loop()
         self._running = _Running(captured.net)
@@ -84,22 +138,10 @@ class LoopedSteps:
         for name, param in captured.net.named_parameters():
             first_names.setdefault(id(param), "net." + name)  # (shared blobs tie)
         self._names = [first_names[id(p)] for p in captured.update.params]
-        # the traced iteration by the batch's shapes and dtypes (a feed given by hand may change
-        # them), traced at their first call; ``_body``: the one the next call runs
-        self._bodies: dict[tuple, object] = {}
-        self._body = None
-        self._counts: dict[int, torch.Tensor] = {}
         self.compiled = compile(self._loop)
 
     def __call__(self, stacked: dict, rates: torch.Tensor, count: int) -> torch.Tensor:
-        shapes = tuple((top, t.shape[1:], t.dtype) for top, t in stacked.items())
-        body = self._bodies.get(shapes)
-        if body is None:
-            body = self._bodies[shapes] = self._trace(stacked, rates)
-        self._body = body  # (dynamo guards on it: another body, another graph)
-        tensor = self._counts.get(count)
-        if tensor is None:
-            tensor = self._counts[count] = torch.tensor(count)
+        tensor = self._select(stacked, count, lambda: self._trace(stacked, rates))
         return self.compiled(stacked, rates, tensor)
 
     def _state(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -113,6 +155,7 @@ class LoopedSteps:
 
         params, held = self._state()
         row = {top: t[0] for top, t in stacked.items()}
+
         def iteration(params, held, batch, rates):  # (make_fx counts a method's self)
             return self._iteration(params, held, batch, rates)
 
@@ -186,14 +229,8 @@ class _Scoring(nn.Module):
 
 def why_not_looped_test(net) -> str | None:
     """Why the test passes of ``net`` cannot run as a loop (None: they can)."""
-    randoms = sorted({kind for kind in net.layer_types if kind in RANDOM_TYPES})
-    if randoms:
-        return f"its {', '.join(randoms)} layers draw random numbers"
-    if next(net.buffers(), None) is not None:
-        return "it holds tensors outside its parameters"
-    if _while_loop() is None:
-        return "this torch has no while_loop"
-    return None
+    outside = _has_buffers(net)
+    return _why_not_a_loop(net) or ("it holds tensors outside its parameters" if outside else None)
 
 
 def looped_tests(nets, compile, types) -> dict:
@@ -202,8 +239,7 @@ def looped_tests(nets, compile, types) -> dict:
     looped = {}
     for index, net in enumerate(nets):
         why = why_not_looped_test(net) if net.one_thread() else "not a small net"
-        others = sorted({kind for name, kind in zip(net.layer_names, net.layer_types)
-                         if kind not in types and not net.layer(name).is_source})  # fmt: skip
+        others = types_outside(net, types)
         why = f"its {', '.join(others)} layers" if others and why is None else why
         if why is None:
             looped[index] = LoopedScores(net, net.output_names, compile)
@@ -212,21 +248,19 @@ def looped_tests(nets, compile, types) -> dict:
     return looped
 
 
-class LoopedScores:
+class LoopedScores(_TracedLoop):
     """A test pass's batches (scoring.score) as compiled loops, up to ``LOOP`` batches per
     call: each batch's forward traced once (make_fx, over the parameters as inputs), its
     outputs added to the running sums and its loss to the running loss in order, in float32,
     as score adds them one by one. ``run(feed, count, stop)`` takes them from ``feed``."""
 
     def __init__(self, net, names, compile):
+        super().__init__()
         self.net = net
         self.while_loop = _while_loop()
         self._module = _Scoring(net, names)
         self._names = ["net." + name for name, _ in net.named_parameters()]
         self.size = sum(math.prod(net.blob_shapes[name]) for name in names)
-        self._bodies: dict[tuple, object] = {}
-        self._body = None
-        self._counts: dict[int, torch.Tensor] = {}
         self.compiled = compile(self._loop)
         self.broken = False
 
@@ -246,30 +280,19 @@ class LoopedScores:
             stacked = feed.take(n)
             if stacked is None:
                 break
-            padded = stacked if n == chunk else {  # (rows past ``n`` only fill the shape)
-                top: torch.cat([t, t[-1:].expand(chunk - n, *t.shape[1:])])
-                for top, t in stacked.items()}  # fmt: skip
             try:
-                sums, loss = self._call(padded, sums, loss, n)
+                sums, loss = self._call(padded(stacked, chunk), sums, loss, n)
             except Exception as exc:  # (make_fx or the backend refused: eagerly from here)
                 log.warning("compile: a test pass could not run as a loop (%s: %s); test "
                             "passes run eagerly", type(exc).__name__,
                             str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
                 self.broken = True
-                return sums, loss, done, [{top: t[k] for top, t in stacked.items()}
-                                          for k in range(n)]  # fmt: skip
+                return sums, loss, done, unstacked(stacked)
             done += n
         return sums, loss, done, []
 
     def _call(self, stacked: dict, sums, loss, count: int):
-        shapes = tuple((top, t.shape[1:], t.dtype) for top, t in stacked.items())
-        body = self._bodies.get(shapes)
-        if body is None:
-            body = self._bodies[shapes] = self._trace(stacked)
-        self._body = body  # (dynamo guards on it: another body, another graph)
-        tensor = self._counts.get(count)
-        if tensor is None:
-            tensor = self._counts[count] = torch.tensor(count)
+        tensor = self._select(stacked, count, lambda: self._trace(stacked))
         return self.compiled(stacked, sums, loss, tensor)
 
     def _trace(self, stacked: dict):

@@ -349,18 +349,23 @@ stepsize: 4 display: 5 test_interval: 7 test_iter: 2 snapshot: 6 max_iter: 40
 solver_mode: CPU random_seed: 3"""
 
 
-def _logreg_solver(folder, backend, chunk: int, path: str = "loop"):
+def logreg_net(folder) -> str:
+    """_LOGREG reading 50 seeded rows of 6 features in 3 classes written into ``folder``."""
     import h5py
-
-    from caffe_alex.formats.prototxt import parse_solver_text
-    from caffe_alex.solvers import Solver
 
     rng = np.random.default_rng(0)
     with h5py.File(folder / "data.h5", "w") as h5:
         h5["data"] = rng.normal(size=(50, 6)).astype(np.float32)
         h5["label"] = rng.integers(0, 3, 50).astype(np.float32)
     (folder / "list.txt").write_text(f"{folder / 'data.h5'}\n")
-    text = (f"net_param {{ {_LOGREG % {'list': folder / 'list.txt'}} }}\n{_SCHEDULE}\n"
+    return _LOGREG % {"list": folder / "list.txt"}
+
+
+def _logreg_solver(folder, backend, chunk: int, path: str = "loop"):
+    from caffe_alex.formats.prototxt import parse_solver_text
+    from caffe_alex.solvers import Solver
+
+    text = (f"net_param {{ {logreg_net(folder)} }}\n{_SCHEDULE}\n"
             f'snapshot_prefix: "{folder / "snap"}"')  # fmt: skip
     solver = Solver(parse_solver_text(text), compile=backend)
     _chunked(solver, chunk, path)

@@ -12,7 +12,15 @@ from caffe_alex.solvers.captured import CAPTURED_TYPES
 from caffe_alex.solvers.looped import RANDOM_TYPES, why_not_looped
 
 from .helpers import make_solver
-from .test_captured import MLP, CountingAotEager, _batches, _chunked, _params, _type_net
+from .test_captured import (
+    MLP,
+    CountingAotEager,
+    _batches,
+    _chunked,
+    _params,
+    _type_net,
+    logreg_net,
+)
 
 FIXED = 'base_lr: 0.1 momentum: 0.9 weight_decay: 0.01 lr_policy: "fixed"'
 
@@ -241,19 +249,10 @@ def test_a_chunk_is_no_longer_than_the_feed_reads_ahead(tmp_path):
 
 def _tested_solver(folder, backend, test_iter: int = 9):
     """The HDF5 logreg of test_captured with a test pass of ``test_iter`` batches every 7."""
-    import h5py
-
     from caffe_alex.formats.prototxt import parse_solver_text
     from caffe_alex.solvers import Solver
 
-    from .test_captured import _LOGREG
-
-    rng = np.random.default_rng(0)
-    with h5py.File(folder / "data.h5", "w") as h5:
-        h5["data"] = rng.normal(size=(50, 6)).astype(np.float32)
-        h5["label"] = rng.integers(0, 3, 50).astype(np.float32)
-    (folder / "list.txt").write_text(f"{folder / 'data.h5'}\n")
-    text = (f"net_param {{ {_LOGREG % {'list': folder / 'list.txt'}} }}\n"
+    text = (f"net_param {{ {logreg_net(folder)} }}\n"
             f'base_lr: 0.1 momentum: 0.9 lr_policy: "fixed" test_interval: 7 '
             f"test_iter: {test_iter} random_seed: 3")  # fmt: skip
     return Solver(parse_solver_text(text), compile=backend)
